@@ -1,0 +1,51 @@
+// swift-tools-version:6.2
+import PackageDescription
+
+let package = Package(
+    name: "SwiftVMM",
+    platforms: [.macOS(.v15)],
+    products: [
+        .executable(name: "vmm", targets: ["vmm"]),
+        .executable(name: "vmm-bench", targets: ["vmm-bench"]),
+        .library(name: "VMMCore", targets: ["VMMCore"]),
+        .library(name: "TestKit", targets: ["TestKit"]),
+        .library(name: "QMPWire", targets: ["QMPWire"]),
+    ],
+    dependencies: [
+        .package(url: "https://github.com/apple/swift-log.git", from: "1.6.0"),
+        .package(url: "https://github.com/apple/swift-system.git", from: "1.4.0"),
+    ],
+    targets: [
+        // Kernel UAPI (KVM, TUN, memfd, eventfd) for Swift: ioctl numbers as constants, union accessors.
+        .target(name: "CLinux"),
+        .systemLibrary(
+            name: "CNetlink",
+            pkgConfig: "libnl-route-3.0",
+            providers: [.apt(["libnl-3-dev", "libnl-route-3-dev"])]
+        ),
+        .systemLibrary(
+            name: "CCap",
+            pkgConfig: "libcap",
+            providers: [.apt(["libcap-dev"])]
+        ),
+        // JSON values and QMP message shapes shared by the VMM's server and TestKit's client.
+        .target(name: "QMPWire", linkerSettings: [.linkedLibrary("m")]),
+        .target(
+            name: "VMMCore",
+            dependencies: [
+                "CLinux",
+                "QMPWire",
+                .product(name: "Logging", package: "swift-log"),
+                .product(name: "SystemPackage", package: "swift-system"),
+            ]
+        ),
+        .executableTarget(name: "vmm", dependencies: ["VMMCore"]),
+        .target(
+            name: "TestKit",
+            dependencies: ["QMPWire", "CCap", "CNetlink", "CLinux"]
+        ),
+        .executableTarget(name: "vmm-bench", dependencies: ["TestKit"]),
+        .testTarget(name: "Unit", dependencies: ["VMMCore", "QMPWire", "TestKit"]),
+        .testTarget(name: "Functional", dependencies: ["TestKit", "vmm"]),
+    ]
+)

@@ -1,0 +1,158 @@
+import Foundation
+import Synchronization
+import Testing
+
+/// The files one test leaves behind: for each VMM `cmdline.txt`, `stdout.log`,
+/// `stderr.log`, `console.log`, `qmp.log`, `exit-status.txt`.
+///
+/// Swift Testing cannot be asked whether the current test failed, so the directory
+/// decides from what TestKit sees: it is kept when the scoped body throws, when any
+/// TestKit wait failed inside it (even if the test caught the error), when
+/// `keep(_:)` is called, or when `TESTKIT_KEEP_ARTIFACTS=1`; otherwise it is removed.
+/// An `#expect` that fails without throwing is invisible here: use `try #require`,
+/// or set `TESTKIT_KEEP_ARTIFACTS=1`.
+public final class ArtifactDirectory: Sendable {
+    public static let baseEnvironmentKey = "TESTKIT_ARTIFACTS"
+    public static let keepEnvironmentKey = "TESTKIT_KEEP_ARTIFACTS"
+
+    public let path: String
+    public let testName: String
+
+    private struct State {
+        var keepReasons: [String] = []
+        var cleanups: [@Sendable () async -> Void] = []
+        var claimedRoot = false
+        var subdirectories = 0
+        var finished = false
+    }
+    private let state = Mutex(State())
+
+    private static let counter = Atomic<Int>(0)
+
+    /// Creates `<base>/testkit-<test name>-<pid>-<n>`; base is `$TESTKIT_ARTIFACTS` or the temp dir.
+    public init(
+        testName: String? = nil,
+        base: String? = nil,
+        environment: [String: String] = ProcessInfo.processInfo.environment
+    ) throws {
+        let name = testName ?? Test.current?.name ?? "untitled"
+        let base = base ?? environment[Self.baseEnvironmentKey] ?? FileManager.default.temporaryDirectory.path
+        try FileManager.default.createDirectory(atPath: base, withIntermediateDirectories: true)
+        let stem = "testkit-\(Self.sanitize(name))-\(getpid())"
+        while true {
+            let n = Self.counter.wrappingAdd(1, ordering: .relaxed).newValue
+            let candidate = (base as NSString).appendingPathComponent("\(stem)-\(n)")
+            if mkdir(candidate, 0o755) == 0 {
+                path = candidate
+                break
+            }
+            // A leftover from an earlier run with the same pid: take the next number.
+            guard errno == EEXIST else { throw SystemError("mkdir \(candidate)") }
+        }
+        self.testName = name
+    }
+
+    /// Test names become file names: `launch(_:) ` → `launch__`; long ones are cut so that
+    /// socket paths inside the directory still fit in `sun_path`.
+    public static func sanitize(_ name: String) -> String {
+        let allowed = Set("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789._-")
+        var result = String(name.map { allowed.contains($0) ? $0 : "_" })
+        while result.hasSuffix("_") { result.removeLast() }
+        if result.isEmpty { result = "test" }
+        return String(result.prefix(40))
+    }
+
+    public func file(_ name: String) -> String { (path as NSString).appendingPathComponent(name) }
+
+    /// Where a VMM's files go: the directory itself for the first unnamed VMM (the common
+    /// single-VM test), a subdirectory per name otherwise (`source/`, `target/`).
+    public func directory(forMachine name: String?) throws -> String {
+        let chosen: String? = state.withLock { state in
+            if let name { return name }
+            if !state.claimedRoot {
+                state.claimedRoot = true
+                return nil
+            }
+            state.subdirectories += 1
+            return "vm\(state.subdirectories + 1)"
+        }
+        guard let chosen else { return path }
+        let directory = file(Self.sanitize(chosen))
+        try FileManager.default.createDirectory(atPath: directory, withIntermediateDirectories: true)
+        return directory
+    }
+
+    /// Keeps the directory whatever happens next; TestKit calls this when one of its waits fails.
+    public func keep(_ reason: String) {
+        state.withLock { $0.keepReasons.append(reason) }
+    }
+
+    public var keepReasons: [String] { state.withLock { $0.keepReasons } }
+
+    /// Runs when the scope ends, before the keep/remove decision, newest first
+    /// (machines registered later are shut down first).
+    public func addCleanup(_ cleanup: @escaping @Sendable () async -> Void) {
+        state.withLock { $0.cleanups.append(cleanup) }
+    }
+
+    /// The pure decision, separate so that it can be tested without a filesystem.
+    public static func shouldKeep(bodyError: (any Error)?, keepReasons: [String], environment: [String: String]) -> Bool {
+        if let value = environment[keepEnvironmentKey], !["", "0", "false", "no"].contains(value.lowercased()) {
+            return true
+        }
+        return bodyError != nil || !keepReasons.isEmpty
+    }
+
+    /// Runs the cleanups, then keeps or removes the directory. Returns the path when kept.
+    /// A kept directory gets `failure.txt` and is announced on stderr and, inside a test,
+    /// as a warning issue (a warning, so that a test that caught an expected error still passes).
+    @discardableResult
+    public func finish(
+        bodyError: (any Error)?,
+        environment: [String: String] = ProcessInfo.processInfo.environment
+    ) async -> String? {
+        let cleanups: [@Sendable () async -> Void]? = state.withLock { state in
+            if state.finished { return nil }
+            state.finished = true
+            defer { state.cleanups = [] }
+            return state.cleanups
+        }
+        guard let cleanups else { return nil }
+        for cleanup in cleanups.reversed() { await cleanup() }
+
+        let reasons = keepReasons
+        guard Self.shouldKeep(bodyError: bodyError, keepReasons: reasons, environment: environment) else {
+            try? FileManager.default.removeItem(atPath: path)
+            return nil
+        }
+        var summary = reasons
+        if let bodyError { summary.insert("test body threw: \(bodyError)", at: 0) }
+        if summary.isEmpty { summary = ["\(Self.keepEnvironmentKey) is set"] }
+        try? (summary.joined(separator: "\n") + "\n").write(toFile: file("failure.txt"), atomically: false, encoding: .utf8)
+        let message = "TestKit: artifacts of \(testName) kept at \(path) (\(summary[0]))"
+        FileHandle.standardError.write(Data((message + "\n").utf8))
+        if Test.current != nil, bodyError != nil || !reasons.isEmpty {
+            Issue.record(Comment(rawValue: message), severity: .warning)
+        }
+        return path
+    }
+}
+
+/// Runs `body` with a fresh artifact directory; see `ArtifactDirectory` for when it is kept.
+/// Cleanups registered inside (e.g. machines launched in it) always run, also on throw.
+public func withArtifacts<T>(
+    testName: String? = nil,
+    isolation: isolated (any Actor)? = #isolation,
+    _ body: (ArtifactDirectory) async throws -> T
+) async throws -> T {
+    let artifacts = try ArtifactDirectory(testName: testName)
+    let result: T
+    do {
+        result = try await body(artifacts)
+    } catch {
+        await artifacts.finish(bodyError: error)
+        throw error
+    }
+    await artifacts.finish(bodyError: nil)
+    return result
+}

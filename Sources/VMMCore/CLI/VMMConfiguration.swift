@@ -1,0 +1,179 @@
+/// Everything the command line asks for, validated, before any resource is created.
+public struct VMMConfiguration: Sendable, Equatable {
+    public struct MemoryBackend: Sendable, Equatable {
+        public var id: String
+        public var size: UInt64
+        public var backing: MemoryBacking
+        public var shared: Bool
+    }
+
+    public var name: String?
+    public var memorySize: UInt64?
+    public var memoryBackends: [MemoryBackend] = []
+    public var machineMemoryBackend: String?
+    public var kernel: String?
+    public var append = ""
+    public var startPaused = false
+    public var noShutdown = false
+    public var noDefaults = false
+    public var serial: [ChardevSpec] = []
+    public var qmp: [ChardevSpec] = []
+    public var showVersion = false
+    public var showHelp = false
+    public var debugLog = false
+
+    public static let defaultMemorySize: UInt64 = 128 << 20
+
+    public struct Error: Swift.Error, CustomStringConvertible, Sendable, Equatable {
+        public let description: String
+        public init(_ description: String) { self.description = description }
+    }
+
+    public init() {}
+
+    public static let usage = """
+        usage: vmm -kernel PATH [options]
+          -m SIZE                  guest RAM (default 128M; suffixes K, M, G)
+          -object memory-backend-memfd,id=ID,size=SIZE[,share=on|off]
+          -object memory-backend-file,id=ID,size=SIZE,mem-path=PATH[,share=on|off]
+          -machine [microvm,]memory-backend=ID
+          -kernel PATH             PVH ELF image (ELF note "Xen" type 18)
+          -append STRING           guest command line
+          -serial stdio|file:PATH|unix:PATH[,server=on[,wait=off]]|none
+          -qmp unix:PATH[,server=on[,wait=off]]
+          -S                       stay in 'prelaunch' until QMP 'cont'
+          -no-shutdown             on guest poweroff stay in 'shutdown' instead of exiting
+          -name NAME, -accel kvm, -enable-kvm, -smp 1, -cpu host, -display none,
+          -nodefaults, -no-user-config, -nographic, -d (debug log), -version, -help
+        """
+
+    /// Options with their argument count. Both `-opt` and `--opt` work, as in QEMU.
+    static let options: [String: Bool] = [
+        "name": true, "m": true, "kernel": true, "append": true, "serial": true, "qmp": true,
+        "object": true, "machine": true, "M": true, "accel": true, "display": true, "smp": true,
+        "cpu": true, "monitor": true,
+        "S": false, "nodefaults": false, "no-user-config": false, "no-shutdown": false,
+        "enable-kvm": false, "nographic": false, "version": false, "help": false, "h": false, "d": false,
+    ]
+
+    public static func parse(_ arguments: [String]) throws -> VMMConfiguration {
+        var config = VMMConfiguration()
+        var nographic = false
+        var index = 0
+        func fail(_ message: String) -> Error { Error(message) }
+        while index < arguments.count {
+            let raw = arguments[index]
+            index += 1
+            guard raw.hasPrefix("-"), raw.count > 1 else { throw fail("unexpected argument '\(raw)'") }
+            let name = String(raw.hasPrefix("--") ? raw.dropFirst(2) : raw.dropFirst(1))
+            guard let takesValue = options[name] else { throw fail("\(raw): invalid option") }
+            var value = ""
+            if takesValue {
+                guard index < arguments.count else { throw fail("\(raw): requires an argument") }
+                value = arguments[index]
+                index += 1
+            }
+            do {
+                switch name {
+                case "name": config.name = try KeyValueList(value, option: raw, impliedKey: "guest")["guest"]
+                case "m": config.memorySize = try parseMemorySize(value, option: raw)
+                case "kernel": config.kernel = value
+                case "append": config.append = value
+                case "serial": config.serial.append(try ChardevSpec.parse(value, option: raw))
+                case "qmp":
+                    let spec = try ChardevSpec.parse(value, option: raw)
+                    switch spec {
+                    case .unixServer, .unixClient: config.qmp.append(spec)
+                    default: throw fail("\(raw) \(value): QMP is served on unix sockets only")
+                    }
+                case "object": config.memoryBackends.append(try parseObject(value, option: raw))
+                case "machine", "M": config.machineMemoryBackend = try parseMachine(value, option: raw) ?? config.machineMemoryBackend
+                case "accel":
+                    let accel = try KeyValueList(value, option: raw, impliedKey: "accel")
+                    guard accel["accel"] == "kvm" else { throw fail("\(raw) \(value): only the kvm accelerator is supported") }
+                case "display", "monitor":
+                    guard value == "none" else { throw fail("\(raw) \(value): only 'none' is supported") }
+                case "smp":
+                    let smp = try KeyValueList(value, option: raw, impliedKey: "cpus")
+                    guard smp["cpus"] == "1", smp.pairs.count == 1 else { throw fail("\(raw) \(value): only one vCPU is supported") }
+                case "cpu":
+                    guard value == "host" || value == "max" else { throw fail("\(raw) \(value): only 'host' and 'max' are supported") }
+                case "S": config.startPaused = true
+                case "nodefaults": config.noDefaults = true
+                case "no-shutdown": config.noShutdown = true
+                case "nographic": nographic = true
+                case "version": config.showVersion = true
+                case "help", "h": config.showHelp = true
+                case "d": config.debugLog = true
+                default: break  // -no-user-config, -enable-kvm: nothing to do.
+                }
+            } catch let error as KeyValueList.ParseError {
+                throw fail(error.description)
+            }
+        }
+        if config.serial.isEmpty && (!config.noDefaults || nographic) { config.serial = [.stdio] }
+        try config.validate()
+        return config
+    }
+
+    static func parseMemorySize(_ value: String, option: String) throws -> UInt64 {
+        let list = try KeyValueList(value, option: option, impliedKey: "size")
+        try list.checkKeys(["size"], context: value)
+        guard let size = try list.size("size", defaultUnit: 1 << 20), size > 0 else {
+            throw Error("\(option) \(value): missing memory size")
+        }
+        return size
+    }
+
+    static func parseObject(_ value: String, option: String) throws -> MemoryBackend {
+        let list = try KeyValueList(value, option: option, impliedKey: "qom-type")
+        let type = list["qom-type"] ?? ""
+        guard let id = list["id"], !id.isEmpty else { throw Error("\(option) \(value): parameter 'id' is missing") }
+        guard let size = try list.size("size") else { throw Error("\(option) \(value): parameter 'size' is missing") }
+        switch type {
+        case "memory-backend-memfd", "memory-backend-ram":
+            try list.checkKeys(["qom-type", "id", "size", "share"], context: value)
+            return MemoryBackend(id: id, size: size, backing: .memfd, shared: try list.bool("share", default: type == "memory-backend-memfd"))
+        case "memory-backend-file":
+            try list.checkKeys(["qom-type", "id", "size", "share", "mem-path"], context: value)
+            guard let path = list["mem-path"], !path.isEmpty else { throw Error("\(option) \(value): parameter 'mem-path' is missing") }
+            return MemoryBackend(id: id, size: size, backing: .file(path: path), shared: try list.bool("share", default: false))
+        default:
+            throw Error("\(option) \(value): unsupported object type '\(type)' (memory-backend-memfd, memory-backend-file, memory-backend-ram)")
+        }
+    }
+
+    /// Returns the `memory-backend` property, if any.
+    static func parseMachine(_ value: String, option: String) throws -> String? {
+        let list = try KeyValueList(value, option: option, impliedKey: "type")
+        try list.checkKeys(["type", "memory-backend", "accel"], context: value)
+        if let type = list["type"], !["microvm", "none", "swiftvmm"].contains(type) {
+            throw Error("\(option) \(value): unsupported machine type '\(type)' (this VMM provides one machine, 'microvm')")
+        }
+        if let accel = list["accel"], accel != "kvm" { throw Error("\(option) \(value): only accel=kvm is supported") }
+        return list["memory-backend"]
+    }
+
+    func validate() throws {
+        var seen = Set<String>()
+        for backend in memoryBackends where !seen.insert(backend.id).inserted {
+            throw Error("-object: duplicate id '\(backend.id)'")
+        }
+        if !showHelp && !showVersion && kernel == nil { throw Error("-kernel: a guest kernel is required") }
+        _ = try resolvedMemory()
+    }
+
+    /// The RAM the machine gets: the backend named by `-machine memory-backend=`, else `-m` on a private memfd.
+    public func resolvedMemory() throws -> (size: UInt64, backing: MemoryBacking, shared: Bool) {
+        guard let id = machineMemoryBackend else {
+            return (memorySize ?? Self.defaultMemorySize, .memfd, false)
+        }
+        guard let backend = memoryBackends.first(where: { $0.id == id }) else {
+            throw Error("-machine memory-backend=\(id): no -object with id '\(id)'")
+        }
+        if let memorySize, memorySize != backend.size {
+            throw Error("-machine memory-backend=\(id): backend size \(backend.size) must equal -m \(memorySize)")
+        }
+        return (backend.size, backend.backing, backend.shared)
+    }
+}

@@ -1,0 +1,144 @@
+import Synchronization
+
+/// A 16550A UART at a legacy COM port. The vCPU thread drives the registers while the
+/// I/O thread feeds console input, so all state sits behind one lock. No interrupt
+/// line is wired (this host's KVM cannot deliver them); the guest polls LSR, and IIR
+/// still reports what a real chip would.
+public final class Serial16550: PortIODevice {
+    public static let com1: UInt16 = 0x3F8
+    /// Console input the VMM holds for the guest; beyond this the I/O thread stops reading
+    /// its input fd, so a fast sender is slowed down instead of losing bytes.
+    public static let inputCapacity = 4096
+
+    struct State {
+        var ier: UInt8 = 0
+        var lcr: UInt8 = 0x03
+        var mcr: UInt8 = 0x08
+        var scr: UInt8 = 0
+        var dll: UInt8 = 0x0C
+        var dlm: UInt8 = 0
+        var fcr: UInt8 = 0
+        var thrInterruptPending = true
+        var rx: [UInt8] = []
+        var rxHead = 0
+
+        var rxCount: Int { rx.count - rxHead }
+        var dlab: Bool { lcr & 0x80 != 0 }
+        var loopback: Bool { mcr & 0x10 != 0 }
+
+        mutating func popRX() -> UInt8? {
+            guard rxHead < rx.count else { return nil }
+            let byte = rx[rxHead]
+            rxHead += 1
+            if rxHead == rx.count {
+                rx.removeAll(keepingCapacity: true)
+                rxHead = 0
+            }
+            return byte
+        }
+
+        var iir: UInt8 {
+            let fifo: UInt8 = fcr & 0x01 != 0 ? 0xC0 : 0
+            if ier & 0x01 != 0 && rxCount > 0 { return fifo | 0x04 }
+            if ier & 0x02 != 0 && thrInterruptPending { return fifo | 0x02 }
+            return fifo | 0x01
+        }
+    }
+
+    private let state = Mutex(State())
+    private let output: @Sendable (UInt8) -> Void
+    private let onInputDrained: @Sendable () -> Void
+
+    /// - Parameters:
+    ///   - output: receives each transmitted byte, on the vCPU thread.
+    ///   - onInputDrained: called when the guest frees space in a full input buffer, so
+    ///     the I/O thread can resume reading console input.
+    public init(output: @escaping @Sendable (UInt8) -> Void, onInputDrained: @escaping @Sendable () -> Void = {}) {
+        self.output = output
+        self.onInputDrained = onInputDrained
+    }
+
+    /// Queues console input for the guest; returns how many bytes fit.
+    @discardableResult
+    public func enqueueInput(_ bytes: some Collection<UInt8>) -> Int {
+        state.withLock { s in
+            let accepted = min(bytes.count, Self.inputCapacity - s.rxCount)
+            s.rx.append(contentsOf: bytes.prefix(accepted))
+            return accepted
+        }
+    }
+
+    public var inputSpace: Int { state.withLock { Self.inputCapacity - $0.rxCount } }
+    public var pendingInput: Int { state.withLock { $0.rxCount } }
+
+    public func portRead(offset: UInt16, size: Int) -> UInt32 {
+        var drainedFromFull = false
+        let value: UInt8 = state.withLock { s in
+            switch offset {
+            case 0:
+                if s.dlab { return s.dll }
+                let wasFull = s.rxCount == Self.inputCapacity
+                let byte = s.popRX() ?? 0
+                drainedFromFull = wasFull
+                return byte
+            case 1: return s.dlab ? s.dlm : s.ier
+            case 2:
+                let iir = s.iir
+                if iir & 0x0F == 0x02 { s.thrInterruptPending = false }
+                return iir
+            case 3: return s.lcr
+            case 4: return s.mcr
+            case 5: return 0x60 | (s.rxCount > 0 ? 0x01 : 0)
+            case 6:
+                if s.loopback {
+                    // Loopback wires DTR->DSR, RTS->CTS, OUT1->RI, OUT2->DCD.
+                    let m = s.mcr
+                    return (m & 0x01) << 5 | (m & 0x02) << 3 | (m & 0x04) << 4 | (m & 0x08) << 4
+                }
+                return 0xB0
+            case 7: return s.scr
+            default: return 0xFF
+            }
+        }
+        if drainedFromFull { onInputDrained() }
+        return UInt32(value)
+    }
+
+    public func portWrite(offset: UInt16, size: Int, value: UInt32) {
+        let byte = UInt8(truncatingIfNeeded: value)
+        let transmit: Bool = state.withLock { s in
+            switch offset {
+            case 0:
+                if s.dlab {
+                    s.dll = byte
+                    return false
+                }
+                s.thrInterruptPending = true
+                if s.loopback {
+                    if s.rxCount < Self.inputCapacity { s.rx.append(byte) }
+                    return false
+                }
+                return true
+            case 1:
+                if s.dlab {
+                    s.dlm = byte
+                } else {
+                    if byte & 0x02 != 0 && s.ier & 0x02 == 0 { s.thrInterruptPending = true }
+                    s.ier = byte & 0x0F
+                }
+            case 2:
+                if byte & 0x02 != 0 {
+                    s.rx.removeAll(keepingCapacity: true)
+                    s.rxHead = 0
+                }
+                s.fcr = byte & 0xC9
+            case 3: s.lcr = byte
+            case 4: s.mcr = byte & 0x1F
+            case 7: s.scr = byte
+            default: break
+            }
+            return false
+        }
+        if transmit { output(byte) }
+    }
+}

@@ -1,0 +1,219 @@
+import CLinux
+import Glibc
+import Logging
+import QMPWire
+
+/// Run states, named and reported as QEMU's `query-status` does.
+public enum RunState: String, Sendable {
+    case prelaunch
+    case running
+    case paused
+    case shutdown
+    case internalError = "internal-error"
+}
+
+/// Composes KVM, guest RAM, the boot image, devices, the console and QMP into one
+/// machine, and owns its run state. Everything except the vCPU thread runs on `loop`.
+public final class Machine {
+    public static let version = (major: Int64(0), minor: Int64(1), micro: Int64(0))
+    public static let packageName = "swift-vmm 0.1.0"
+    /// Guest addresses just below 4 GiB that Intel VMX needs for its TSS; never RAM here.
+    static let tssAddress: UInt64 = 0xFFFB_D000
+
+    public let config: VMMConfiguration
+    public let logger: Logger
+    let loop: EventLoop
+    let hypervisor: Hypervisor
+    let vm: VirtualMachine
+    public let memory: GuestMemory
+    let serial: Serial16550
+    let serialBackends: [SerialBackend]
+    let vcpuRunner: VCPURunner
+    let dispatcher = QMPDispatcher()
+    let qmp: QMPServer
+    private var signalFD: Int32 = -1
+
+    public private(set) var runState: RunState
+
+    public init(config: VMMConfiguration, logger: Logger) throws {
+        self.config = config
+        self.logger = logger
+        loop = try EventLoop()
+
+        let ram = try config.resolvedMemory()
+        hypervisor = try Hypervisor()
+        vm = try hypervisor.createVM()
+        try vm.setTSSAddress(Self.tssAddress)
+        memory = try GuestMemory(size: ram.size, backing: ram.backing, shared: ram.shared)
+        for (slot, region) in memory.regions.enumerated() {
+            try vm.setMemoryRegion(slot: UInt32(slot), guestAddress: region.guestAddress, size: region.size,
+                                   host: memory.hostAddress(of: region))
+        }
+
+        let backends = try config.serial.map { try SerialBackend(spec: $0, logger: logger) }
+        serialBackends = backends
+        let loop = self.loop
+        serial = Serial16550(
+            output: { byte in for backend in backends { backend.write(byte) } },
+            onInputDrained: { loop.poke() })
+
+        let vcpu = try vm.createVCPU(id: 0)
+        try vcpu.setCPUID(try hypervisor.supportedCPUID())
+        try Self.loadKernel(config: config, memory: memory, vcpu: vcpu)
+
+        // The debug-exit device needs the runner and the runner needs the bus: tie them through a box.
+        let exitHandler = GuestExitHandler()
+        let bus = try IOBus([
+            .init(base: Serial16550.com1, count: 8, device: serial),
+            .init(base: DebugExit.port, count: 1, device: DebugExit { exitHandler.handle($0) }),
+        ])
+        vcpuRunner = VCPURunner(vcpu: vcpu, bus: bus, logger: logger) { message in
+            loop.post { exitHandler.machine?.vcpuFailed(message) }
+        }
+        qmp = QMPServer(loop: loop, dispatcher: dispatcher,
+                        greeting: QMPMessage.greeting(major: Self.version.major, minor: Self.version.minor,
+                                                      micro: Self.version.micro, package: Self.packageName),
+                        logger: logger)
+        runState = config.startPaused ? .prelaunch : .running
+        exitHandler.machine = self
+        exitHandler.loop = loop
+        registerCommands()
+    }
+
+    static func loadKernel(config: VMMConfiguration, memory: GuestMemory, vcpu: VCPU) throws {
+        guard let path = config.kernel else { throw VMMConfiguration.Error("-kernel: a guest kernel is required") }
+        let entry: UInt32
+        do {
+            let image = try ELFImage(bytes: try readFile(path))
+            entry = try PVHBoot.load(image, into: memory, commandLine: config.append, flags: PVHBoot.flagHaltWakes)
+        } catch {
+            throw VMMConfiguration.Error("-kernel \(path): \(error)")
+        }
+        let (regs, setSegments) = PVHBoot.initialRegisters(entry: entry)
+        var sregs = try vcpu.getSpecialRegisters()
+        setSegments(&sregs)
+        try vcpu.setSpecialRegisters(sregs)
+        try vcpu.setRegisters(regs)
+    }
+
+    /// Runs until `quit`, a guest exit or a termination signal; returns the exit status.
+    public func run() -> Int32 {
+        do {
+            try installSignalHandling()
+            try qmp.open(config.qmp)
+            for backend in serialBackends {
+                backend.attach(to: loop, wantsInput: { [serial] in serial.inputSpace > 0 }) { [serial, vcpuRunner] bytes in
+                    let accepted = serial.enqueueInput(bytes)
+                    vcpuRunner.wake()
+                    return accepted
+                }
+            }
+            try vcpuRunner.start()
+        } catch {
+            logger.error("\(error)")
+            cleanUp()
+            return 1
+        }
+        if runState == .running { vcpuRunner.resume() }
+        let status = loop.run()
+        cleanUp()
+        return status
+    }
+
+    private func cleanUp() {
+        vcpuRunner.terminate()
+        qmp.close()
+        for backend in serialBackends { backend.close() }
+        if signalFD >= 0 { close(signalFD) }
+        signalFD = -1
+    }
+
+    /// SIGINT/SIGTERM/SIGHUP end the VMM like QEMU's `host-signal` shutdown; they are read
+    /// from a signalfd on the loop so no handler runs on an arbitrary thread.
+    private func installSignalHandling() throws {
+        cl_install_kick_signal(VCPURunner.kickSignal)
+        cl_ignore_signal(SIGPIPE)
+        let signals: [Int32] = [SIGINT, SIGTERM, SIGHUP]
+        cl_block_signals(signals, Int32(signals.count))
+        signalFD = try syscallChecked("signalfd") { cl_signalfd(signals, Int32(signals.count)) }
+        let fd = signalFD
+        loop.watch(fd) { [unowned self] _ in
+            var info = signalfd_siginfo()
+            guard read(fd, &info, MemoryLayout<signalfd_siginfo>.size) > 0 else { return }
+            logger.info("terminating on signal \(info.ssi_signo)")
+            qmp.emit("SHUTDOWN", data: ["guest": false, "reason": "host-signal"])
+            loop.stop(exitStatus: 0)
+        }
+    }
+
+    // MARK: run-state transitions (loop thread)
+
+    func stop() {
+        guard runState == .running else { return }
+        vcpuRunner.pause()
+        runState = .paused
+        qmp.emit("STOP")
+    }
+
+    func cont() throws {
+        switch runState {
+        case .running: return
+        case .prelaunch, .paused:
+            runState = .running
+            vcpuRunner.resume()
+            qmp.emit("RESUME")
+        case .shutdown, .internalError:
+            throw QMPCommandError("Resetting the Virtual Machine is required")
+        }
+    }
+
+    func quit() {
+        qmp.emit("SHUTDOWN", data: ["guest": false, "reason": "host-qmp-quit"])
+        loop.stop(exitStatus: 0)
+    }
+
+    func guestExit(status: UInt32) {
+        logger.info("guest requested exit with status \(status)")
+        qmp.emit("SHUTDOWN", data: ["guest": true, "reason": "guest-shutdown"])
+        if config.noShutdown {
+            vcpuRunner.pause()
+            runState = .shutdown
+            qmp.emit("STOP")
+        } else {
+            loop.stop(exitStatus: Int32(truncatingIfNeeded: status & 0xFF))
+        }
+    }
+
+    func vcpuFailed(_ message: String) {
+        logger.error("vCPU stopped: \(message)")
+        runState = .internalError
+        qmp.emit("STOP")
+    }
+}
+
+/// Lets the debug-exit device, created before the machine exists, reach it on the loop thread.
+private final class GuestExitHandler: @unchecked Sendable {
+    weak var machine: Machine?
+    var loop: EventLoop?
+
+    func handle(_ value: UInt32) {
+        // Stop executing guest code right away (we are on the vCPU thread), then let the
+        // loop thread decide between exiting and the -no-shutdown state.
+        machine?.vcpuRunner.requestStop()
+        loop?.post { [self] in machine?.guestExit(status: value) }
+    }
+}
+
+func readFile(_ path: String) throws -> [UInt8] {
+    let fd = try syscallRetrying("open") { cl_open(path, O_RDONLY | O_CLOEXEC, 0) }
+    defer { close(fd) }
+    var bytes: [UInt8] = []
+    var chunk = [UInt8](repeating: 0, count: 1 << 16)
+    while true {
+        let n = chunk.withUnsafeMutableBytes { read(fd, $0.baseAddress, $0.count) }
+        if n < 0 && errno == EINTR { continue }
+        if n < 0 { throw SystemError("read") }
+        if n == 0 { return bytes }
+        bytes.append(contentsOf: chunk[0..<n])
+    }
+}

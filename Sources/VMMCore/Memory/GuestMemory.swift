@@ -1,0 +1,118 @@
+import CLinux
+import Glibc
+
+/// Where guest RAM lives on the host.
+public enum MemoryBacking: Sendable, Equatable {
+    /// An anonymous memfd: the default, and what cpr-transfer/local migration hand over as an fd.
+    case memfd
+    /// A file (tmpfs, hugetlbfs or any filesystem) that another process can map too.
+    case file(path: String)
+}
+
+/// A guest-physical range of RAM and where it starts in the host mapping.
+public struct GuestRAMRegion: Sendable, Equatable {
+    public var guestAddress: UInt64
+    public var size: UInt64
+    public var hostOffset: UInt64
+    public var end: UInt64 { guestAddress + size }
+}
+
+public struct GuestMemoryError: Error, CustomStringConvertible, Sendable {
+    public let description: String
+}
+
+/// The guest's RAM: one host mapping split into guest-physical regions around the
+/// PCI hole below 4 GiB. Every access is bounds-checked against those regions.
+public final class GuestMemory: @unchecked Sendable {
+    /// RAM above this address moves to 4 GiB, leaving room for device MMIO below 4 GiB.
+    public static let lowRAMLimit: UInt64 = 0xC000_0000
+    public static let highRAMStart: UInt64 = 0x1_0000_0000
+
+    public let size: UInt64
+    public let backing: MemoryBacking
+    public let shared: Bool
+    /// The memfd or file descriptor behind the RAM; owned and closed by this object.
+    public let fd: Int32
+    public let regions: [GuestRAMRegion]
+    let host: UnsafeMutableRawPointer
+
+    public init(size: UInt64, backing: MemoryBacking = .memfd, shared: Bool = false, name: String = "guest-ram") throws {
+        guard size >= 1 << 20, size % 4096 == 0 else {
+            throw GuestMemoryError(description: "RAM size \(size) must be a multiple of 4 KiB and at least 1 MiB")
+        }
+        let fd: Int32
+        switch backing {
+        case .memfd:
+            fd = try syscallChecked("memfd_create \(name)") { cl_memfd_create(name, CL_MFD_CLOEXEC) }
+        case .file(let path):
+            fd = try syscallRetrying("open mem-path \(path)") { cl_open(path, O_RDWR | O_CREAT | O_CLOEXEC, 0o600) }
+        }
+        do {
+            var st = stat()
+            try syscallChecked("fstat RAM backing") { fstat(fd, &st) }
+            if UInt64(st.st_size) < size {
+                try syscallRetrying("ftruncate RAM backing to \(size)") { ftruncate(fd, off_t(size)) }
+            }
+            let flags = shared ? MAP_SHARED : MAP_PRIVATE
+            guard let p = mmap(nil, Int(size), PROT_READ | PROT_WRITE, flags | MAP_NORESERVE, fd, 0), p != MAP_FAILED else {
+                throw SystemError("mmap \(size) bytes of guest RAM")
+            }
+            host = p
+        } catch {
+            close(fd)
+            throw error
+        }
+        self.fd = fd
+        self.size = size
+        self.backing = backing
+        self.shared = shared
+        regions = GuestMemory.layout(size: size)
+    }
+
+    deinit {
+        munmap(host, Int(size))
+        close(fd)
+    }
+
+    /// Low RAM up to the PCI hole, the rest above 4 GiB.
+    public static func layout(size: UInt64) -> [GuestRAMRegion] {
+        let low = min(size, lowRAMLimit)
+        var regions = [GuestRAMRegion(guestAddress: 0, size: low, hostOffset: 0)]
+        if size > low {
+            regions.append(GuestRAMRegion(guestAddress: highRAMStart, size: size - low, hostOffset: low))
+        }
+        return regions
+    }
+
+    public func hostAddress(of region: GuestRAMRegion) -> UnsafeMutableRawPointer {
+        host + Int(region.hostOffset)
+    }
+
+    /// The host bytes behind `[address, address + count)`, which must lie inside one RAM region.
+    public func slice(at address: UInt64, count: Int) throws -> UnsafeMutableRawBufferPointer {
+        guard count >= 0 else { throw GuestMemoryError(description: "negative length \(count)") }
+        for region in regions where address >= region.guestAddress && address < region.end {
+            let (end, overflow) = address.addingReportingOverflow(UInt64(count))
+            guard !overflow, end <= region.end else { break }
+            return UnsafeMutableRawBufferPointer(start: host + Int(region.hostOffset + (address - region.guestAddress)), count: count)
+        }
+        throw GuestMemoryError(description: "guest range 0x\(String(address, radix: 16))+\(count) is outside guest RAM")
+    }
+
+    public func write(_ bytes: some Collection<UInt8>, at address: UInt64) throws {
+        let target = try slice(at: address, count: bytes.count)
+        target.copyBytes(from: bytes)
+    }
+
+    public func read(at address: UInt64, count: Int) throws -> [UInt8] {
+        Array(try slice(at: address, count: count))
+    }
+
+    public func store<T: FixedWidthInteger>(_ value: T, at address: UInt64) throws {
+        try slice(at: address, count: MemoryLayout<T>.size).storeBytes(of: value.littleEndian, as: T.self)
+    }
+
+    public func load<T: FixedWidthInteger>(_ type: T.Type, at address: UInt64) throws -> T {
+        T(littleEndian: try slice(at: address, count: MemoryLayout<T>.size).loadUnaligned(as: T.self))
+    }
+}

@@ -1,0 +1,31 @@
+import CLinux
+import Glibc
+
+/// A counter fd one thread writes to wake another that polls it.
+public final class EventFD: @unchecked Sendable {
+    public let fd: Int32
+
+    public init() throws {
+        fd = try syscallChecked("eventfd") { eventfd(0, Int32(EFD_CLOEXEC | EFD_NONBLOCK)) }
+    }
+
+    deinit { close(fd) }
+
+    public func signal() {
+        var one: UInt64 = 1
+        _ = write(fd, &one, 8)
+    }
+
+    /// Clears pending wakeups; returns whether there were any.
+    @discardableResult
+    public func drain() -> Bool {
+        var value: UInt64 = 0
+        return read(fd, &value, 8) == 8
+    }
+
+    /// Waits until signalled or the timeout passes (-1 waits forever); EINTR counts as a wakeup.
+    public func wait(timeoutMilliseconds: Int32) {
+        var pfd = pollfd(fd: fd, events: Int16(POLLIN), revents: 0)
+        if poll(&pfd, 1, timeoutMilliseconds) > 0 { drain() }
+    }
+}

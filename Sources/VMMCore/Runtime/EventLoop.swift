@@ -1,0 +1,71 @@
+import CLinux
+import Glibc
+import Synchronization
+
+/// The VMM's control thread: a poll() loop over sockets and console fds. All machine
+/// state changes happen here; other threads hand work over with `post`.
+public final class EventLoop: @unchecked Sendable {
+    private struct Source {
+        var interest: () -> Int16
+        var handler: (Int16) -> Void
+    }
+
+    private var sources: [Int32: Source] = [:]
+    private let wakeup: EventFD
+    private let posted = Mutex<[@Sendable () -> Void]>([])
+    private var exitStatus: Int32?
+
+    public init() throws {
+        wakeup = try EventFD()
+    }
+
+    /// Calls `handler` with the returned events whenever `fd` is ready for `interest()`;
+    /// `interest` is asked again before every poll, so a source can pause itself (return 0).
+    public func watch(_ fd: Int32, interest: @escaping () -> Int16 = { Int16(POLLIN) }, handler: @escaping (Int16) -> Void) {
+        sources[fd] = Source(interest: interest, handler: handler)
+    }
+
+    public func unwatch(_ fd: Int32) { sources[fd] = nil }
+
+    /// Runs `work` on the loop thread; safe from any thread.
+    public func post(_ work: @escaping @Sendable () -> Void) {
+        posted.withLock { $0.append(work) }
+        wakeup.signal()
+    }
+
+    /// Wakes the loop so it re-reads every source's interest.
+    public func poke() { wakeup.signal() }
+
+    public func stop(exitStatus: Int32) { self.exitStatus = exitStatus }
+
+    public var isStopping: Bool { exitStatus != nil }
+
+    public func run() -> Int32 {
+        while exitStatus == nil {
+            var fds = [pollfd(fd: wakeup.fd, events: Int16(POLLIN), revents: 0)]
+            for (fd, source) in sources {
+                let events = source.interest()
+                if events != 0 { fds.append(pollfd(fd: fd, events: events, revents: 0)) }
+            }
+            let rc = poll(&fds, nfds_t(fds.count), -1)
+            if rc < 0 && errno != EINTR { break }
+            if fds[0].revents != 0 { wakeup.drain() }
+            runPosted()
+            for p in fds.dropFirst() where p.revents != 0 {
+                guard exitStatus == nil else { break }
+                // A handler may have removed this source (or another one) meanwhile.
+                sources[p.fd]?.handler(p.revents)
+            }
+            runPosted()
+        }
+        return exitStatus ?? 1
+    }
+
+    private func runPosted() {
+        let work = posted.withLock { w -> [@Sendable () -> Void] in
+            defer { w.removeAll() }
+            return w
+        }
+        for item in work { item() }
+    }
+}

@@ -1,0 +1,83 @@
+import CLinux
+import Glibc
+
+/// Unix stream sockets for QMP, the serial console and (later) migration channels.
+public enum UnixSocket {
+    static func address(_ path: String) throws -> (sockaddr_un, socklen_t) {
+        var addr = sockaddr_un()
+        addr.sun_family = sa_family_t(AF_UNIX)
+        let bytes = Array(path.utf8)
+        let capacity = MemoryLayout.size(ofValue: addr.sun_path)
+        guard !bytes.isEmpty, bytes.count < capacity else {
+            throw SystemError("unix socket path '\(path)' (must be 1..\(capacity - 1) bytes)", errno: ENAMETOOLONG)
+        }
+        withUnsafeMutableBytes(of: &addr.sun_path) { raw in
+            raw.copyBytes(from: bytes)
+            raw[bytes.count] = 0
+        }
+        return (addr, socklen_t(MemoryLayout<sockaddr_un>.size))
+    }
+
+    /// Binds and listens; a stale socket file from an earlier run is replaced.
+    public static func listen(path: String, backlog: Int32 = 8) throws -> Int32 {
+        var (addr, len) = try address(path)
+        let fd = try syscallChecked("socket(AF_UNIX)") { socket(AF_UNIX, Int32(SOCK_STREAM.rawValue) | Int32(SOCK_CLOEXEC.rawValue), 0) }
+        var st = stat()
+        if lstat(path, &st) == 0 && (st.st_mode & S_IFMT) == S_IFSOCK { unlink(path) }
+        let rc = withUnsafePointer(to: &addr) { $0.withMemoryRebound(to: sockaddr.self, capacity: 1) { bind(fd, $0, len) } }
+        if rc < 0 {
+            let e = errno
+            close(fd)
+            throw SystemError("bind \(path)", errno: e)
+        }
+        if Glibc.listen(fd, backlog) < 0 {
+            let e = errno
+            close(fd)
+            throw SystemError("listen \(path)", errno: e)
+        }
+        return fd
+    }
+
+    public static func connect(path: String) throws -> Int32 {
+        var (addr, len) = try address(path)
+        let fd = try syscallChecked("socket(AF_UNIX)") { socket(AF_UNIX, Int32(SOCK_STREAM.rawValue) | Int32(SOCK_CLOEXEC.rawValue), 0) }
+        while true {
+            let rc = withUnsafePointer(to: &addr) { $0.withMemoryRebound(to: sockaddr.self, capacity: 1) { Glibc.connect(fd, $0, len) } }
+            if rc == 0 { return fd }
+            if errno == EINTR { continue }
+            let e = errno
+            close(fd)
+            throw SystemError("connect \(path)", errno: e)
+        }
+    }
+
+    public static func accept(_ listener: Int32) -> Int32? {
+        while true {
+            let fd = cl_accept(listener)
+            if fd >= 0 { return fd }
+            if errno == EINTR { continue }
+            return nil
+        }
+    }
+
+    /// Writes everything, retrying short writes; false when the peer is gone.
+    @discardableResult
+    public static func writeAll(_ fd: Int32, _ bytes: UnsafeRawBufferPointer) -> Bool {
+        var offset = 0
+        while offset < bytes.count {
+            let n = send(fd, bytes.baseAddress! + offset, bytes.count - offset, Int32(MSG_NOSIGNAL))
+            if n > 0 {
+                offset += n
+            } else if n < 0 && errno == EINTR {
+                continue
+            } else if n < 0 && errno == ENOTSOCK {
+                // stdio or a file: plain write.
+                let w = Glibc.write(fd, bytes.baseAddress! + offset, bytes.count - offset)
+                if w > 0 { offset += w } else if w < 0 && errno == EINTR { continue } else { return false }
+            } else {
+                return false
+            }
+        }
+        return true
+    }
+}

@@ -1,0 +1,157 @@
+import CLinux
+import Glibc
+import Logging
+import Synchronization
+
+/// Runs one vCPU on its own thread and lets the control thread park and resume it.
+/// Parking is synchronous: `pause()` returns once the vCPU is out of KVM_RUN, so a
+/// `stop` reply means the guest really stopped (as QEMU's does).
+public final class VCPURunner: @unchecked Sendable {
+    /// Signal that knocks the vCPU thread out of KVM_RUN (handler installed by `Machine`).
+    public static let kickSignal = SIGUSR1
+    /// How long a halted vCPU sleeps when nothing wakes it: the guest's idle timer.
+    public static let idleTimeoutMilliseconds: Int32 = 10
+
+    struct Control {
+        var wantRunning = false
+        var parked = true
+        var quit = false
+    }
+
+    private let vcpu: VCPU
+    private let bus: IOBus
+    private let logger: Logger
+    private let control = ConditionLock(Control())
+    private let stopRequested = Atomic<Bool>(true)
+    private let halted = EventFD.orFatal()
+    private var thread: OSThread?
+    private let threadID = Atomic<Int32>(0)
+    /// Called on the vCPU thread when the guest cannot go on (triple fault, KVM error).
+    private let onFatal: @Sendable (String) -> Void
+
+    public let exitCount = Atomic<UInt64>(0)
+    public let haltCount = Atomic<UInt64>(0)
+
+    public init(vcpu: VCPU, bus: IOBus, logger: Logger, onFatal: @escaping @Sendable (String) -> Void) {
+        self.vcpu = vcpu
+        self.bus = bus
+        self.logger = logger
+        self.onFatal = onFatal
+    }
+
+    public var hostThreadID: Int32 { threadID.load(ordering: .relaxed) }
+
+    public func start() throws {
+        thread = try OSThread(name: "vcpu\(vcpu.id)") { [self] in threadMain() }
+    }
+
+    /// Lets the vCPU run (from the parked state).
+    public func resume() {
+        control.update { c in
+            c.wantRunning = true
+            stopRequested.store(false, ordering: .sequentiallyConsistent)
+        }
+    }
+
+    /// Stops the vCPU and waits until it is parked outside KVM_RUN.
+    public func pause() {
+        requestStop()
+        control.wait(until: { $0.parked || $0.quit }) { _ in }
+    }
+
+    /// Asks the vCPU to park without waiting; safe from the vCPU thread itself (a device
+    /// handler that ends the guest's run, like debug-exit).
+    public func requestStop() {
+        control.update { $0.wantRunning = false }
+        stopRequested.store(true, ordering: .sequentiallyConsistent)
+        vcpu.setImmediateExit(true)
+        if let thread, pthread_equal(thread.handle, pthread_self()) == 0 { thread.signal(Self.kickSignal) }
+        halted.signal()
+    }
+
+    /// Wakes a vCPU sleeping in HLT so the guest polls its devices again.
+    public func wake() { halted.signal() }
+
+    public func terminate() {
+        control.update { $0.quit = true }
+        requestStop()
+        thread?.join()
+        thread = nil
+    }
+
+    private func threadMain() {
+        threadID.store(cl_gettid(), ordering: .relaxed)
+        while true {
+            control.update { c in if !c.wantRunning { c.parked = true } }
+            let quit = control.wait(until: { $0.wantRunning || $0.quit }) { c -> Bool in
+                if !c.quit { c.parked = false }
+                return c.quit
+            } ?? true
+            if quit { return }
+            vcpu.setImmediateExit(false)
+            // A stop requested between un-parking and here must not be lost: it set the
+            // flag before immediate_exit, so checking after clearing immediate_exit is enough.
+            guard !stopRequested.load(ordering: .sequentiallyConsistent) else { continue }
+            runUntilStopped()
+        }
+    }
+
+    private func runUntilStopped() {
+        while !stopRequested.load(ordering: .relaxed) {
+            let exit: VCPUExit
+            do {
+                exit = try vcpu.run()
+            } catch {
+                fatal("\(error)")
+                return
+            }
+            exitCount.add(1, ordering: .relaxed)
+            switch exit {
+            case .io(let port, let isWrite, let size, let count, let data):
+                bus.handle(port: port, isWrite: isWrite, size: size, count: count, data: data)
+            case .halt:
+                haltCount.add(1, ordering: .relaxed)
+                halted.wait(timeoutMilliseconds: Self.idleTimeoutMilliseconds)
+            case .interrupted:
+                continue
+            case .mmio(let address, let isWrite, let data):
+                // Nothing is mapped yet: reads see all ones, writes are dropped.
+                if !isWrite { data.initializeMemory(as: UInt8.self, repeating: 0xFF) }
+                logger.debug("unhandled MMIO \(isWrite ? "write" : "read") at 0x\(String(address, radix: 16))")
+            case .shutdown:
+                fatal("guest triple-faulted (KVM_EXIT_SHUTDOWN)")
+                return
+            case .internalError(let suberror):
+                fatal("KVM internal error, suberror \(suberror)")
+                return
+            case .failEntry(let reason):
+                fatal("KVM entry failed, hardware reason 0x\(String(reason, radix: 16))")
+                return
+            case .systemEvent(let type):
+                fatal("KVM system event \(type)")
+                return
+            case .other(let reason):
+                fatal("unhandled KVM exit reason \(reason)")
+                return
+            }
+        }
+    }
+
+    private func fatal(_ message: String) {
+        var detail = message
+        if let regs = try? vcpu.getRegisters(), let sregs = try? vcpu.getSpecialRegisters() {
+            detail += " (rip=\(hex(regs.rip)) rsp=\(hex(regs.rsp)) rax=\(hex(regs.rax)) cr0=\(hex(sregs.cr0))"
+                + " cr3=\(hex(sregs.cr3)) cr4=\(hex(sregs.cr4)) efer=\(hex(sregs.efer)))"
+        }
+        control.update { $0.wantRunning = false }
+        stopRequested.store(true, ordering: .sequentiallyConsistent)
+        onFatal(detail)
+    }
+}
+
+extension EventFD {
+    /// Creating an eventfd only fails when the process is out of fds or memory at start-up.
+    static func orFatal() -> EventFD {
+        do { return try EventFD() } catch { fatalError("\(error)") }
+    }
+}

@@ -1,0 +1,2 @@
+import TestKit
+print("bench")

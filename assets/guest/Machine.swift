@@ -1,0 +1,31 @@
+import CPU
+
+/// Whole-machine state and actions: the idle step, its tick counter and power off.
+enum Machine {
+    /// Counts idle steps. Only ever grows, which lets a test tell that guest
+    /// RAM carried over (e.g. across a migration).
+    nonisolated(unsafe) static var ticks: UInt64 = 0
+
+    /// Whether `hlt` may be used while idle; see `StartInfo.haltWakesFlag`.
+    nonisolated(unsafe) static var haltWhenIdle = false
+
+    /// Runs once per poll that found nothing to do. Device polling (e.g. a
+    /// network queue) belongs here, before the CPU is parked.
+    @inline(__always)
+    static func idle() {
+        ticks &+= 1
+        if haltWhenIdle {
+            cpu_halt()
+        } else {
+            // A host that never wakes `hlt` with interrupts off (QEMU) needs spinning.
+            cpu_pause()
+        }
+    }
+
+    /// Writes the debug-exit port (the VMM exits with status 0), then parks
+    /// the CPU for good in case nothing listens there.
+    static func powerOff() -> Never {
+        cpu_out8(0xf4, 0)
+        cpu_stop()
+    }
+}
