@@ -109,7 +109,8 @@ public final class ArtifactDirectory: Sendable {
     @discardableResult
     public func finish(
         bodyError: (any Error)?,
-        environment: [String: String] = ProcessInfo.processInfo.environment
+        environment: [String: String] = ProcessInfo.processInfo.environment,
+        sourceLocation: SourceLocation = #_sourceLocation
     ) async -> String? {
         let cleanups: [@Sendable () async -> Void]? = state.withLock { state in
             if state.finished { return nil }
@@ -132,7 +133,7 @@ public final class ArtifactDirectory: Sendable {
         let message = "TestKit: artifacts of \(testName) kept at \(path) (\(summary[0]))"
         FileHandle.standardError.write(Data((message + "\n").utf8))
         if Test.current != nil, bodyError != nil || !reasons.isEmpty {
-            Issue.record(Comment(rawValue: message), severity: .warning)
+            Issue.record(Comment(rawValue: message), severity: .warning, sourceLocation: sourceLocation)
         }
         return path
     }
@@ -140,9 +141,11 @@ public final class ArtifactDirectory: Sendable {
 
 /// Runs `body` with a fresh artifact directory; see `ArtifactDirectory` for when it is kept.
 /// Cleanups registered inside (e.g. machines launched in it) always run, also on throw.
+/// `sourceLocation` is where the "artifacts kept" warning points: the test, not TestKit.
 public func withArtifacts<T>(
     testName: String? = nil,
     isolation: isolated (any Actor)? = #isolation,
+    sourceLocation: SourceLocation = #_sourceLocation,
     _ body: (ArtifactDirectory) async throws -> T
 ) async throws -> T {
     let artifacts = try ArtifactDirectory(testName: testName)
@@ -150,9 +153,9 @@ public func withArtifacts<T>(
     do {
         result = try await body(artifacts)
     } catch {
-        await artifacts.finish(bodyError: error)
+        await artifacts.finish(bodyError: error, sourceLocation: sourceLocation)
         throw error
     }
-    await artifacts.finish(bodyError: nil)
+    await artifacts.finish(bodyError: nil, sourceLocation: sourceLocation)
     return result
 }

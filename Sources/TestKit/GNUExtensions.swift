@@ -14,6 +14,11 @@ enum GNUExtensions {
     typealias SetThreadName = @convention(c) (pthread_t, UnsafePointer<CChar>) -> Int32
     static let setThreadName: SetThreadName? = symbol("pthread_setname_np").map { unsafeBitCast($0, to: SetThreadName.self) }
 
+    typealias EventFD = @convention(c) (UInt32, Int32) -> Int32
+    /// In <sys/eventfd.h>, which only CLinux brings, and CLinux cannot be imported next to CCap.
+    static let eventfd: EventFD? = symbol("eventfd").map { unsafeBitCast($0, to: EventFD.self) }
+    static let eventfdCloseOnExec: Int32 = O_CLOEXEC  // EFD_CLOEXEC is defined as O_CLOEXEC
+
     typealias AddCloseFrom = @convention(c) (UnsafeMutablePointer<posix_spawn_file_actions_t>, Int32) -> Int32
     /// glibc 2.34+: closes every fd >= n in the child between fork and exec.
     static let addCloseFrom: AddCloseFrom? = symbol("posix_spawn_file_actions_addclosefrom_np")

@@ -14,7 +14,7 @@ public enum RunState: String, Sendable {
 
 /// Composes KVM, guest RAM, the boot image, devices, the console and QMP into one
 /// machine, and owns its run state. Everything except the vCPU thread runs on `loop`.
-public final class Machine {
+public final class Machine: @unchecked Sendable {
     public static let version = (major: Int64(0), minor: Int64(1), micro: Int64(0))
     public static let packageName = "swift-vmm 0.1.0"
     /// Guest addresses just below 4 GiB that Intel VMX needs for its TSS; never RAM here.
@@ -167,9 +167,12 @@ public final class Machine {
         }
     }
 
+    /// Like QEMU, the `quit` reply goes out first, then SHUTDOWN, then the process ends.
     func quit() {
-        qmp.emit("SHUTDOWN", data: ["guest": false, "reason": "host-qmp-quit"])
-        loop.stop(exitStatus: 0)
+        loop.post { [self] in
+            qmp.emit("SHUTDOWN", data: ["guest": false, "reason": "host-qmp-quit"])
+            loop.stop(exitStatus: 0)
+        }
     }
 
     func guestExit(status: UInt32) {

@@ -71,7 +71,10 @@ public final class QMPServer {
             let line = String(decoding: lineBytes, as: UTF8.self)
             guard line.contains(where: { !$0.isWhitespace }) else { continue }
             logger.trace("qmp <- \(line)")
-            let reply = dispatcher.handle(line: line, negotiated: &connection.negotiated)
+            // A local copy: the command may emit events, which read every connection's state.
+            var negotiated = connection.negotiated
+            let reply = dispatcher.handle(line: line, negotiated: &negotiated)
+            connection.negotiated = negotiated
             // The handler may have closed everything (quit); only answer live clients.
             if connections[connection.fd] === connection { send(reply, to: connection) }
         }
