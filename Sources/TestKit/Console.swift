@@ -64,6 +64,8 @@ public enum ConsoleError: Error, Equatable, CustomStringConvertible {
     case failurePattern(pattern: String, matched: String, lastLines: [String])
     /// The VMM closed the console before the pattern appeared.
     case closed(pattern: String, lastLines: [String])
+    /// Output arrived while the console was expected to stay silent.
+    case unexpectedOutput(String, during: Duration, lastLines: [String])
 
     public var description: String {
         func tail(_ lines: [String]) -> String {
@@ -76,6 +78,8 @@ public enum ConsoleError: Error, Equatable, CustomStringConvertible {
             return "console: failure pattern \(pattern) appeared (\(matched.debugDescription))" + tail(lines)
         case .closed(let pattern, let lines):
             return "console: closed while waiting for \(pattern)" + tail(lines)
+        case .unexpectedOutput(let text, let during, let lines):
+            return "console: expected no output for \(during), got \(text.debugDescription)" + tail(lines)
         }
     }
 }
@@ -229,6 +233,19 @@ public final class Console: Sendable {
     @discardableResult
     public func waitForPrompt(timeout: Duration = defaultTimeout) async throws -> String {
         try await waitFor(Self.prompt, timeout: timeout)
+    }
+
+    /// Succeeds when the guest prints nothing for `duration`, e.g. while its vCPU is
+    /// stopped. Consumes nothing.
+    public func expectSilence(for duration: Duration) async throws {
+        let before = core.state.withLock { $0.received.count }
+        try await Task.sleep(for: duration)
+        let extra = core.state.withLock { String(decoding: $0.received[before...], as: UTF8.self) }
+        guard extra.isEmpty else {
+            let error = ConsoleError.unexpectedOutput(extra, during: duration, lastLines: lastLines())
+            onWaitFailure?("\(error)")
+            throw error
+        }
     }
 
     /// Types `text` as is.
