@@ -48,7 +48,7 @@ struct QMPFunctionalTests {
     @Test func malformedInputGetsErrorsAndTheConnectionStaysUsable() async throws {
         try await Machine.with(guestOptions()) { vm in
             let qmp = try vm.qmp
-            for bad in ["{\"execute\": ", "[1, 2, 3]", "{\"arguments\": {}}", "\"just a string\""] {
+            for bad in ["{\"execute\": }", "[1, 2, 3]", "{\"arguments\": {}}", "\"just a string\""] {
                 try qmp.sendRaw(bad + "\n")
                 let reply = try await qmp.readRawReply(timeout: .seconds(5))
                 #expect(reply["error"]?["class"] == "GenericError", "\(bad) -> \(reply.serialized)")

@@ -66,3 +66,37 @@ import Testing
         #expect(greeting["QMP"]?["version"]?["qemu"]?["minor"] == 1)
     }
 }
+
+@Suite struct JSONStreamSplitterTests {
+    func messages(_ chunks: [String]) -> [String] {
+        var splitter = JSONStreamSplitter()
+        return chunks.flatMap { splitter.feed(Array($0.utf8)) }.map {
+            if case .message(let bytes) = $0 { return String(decoding: bytes, as: UTF8.self) }
+            return "<too long>"
+        }
+    }
+
+    @Test func splitsMessagesWithoutNewlines() {
+        #expect(messages([#"{"execute":"a"}{"execute":"b"}"#]) == [#"{"execute":"a"}"#, #"{"execute":"b"}"#])
+    }
+
+    @Test func joinsMessagesSplitAcrossReads() {
+        #expect(messages([#"{"execute": "qmp_"#, #"capabilities", "arguments": {"x": [1, {"y": 2}]}}"#, "\n"])
+                == [#"{"execute": "qmp_capabilities", "arguments": {"x": [1, {"y": 2}]}}"#])
+    }
+
+    @Test func bracesInsideStringsDoNotCount() {
+        #expect(messages([#"{"id": "}{\"", "execute": "x"}"#]) == [#"{"id": "}{\"", "execute": "x"}"#])
+    }
+
+    @Test func topLevelScalarsAndStrayClosersBecomeMessages() {
+        #expect(messages(["\"str\"\n", "42 ", "}"]) == ["\"str\"", "42", "}"])
+    }
+
+    @Test func overlongMessageIsDroppedAndTheStreamRecovers() {
+        var splitter = JSONStreamSplitter()
+        let huge = "[" + String(repeating: "1,", count: JSONStreamSplitter.maxMessageLength)
+        #expect(splitter.feed(Array(huge.utf8)).contains(.tooLong))
+        #expect(splitter.feed(Array("1,1]} still the same line\n{}".utf8)) == [.message(Array("{}".utf8))])
+    }
+}

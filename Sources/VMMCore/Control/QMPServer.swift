@@ -8,12 +8,10 @@ import QMPWire
 public final class QMPServer {
     private final class Connection {
         let fd: Int32
-        var buffer: [UInt8] = []
+        var splitter = JSONStreamSplitter()
         var negotiated = false
         init(fd: Int32) { self.fd = fd }
     }
-
-    static let maxLineLength = 1 << 20
 
     private let loop: EventLoop
     private let logger: Logger
@@ -64,23 +62,22 @@ public final class QMPServer {
             drop(connection)
             return
         }
-        connection.buffer.append(contentsOf: chunk[0..<n])
-        while let newline = connection.buffer.firstIndex(of: UInt8(ascii: "\n")) {
-            let lineBytes = connection.buffer[..<newline]
-            connection.buffer.removeSubrange(...newline)
-            let line = String(decoding: lineBytes, as: UTF8.self)
-            guard line.contains(where: { !$0.isWhitespace }) else { continue }
-            logger.trace("qmp <- \(line)")
-            // A local copy: the command may emit events, which read every connection's state.
-            var negotiated = connection.negotiated
-            let reply = dispatcher.handle(line: line, negotiated: &negotiated)
-            connection.negotiated = negotiated
+        for output in connection.splitter.feed(chunk[0..<n]) {
+            let reply: JSON
+            switch output {
+            case .message(let bytes):
+                let line = String(decoding: bytes, as: UTF8.self)
+                logger.trace("qmp <- \(line)")
+                // A local copy: the command may emit events, which read every connection's state.
+                var negotiated = connection.negotiated
+                reply = dispatcher.handle(line: line, negotiated: &negotiated)
+                connection.negotiated = negotiated
+            case .tooLong:
+                reply = QMPMessage.error(.genericError, "JSON parse error, message longer than \(JSONStreamSplitter.maxMessageLength) bytes", id: nil)
+            }
             // The handler may have closed everything (quit); only answer live clients.
-            if connections[connection.fd] === connection { send(reply, to: connection) }
-        }
-        if connection.buffer.count > Self.maxLineLength {
-            connection.buffer.removeAll()
-            send(QMPMessage.error(.genericError, "JSON parse error, input line longer than \(Self.maxLineLength) bytes", id: nil), to: connection)
+            guard connections[connection.fd] === connection else { return }
+            send(reply, to: connection)
         }
     }
 
