@@ -14,6 +14,7 @@ let package = Package(
     dependencies: [
         .package(url: "https://github.com/apple/swift-log.git", from: "1.6.0"),
         .package(url: "https://github.com/apple/swift-system.git", from: "1.4.0"),
+        .package(url: "https://github.com/apple/swift-argument-parser.git", from: "1.5.0"),
     ],
     targets: [
         // Kernel UAPI (KVM, TUN, memfd, eventfd) for Swift: ioctl numbers as constants, union accessors.
@@ -44,7 +45,10 @@ let package = Package(
             name: "TestKit",
             dependencies: ["QMPWire", "CCap", "CNetlink", "CLinux"]
         ),
-        .executableTarget(name: "vmm-bench", dependencies: ["TestKit"]),
+        .executableTarget(
+            name: "vmm-bench",
+            dependencies: ["TestKit", .product(name: "ArgumentParser", package: "swift-argument-parser")]
+        ),
         .testTarget(name: "Unit", dependencies: ["VMMCore", "QMPWire", "TestKit"]),
         .testTarget(name: "Functional", dependencies: ["TestKit", "vmm"]),
     ]

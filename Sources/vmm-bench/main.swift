@@ -1,2 +1,0 @@
-import TestKit
-print("bench")
