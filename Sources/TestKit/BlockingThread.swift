@@ -1,3 +1,4 @@
+import CLinux
 import Glibc
 import Synchronization
 
@@ -23,7 +24,7 @@ final class BlockingThread: Sendable {
         var thread = pthread_t()
         let rc = pthread_create(&thread, nil, { context in
             let job = Unmanaged<Job>.fromOpaque(context!).takeRetainedValue()
-            _ = GNUExtensions.setThreadName?(pthread_self(), String(job.name.prefix(15)))
+            _ = cl_set_thread_name(pthread_self(), String(job.name.prefix(15)))
             job.body()
             return nil
         }, job)

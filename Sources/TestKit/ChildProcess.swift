@@ -1,3 +1,4 @@
+import CLinux
 import Glibc
 import Synchronization
 
@@ -93,7 +94,7 @@ final class ChildProcess: Sendable {
         posix_spawn_file_actions_adddup2(&actions, stderr, 2)
         // Parallel tests open fds all the time, not all close-on-exec; a VMM that inherits
         // another test's socket keeps it open and hangs that test.
-        if let addCloseFrom = GNUExtensions.addCloseFrom { _ = addCloseFrom(&actions, 3) }
+        if cl_spawn_can_close_from() != 0 { _ = cl_spawn_add_close_from(&actions, 3) }
 
         var attributes = posix_spawnattr_t()
         posix_spawnattr_init(&attributes)
@@ -117,7 +118,7 @@ final class ChildProcess: Sendable {
         let rc = posix_spawn(&pid, path, &actions, &attributes, argv, envp)
         guard rc == 0 else { throw SystemError("posix_spawn \(path)", code: rc) }
 
-        let exitEvent = GNUExtensions.eventfd?(0, GNUExtensions.eventfdCloseOnExec) ?? -1
+        let exitEvent = cl_eventfd(0, CL_EFD_CLOEXEC)
         guard exitEvent >= 0 else {
             let error = SystemError("eventfd")
             kill(pid, SIGKILL)

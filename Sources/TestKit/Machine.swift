@@ -1,3 +1,4 @@
+import CLinux
 import Foundation
 import Synchronization
 import Testing
@@ -295,7 +296,7 @@ public final class Machine: Sendable {
                 throw error
             }
             for (slot, index) in waiting.enumerated() where fds[slot].revents != 0 {
-                let client = acceptCloseOnExec(listeners[index].fd)
+                let client = cl_accept(listeners[index].fd)
                 if client >= 0 { accepted[index] = client }
             }
             // Checked after accepting: a VMM that connected and then died is still reported as dead.

@@ -1,3 +1,4 @@
+import CLinux
 import Glibc
 
 /// Unix stream sockets. Every fd is created close-on-exec so that a VMM spawned by a
@@ -76,7 +77,7 @@ final class UnixListener {
     /// The accepted connection, owned by the caller; nil when nobody connected yet.
     func acceptNow() throws(SystemError) -> Int32? {
         while true {
-            let client = acceptCloseOnExec(fd)
+            let client = cl_accept(fd)
             if client >= 0 { return client }
             if errno == EINTR { continue }
             if errno == EAGAIN || errno == EWOULDBLOCK { return nil }

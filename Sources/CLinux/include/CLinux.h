@@ -3,9 +3,8 @@
 #ifndef CLINUX_H
 #define CLINUX_H
 
-#ifndef _GNU_SOURCE
-#define _GNU_SOURCE
-#endif
+// No _GNU_SOURCE here: it changes glibc's struct definitions (fd_set) and clashes with
+// Swift's own Glibc module. The few GNU functions needed are declared explicitly below.
 
 #include <errno.h>
 #include <fcntl.h>
@@ -81,12 +80,23 @@ static inline int cl_open(const char *path, int flags, mode_t mode) {
     return open(path, flags, mode);
 }
 static inline int cl_errno(void) { return errno; }
+int accept4(int fd, struct sockaddr *addr, socklen_t *len, int flags);
 static inline int cl_accept(int fd) { return accept4(fd, NULL, NULL, SOCK_CLOEXEC); }
 int pthread_setname_np(pthread_t thread, const char *name);
 static inline int cl_set_thread_name(pthread_t thread, const char *name) { return pthread_setname_np(thread, name); }
 int memfd_create(const char *name, unsigned int flags);
 static inline int cl_memfd_create(const char *name, unsigned int flags) { return memfd_create(name, flags); }
 static const unsigned int CL_MFD_CLOEXEC = 0x0001U;
+#include <spawn.h>
+/// glibc 2.34+ only, hence weak: callers check `cl_spawn_can_close_from()` first.
+int posix_spawn_file_actions_addclosefrom_np(posix_spawn_file_actions_t *actions, int from) __attribute__((weak));
+static inline int cl_spawn_can_close_from(void) { return posix_spawn_file_actions_addclosefrom_np != NULL; }
+static inline int cl_spawn_add_close_from(posix_spawn_file_actions_t *actions, int from) {
+    return posix_spawn_file_actions_addclosefrom_np ? posix_spawn_file_actions_addclosefrom_np(actions, from) : -1;
+}
+static inline int cl_eventfd(unsigned int initial, int flags) { return eventfd(initial, flags); }
+static const int CL_EFD_CLOEXEC = EFD_CLOEXEC;
+static const int CL_EFD_NONBLOCK = EFD_NONBLOCK;
 
 static inline struct kvm_run_io_view {
     uint8_t direction;
