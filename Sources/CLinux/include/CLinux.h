@@ -137,24 +137,20 @@ static inline int cl_ignore_signal(int sig) {
     sigemptyset(&sa.sa_mask);
     return sigaction(sig, &sa, NULL);
 }
-static inline int cl_block_signal(int sig, int block) {
-    sigset_t set;
-    sigemptyset(&set);
-    sigaddset(&set, sig);
-    return pthread_sigmask(block ? SIG_BLOCK : SIG_UNBLOCK, &set, NULL);
-}
 
-/// A signalfd for `sigs` (which the caller has blocked in every thread).
-static inline int cl_signalfd(const int *sigs, int count) {
+static inline sigset_t cl_sigset_of(const int *sigs, int count) {
     sigset_t set;
     sigemptyset(&set);
     for (int i = 0; i < count; i++) sigaddset(&set, sigs[i]);
+    return set;
+}
+/// A signalfd for `sigs` (which the caller has blocked in every thread).
+static inline int cl_signalfd(const int *sigs, int count) {
+    sigset_t set = cl_sigset_of(sigs, count);
     return signalfd(-1, &set, SFD_CLOEXEC | SFD_NONBLOCK);
 }
 static inline int cl_block_signals(const int *sigs, int count) {
-    sigset_t set;
-    sigemptyset(&set);
-    for (int i = 0; i < count; i++) sigaddset(&set, sigs[i]);
+    sigset_t set = cl_sigset_of(sigs, count);
     return pthread_sigmask(SIG_BLOCK, &set, NULL);
 }
 static inline int cl_gettid(void) { return (int)syscall(SYS_gettid); }
