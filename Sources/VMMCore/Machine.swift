@@ -29,6 +29,8 @@ public final class Machine: @unchecked Sendable {
     let serial: Serial16550
     let serialBackends: [SerialBackend]
     let vcpuRunner: VCPURunner
+    let pciBus: PCIBus
+    let nics: [VirtioNet]
     let dispatcher = QMPDispatcher()
     let qmp: QMPServer
     private var signalFD: Int32 = -1
@@ -58,16 +60,37 @@ public final class Machine: @unchecked Sendable {
             onInputDrained: { loop.poke() })
 
         let vcpu = try vm.createVCPU(id: 0)
-        try vcpu.setCPUID(try hypervisor.supportedCPUID())
+        try vcpu.setCPUID(try Self.guestCPUID(hypervisor: hypervisor, vcpu: vcpu))
         try Self.loadKernel(config: config, memory: memory, vcpu: vcpu)
+
+        var nics: [VirtioNet] = []
+        var transports: [VirtioPCITransport] = []
+        for (index, device) in config.devices.enumerated() {
+            guard let netdev = config.netdevs.first(where: { $0.id == device.netdev }) else { continue }
+            let backend: TapBackend
+            if let fds = netdev.fds {
+                backend = try TapBackend(id: netdev.id, adopting: fds.map { dup($0) }, vnetHeader: netdev.vnetHeader)
+            } else {
+                backend = try TapBackend(id: netdev.id, ifname: netdev.ifname, queues: netdev.queues, vnetHeader: netdev.vnetHeader)
+            }
+            let mac = device.mac ?? [0x52, 0x54, 0x00, 0x12, 0x34, UInt8(truncatingIfNeeded: 0x56 + index)]
+            let nic = VirtioNet(id: device.id ?? "net\(index)", mac: mac, backend: backend, multiQueue: device.multiQueue, logger: logger)
+            let transport = VirtioPCITransport(name: nic.id, model: nic, memory: memory, logger: logger)
+            nic.transport = transport
+            nics.append(nic)
+            transports.append(transport)
+        }
+        self.nics = nics
+        pciBus = try PCIBus(devices: transports)
 
         // The debug-exit device needs the runner and the runner needs the bus: tie them through a box.
         let exitHandler = GuestExitHandler()
         let bus = try IOBus([
             .init(base: Serial16550.com1, count: 8, device: serial),
             .init(base: DebugExit.port, count: 1, device: DebugExit { exitHandler.handle($0) }),
+            .init(base: PCIBus.configAddressPort, count: 8, device: pciBus),
         ])
-        vcpuRunner = VCPURunner(vcpu: vcpu, bus: bus, logger: logger) { message in
+        vcpuRunner = VCPURunner(vcpu: vcpu, bus: bus, pci: pciBus, logger: logger) { message in
             loop.post { exitHandler.machine?.vcpuFailed(message) }
         }
         qmp = QMPServer(loop: loop, dispatcher: dispatcher,
@@ -96,6 +119,15 @@ public final class Machine: @unchecked Sendable {
         try vcpu.setRegisters(regs)
     }
 
+    /// KVM's CPUID plus the TSC frequency in the hypervisor timing leaf (0x40000010, as
+    /// VMware and QEMU define it), so a guest without a timer device can measure time.
+    static func guestCPUID(hypervisor: Hypervisor, vcpu: VCPU) throws -> CPUIDTable {
+        let table = try hypervisor.supportedCPUID()
+        let khz = cl_ioctl_val(vcpu.fd, CL_KVM_GET_TSC_KHZ, 0)
+        guard khz > 0 else { return table }
+        return table.adding(leaf: 0x4000_0010, eax: UInt32(khz), raisingMaxOf: 0x4000_0000)
+    }
+
     /// Runs until `quit`, a guest exit or a termination signal; returns the exit status.
     public func run() -> Int32 {
         do {
@@ -108,6 +140,7 @@ public final class Machine: @unchecked Sendable {
                     return accepted
                 }
             }
+            for nic in nics { nic.attach(to: loop) { [vcpuRunner] in vcpuRunner.wake() } }
             try vcpuRunner.start()
         } catch {
             logger.error("\(error)")

@@ -27,6 +27,7 @@
 #include <time.h>
 #include <unistd.h>
 #include <linux/kvm.h>
+#include "CLinuxTap.h"
 
 // MARK: ioctl numbers
 
@@ -46,6 +47,7 @@ static const unsigned long CL_KVM_GET_SREGS = KVM_GET_SREGS;
 static const unsigned long CL_KVM_SET_SREGS = KVM_SET_SREGS;
 static const unsigned long CL_KVM_SET_CPUID2 = KVM_SET_CPUID2;
 static const unsigned long CL_KVM_GET_DIRTY_LOG = KVM_GET_DIRTY_LOG;
+static const unsigned long CL_KVM_GET_TSC_KHZ = KVM_GET_TSC_KHZ;
 
 static const int CL_KVM_CAP_USER_MEMORY = KVM_CAP_USER_MEMORY;
 static const int CL_KVM_CAP_IMMEDIATE_EXIT = KVM_CAP_IMMEDIATE_EXIT;
@@ -161,5 +163,42 @@ static inline int cl_wifexited(int status) { return WIFEXITED(status); }
 static inline int cl_wexitstatus(int status) { return WEXITSTATUS(status); }
 static inline int cl_wifsignaled(int status) { return WIFSIGNALED(status); }
 static inline int cl_wtermsig(int status) { return WTERMSIG(status); }
+
+// MARK: TestKit: network namespaces and persistent TAPs
+
+#include <net/if.h>
+#include <sys/mount.h>
+#include <linux/if_tun.h>
+
+// sched.h declares these only with _GNU_SOURCE.
+int unshare(int flags);
+int setns(int fd, int nstype);
+static const int CL_CLONE_NEWNET = 0x40000000;
+static inline int cl_unshare(int flags) { return unshare(flags); }
+static inline int cl_setns(int fd, int nstype) { return setns(fd, nstype); }
+
+/// `mount --bind SOURCE TARGET`, as `ip netns add` pins a namespace to /run/netns/NAME.
+static inline int cl_mount_bind(const char *source, const char *target) {
+    return mount(source, target, "none", MS_BIND, NULL);
+}
+/// `mount --make-rshared TARGET`; `cl_mount_bind_recursive` first when TARGET is no mount point (EINVAL).
+static inline int cl_mount_make_shared(const char *target) {
+    return mount("", target, "none", MS_SHARED | MS_REC, NULL);
+}
+static inline int cl_mount_bind_recursive(const char *source, const char *target) {
+    return mount(source, target, "none", MS_BIND | MS_REC, NULL);
+}
+static inline int cl_umount_detach(const char *target) { return umount2(target, MNT_DETACH); }
+
+static const int CL_IFF_UP = IFF_UP;
+static const int CL_IFF_TAP = IFF_TAP;
+static const int CL_IFF_NO_PI = IFF_NO_PI;
+static const int CL_IFF_VNET_HDR = IFF_VNET_HDR;
+static const int CL_IFF_MULTI_QUEUE = IFF_MULTI_QUEUE;
+static const int CL_IFNAMSIZ = IFNAMSIZ;
+/// TUNSETPERSIST on an attached queue: 1 keeps the device when its last queue closes. 0 or -errno.
+static inline int cl_tun_set_persist(int fd, int persist) {
+    return ioctl(fd, TUNSETPERSIST, (unsigned long)persist) < 0 ? -errno : 0;
+}
 
 #endif

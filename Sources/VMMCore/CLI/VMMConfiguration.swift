@@ -18,6 +18,8 @@ public struct VMMConfiguration: Sendable, Equatable {
     public var noDefaults = false
     public var serial: [ChardevSpec] = []
     public var qmp: [ChardevSpec] = []
+    public var netdevs: [NetdevSpec] = []
+    public var devices: [DeviceSpec] = []
     public var showVersion = false
     public var showHelp = false
     public var debugLog = false
@@ -41,6 +43,8 @@ public struct VMMConfiguration: Sendable, Equatable {
           -append STRING           guest command line
           -serial stdio|file:PATH|unix:PATH[,server=on[,wait=off]]|none
           -qmp unix:PATH[,server=on[,wait=off]]
+          -netdev tap,id=ID[,ifname=NAME][,queues=N][,vnet_hdr=on|off][,fd=N|fds=N:M:...],script=no,downscript=no
+          -device virtio-net-pci,netdev=ID[,id=ID][,mac=MAC][,mq=on|off]
           -S                       stay in 'prelaunch' until QMP 'cont'
           -no-shutdown             on guest poweroff stay in 'shutdown' instead of exiting
           -name NAME, -accel kvm, -enable-kvm, -smp 1, -cpu host, -display none,
@@ -51,7 +55,7 @@ public struct VMMConfiguration: Sendable, Equatable {
     static let options: [String: Bool] = [
         "name": true, "m": true, "kernel": true, "append": true, "serial": true, "qmp": true,
         "object": true, "machine": true, "M": true, "accel": true, "display": true, "smp": true,
-        "cpu": true, "monitor": true,
+        "cpu": true, "monitor": true, "netdev": true, "device": true,
         "S": false, "nodefaults": false, "no-user-config": false, "no-shutdown": false,
         "enable-kvm": false, "nographic": false, "version": false, "help": false, "h": false, "d": false,
     ]
@@ -87,6 +91,8 @@ public struct VMMConfiguration: Sendable, Equatable {
                     default: throw fail("\(raw) \(value): QMP is served on unix sockets only")
                     }
                 case "object": config.memoryBackends.append(try parseObject(value, option: raw))
+                case "netdev": config.netdevs.append(try NetdevSpec.parse(value, option: raw))
+                case "device": config.devices.append(try DeviceSpec.parse(value, option: raw))
                 case "machine", "M": config.machineMemoryBackend = try parseMachine(value, option: raw) ?? config.machineMemoryBackend
                 case "accel":
                     let accel = try KeyValueList(value, option: raw, impliedKey: "accel")
@@ -160,6 +166,15 @@ public struct VMMConfiguration: Sendable, Equatable {
             throw Error("-object: duplicate id '\(backend.id)'")
         }
         if !showHelp && !showVersion && kernel == nil { throw Error("-kernel: a guest kernel is required") }
+        var netdevIDs = Set<String>()
+        for netdev in netdevs where !netdevIDs.insert(netdev.id).inserted {
+            throw Error("-netdev: duplicate id '\(netdev.id)'")
+        }
+        var used = Set<String>()
+        for device in devices {
+            guard netdevIDs.contains(device.netdev) else { throw Error("-device virtio-net-pci: netdev '\(device.netdev)' not found") }
+            guard used.insert(device.netdev).inserted else { throw Error("-device virtio-net-pci: netdev '\(device.netdev)' is already used by another device") }
+        }
         _ = try resolvedMemory()
     }
 

@@ -70,6 +70,20 @@ public final class CPUIDTable {
         return UnsafeMutableBufferPointer(start: base, count: count)
     }
 
+    /// A copy with `leaf` set (added if missing), and the max-leaf entry `base` raised to cover it.
+    public func adding(leaf: UInt32, eax: UInt32, raisingMaxOf base: UInt32) -> CPUIDTable {
+        var list = Array(entries).filter { $0.function != leaf }
+        var entry = kvm_cpuid_entry2()
+        entry.function = leaf
+        entry.eax = eax
+        list.append(entry)
+        let copy = CPUIDTable(capacity: list.count)
+        let out = copy.entries
+        for (i, e) in list.enumerated() { out[i] = e }
+        copy.update(leaf: base) { $0.eax = max($0.eax, leaf) }
+        return copy
+    }
+
     /// Applies `body` to every entry of a leaf (all sub-leaves).
     public func update(leaf: UInt32, _ body: (inout kvm_cpuid_entry2) -> Void) {
         let all = entries

@@ -20,6 +20,7 @@ public final class VCPURunner: @unchecked Sendable {
 
     private let vcpu: VCPU
     private let bus: IOBus
+    private let pci: PCIBus?
     private let logger: Logger
     private let control = ConditionLock(Control())
     private let stopRequested = Atomic<Bool>(true)
@@ -32,9 +33,10 @@ public final class VCPURunner: @unchecked Sendable {
     public let exitCount = Atomic<UInt64>(0)
     public let haltCount = Atomic<UInt64>(0)
 
-    public init(vcpu: VCPU, bus: IOBus, logger: Logger, onFatal: @escaping @Sendable (String) -> Void) {
+    public init(vcpu: VCPU, bus: IOBus, pci: PCIBus?, logger: Logger, onFatal: @escaping @Sendable (String) -> Void) {
         self.vcpu = vcpu
         self.bus = bus
+        self.pci = pci
         self.logger = logger
         self.onFatal = onFatal
     }
@@ -115,9 +117,11 @@ public final class VCPURunner: @unchecked Sendable {
             case .interrupted:
                 continue
             case .mmio(let address, let isWrite, let data):
-                // Nothing is mapped yet: reads see all ones, writes are dropped.
-                if !isWrite { data.initializeMemory(as: UInt8.self, repeating: 0xFF) }
-                logger.debug("unhandled MMIO \(isWrite ? "write" : "read") at 0x\(String(address, radix: 16))")
+                if pci?.handleMMIO(address: address, isWrite: isWrite, data: data) != true {
+                    // Unclaimed: reads see all ones, writes are dropped.
+                    if !isWrite { data.initializeMemory(as: UInt8.self, repeating: 0xFF) }
+                    logger.debug("unhandled MMIO \(isWrite ? "write" : "read") at \(hex(address))")
+                }
             case .shutdown:
                 fatal("guest triple-faulted (KVM_EXIT_SHUTDOWN)")
                 return

@@ -1,0 +1,90 @@
+import Glibc
+
+/// `-netdev tap,...` as QEMU spells it.
+public struct NetdevSpec: Sendable, Equatable {
+    public var id: String
+    public var ifname: String?
+    public var queues: Int
+    public var vnetHeader: Bool?
+    /// Inherited fds (`fd=N` or `fds=N:M:...`), used instead of opening `ifname`.
+    public var fds: [Int32]?
+
+    static let keys: Set<String> = ["type", "id", "ifname", "queues", "script", "downscript", "vnet_hdr", "fd", "fds", "vhost"]
+
+    public static func parse(_ value: String, option: String) throws -> NetdevSpec {
+        let list = try KeyValueList(value, option: option, impliedKey: "type")
+        guard list["type"] == "tap" else {
+            throw VMMConfiguration.Error("\(option) \(value): unsupported netdev type '\(list["type"] ?? "")' (only 'tap')")
+        }
+        try list.checkKeys(keys, context: value)
+        guard let id = list["id"], !id.isEmpty else { throw VMMConfiguration.Error("\(option) \(value): parameter 'id' is missing") }
+        for key in ["script", "downscript"] {
+            if let script = list[key], !["no", ""].contains(script) {
+                throw VMMConfiguration.Error("\(option) \(value): \(key)=\(script) is not supported, use \(key)=no and set the TAP up beforehand")
+            }
+        }
+        if try list.bool("vhost", default: false) {
+            throw VMMConfiguration.Error("\(option) \(value): vhost=on is not supported yet")
+        }
+        var spec = NetdevSpec(id: id, ifname: list["ifname"], queues: 1, vnetHeader: nil, fds: nil)
+        if let queues = list["queues"] {
+            guard let n = Int(queues), n >= 1, n <= 256 else { throw VMMConfiguration.Error("\(option) \(value): queues=\(queues) must be 1..256") }
+            spec.queues = n
+        }
+        if list["vnet_hdr"] != nil { spec.vnetHeader = try list.bool("vnet_hdr", default: true) }
+        if let fd = list["fd"] { spec.fds = try parseFDs(fd, option: option, value: value) }
+        if let fds = list["fds"] {
+            guard spec.fds == nil else { throw VMMConfiguration.Error("\(option) \(value): fd= and fds= exclude each other") }
+            spec.fds = try parseFDs(fds, option: option, value: value)
+        }
+        if let fds = spec.fds {
+            if spec.ifname != nil { throw VMMConfiguration.Error("\(option) \(value): ifname= cannot be combined with fd=/fds=") }
+            if list["queues"] != nil && spec.queues != fds.count {
+                throw VMMConfiguration.Error("\(option) \(value): queues=\(spec.queues) but \(fds.count) fds were given")
+            }
+            spec.queues = fds.count
+        }
+        return spec
+    }
+
+    static func parseFDs(_ text: String, option: String, value: String) throws -> [Int32] {
+        try text.split(separator: ":", omittingEmptySubsequences: false).map { part in
+            guard let fd = Int32(part), fd >= 0 else { throw VMMConfiguration.Error("\(option) \(value): '\(part)' is not a file descriptor number") }
+            guard fcntl(fd, F_GETFD) >= 0 else { throw VMMConfiguration.Error("\(option) \(value): fd \(fd) is not open in this process") }
+            return fd
+        }
+    }
+}
+
+/// `-device virtio-net-pci,netdev=ID,...`.
+public struct DeviceSpec: Sendable, Equatable {
+    public var id: String?
+    public var netdev: String
+    public var mac: [UInt8]?
+    public var multiQueue: Bool
+
+    static let keys: Set<String> = ["driver", "id", "netdev", "mac", "mq", "vectors", "romfile", "addr", "bus"]
+
+    public static func parse(_ value: String, option: String) throws -> DeviceSpec {
+        let list = try KeyValueList(value, option: option, impliedKey: "driver")
+        guard list["driver"] == "virtio-net-pci" else {
+            throw VMMConfiguration.Error("\(option) \(value): unsupported device '\(list["driver"] ?? "")' (only virtio-net-pci)")
+        }
+        try list.checkKeys(keys, context: value)
+        guard let netdev = list["netdev"], !netdev.isEmpty else { throw VMMConfiguration.Error("\(option) \(value): parameter 'netdev' is missing") }
+        var spec = DeviceSpec(id: list["id"], netdev: netdev, mac: nil, multiQueue: try list.bool("mq", default: false))
+        if let mac = list["mac"] {
+            guard let bytes = parseMAC(mac) else { throw VMMConfiguration.Error("\(option) \(value): mac=\(mac) is not a MAC address like 52:54:00:12:34:56") }
+            guard bytes[0] & 1 == 0 else { throw VMMConfiguration.Error("\(option) \(value): mac=\(mac) is a multicast address") }
+            spec.mac = bytes
+        }
+        return spec
+    }
+
+    public static func parseMAC(_ text: String) -> [UInt8]? {
+        let parts = text.split(separator: ":", omittingEmptySubsequences: false)
+        guard parts.count == 6 else { return nil }
+        let bytes = parts.compactMap { $0.count == 2 ? UInt8($0, radix: 16) : nil }
+        return bytes.count == 6 ? bytes : nil
+    }
+}

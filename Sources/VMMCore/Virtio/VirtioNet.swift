@@ -1,0 +1,244 @@
+import CLinux
+import Glibc
+import Logging
+import Synchronization
+
+/// virtio-net (virtio 1.x, 5.1) over a TAP backend: queue pair i uses TAP queue i.
+/// TX runs on the vCPU thread when the guest notifies; RX runs on the event loop when
+/// a TAP queue is readable and its RX queue has buffers. Nothing raises interrupts
+/// (this host cannot deliver them): the guest polls its used rings, and the VMM wakes
+/// a halted vCPU after it delivered packets.
+public final class VirtioNet: VirtioDeviceModel, @unchecked Sendable {
+    public enum Feature {
+        public static let mac: UInt64 = 1 << 5
+        public static let status: UInt64 = 1 << 16
+        public static let controlQueue: UInt64 = 1 << 17
+        public static let multiQueue: UInt64 = 1 << 22
+    }
+
+    static let queueSize: UInt16 = 256
+    static let maxFrame = 65550
+
+    public let id: String
+    public let mac: [UInt8]
+    public let maxQueuePairs: Int
+    public let multiQueue: Bool
+    let backend: TapBackend
+    let logger: Logger
+    /// Set after the transport exists (it needs this model first).
+    weak var transport: VirtioPCITransport?
+    private var loop: EventLoop?
+    private var wakeGuest: (@Sendable () -> Void)?
+
+    struct Counters {
+        var rxPackets: [UInt64]
+        var txPackets: [UInt64]
+        var txDropped: UInt64 = 0
+        var rxDropped: UInt64 = 0
+    }
+
+    private let activePairs = Atomic<Int>(0)
+    /// Per RX queue: the guest has posted buffers we have not filled (so poll its TAP fd).
+    private let rxHasBuffers: Mutex<[Bool]>
+    let counters: Mutex<Counters>
+
+    public init(id: String, mac: [UInt8], backend: TapBackend, multiQueue: Bool, logger: Logger) {
+        self.id = id
+        self.mac = mac
+        self.backend = backend
+        self.multiQueue = multiQueue
+        self.logger = logger
+        maxQueuePairs = multiQueue ? backend.queueFDs.count : 1
+        rxHasBuffers = Mutex(Array(repeating: false, count: maxQueuePairs))
+        counters = Mutex(Counters(rxPackets: Array(repeating: 0, count: maxQueuePairs), txPackets: Array(repeating: 0, count: maxQueuePairs)))
+    }
+
+    public var deviceType: UInt16 { 1 }
+    public var pciClass: UInt32 { 0x02_00_00 }
+    public var deviceFeatures: UInt64 {
+        var features = Feature.mac | Feature.status | Feature.controlQueue
+        if multiQueue && maxQueuePairs > 1 { features |= Feature.multiQueue }
+        return features
+    }
+    public var queueMaxSizes: [UInt16] { Array(repeating: Self.queueSize, count: 2 * maxQueuePairs + 1) }
+    var controlQueueIndex: Int { 2 * maxQueuePairs }
+
+    public func readConfig(offset: Int, size: Int) -> UInt32 {
+        var bytes = mac + le16(1) + le16(UInt16(maxQueuePairs)) + le16(1500)
+        bytes += [UInt8](repeating: 0, count: 16)
+        guard offset >= 0, offset + size <= bytes.count else { return 0 }
+        var value: UInt32 = 0
+        for i in 0..<size { value |= UInt32(bytes[offset + i]) << (8 * i) }
+        return value
+    }
+
+    public func writeConfig(offset: Int, size: Int, value: UInt32) {}
+
+    /// Starts RX polling on `loop`; `wake` rouses a halted vCPU after RX.
+    func attach(to loop: EventLoop, wake: @escaping @Sendable () -> Void) {
+        self.loop = loop
+        wakeGuest = wake
+        for (pair, fd) in backend.queueFDs.prefix(maxQueuePairs).enumerated() {
+            loop.watch(fd, interest: { [unowned self] in
+                pair < activePairs.load(ordering: .relaxed) && rxHasBuffers.withLock { $0[pair] } ? Int16(POLLIN) : 0
+            }) { [unowned self] _ in receive(pair: pair) }
+        }
+    }
+
+    func detach() {
+        for fd in backend.queueFDs { loop?.unwatch(fd) }
+    }
+
+    public func activate(features: UInt64) {
+        setActivePairs(1)
+        rxHasBuffers.withLock { $0 = $0.map { _ in true } }
+        loop?.poke()
+    }
+
+    public func reset() {
+        activePairs.store(0, ordering: .relaxed)
+        rxHasBuffers.withLock { $0 = $0.map { _ in false } }
+        loop?.poke()
+    }
+
+    private func setActivePairs(_ count: Int) {
+        activePairs.store(count, ordering: .relaxed)
+        backend.attachQueues(count: count)
+    }
+
+    public func queueNotified(_ index: Int) {
+        if index == controlQueueIndex {
+            processControlQueue()
+        } else if index % 2 == 1 {
+            transmit(pair: index / 2)
+        } else if index / 2 < maxQueuePairs {
+            // New RX buffers: let the loop poll this pair's TAP queue again.
+            rxHasBuffers.withLock { $0[index / 2] = true }
+            loop?.poke()
+        }
+    }
+
+    // MARK: TX (vCPU thread)
+
+    private func transmit(pair: Int) {
+        guard let transport, pair < activePairs.load(ordering: .relaxed) else { return }
+        let fd = backend.queueFDs[pair]
+        let memory = transport.memory
+        var sent: UInt64 = 0
+        var dropped: UInt64 = 0
+        _ = transport.withQueue(2 * pair + 1) { queue in
+            while let chain = try queue.popAvailable(from: memory) {
+                var iov: [iovec] = []
+                var skip = backend.vnetHeader ? 0 : TapBackend.vnetHeaderSize
+                for segment in chain.readable {
+                    var buffer = try memory.slice(at: segment.address, count: Int(segment.length))
+                    if skip > 0 {
+                        let cut = min(skip, buffer.count)
+                        buffer = UnsafeMutableRawBufferPointer(rebasing: buffer[cut...])
+                        skip -= cut
+                    }
+                    if buffer.count > 0 { iov.append(iovec(iov_base: buffer.baseAddress, iov_len: buffer.count)) }
+                }
+                let n = iov.isEmpty ? 0 : writev(fd, iov, Int32(iov.count))
+                if n < 0 { dropped += 1 } else { sent += 1 }
+                try queue.pushUsed(head: chain.head, length: 0, to: memory)
+            }
+        }
+        counters.withLock { c in
+            c.txPackets[pair] += sent
+            c.txDropped += dropped
+        }
+    }
+
+    // MARK: RX (event loop)
+
+    private func receive(pair: Int) {
+        guard let transport else { return }
+        let fd = backend.queueFDs[pair]
+        let memory = transport.memory
+        let headerInline = backend.vnetHeader
+        var delivered: UInt64 = 0
+        let outcome: Bool? = transport.withQueue(2 * pair) { queue in
+            while true {
+                guard let chain = try queue.popAvailable(from: memory) else { return false }
+                var iov: [iovec] = []
+                var skip = headerInline ? 0 : TapBackend.vnetHeaderSize
+                var headerSlices: [UnsafeMutableRawBufferPointer] = []
+                for segment in chain.writable {
+                    var buffer = try memory.slice(at: segment.address, count: Int(segment.length))
+                    if skip > 0 {
+                        let cut = min(skip, buffer.count)
+                        headerSlices.append(UnsafeMutableRawBufferPointer(rebasing: buffer[..<cut]))
+                        buffer = UnsafeMutableRawBufferPointer(rebasing: buffer[cut...])
+                        skip -= cut
+                    }
+                    if buffer.count > 0 { iov.append(iovec(iov_base: buffer.baseAddress, iov_len: buffer.count)) }
+                }
+                guard chain.writableLength >= TapBackend.vnetHeaderSize, !iov.isEmpty else {
+                    throw VirtqueueError(description: "RX buffer of \(chain.writableLength) bytes cannot hold the \(TapBackend.vnetHeaderSize)-byte header and a frame")
+                }
+                let n = readv(fd, iov, Int32(iov.count))
+                if n < 0 {
+                    // Nothing to read: give the chain back untouched for the next packet.
+                    queue.lastAvailable &-= 1
+                    return true
+                }
+                for slice in headerSlices { slice.initializeMemory(as: UInt8.self, repeating: 0) }
+                if !headerInline, let first = headerSlices.first, first.count >= 12 {
+                    first.storeBytes(of: UInt16(1).littleEndian, toByteOffset: 10, as: UInt16.self)  // num_buffers
+                }
+                try queue.pushUsed(head: chain.head, length: UInt32(n + (headerInline ? 0 : TapBackend.vnetHeaderSize)), to: memory)
+                delivered += 1
+            }
+        }
+        if outcome != true {
+            // Out of buffers (or the queue is unusable): stop polling until the guest posts
+            // more. Re-check after clearing: a notify that raced with us set the flag first.
+            rxHasBuffers.withLock { $0[pair] = false }
+            if transport.withQueue(2 * pair, { try $0.hasAvailable(in: memory) }) == true {
+                rxHasBuffers.withLock { $0[pair] = true }
+            }
+        }
+        if delivered > 0 {
+            counters.withLock { $0.rxPackets[pair] += delivered }
+            wakeGuest?()
+        }
+    }
+
+    // MARK: control queue (vCPU thread)
+
+    static let controlClassMQ: UInt8 = 4
+    static let controlMQPairsSet: UInt8 = 0
+
+    private func processControlQueue() {
+        guard let transport else { return }
+        let memory = transport.memory
+        _ = transport.withQueue(controlQueueIndex) { queue in
+            while let chain = try queue.popAvailable(from: memory) {
+                var request: [UInt8] = []
+                for segment in chain.readable { request += try memory.read(at: segment.address, count: Int(segment.length)) }
+                guard let ack = chain.writable.first, request.count >= 2 else {
+                    throw VirtqueueError(description: "control request without header or ack buffer")
+                }
+                var status: UInt8 = 1
+                if request[0] == Self.controlClassMQ && request[1] == Self.controlMQPairsSet && request.count >= 4 {
+                    let pairs = Int(UInt16(request[2]) | UInt16(request[3]) << 8)
+                    if pairs >= 1 && pairs <= maxQueuePairs && transport.negotiatedFeatures & Feature.multiQueue != 0 {
+                        setActivePairs(pairs)
+                        status = 0
+                        logger.debug("\(id): \(pairs) queue pairs active")
+                    }
+                } else if request[0] == 0 {
+                    status = 0  // RX mode (promiscuous, all-multicast): a TAP delivers everything anyway.
+                }
+                try memory.store(status, at: ack.address)
+                try queue.pushUsed(head: chain.head, length: 1, to: memory)
+            }
+        }
+        loop?.poke()
+    }
+
+    /// Per-queue packet counts, for queries.
+    public var statistics: (rx: [UInt64], tx: [UInt64]) { counters.withLock { ($0.rxPackets, $0.txPackets) } }
+    public var queuePairsInUse: Int { activePairs.load(ordering: .relaxed) }
+}

@@ -1,0 +1,276 @@
+import Logging
+import Synchronization
+
+/// What a virtio device type (net, ...) provides to the PCI transport.
+public protocol VirtioDeviceModel: AnyObject, Sendable {
+    /// Virtio device ID (1 = network card); the PCI device ID is 0x1040 + this.
+    var deviceType: UInt16 { get }
+    var pciClass: UInt32 { get }
+    var deviceFeatures: UInt64 { get }
+    /// One entry per virtqueue: its maximum size.
+    var queueMaxSizes: [UInt16] { get }
+    func readConfig(offset: Int, size: Int) -> UInt32
+    func writeConfig(offset: Int, size: Int, value: UInt32)
+    /// The driver set DRIVER_OK with these negotiated features.
+    func activate(features: UInt64)
+    /// The driver notified queue `index` (vCPU thread, transport lock not held).
+    func queueNotified(_ index: Int)
+    /// The driver reset the device; stop using its queues.
+    func reset()
+}
+
+/// Virtio over PCI, modern interface only (virtio 1.x, 4.1): one 32 KiB memory BAR
+/// holding the common, ISR, device and notify structures and the MSI-X table.
+public final class VirtioPCITransport: PCIDevice {
+    public static let featureVersion1: UInt64 = 1 << 32
+
+    static let barSize: UInt32 = 0x8000
+    static let commonOffset: UInt64 = 0x0000
+    static let isrOffset: UInt64 = 0x1000
+    static let deviceOffset: UInt64 = 0x2000
+    static let notifyOffset: UInt64 = 0x3000
+    static let notifyMultiplier: UInt32 = 4
+    static let msixTableOffset: UInt64 = 0x4000
+    static let msixPBAOffset: UInt64 = 0x5000
+
+    public enum Status {
+        public static let acknowledge: UInt8 = 1
+        public static let driver: UInt8 = 2
+        public static let driverOK: UInt8 = 4
+        public static let featuresOK: UInt8 = 8
+        public static let needsReset: UInt8 = 0x40
+        public static let failed: UInt8 = 0x80
+    }
+
+    struct State {
+        var config: PCIConfigSpace
+        var deviceFeatureSelect: UInt32 = 0
+        var driverFeatureSelect: UInt32 = 0
+        var driverFeatures: UInt64 = 0
+        var status: UInt8 = 0
+        var configGeneration: UInt8 = 0
+        var queueSelect: UInt16 = 0
+        var queues: [Virtqueue]
+        var msixConfigVector: UInt16 = 0xFFFF
+        var queueVectors: [UInt16]
+        var msixTable: [UInt8]
+        var errorLogged = false
+    }
+
+    public let name: String
+    public let memory: GuestMemory
+    public let model: VirtioDeviceModel
+    let logger: Logger
+    private let state: Mutex<State>
+    let msixVectors: Int
+
+    public init(name: String, model: VirtioDeviceModel, memory: GuestMemory, logger: Logger) {
+        self.name = name
+        self.model = model
+        self.memory = memory
+        self.logger = logger
+        let queueCount = model.queueMaxSizes.count
+        msixVectors = queueCount + 1
+        var config = PCIConfigSpace(vendor: 0x1AF4, device: 0x1040 + model.deviceType, classCode: model.pciClass,
+                                    revision: 1, subsystemVendor: 0x1AF4, subsystem: 0x1100)
+        config.addBAR(0, size: Self.barSize)
+        func virtioCap(_ type: UInt8, offset: UInt64, length: UInt32, extra: [UInt8] = []) -> [UInt8] {
+            let capLength = UInt8(16 + extra.count)
+            return [capLength, type, 0, 0, 0, 0] + le32(UInt32(offset)) + le32(length) + extra
+        }
+        config.addCapability(id: 0x09, body: virtioCap(1, offset: Self.commonOffset, length: 0x38))
+        config.addCapability(id: 0x09, body: virtioCap(2, offset: Self.notifyOffset, length: UInt32(queueCount) * Self.notifyMultiplier,
+                                                      extra: le32(Self.notifyMultiplier)))
+        config.addCapability(id: 0x09, body: virtioCap(3, offset: Self.isrOffset, length: 1))
+        config.addCapability(id: 0x09, body: virtioCap(4, offset: Self.deviceOffset, length: 0x100))
+        // MSI-X: stored so a guest can program it; this host cannot deliver interrupts.
+        config.addCapability(id: 0x11, body: le16(UInt16(msixVectors - 1)) + le32(UInt32(Self.msixTableOffset)) + le32(UInt32(Self.msixPBAOffset)),
+                             writableBody: [0x00, 0xC0])
+        state = Mutex(State(config: config, queues: model.queueMaxSizes.map { Virtqueue(maxSize: $0) },
+                            queueVectors: Array(repeating: 0xFFFF, count: queueCount),
+                            msixTable: [UInt8](repeating: 0, count: 16 * msixVectors)))
+    }
+
+    public var configSpace: PCIConfigSpace { state.withLock { $0.config } }
+    public var status: UInt8 { state.withLock { $0.status } }
+    public var negotiatedFeatures: UInt64 { state.withLock { $0.driverFeatures } }
+
+    public func configRead(offset: Int, size: Int) -> UInt32 { state.withLock { $0.config.read(offset: offset, size: size) } }
+    public func configWrite(offset: Int, size: Int, value: UInt32) {
+        state.withLock { _ = $0.config.write(offset: offset, size: size, value: value) }
+    }
+
+    /// Runs `body` on queue `index` under the transport lock; any error marks the device
+    /// NEEDS_RESET (logged once) and the queue is not touched again until reset.
+    public func withQueue<R>(_ index: Int, _ body: (inout Virtqueue) throws -> R) -> R? {
+        var failure: String?
+        let result: R? = state.withLock { s in
+            guard index < s.queues.count, s.status & Status.driverOK != 0, s.status & Status.needsReset == 0,
+                  s.queues[index].ready else { return nil }
+            do {
+                return try body(&s.queues[index])
+            } catch {
+                s.status |= Status.needsReset
+                s.configGeneration &+= 1
+                if !s.errorLogged {
+                    s.errorLogged = true
+                    failure = "queue \(index): \(error)"
+                }
+                return nil
+            }
+        }
+        if let failure { logger.error("\(name): device needs reset: \(failure)") }
+        return result
+    }
+
+    // MARK: BAR access
+
+    public func barRead(_ bar: Int, offset: UInt64, into data: UnsafeMutableRawBufferPointer) {
+        let size = data.count
+        var value: UInt64 = 0
+        switch offset {
+        case Self.commonOffset..<Self.commonOffset + 0x38:
+            value = UInt64(state.withLock { readCommon(&$0, offset: Int(offset - Self.commonOffset), size: size) })
+        case Self.isrOffset:
+            value = 0  // no interrupt is ever raised
+        case Self.deviceOffset..<Self.deviceOffset + 0x100:
+            value = UInt64(model.readConfig(offset: Int(offset - Self.deviceOffset), size: size))
+        case Self.msixTableOffset..<Self.msixTableOffset + UInt64(16 * msixVectors):
+            let start = Int(offset - Self.msixTableOffset)
+            value = state.withLock { s in
+                var v: UInt64 = 0
+                for i in 0..<size where start + i < s.msixTable.count { v |= UInt64(s.msixTable[start + i]) << (8 * i) }
+                return v
+            }
+        default:
+            value = 0
+        }
+        for i in 0..<size { data[i] = UInt8(truncatingIfNeeded: value >> (8 * i)) }
+    }
+
+    public func barWrite(_ bar: Int, offset: UInt64, from data: UnsafeRawBufferPointer) {
+        var value: UInt64 = 0
+        for i in 0..<data.count { value |= UInt64(data[i]) << (8 * i) }
+        switch offset {
+        case Self.commonOffset..<Self.commonOffset + 0x38:
+            let effect = state.withLock { writeCommon(&$0, offset: Int(offset - Self.commonOffset), size: data.count, value: value) }
+            switch effect {
+            case .none: break
+            case .reset:
+                model.reset()
+            case .activate(let features):
+                model.activate(features: features)
+            }
+        case Self.notifyOffset..<Self.notifyOffset + UInt64(model.queueMaxSizes.count) * UInt64(Self.notifyMultiplier):
+            model.queueNotified(Int((offset - Self.notifyOffset) / UInt64(Self.notifyMultiplier)))
+        case Self.deviceOffset..<Self.deviceOffset + 0x100:
+            model.writeConfig(offset: Int(offset - Self.deviceOffset), size: data.count, value: UInt32(truncatingIfNeeded: value))
+        case Self.msixTableOffset..<Self.msixTableOffset + UInt64(16 * msixVectors):
+            let start = Int(offset - Self.msixTableOffset)
+            state.withLock { s in
+                for i in 0..<data.count where start + i < s.msixTable.count { s.msixTable[start + i] = data[i] }
+            }
+        default:
+            break
+        }
+    }
+
+    enum Effect { case none, reset, activate(UInt64) }
+
+    private func readCommon(_ s: inout State, offset: Int, size: Int) -> UInt32 {
+        let q = Int(s.queueSelect)
+        let queue = q < s.queues.count ? s.queues[q] : nil
+        switch offset {
+        case 0x00: return s.deviceFeatureSelect
+        case 0x04:
+            let features = model.deviceFeatures | Self.featureVersion1
+            return s.deviceFeatureSelect < 2 ? UInt32(truncatingIfNeeded: features >> (32 * UInt64(s.deviceFeatureSelect))) : 0
+        case 0x08: return s.driverFeatureSelect
+        case 0x0C: return s.driverFeatureSelect < 2 ? UInt32(truncatingIfNeeded: s.driverFeatures >> (32 * UInt64(s.driverFeatureSelect))) : 0
+        case 0x10: return UInt32(s.msixConfigVector)
+        case 0x12: return UInt32(s.queues.count)
+        case 0x14: return UInt32(s.status)
+        case 0x15: return UInt32(s.configGeneration)
+        case 0x16: return UInt32(s.queueSelect)
+        case 0x18: return UInt32(queue?.size ?? 0)
+        case 0x1A: return q < s.queueVectors.count ? UInt32(s.queueVectors[q]) : 0xFFFF
+        case 0x1C: return queue?.ready == true ? 1 : 0
+        case 0x1E: return UInt32(q)
+        case 0x20: return UInt32(truncatingIfNeeded: queue?.descriptorTable ?? 0)
+        case 0x24: return UInt32(truncatingIfNeeded: (queue?.descriptorTable ?? 0) >> 32)
+        case 0x28: return UInt32(truncatingIfNeeded: queue?.driverArea ?? 0)
+        case 0x2C: return UInt32(truncatingIfNeeded: (queue?.driverArea ?? 0) >> 32)
+        case 0x30: return UInt32(truncatingIfNeeded: queue?.deviceArea ?? 0)
+        case 0x34: return UInt32(truncatingIfNeeded: (queue?.deviceArea ?? 0) >> 32)
+        default: return 0
+        }
+    }
+
+    private func writeCommon(_ s: inout State, offset: Int, size: Int, value: UInt64) -> Effect {
+        let v32 = UInt32(truncatingIfNeeded: value)
+        let q = Int(s.queueSelect)
+        let hasQueue = q < s.queues.count
+        func setLow(_ field: inout UInt64) { field = (field & 0xFFFF_FFFF_0000_0000) | UInt64(v32) }
+        func setHigh(_ field: inout UInt64) { field = (field & 0xFFFF_FFFF) | UInt64(v32) << 32 }
+        // Queue layout may only change while the queue is disabled (spec 4.1.4.3.2).
+        let layoutWritable = hasQueue && !s.queues[q].ready
+        switch offset {
+        case 0x00: s.deviceFeatureSelect = v32
+        case 0x08: s.driverFeatureSelect = v32
+        case 0x0C:
+            guard s.status & Status.featuresOK == 0, s.driverFeatureSelect < 2 else { break }
+            let shift = UInt64(32 * s.driverFeatureSelect)
+            s.driverFeatures = (s.driverFeatures & ~(0xFFFF_FFFF << shift)) | UInt64(v32) << shift
+        case 0x10: s.msixConfigVector = UInt16(truncatingIfNeeded: value)
+        case 0x14:
+            let newStatus = UInt8(truncatingIfNeeded: value)
+            if newStatus == 0 {
+                s.status = 0
+                s.driverFeatures = 0
+                s.queueSelect = 0
+                s.errorLogged = false
+                for i in s.queues.indices { s.queues[i].reset() }
+                s.queueVectors = s.queueVectors.map { _ in 0xFFFF }
+                return .reset
+            }
+            var accepted = newStatus
+            if newStatus & Status.featuresOK != 0 && s.status & Status.featuresOK == 0 {
+                let offered = model.deviceFeatures | Self.featureVersion1
+                if s.driverFeatures & ~offered != 0 || s.driverFeatures & Self.featureVersion1 == 0 {
+                    accepted &= ~Status.featuresOK  // the driver reads it back and gives up
+                    logger.warning("\(name): driver features \(hex(s.driverFeatures)) not a subset of \(hex(offered)) or lack VERSION_1")
+                }
+            }
+            let activating = accepted & Status.driverOK != 0 && s.status & Status.driverOK == 0
+            s.status = accepted | (s.status & Status.needsReset)
+            if activating {
+                for i in s.queues.indices where s.queues[i].ready {
+                    do {
+                        try s.queues[i].validateLayout(in: memory)
+                    } catch {
+                        s.status |= Status.needsReset
+                        logger.error("\(name): queue \(i): \(error)")
+                        return .none
+                    }
+                }
+                return .activate(s.driverFeatures)
+            }
+        case 0x16: s.queueSelect = UInt16(truncatingIfNeeded: value)
+        case 0x18:
+            if layoutWritable { s.queues[q].size = UInt16(truncatingIfNeeded: value) }
+        case 0x1A: if hasQueue { s.queueVectors[q] = UInt16(truncatingIfNeeded: value) }
+        case 0x1C: if hasQueue && value & 1 == 1 { s.queues[q].ready = true }
+        case 0x20 where layoutWritable: size == 8 ? (s.queues[q].descriptorTable = value) : setLow(&s.queues[q].descriptorTable)
+        case 0x24 where layoutWritable: setHigh(&s.queues[q].descriptorTable)
+        case 0x28 where layoutWritable: size == 8 ? (s.queues[q].driverArea = value) : setLow(&s.queues[q].driverArea)
+        case 0x2C where layoutWritable: setHigh(&s.queues[q].driverArea)
+        case 0x30 where layoutWritable: size == 8 ? (s.queues[q].deviceArea = value) : setLow(&s.queues[q].deviceArea)
+        case 0x34 where layoutWritable: setHigh(&s.queues[q].deviceArea)
+        default: break
+        }
+        return .none
+    }
+}
+
+func le16(_ v: UInt16) -> [UInt8] { [UInt8(truncatingIfNeeded: v), UInt8(truncatingIfNeeded: v >> 8)] }
+func le32(_ v: UInt32) -> [UInt8] { le16(UInt16(truncatingIfNeeded: v)) + le16(UInt16(truncatingIfNeeded: v >> 16)) }

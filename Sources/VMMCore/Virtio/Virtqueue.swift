@@ -1,0 +1,173 @@
+/// Why a virtqueue cannot be used; the device then needs a reset (virtio 1.x NEEDS_RESET).
+public struct VirtqueueError: Error, CustomStringConvertible, Sendable, Equatable {
+    public let description: String
+}
+
+/// A split virtqueue (virtio 1.x, 2.7) living in guest memory. Every index, address and
+/// length the guest supplies is checked before use: a hostile or buggy guest gets an
+/// error, never an out-of-bounds access or an endless loop.
+public struct Virtqueue: Sendable {
+    public static let descriptorNext: UInt16 = 1
+    public static let descriptorWrite: UInt16 = 2
+    public static let descriptorIndirect: UInt16 = 4
+
+    /// One guest buffer of a chain.
+    public struct Segment: Sendable, Equatable {
+        public var address: UInt64
+        public var length: UInt32
+    }
+
+    /// A descriptor chain taken from the available ring: the device reads `readable`
+    /// (driver to device) and fills `writable` (device to driver).
+    public struct Chain: Sendable, Equatable {
+        public var head: UInt16
+        public var readable: [Segment] = []
+        public var writable: [Segment] = []
+        public var writableLength: Int { writable.reduce(0) { $0 + Int($1.length) } }
+        public var readableLength: Int { readable.reduce(0) { $0 + Int($1.length) } }
+    }
+
+    public let maxSize: UInt16
+    public var size: UInt16
+    public var ready = false
+    public var descriptorTable: UInt64 = 0
+    public var driverArea: UInt64 = 0
+    public var deviceArea: UInt64 = 0
+    /// The next available-ring entry the device will take.
+    public var lastAvailable: UInt16 = 0
+    /// The next used-ring index the device will publish.
+    public var usedIndex: UInt16 = 0
+
+    public init(maxSize: UInt16) {
+        self.maxSize = maxSize
+        size = maxSize
+    }
+
+    public mutating func reset() {
+        self = Virtqueue(maxSize: maxSize)
+    }
+
+    /// Whether the driver has made buffers available that the device has not taken.
+    public func hasAvailable(in memory: GuestMemory) throws -> Bool {
+        try availableIndex(memory) != lastAvailable
+    }
+
+    func availableIndex(_ memory: GuestMemory) throws -> UInt16 {
+        do {
+            return try memory.load(UInt16.self, at: driverArea + 2)
+        } catch {
+            throw VirtqueueError(description: "available ring at \(hex(driverArea)) is outside guest RAM")
+        }
+    }
+
+    /// Takes the next available chain, or nil when the ring is empty.
+    public mutating func popAvailable(from memory: GuestMemory) throws -> Chain? {
+        guard ready else { return nil }
+        let available = try availableIndex(memory)
+        let pending = available &- lastAvailable
+        guard pending != 0 else { return nil }
+        guard pending <= size else {
+            throw VirtqueueError(description: "available index \(available) is \(pending) entries ahead of \(lastAvailable), more than the queue size \(size)")
+        }
+        let slot = UInt64(lastAvailable % size)
+        let head: UInt16
+        do {
+            head = try memory.load(UInt16.self, at: driverArea + 4 + 2 * slot)
+        } catch {
+            throw VirtqueueError(description: "available ring entry \(slot) is outside guest RAM")
+        }
+        let chain = try walkChain(head: head, memory: memory)
+        lastAvailable &+= 1
+        return chain
+    }
+
+    func walkChain(head: UInt16, memory: GuestMemory) throws -> Chain {
+        var chain = Chain(head: head)
+        var table = descriptorTable
+        var tableSize = size
+        var index = head
+        var visited = 0
+        var inIndirect = false
+        while true {
+            guard index < tableSize else {
+                throw VirtqueueError(description: "descriptor index \(index) out of range (table size \(tableSize))")
+            }
+            visited += 1
+            guard visited <= Int(tableSize) else {
+                throw VirtqueueError(description: "descriptor chain from head \(head) loops or is longer than \(tableSize)")
+            }
+            let entry = table + 16 * UInt64(index)
+            let address: UInt64, length: UInt32, flags: UInt16, next: UInt16
+            do {
+                address = try memory.load(UInt64.self, at: entry)
+                length = try memory.load(UInt32.self, at: entry + 8)
+                flags = try memory.load(UInt16.self, at: entry + 12)
+                next = try memory.load(UInt16.self, at: entry + 14)
+            } catch {
+                throw VirtqueueError(description: "descriptor \(index) at \(hex(entry)) is outside guest RAM")
+            }
+            if flags & Self.descriptorIndirect != 0 {
+                guard !inIndirect else { throw VirtqueueError(description: "nested indirect descriptor table at \(hex(address))") }
+                guard length % 16 == 0, length > 0, length / 16 <= 0xFFFF else {
+                    throw VirtqueueError(description: "indirect table length \(length) is not a positive multiple of 16")
+                }
+                inIndirect = true
+                table = address
+                tableSize = UInt16(length / 16)
+                index = 0
+                visited = 0
+                continue
+            }
+            do {
+                _ = try memory.slice(at: address, count: Int(length))
+            } catch {
+                throw VirtqueueError(description: "descriptor \(index) buffer \(hex(address))+\(length) is outside guest RAM")
+            }
+            let segment = Segment(address: address, length: length)
+            if flags & Self.descriptorWrite != 0 {
+                chain.writable.append(segment)
+            } else {
+                guard chain.writable.isEmpty else {
+                    throw VirtqueueError(description: "descriptor \(index) is device-readable after a device-writable one")
+                }
+                chain.readable.append(segment)
+            }
+            guard flags & Self.descriptorNext != 0 else { return chain }
+            index = next
+        }
+    }
+
+    /// Returns a chain to the driver with `length` bytes written into its writable part.
+    public mutating func pushUsed(head: UInt16, length: UInt32, to memory: GuestMemory) throws {
+        let slot = UInt64(usedIndex % size)
+        do {
+            try memory.store(UInt32(head), at: deviceArea + 4 + 8 * slot)
+            try memory.store(length, at: deviceArea + 8 + 8 * slot)
+            usedIndex &+= 1
+            // x86 keeps stores in order, so the entry is visible before the index.
+            try memory.store(usedIndex, at: deviceArea + 2)
+        } catch {
+            throw VirtqueueError(description: "used ring at \(hex(deviceArea)) is outside guest RAM")
+        }
+    }
+
+    /// Checks the rings' placement when the driver enables the queue.
+    public func validateLayout(in memory: GuestMemory) throws {
+        guard size > 0, size <= maxSize, size & (size - 1) == 0 else {
+            throw VirtqueueError(description: "queue size \(size) must be a power of two no larger than \(maxSize)")
+        }
+        let areas: [(String, UInt64, Int, UInt64)] = [
+            ("descriptor table", descriptorTable, 16 * Int(size), 16),
+            ("available ring", driverArea, 6 + 2 * Int(size), 2),
+            ("used ring", deviceArea, 6 + 8 * Int(size), 4),
+        ]
+        for (name, address, length, alignment) in areas {
+            guard address % alignment == 0 else { throw VirtqueueError(description: "\(name) at \(hex(address)) is not \(alignment)-byte aligned") }
+            do {
+                _ = try memory.slice(at: address, count: length)
+            } catch {
+                throw VirtqueueError(description: "\(name) at \(hex(address))+\(length) is outside guest RAM")
+            }
+        }
+    }
+}
