@@ -30,7 +30,10 @@ public final class Machine: @unchecked Sendable {
     let serialBackends: [SerialBackend]
     let vcpuRunner: VCPURunner
     let pciBus: PCIBus
-    let nics: [VirtioNet]
+    var netdevs: [String: TapBackend] = [:]
+    var nics: [VirtioNet] = []
+    /// fds named by QMP `getfd`, owned here until a netdev claims them.
+    var namedFDs: [String: Int32] = [:]
     let dispatcher = QMPDispatcher()
     let qmp: QMPServer
     private var signalFD: Int32 = -1
@@ -63,25 +66,7 @@ public final class Machine: @unchecked Sendable {
         try vcpu.setCPUID(try Self.guestCPUID(hypervisor: hypervisor, vcpu: vcpu))
         try Self.loadKernel(config: config, memory: memory, vcpu: vcpu)
 
-        var nics: [VirtioNet] = []
-        var transports: [VirtioPCITransport] = []
-        for (index, device) in config.devices.enumerated() {
-            guard let netdev = config.netdevs.first(where: { $0.id == device.netdev }) else { continue }
-            let backend: TapBackend
-            if let fds = netdev.fds {
-                backend = try TapBackend(id: netdev.id, adopting: fds.map { dup($0) }, vnetHeader: netdev.vnetHeader)
-            } else {
-                backend = try TapBackend(id: netdev.id, ifname: netdev.ifname, queues: netdev.queues, vnetHeader: netdev.vnetHeader)
-            }
-            let mac = device.mac ?? [0x52, 0x54, 0x00, 0x12, 0x34, UInt8(truncatingIfNeeded: 0x56 + index)]
-            let nic = VirtioNet(id: device.id ?? "net\(index)", mac: mac, backend: backend, multiQueue: device.multiQueue, logger: logger)
-            let transport = VirtioPCITransport(name: nic.id, model: nic, memory: memory, logger: logger)
-            nic.transport = transport
-            nics.append(nic)
-            transports.append(transport)
-        }
-        self.nics = nics
-        pciBus = try PCIBus(devices: transports)
+        pciBus = try PCIBus()
 
         // The debug-exit device needs the runner and the runner needs the bus: tie them through a box.
         let exitHandler = GuestExitHandler()
@@ -100,7 +85,10 @@ public final class Machine: @unchecked Sendable {
         runState = config.startPaused ? .prelaunch : .running
         exitHandler.machine = self
         exitHandler.loop = loop
+        for netdev in config.netdevs { try addNetdev(netdev) }
+        for device in config.devices { try addNIC(device) }
         registerCommands()
+        registerNetworkCommands()
     }
 
     static func loadKernel(config: VMMConfiguration, memory: GuestMemory, vcpu: VCPU) throws {
@@ -140,7 +128,7 @@ public final class Machine: @unchecked Sendable {
                     return accepted
                 }
             }
-            for nic in nics { nic.attach(to: loop) { [vcpuRunner] in vcpuRunner.wake() } }
+            for nic in nics { attach(nic) }
             try vcpuRunner.start()
         } catch {
             logger.error("\(error)")
@@ -157,6 +145,9 @@ public final class Machine: @unchecked Sendable {
         vcpuRunner.terminate()
         qmp.close()
         for backend in serialBackends { backend.close() }
+        for nic in nics { nic.detach() }
+        for fd in namedFDs.values { close(fd) }
+        namedFDs.removeAll()
         if signalFD >= 0 { close(signalFD) }
         signalFD = -1
     }

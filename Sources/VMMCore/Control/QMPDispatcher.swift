@@ -1,3 +1,4 @@
+import Glibc
 import QMPWire
 
 /// A QMP command failure, reported to the client as `{"error": {"class", "desc"}}`.
@@ -11,6 +12,26 @@ public struct QMPCommandError: Error, CustomStringConvertible, Sendable {
     }
 
     public init(_ description: String) { self.init(.genericError, description) }
+}
+
+/// File descriptors that arrived (SCM_RIGHTS) with a QMP message. A command such as
+/// `getfd` claims them; whatever is left unclaimed is closed after the command ran.
+public final class QMPRequestContext {
+    private var fds: [Int32]
+
+    public init(fds: [Int32] = []) { self.fds = fds }
+
+    /// The most recently received fd, now owned by the caller.
+    public func takeFD() -> Int32? { fds.popLast() }
+
+    /// Closes what no command claimed; returns how many that were.
+    @discardableResult
+    public func closeUnclaimed() -> Int {
+        let count = fds.count
+        for fd in fds { close(fd) }
+        fds.removeAll()
+        return count
+    }
 }
 
 /// The command table and QEMU's rules for one QMP message: framing checks, capability
@@ -32,7 +53,7 @@ public final class QMPDispatcher {
         public let name: String
         public let arguments: [String: ArgumentType]
         public let required: Set<String>
-        public let handler: (JSONObject) throws -> JSON
+        public let handler: (JSONObject, QMPRequestContext) throws -> JSON
     }
 
     private var commands: [String: Command] = [:]
@@ -42,13 +63,18 @@ public final class QMPDispatcher {
 
     public func register(_ name: String, arguments: [String: ArgumentType] = [:], required: Set<String> = [],
                          handler: @escaping (JSONObject) throws -> JSON) {
+        register(name, arguments: arguments, required: required) { args, _ in try handler(args) }
+    }
+
+    public func register(_ name: String, arguments: [String: ArgumentType] = [:], required: Set<String> = [],
+                         handler: @escaping (JSONObject, QMPRequestContext) throws -> JSON) {
         if commands[name] == nil { commandNames.append(name) }
         commands[name] = Command(name: name, arguments: arguments, required: required, handler: handler)
     }
 
     /// Handles one input line for a client; `negotiated` is that client's capability state.
     /// Returns the reply to send (every well-formed or malformed line gets exactly one).
-    public func handle(line: String, negotiated: inout Bool) -> JSON {
+    public func handle(line: String, negotiated: inout Bool, context: QMPRequestContext = QMPRequestContext()) -> JSON {
         let message: JSON
         do {
             message = try JSON.parse(line)
@@ -90,7 +116,7 @@ public final class QMPDispatcher {
         }
         do {
             try validate(arguments, for: command)
-            let result = try command.handler(arguments)
+            let result = try command.handler(arguments, context)
             if name == "qmp_capabilities" { negotiated = true }
             return QMPMessage.reply(result, id: id)
         } catch let error as QMPCommandError {

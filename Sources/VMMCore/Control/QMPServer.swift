@@ -9,6 +9,8 @@ public final class QMPServer {
     private final class Connection {
         let fd: Int32
         var splitter = JSONStreamSplitter()
+        /// fds received (SCM_RIGHTS) and not yet handed to a command.
+        var pendingFDs: [Int32] = []
         var negotiated = false
         init(fd: Int32) { self.fd = fd }
     }
@@ -56,8 +58,11 @@ public final class QMPServer {
 
     private func readable(_ connection: Connection) {
         var chunk = [UInt8](repeating: 0, count: 4096)
-        let n = chunk.withUnsafeMutableBytes { read(connection.fd, $0.baseAddress, $0.count) }
-        if n < 0 && (errno == EINTR || errno == EAGAIN) { return }
+        var fds = [Int32](repeating: -1, count: 16)
+        var fdCount: Int32 = 0
+        let n = chunk.withUnsafeMutableBytes { cl_recv_with_fds(connection.fd, $0.baseAddress, $0.count, &fds, 16, &fdCount) }
+        connection.pendingFDs += fds.prefix(Int(fdCount))
+        if n == -Int(EINTR) || n == -Int(EAGAIN) { return }
         guard n > 0 else {
             drop(connection)
             return
@@ -70,7 +75,12 @@ public final class QMPServer {
                 logger.trace("qmp <- \(line)")
                 // A local copy: the command may emit events, which read every connection's state.
                 var negotiated = connection.negotiated
-                reply = dispatcher.handle(line: line, negotiated: &negotiated)
+                // fds travel with the message they arrived with; the command may claim them.
+                let context = QMPRequestContext(fds: connection.pendingFDs)
+                connection.pendingFDs = []
+                reply = dispatcher.handle(line: line, negotiated: &negotiated, context: context)
+                let unclaimed = context.closeUnclaimed()
+                if unclaimed > 0 { logger.warning("qmp: closed \(unclaimed) received fd(s) that '\(line.prefix(60))' did not claim") }
                 connection.negotiated = negotiated
             case .tooLong:
                 reply = QMPMessage.error(.genericError, "JSON parse error, message longer than \(JSONStreamSplitter.maxMessageLength) bytes", id: nil)
@@ -90,6 +100,8 @@ public final class QMPServer {
 
     private func drop(_ connection: Connection) {
         guard connections.removeValue(forKey: connection.fd) != nil else { return }
+        connection.pendingFDs.forEach { Glibc.close($0) }
+        connection.pendingFDs = []
         loop.unwatch(connection.fd)
         Glibc.close(connection.fd)
         logger.debug("qmp: client disconnected (fd \(connection.fd))")

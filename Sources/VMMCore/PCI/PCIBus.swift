@@ -21,14 +21,24 @@ public final class PCIBus: PortIODevice {
     public static let mmioWindow: ClosedRange<UInt64> = 0xE000_0000...0xFDFF_FFFF
 
     private let address = Atomic<UInt32>(0)
-    private let slots: [PCIDevice?]
+    /// Devices by slot. Plugged before the guest runs (command line or QMP `device_add`
+    /// in prelaunch), read on every access afterwards.
+    private let slots = Mutex<[PCIDevice?]>([PCIHostBridge()])
+    private let nextBARAddress = Mutex<UInt64>(PCIBus.mmioWindow.lowerBound)
 
-    /// `devices[i]` goes to slot i + 1; slot 0 is the host bridge. BARs are assigned here.
-    public init(devices: [PCIDevice]) throws {
-        guard devices.count < 32 else { throw IOBusError(description: "at most 31 PCI devices, got \(devices.count)") }
-        slots = [PCIHostBridge()] + devices
-        var next = Self.mmioWindow.lowerBound
-        for device in devices {
+    public init(devices: [PCIDevice] = []) throws {
+        for device in devices { try plug(device) }
+    }
+
+    /// Puts `device` in the next free slot and assigns its memory BARs, as firmware would.
+    @discardableResult
+    public func plug(_ device: PCIDevice) throws -> Int {
+        let slot = try slots.withLock { slots -> Int in
+            guard slots.count < 32 else { throw IOBusError(description: "PCI bus 0 is full (32 slots); cannot add \(device.name)") }
+            slots.append(device)
+            return slots.count - 1
+        }
+        try nextBARAddress.withLock { next in
             let config = device.configSpace
             for index in 0..<6 {
                 guard let bar = config.bars[index], !bar.isIO else { continue }
@@ -41,12 +51,13 @@ public final class PCIBus: PortIODevice {
                 if bar.is64Bit { device.configWrite(offset: 0x14 + index * 4, size: 4, value: UInt32(truncatingIfNeeded: next >> 32)) }
                 next += UInt64(bar.size)
             }
-            device.configWrite(offset: 0x04, size: 2, value: 0x0006)
         }
+        device.configWrite(offset: 0x04, size: 2, value: 0x0006)
+        return slot
     }
 
     public var devices: [(slot: Int, device: PCIDevice)] {
-        slots.enumerated().compactMap { slot, device in device.map { (slot, $0) } }
+        slots.withLock { $0.enumerated().compactMap { slot, device in device.map { (slot, $0) } } }
     }
 
     // MARK: configuration mechanism #1 (port offsets 0-3 address, 4-7 data)
@@ -76,7 +87,7 @@ public final class PCIBus: PortIODevice {
         let bus = (a >> 16) & 0xFF
         let slot = Int((a >> 11) & 0x1F)
         let function = (a >> 8) & 0x7
-        guard bus == 0, function == 0, slot < slots.count, let device = slots[slot] else { return nil }
+        guard bus == 0, function == 0, let device = slots.withLock({ slot < $0.count ? $0[slot] : nil }) else { return nil }
         let register = Int(a & 0xFC) + dataOffset
         guard register + size <= PCIConfigSpace.size else { return nil }
         return (device, register)
@@ -86,7 +97,7 @@ public final class PCIBus: PortIODevice {
 
     /// Handles an MMIO exit if it falls into an enabled memory BAR; false otherwise.
     public func handleMMIO(address: UInt64, isWrite: Bool, data: UnsafeMutableRawBufferPointer) -> Bool {
-        for case let device? in slots {
+        for case let device? in slots.withLock({ $0 }) {
             let config = device.configSpace
             guard config.memoryEnabled else { continue }
             for index in 0..<6 {

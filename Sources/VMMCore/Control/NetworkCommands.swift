@@ -1,0 +1,155 @@
+import Glibc
+import QMPWire
+
+/// Network devices: creation from the command line and from QMP (`getfd`, `closefd`,
+/// `netdev_add`, `netdev_del`, `device_add` before the guest starts), and `query-pci`.
+extension Machine {
+    func addNetdev(_ spec: NetdevSpec) throws {
+        guard netdevs[spec.id] == nil else { throw QMPCommandError("Duplicate ID '\(spec.id)' for netdev") }
+        if let fds = spec.fds {
+            // The backend owns copies; the originals stay with whoever passed them.
+            netdevs[spec.id] = try TapBackend(id: spec.id, adopting: fds.map { dup($0) }, vnetHeader: spec.vnetHeader)
+        } else {
+            netdevs[spec.id] = try TapBackend(id: spec.id, ifname: spec.ifname, queues: spec.queues, vnetHeader: spec.vnetHeader)
+        }
+        logger.debug("netdev \(spec.id): TAP \(netdevs[spec.id]!.ifname), \(netdevs[spec.id]!.queueFDs.count) queue(s)")
+    }
+
+    func addNIC(_ spec: DeviceSpec) throws {
+        guard let backend = netdevs[spec.netdev] else { throw QMPCommandError("Property 'netdev' can't find value '\(spec.netdev)'") }
+        guard !nics.contains(where: { $0.backend === backend }) else {
+            throw QMPCommandError("Property 'netdev' can't take value '\(spec.netdev)', it's in use")
+        }
+        let id = spec.id ?? "net\(nics.count)"
+        guard !nics.contains(where: { $0.id == id }) else { throw QMPCommandError("Duplicate device ID '\(id)'") }
+        let mac = spec.mac ?? [0x52, 0x54, 0x00, 0x12, 0x34, UInt8(truncatingIfNeeded: 0x56 + nics.count)]
+        let nic = VirtioNet(id: id, mac: mac, backend: backend, multiQueue: spec.multiQueue, logger: logger)
+        let transport = VirtioPCITransport(name: id, model: nic, memory: memory, logger: logger)
+        nic.transport = transport
+        try pciBus.plug(transport)
+        nics.append(nic)
+    }
+
+    func attach(_ nic: VirtioNet) {
+        nic.attach(to: loop) { [vcpuRunner] in vcpuRunner.wake() }
+    }
+
+    /// QMP arguments as a QEMU option string, so QMP and the command line share one parser.
+    /// Named fds (from `getfd`) are replaced by their numbers.
+    func optionString(_ leading: String, _ args: JSONObject, skip: Set<String>, resolveFDs: Bool) throws -> (String, [String]) {
+        var parts = [leading]
+        var claimed: [String] = []
+        for (key, value) in args.pairs where !skip.contains(key) {
+            var text: String
+            switch value {
+            case .string(let s): text = s
+            case .bool(let b): text = b ? "on" : "off"
+            case .int(let i): text = String(i)
+            default: throw QMPCommandError("Invalid parameter type for '\(key)', expected: string")
+            }
+            if resolveFDs && (key == "fd" || key == "fds") {
+                text = try text.split(separator: ":").map { name -> String in
+                    if Int32(name) != nil { return String(name) }
+                    guard let fd = namedFDs[String(name)] else { throw QMPCommandError("File descriptor named '\(name)' has not been found") }
+                    claimed.append(String(name))
+                    return String(fd)
+                }.joined(separator: ":")
+            }
+            parts.append("\(key)=\(text.split(separator: ",", omittingEmptySubsequences: false).joined(separator: ",,"))")
+        }
+        return (parts.joined(separator: ","), claimed)
+    }
+
+    func registerNetworkCommands() {
+        let d = dispatcher
+        d.register("getfd", arguments: ["fdname": .string], required: ["fdname"]) { [unowned self] args, context in
+            guard let fd = context.takeFD() else { throw QMPCommandError("No file descriptor supplied via SCM_RIGHTS") }
+            let name = args["fdname"]!.stringValue!
+            guard Int32(name) == nil else {
+                close(fd)
+                throw QMPCommandError("Parameter 'fdname' expects a name not starting with a digit")
+            }
+            if let old = namedFDs[name] { close(old) }
+            namedFDs[name] = fd
+            return [:]
+        }
+        d.register("closefd", arguments: ["fdname": .string], required: ["fdname"]) { [unowned self] args in
+            let name = args["fdname"]!.stringValue!
+            guard let fd = namedFDs.removeValue(forKey: name) else { throw QMPCommandError("File descriptor named '\(name)' not found") }
+            close(fd)
+            return [:]
+        }
+        let netdevArgs = Dictionary(uniqueKeysWithValues: NetdevSpec.keys.map { ($0, QMPDispatcher.ArgumentType.any) })
+        d.register("netdev_add", arguments: netdevArgs, required: ["type", "id"]) { [unowned self] args in
+            let (text, claimed) = try optionString(args["type"]?.stringValue ?? "", args, skip: ["type"], resolveFDs: true)
+            do {
+                try addNetdev(try NetdevSpec.parse(text, option: "netdev_add"))
+            } catch let error as QMPCommandError {
+                throw error
+            } catch {
+                throw QMPCommandError("\(error)")
+            }
+            for name in claimed { if let fd = namedFDs.removeValue(forKey: name) { close(fd) } }
+            return [:]
+        }
+        d.register("netdev_del", arguments: ["id": .string], required: ["id"]) { [unowned self] args in
+            let id = args["id"]!.stringValue!
+            guard let backend = netdevs[id] else { throw QMPCommandError("Device '\(id)' not found") }
+            guard !nics.contains(where: { $0.backend === backend }) else { throw QMPCommandError("Device '\(id)' is in use by a NIC") }
+            netdevs[id] = nil
+            return [:]
+        }
+        let deviceArgs = Dictionary(uniqueKeysWithValues: DeviceSpec.keys.map { ($0, QMPDispatcher.ArgumentType.any) })
+        d.register("device_add", arguments: deviceArgs, required: ["driver"]) { [unowned self] args in
+            guard runState == .prelaunch else {
+                throw QMPCommandError("device_add is only supported before the guest starts (-S, state 'prelaunch'); there is no hotplug yet")
+            }
+            let (text, _) = try optionString(args["driver"]?.stringValue ?? "", args, skip: ["driver"], resolveFDs: false)
+            do {
+                try addNIC(try DeviceSpec.parse(text, option: "device_add"))
+            } catch let error as QMPCommandError {
+                throw error
+            } catch {
+                throw QMPCommandError("\(error)")
+            }
+            attach(nics[nics.count - 1])
+            return [:]
+        }
+        d.register("query-pci") { [unowned self] _ in
+            let devices: [JSON] = pciBus.devices.map { slot, device in
+                let config = device.configSpace
+                var regions: [JSON] = []
+                for index in 0..<6 {
+                    guard let bar = config.bars[index] else { continue }
+                    regions.append([
+                        "bar": .int(Int64(index)), "type": bar.isIO ? "io" : "memory",
+                        "address": .int(Int64(bitPattern: config.barAddress(index) ?? 0)), "size": .int(Int64(bar.size)),
+                        "prefetch": false, "mem_type_64": .bool(bar.is64Bit),
+                    ])
+                }
+                let classCode = config.read(offset: 0x0A, size: 2)
+                var entry: JSONObject = [
+                    "bus": 0, "slot": .int(Int64(slot)), "function": 0,
+                    "class_info": ["class": .int(Int64(classCode))],
+                    "id": [
+                        "vendor": .int(Int64(config.read(offset: 0, size: 2))), "device": .int(Int64(config.read(offset: 2, size: 2))),
+                        "subsystem-vendor": .int(Int64(config.read(offset: 0x2C, size: 2))), "subsystem": .int(Int64(config.read(offset: 0x2E, size: 2))),
+                    ],
+                    "qdev_id": .string(device.name),
+                    "regions": .array(regions),
+                ]
+                if let transport = device as? VirtioPCITransport, let nic = transport.model as? VirtioNet {
+                    let stats = nic.statistics
+                    entry["x-virtio-net"] = [
+                        "netdev": .string(nic.backend.id), "ifname": .string(nic.backend.ifname),
+                        "max-queue-pairs": .int(Int64(nic.maxQueuePairs)), "queue-pairs": .int(Int64(nic.queuePairsInUse)),
+                        "queues": .int(Int64(nic.queueMaxSizes.count)), "status": .int(Int64(transport.status)),
+                        "rx-packets": .array(stats.rx.map { .int(Int64($0)) }), "tx-packets": .array(stats.tx.map { .int(Int64($0)) }),
+                    ]
+                }
+                return .object(entry)
+            }
+            return [["bus": 0, "devices": .array(devices)]]
+        }
+    }
+}
