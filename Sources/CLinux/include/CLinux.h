@@ -28,6 +28,7 @@
 #include <unistd.h>
 #include <linux/kvm.h>
 #include "CLinuxTap.h"
+#include "CLinuxFDPassing.h"
 
 // MARK: ioctl numbers
 
