@@ -1,0 +1,136 @@
+import Glibc
+import Testing
+@testable import VMMCore
+
+@Suite struct NetworkOptionsTests {
+    @Test func parsesTapNetdevAndVirtioNetDevice() throws {
+        let config = try VMMConfiguration.parse([
+            "-kernel", "k", "-netdev", "tap,id=n0,ifname=tap0,queues=4,script=no,downscript=no,vnet_hdr=on",
+            "-device", "virtio-net-pci,netdev=n0,id=nic0,mac=52:54:00:12:34:99,mq=on",
+        ])
+        #expect(config.netdevs == [NetdevSpec(id: "n0", ifname: "tap0", queues: 4, vnetHeader: true, fds: nil)])
+        #expect(config.devices == [DeviceSpec(id: "nic0", netdev: "n0", mac: [0x52, 0x54, 0, 0x12, 0x34, 0x99], multiQueue: true)])
+    }
+
+    @Test func acceptsInheritedFDs() throws {
+        let fd = open("/dev/null", O_RDONLY)
+        defer { close(fd) }
+        let spec = try NetdevSpec.parse("tap,id=n0,fds=\(fd):\(fd)", option: "-netdev")
+        #expect(spec.fds == [fd, fd] && spec.queues == 2)
+    }
+
+    @Test(arguments: [
+        ("tap,id=n0,script=/etc/qemu-ifup", "script=/etc/qemu-ifup is not supported"),
+        ("tap,id=n0,downscript=/bin/true", "downscript=/bin/true is not supported"),
+        ("user,id=n0", "unsupported netdev type 'user'"),
+        ("tap,ifname=t", "parameter 'id' is missing"),
+        ("tap,id=n0,queues=0", "queues=0 must be 1..256"),
+        ("tap,id=n0,fd=999", "fd 999 is not open"),
+        ("tap,id=n0,fd=x", "'x' is not a file descriptor number"),
+        ("tap,id=n0,colour=red", "unknown parameter 'colour'"),
+        ("tap,id=n0,vhost=on", "vhost=on is not supported yet"),
+    ])
+    func badNetdevsNameOptionAndValue(text: String, fragment: String) {
+        #expect(throws: (any Error).self) { try NetdevSpec.parse(text, option: "-netdev") }
+        do { _ = try NetdevSpec.parse(text, option: "-netdev") } catch { #expect("\(error)".contains(fragment), "\(error)") }
+    }
+
+    @Test(arguments: [
+        (["-device", "virtio-net-pci,netdev=n0"], "netdev 'n0' not found"),
+        (["-netdev", "tap,id=n0", "-device", "virtio-net-pci,netdev=n0", "-device", "virtio-net-pci,netdev=n0"], "already used"),
+        (["-netdev", "tap,id=n0", "-netdev", "tap,id=n0"], "duplicate id 'n0'"),
+        (["-netdev", "tap,id=n0", "-device", "e1000,netdev=n0"], "unsupported device 'e1000'"),
+        (["-netdev", "tap,id=n0", "-device", "virtio-net-pci,netdev=n0,mac=01:00:00:00:00:01"], "multicast"),
+        (["-netdev", "tap,id=n0", "-device", "virtio-net-pci,netdev=n0,mac=zz"], "not a MAC address"),
+    ])
+    func badDevicesAreRefused(arguments: [String], fragment: String) {
+        do {
+            _ = try VMMConfiguration.parse(["-kernel", "k"] + arguments)
+            Issue.record("accepted \(arguments)")
+        } catch {
+            #expect("\(error)".contains(fragment), "\(error)")
+        }
+    }
+}
+
+@Suite struct VirtioPCITransportTests {
+    final class FakeModel: VirtioDeviceModel, @unchecked Sendable {
+        var activated: UInt64?
+        var notified: [Int] = []
+        var resets = 0
+        var deviceType: UInt16 { 1 }
+        var pciClass: UInt32 { 0x020000 }
+        var deviceFeatures: UInt64 { 1 << 5 }
+        var queueMaxSizes: [UInt16] { [16, 16] }
+        func readConfig(offset: Int, size: Int) -> UInt32 { offset == 0 ? 0xAB : 0 }
+        func writeConfig(offset: Int, size: Int, value: UInt32) {}
+        func activate(features: UInt64) { activated = features }
+        func queueNotified(_ index: Int) { notified.append(index) }
+        func reset() { resets += 1 }
+    }
+
+    func write(_ t: VirtioPCITransport, _ offset: UInt64, _ value: UInt64, size: Int) {
+        var v = value.littleEndian
+        withUnsafeBytes(of: &v) { t.barWrite(0, offset: offset, from: UnsafeRawBufferPointer(rebasing: $0[0..<size])) }
+    }
+
+    func read(_ t: VirtioPCITransport, _ offset: UInt64, size: Int) -> UInt64 {
+        var v: UInt64 = 0
+        withUnsafeMutableBytes(of: &v) { t.barRead(0, offset: offset, into: UnsafeMutableRawBufferPointer(rebasing: $0[0..<size])) }
+        return v
+    }
+
+    @Test func driverInitialisationSequence() throws {
+        let memory = try GuestMemory(size: 2 << 20)
+        let model = FakeModel()
+        let t = VirtioPCITransport(name: "t", model: model, memory: memory, logger: .init(label: "test"))
+        #expect(t.configSpace.read(offset: 0, size: 4) == 0x1041_1AF4)
+        write(t, 0x14, 1 | 2, size: 1)
+        write(t, 0x00, 1, size: 4)
+        #expect(read(t, 0x04, size: 4) == 1)  // VERSION_1 is bit 32
+        write(t, 0x00, 0, size: 4)
+        #expect(read(t, 0x04, size: 4) == 1 << 5)
+        write(t, 0x08, 0, size: 4); write(t, 0x0C, 1 << 5, size: 4)
+        write(t, 0x08, 1, size: 4); write(t, 0x0C, 1, size: 4)
+        write(t, 0x14, 1 | 2 | 8, size: 1)
+        #expect(read(t, 0x14, size: 1) & 8 == 8)
+        #expect(read(t, 0x12, size: 2) == 2)
+        write(t, 0x16, 1, size: 2)
+        write(t, 0x18, 8, size: 2)
+        write(t, 0x20, 0x1000, size: 8); write(t, 0x28, 0x2000, size: 8); write(t, 0x30, 0x3000, size: 8)
+        write(t, 0x1C, 1, size: 2)
+        write(t, 0x14, 1 | 2 | 8 | 4, size: 1)
+        #expect(model.activated == (1 << 32 | 1 << 5))
+        write(t, 0x3000 + 4, 1, size: 2)
+        #expect(model.notified == [1])
+        #expect(read(t, 0x2000, size: 1) == 0xAB)
+        // Layout is frozen once the queue is enabled.
+        write(t, 0x20, 0x5000, size: 8)
+        #expect(read(t, 0x20, size: 4) == 0x1000)
+        write(t, 0x14, 0, size: 1)
+        #expect(model.resets == 1 && read(t, 0x14, size: 1) == 0)
+    }
+
+    @Test func refusesFeaturesTheDeviceDidNotOffer() throws {
+        let memory = try GuestMemory(size: 2 << 20)
+        let t = VirtioPCITransport(name: "t", model: FakeModel(), memory: memory, logger: .init(label: "test"))
+        write(t, 0x08, 0, size: 4); write(t, 0x0C, 1 << 7, size: 4)
+        write(t, 0x08, 1, size: 4); write(t, 0x0C, 1, size: 4)
+        write(t, 0x14, 1 | 2 | 8, size: 1)
+        #expect(read(t, 0x14, size: 1) & 8 == 0)
+    }
+
+    @Test func badRingAddressesMarkTheDeviceNeedsReset() throws {
+        let memory = try GuestMemory(size: 2 << 20)
+        let model = FakeModel()
+        let t = VirtioPCITransport(name: "t", model: model, memory: memory, logger: .init(label: "test"))
+        write(t, 0x08, 1, size: 4); write(t, 0x0C, 1, size: 4)
+        write(t, 0x14, 1 | 2 | 8, size: 1)
+        write(t, 0x16, 0, size: 2)
+        write(t, 0x20, 0x7FFF_0000, size: 8)
+        write(t, 0x1C, 1, size: 2)
+        write(t, 0x14, 1 | 2 | 8 | 4, size: 1)
+        #expect(read(t, 0x14, size: 1) & 0x40 == 0x40)
+        #expect(model.activated == nil)
+    }
+}
