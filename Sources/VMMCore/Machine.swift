@@ -30,7 +30,7 @@ public final class Machine: @unchecked Sendable {
     let serialBackends: [SerialBackend]
     let vcpuRunner: VCPURunner
     let pciBus: PCIBus
-    var netdevs: [String: TapBackend] = [:]
+    var netdevs: [String: NetBackend] = [:]
     var nics: [VirtioNet] = []
     /// fds named by QMP `getfd`, owned here until a netdev claims them.
     var namedFDs: [String: Int32] = [:]

@@ -23,7 +23,7 @@ public final class VirtioNet: VirtioDeviceModel, @unchecked Sendable {
     public let mac: [UInt8]
     public let maxQueuePairs: Int
     public let multiQueue: Bool
-    let backend: TapBackend
+    let backend: NetBackend
     let logger: Logger
     /// Set after the transport exists (it needs this model first).
     weak var transport: VirtioPCITransport?
@@ -42,7 +42,7 @@ public final class VirtioNet: VirtioDeviceModel, @unchecked Sendable {
     private let rxHasBuffers: Mutex<[Bool]>
     let counters: Mutex<Counters>
 
-    public init(id: String, mac: [UInt8], backend: TapBackend, multiQueue: Bool, logger: Logger) {
+    public init(id: String, mac: [UInt8], backend: NetBackend, multiQueue: Bool, logger: Logger) {
         self.id = id
         self.mac = mac
         self.backend = backend
@@ -152,7 +152,7 @@ public final class VirtioNet: VirtioDeviceModel, @unchecked Sendable {
 
     // MARK: RX (event loop)
 
-    private func receive(pair: Int) {
+    func receive(pair: Int) {
         guard let transport else { return }
         let fd = backend.queueFDs[pair]
         let memory = transport.memory

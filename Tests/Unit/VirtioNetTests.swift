@@ -1,0 +1,125 @@
+import Glibc
+import Testing
+@testable import VMMCore
+
+/// virtio-net against a socketpair standing in for the TAP (SOCK_SEQPACKET keeps frame
+/// boundaries as a TAP does), driven through the PCI BAR like a guest driver.
+@Suite struct VirtioNetTests {
+    final class PairBackend: NetBackend, @unchecked Sendable {
+        let id = "fake"
+        let ifname = "fake0"
+        let queueFDs: [Int32]
+        let peer: Int32
+        let vnetHeader: Bool
+        init(vnetHeader: Bool) {
+            var fds: [Int32] = [0, 0]
+            socketpair(AF_UNIX, Int32(SOCK_SEQPACKET.rawValue), 0, &fds)
+            _ = fcntl(fds[0], F_SETFL, O_NONBLOCK)
+            queueFDs = [fds[0]]
+            peer = fds[1]
+            self.vnetHeader = vnetHeader
+        }
+        deinit { close(queueFDs[0]); close(peer) }
+        func attachQueues(count: Int) {}
+    }
+
+    struct Rig {
+        let memory: GuestMemory
+        let nic: VirtioNet
+        let transport: VirtioPCITransport
+        let backend: PairBackend
+        // Queue q's rings: descriptors at 0x10000 * (q+1), avail +0x1000, used +0x2000.
+        func base(_ q: Int) -> UInt64 { 0x10000 * UInt64(q + 1) }
+
+        init(vnetHeader: Bool) throws {
+            memory = try GuestMemory(size: 4 << 20)
+            backend = PairBackend(vnetHeader: vnetHeader)
+            nic = VirtioNet(id: "nic0", mac: [0x52, 0x54, 0, 1, 2, 3], backend: backend, multiQueue: false, logger: .init(label: "t"))
+            transport = VirtioPCITransport(name: "nic0", model: nic, memory: memory, logger: .init(label: "t"))
+            nic.transport = transport
+            bar(0x08, 0, 4); bar(0x0C, UInt64(VirtioNet.Feature.mac), 4)
+            bar(0x08, 1, 4); bar(0x0C, 1, 4)
+            bar(0x14, 1 | 2 | 8, 1)
+            for q in 0..<3 {
+                bar(0x16, UInt64(q), 2); bar(0x18, 8, 2)
+                bar(0x20, base(q), 8); bar(0x28, base(q) + 0x1000, 8); bar(0x30, base(q) + 0x2000, 8)
+                bar(0x1C, 1, 2)
+            }
+            bar(0x14, 1 | 2 | 8 | 4, 1)
+        }
+
+        func bar(_ offset: UInt64, _ value: UInt64, _ size: Int) {
+            var v = value.littleEndian
+            withUnsafeBytes(of: &v) { transport.barWrite(0, offset: offset, from: UnsafeRawBufferPointer(rebasing: $0[0..<size])) }
+        }
+
+        /// Posts one single-descriptor buffer at `address` on queue `q`.
+        func post(queue q: Int, slot: UInt16, address: UInt64, length: UInt32, writable: Bool) throws {
+            let desc = base(q) + 16 * UInt64(slot)
+            try memory.store(address, at: desc)
+            try memory.store(length, at: desc + 8)
+            try memory.store(writable ? Virtqueue.descriptorWrite : 0, at: desc + 12)
+            let availIdx = try memory.load(UInt16.self, at: base(q) + 0x1002)
+            try memory.store(slot, at: base(q) + 0x1004 + 2 * UInt64(availIdx % 8))
+            try memory.store(availIdx &+ 1, at: base(q) + 0x1002)
+        }
+
+        func usedEntries(queue q: Int) throws -> UInt16 { try memory.load(UInt16.self, at: base(q) + 0x2002) }
+    }
+
+    static let frame: [UInt8] = [UInt8](repeating: 0xFF, count: 6) + [0x52, 0x54, 0, 1, 2, 3, 0x08, 0x06] + Array(0..<46)
+
+    @Test(arguments: [true, false])
+    func transmitsFramesWithOrWithoutTheHeader(vnetHeader: Bool) throws {
+        let rig = try Rig(vnetHeader: vnetHeader)
+        try rig.memory.write([UInt8](repeating: 0, count: 12) + Self.frame, at: 0x100000)
+        try rig.post(queue: 1, slot: 0, address: 0x100000, length: UInt32(12 + Self.frame.count), writable: false)
+        rig.bar(0x3000 + 4, 1, 2)
+        var buffer = [UInt8](repeating: 0, count: 2048)
+        let n = recv(rig.backend.peer, &buffer, buffer.count, Int32(MSG_DONTWAIT))
+        let expected = vnetHeader ? [UInt8](repeating: 0, count: 12) + Self.frame : Self.frame
+        #expect(Array(buffer.prefix(max(n, 0))) == expected)
+        #expect(try rig.usedEntries(queue: 1) == 1)
+        #expect(rig.nic.statistics.tx == [1])
+    }
+
+    @Test(arguments: [true, false])
+    func receivesFramesIntoPostedBuffers(vnetHeader: Bool) throws {
+        let rig = try Rig(vnetHeader: vnetHeader)
+        try rig.post(queue: 0, slot: 0, address: 0x200000, length: 1526 + 12, writable: true)
+        rig.bar(0x3000, 0, 2)
+        let sent = vnetHeader ? [UInt8](repeating: 0, count: 12) + Self.frame : Self.frame
+        #expect(send(rig.backend.peer, sent, sent.count, 0) == sent.count)
+        rig.nic.receive(pair: 0)
+        #expect(try rig.usedEntries(queue: 0) == 1)
+        #expect(try rig.memory.load(UInt32.self, at: rig.base(0) + 0x2008) == UInt32(12 + Self.frame.count))
+        #expect(try rig.memory.read(at: 0x200000 + 12, count: Self.frame.count) == Self.frame)
+        #expect(try rig.memory.load(UInt16.self, at: 0x200000 + 10) == (vnetHeader ? 0 : 1))
+        // No more buffers: the next frame waits in the socket instead of being dropped.
+        #expect(send(rig.backend.peer, sent, sent.count, 0) == sent.count)
+        rig.nic.receive(pair: 0)
+        #expect(try rig.usedEntries(queue: 0) == 1)
+        try rig.post(queue: 0, slot: 1, address: 0x201000, length: 1526 + 12, writable: true)
+        rig.nic.receive(pair: 0)
+        #expect(try rig.usedEntries(queue: 0) == 2)
+        #expect(rig.nic.statistics.rx == [2])
+    }
+
+    @Test func configSpaceCarriesMACStatusAndPairs() throws {
+        let rig = try Rig(vnetHeader: true)
+        #expect((0..<6).map { rig.nic.readConfig(offset: $0, size: 1) } == [0x52, 0x54, 0, 1, 2, 3])
+        #expect(rig.nic.readConfig(offset: 6, size: 2) == 1)
+        #expect(rig.nic.readConfig(offset: 8, size: 2) == 1)
+        #expect(rig.nic.deviceFeatures & VirtioNet.Feature.multiQueue == 0)
+        #expect(rig.nic.queueMaxSizes.count == 3)
+    }
+
+    @Test func tooSmallReceiveBufferNeedsReset() throws {
+        let rig = try Rig(vnetHeader: true)
+        try rig.post(queue: 0, slot: 0, address: 0x200000, length: 4, writable: true)
+        var frame = Self.frame
+        _ = send(rig.backend.peer, &frame, frame.count, 0)
+        rig.nic.receive(pair: 0)
+        #expect(rig.transport.status & VirtioPCITransport.Status.needsReset != 0)
+    }
+}
