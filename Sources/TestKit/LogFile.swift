@@ -38,7 +38,12 @@ final class LogFile: Sendable {
     static func timestamp() -> String {
         var now = timespec()
         clock_gettime(CLOCK_REALTIME, &now)
-        var seconds = now.tv_sec
+        return timestamp(seconds: now.tv_sec, microseconds: now.tv_nsec / 1000)
+    }
+
+    /// The same format for a given time, e.g. a ping reply's wall-clock time.
+    static func timestamp(seconds: Int, microseconds: Int) -> String {
+        var seconds = seconds
         var parts = tm()
         gmtime_r(&seconds, &parts)
         func pad(_ value: Int, _ width: Int) -> String {
@@ -47,6 +52,6 @@ final class LogFile: Sendable {
         }
         return "\(pad(Int(parts.tm_year) + 1900, 4))-\(pad(Int(parts.tm_mon) + 1, 2))-\(pad(Int(parts.tm_mday), 2))"
             + "T\(pad(Int(parts.tm_hour), 2)):\(pad(Int(parts.tm_min), 2)):\(pad(Int(parts.tm_sec), 2))"
-            + ".\(pad(now.tv_nsec / 1000, 6))Z"
+            + ".\(pad(microseconds, 6))Z"
     }
 }

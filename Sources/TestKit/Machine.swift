@@ -27,12 +27,17 @@ public struct MachineOptions: Sendable {
     public var startupTimeout: Duration
     /// How long `shutdown` waits after `quit`, then again after SIGTERM, before SIGKILL.
     public var quitTimeout: Duration
+    /// Runs the VMM inside this network namespace (through `nsenter --net=...`, which
+    /// execs it, so `Machine.pid` is still the VMM's). Its TAPs must be created there.
+    /// Shut the machine down before the namespace is deleted.
+    public var namespace: NetworkNamespace?
 
     public init(
         binary: VMMBinary? = nil, name: String? = nil, kernel: String? = nil, memory: String? = nil,
         startPaused: Bool = false, connectQMP: Bool = true, connectConsole: Bool = true,
         arguments: [String] = [], environment: [String: String] = [:],
-        startupTimeout: Duration = .seconds(30), quitTimeout: Duration = .seconds(5)
+        startupTimeout: Duration = .seconds(30), quitTimeout: Duration = .seconds(5),
+        namespace: NetworkNamespace? = nil
     ) {
         self.binary = binary
         self.name = name
@@ -45,6 +50,7 @@ public struct MachineOptions: Sendable {
         self.environment = environment
         self.startupTimeout = startupTimeout
         self.quitTimeout = quitTimeout
+        self.namespace = namespace
     }
 }
 
@@ -174,6 +180,9 @@ public final class Machine: Sendable {
         _ options: MachineOptions, binary: VMMBinary, name: String, directory: String,
         file: (String) -> String, keep: @escaping @Sendable (String) -> Void, artifacts: ArtifactDirectory
     ) async throws -> Machine {
+        // posix_spawn cannot setns; nsenter can, and then execs the VMM in its place.
+        // Resolved first, so that a missing nsenter fails before any socket exists.
+        let namespacePrefix = try options.namespace?.commandPrefix() ?? []
         var socketDirectory = directory
         var ownedSocketDirectory: String?
         if file("console.sock").utf8.count > UnixSocket.maxPathLength {
@@ -207,7 +216,8 @@ public final class Machine: Sendable {
         if let qmpListener { commandLine += ["-qmp", "unix:\(qmpListener.path)"] }
         if let consoleListener { commandLine += ["-serial", "unix:\(consoleListener.path)"] }
         commandLine += options.arguments
-        try (commandLine.map(shellQuoted).joined(separator: " ") + "\n")
+        let spawned = namespacePrefix + commandLine
+        try (spawned.map(shellQuoted).joined(separator: " ") + "\n")
             .write(toFile: file("cmdline.txt"), atomically: false, encoding: .utf8)
 
         let process: ChildProcess
@@ -219,7 +229,7 @@ public final class Machine: Sendable {
             var environment = ProcessInfo.processInfo.environment
             environment.merge(options.environment) { $1 }
             process = try ChildProcess.spawn(
-                path: binary.path, arguments: commandLine, environment: environment, stdout: stdout, stderr: stderr)
+                path: spawned[0], arguments: spawned, environment: environment, stdout: stdout, stderr: stderr)
         } catch {
             removeSocketDirectory()
             throw MachineError.spawnFailed(binary.path, error)

@@ -1,5 +1,7 @@
 import CCap
+import CLinux
 import Glibc
+import Synchronization
 import Testing
 
 /// Host checks behind the traits, separate so that their reasons can be unit-tested.
@@ -38,6 +40,38 @@ public enum HostRequirement {
         return "guest image \(image): \(SystemError.text(errno)) (build it in assets/guest or set \(BundledGuest.environmentKey))"
     }
 
+    /// What the namespace, TAP and pinger tests need: the capabilities, /dev/net/tun,
+    /// and a kernel (or container) that lets a thread unshare its network namespace.
+    /// Computed once per process: it creates a throwaway namespace.
+    public static func networkNamespacesUnavailable() -> String? { networkNamespacesReason }
+
+    private static let networkNamespacesReason: String? = {
+        if let missing = missingCapabilities() { return missing }
+        let tun = open("/dev/net/tun", O_RDWR | O_CLOEXEC)
+        guard tun >= 0 else { return "/dev/net/tun: \(SystemError.text(errno))" }
+        closeDescriptor(tun)
+        // On a thread that ends right after, so that no thread of the test process stays
+        // in the throwaway namespace (which the kernel then frees).
+        let outcome = Mutex<String?>("unshare(CLONE_NEWNET) did not run")
+        do {
+            let thread = try BlockingThread(name: "tk-netns-probe") {
+                let reason = cl_unshare(CL_CLONE_NEWNET) == 0 ? nil : "unshare(CLONE_NEWNET): \(SystemError.text(errno))"
+                outcome.withLock { $0 = reason }
+            }
+            thread.join()
+        } catch {
+            return "\(error)"
+        }
+        if let reason = outcome.withLock({ $0 }) { return reason }
+        if mkdir(NetworkNamespace.runDirectory, 0o755) != 0, errno != EEXIST {
+            return "mkdir \(NetworkNamespace.runDirectory): \(SystemError.text(errno))"
+        }
+        guard access(NetworkNamespace.runDirectory, W_OK) == 0 else {
+            return "\(NetworkNamespace.runDirectory): \(SystemError.text(errno))"
+        }
+        return nil
+    }()
+
     public static func vmmMissing() -> String? {
         do {
             _ = try VMMBinary.resolve()
@@ -54,6 +88,10 @@ extension Trait where Self == ConditionTrait {
 
     /// CAP_NET_ADMIN and CAP_SYS_ADMIN in the effective set (namespaces, TAP, netlink).
     public static var requiresRoot: Self { condition(HostRequirement.missingCapabilities()) }
+
+    /// `.requiresRoot`, plus /dev/net/tun and `unshare(CLONE_NEWNET)`: for tests that create
+    /// namespaces (`NetworkNamespace`), TAPs (`TapDevice`) or ping (`Pinger`).
+    public static var requiresNetworkNamespaces: Self { condition(HostRequirement.networkNamespacesUnavailable()) }
 
     /// /dev/kvm can be opened read-write.
     public static var requiresKVM: Self { condition(HostRequirement.kvmUnavailable()) }

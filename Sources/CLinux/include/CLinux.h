@@ -168,7 +168,6 @@ static inline int cl_wtermsig(int status) { return WTERMSIG(status); }
 // MARK: TestKit: network namespaces and persistent TAPs
 
 #include <net/if.h>
-#include <sys/mount.h>
 #include <linux/if_tun.h>
 
 // sched.h declares these only with _GNU_SOURCE.
@@ -178,18 +177,22 @@ static const int CL_CLONE_NEWNET = 0x40000000;
 static inline int cl_unshare(int flags) { return unshare(flags); }
 static inline int cl_setns(int fd, int nstype) { return setns(fd, nstype); }
 
+// Declared here instead of including <sys/mount.h>, which clashes with <linux/mount.h>
+// (pulled in by other UAPI headers) on glibc before 2.36. Flag values from linux/mount.h.
+int mount(const char *source, const char *target, const char *type, unsigned long flags, const void *data);
+int umount2(const char *target, int flags);
 /// `mount --bind SOURCE TARGET`, as `ip netns add` pins a namespace to /run/netns/NAME.
 static inline int cl_mount_bind(const char *source, const char *target) {
-    return mount(source, target, "none", MS_BIND, NULL);
+    return mount(source, target, "none", 4096UL /* MS_BIND */, NULL);
 }
 /// `mount --make-rshared TARGET`; `cl_mount_bind_recursive` first when TARGET is no mount point (EINVAL).
 static inline int cl_mount_make_shared(const char *target) {
-    return mount("", target, "none", MS_SHARED | MS_REC, NULL);
+    return mount("", target, "none", (1UL << 20) /* MS_SHARED */ | 16384UL /* MS_REC */, NULL);
 }
 static inline int cl_mount_bind_recursive(const char *source, const char *target) {
-    return mount(source, target, "none", MS_BIND | MS_REC, NULL);
+    return mount(source, target, "none", 4096UL /* MS_BIND */ | 16384UL /* MS_REC */, NULL);
 }
-static inline int cl_umount_detach(const char *target) { return umount2(target, MNT_DETACH); }
+static inline int cl_umount_detach(const char *target) { return umount2(target, 2 /* MNT_DETACH */); }
 
 static const int CL_IFF_UP = IFF_UP;
 static const int CL_IFF_TAP = IFF_TAP;
