@@ -1,3 +1,4 @@
+import CLinux
 import Foundation
 import QMPWire
 import Synchronization
@@ -256,7 +257,16 @@ public final class QMPClient: Sendable {
     public func execute(
         _ command: String, arguments: JSONObject? = nil, timeout: Duration = defaultTimeout
     ) async throws -> JSON {
-        let reply = try await request(command, arguments: arguments, timeout: timeout)
+        try await execute(command, arguments: arguments, passing: [], timeout: timeout)
+    }
+
+    /// Like `execute`, with file descriptors attached (SCM_RIGHTS), e.g. for QMP `getfd`.
+    /// The receiver gets copies; the caller still owns and closes `fds`.
+    @discardableResult
+    public func execute(
+        _ command: String, arguments: JSONObject? = nil, passing fds: [Int32], timeout: Duration = defaultTimeout
+    ) async throws -> JSON {
+        let reply = try await request(command, arguments: arguments, timeout: timeout, recordingFailure: true, fds: fds)
         if let error = reply["error"] {
             throw QMPError.commandFailed(
                 class: error["class"]?.stringValue ?? "", desc: error["desc"]?.stringValue ?? "", command: command)
@@ -277,7 +287,7 @@ public final class QMPClient: Sendable {
     /// `recordingFailure` false: for `quit` during shutdown, where a VMM that closes the
     /// socket before answering is not a test failure.
     func request(
-        _ command: String, arguments: JSONObject?, timeout: Duration, recordingFailure: Bool
+        _ command: String, arguments: JSONObject?, timeout: Duration, recordingFailure: Bool, fds: [Int32] = []
     ) async throws -> JSON {
         func failed(_ error: any Error) -> any Error { recordingFailure ? core.failed(error) : error }
         let shot = OneShot<JSON>()
@@ -293,7 +303,7 @@ public final class QMPClient: Sendable {
         if let arguments { object["arguments"] = .object(arguments) }
         object["id"] = .int(id)
         do {
-            try send(JSON.object(object).serialized)
+            try send(JSON.object(object).serialized, fds: fds)
             return try await shot.value(timeout: timeout) {
                 QMPError.timeout("reply to '\(command)'", after: timeout)
             }
@@ -304,9 +314,9 @@ public final class QMPClient: Sendable {
         }
     }
 
-    private func send(_ line: String) throws(SystemError) {
-        core.log?.line(">>> \(line)")
-        try stream.write(Array((line + "\r\n").utf8))
+    private func send(_ line: String, fds: [Int32] = []) throws(SystemError) {
+        core.log?.line(">>> \(line)" + (fds.isEmpty ? "" : " (with fds \(fds))"))
+        try stream.write(Array((line + "\r\n").utf8), fds: fds)
     }
 
     /// Sends bytes exactly as given (no line end added), for tests of malformed input.

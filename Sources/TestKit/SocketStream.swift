@@ -1,3 +1,4 @@
+import CLinux
 import Glibc
 import Synchronization
 
@@ -42,10 +43,17 @@ final class SocketStream: Sendable {
         }
     }
 
-    func write(_ bytes: [UInt8]) throws(SystemError) {
+    /// Sends `bytes`; `fds` ride along (SCM_RIGHTS) with the first part of the message.
+    func write(_ bytes: [UInt8], fds: [Int32] = []) throws(SystemError) {
         try writeClosed.withLock { closed throws(SystemError) in
             if closed { throw SystemError("send", code: EBADF) }
-            try sendAll(fd, bytes)
+            var rest = bytes[...]
+            if !fds.isEmpty {
+                let n = bytes.withUnsafeBytes { cl_send_with_fds(fd, $0.baseAddress, $0.count, fds, Int32(fds.count)) }
+                if n < 0 { throw SystemError("sendmsg with \(fds.count) fd(s)", code: Int32(-n)) }
+                rest = bytes[n...]
+            }
+            if !rest.isEmpty { try sendAll(fd, Array(rest)) }
         }
     }
 
