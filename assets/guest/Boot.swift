@@ -6,8 +6,8 @@ struct StartInfo {
     /// device events or a short timer, so idling may use `hlt`.
     static let haltWakesFlag: UInt32 = 1 << 31
 
-    /// Only the first 1 GiB is mapped; anything else cannot be a start_info here.
-    private static let mappedLimit: UInt64 = 1 << 30
+    /// Only the first 4 GiB are mapped at entry; anything else cannot be a start_info here.
+    private static let mappedLimit: UInt64 = 1 << 32
 
     let flags: UInt32
 

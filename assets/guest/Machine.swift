@@ -9,11 +9,15 @@ enum Machine {
     /// Whether `hlt` may be used while idle; see `StartInfo.haltWakesFlag`.
     nonisolated(unsafe) static var haltWhenIdle = false
 
-    /// Runs once per poll that found nothing to do. Device polling (e.g. a
-    /// network queue) belongs here, before the CPU is parked.
+    /// Runs once per poll that found nothing to do: polls the NIC's receive
+    /// queues, then parks the CPU unless a frame arrived (more may follow
+    /// right behind it, and the wake-up for them may already have passed).
     @inline(__always)
     static func idle() {
         ticks &+= 1
+        if Network.poll() {
+            return
+        }
         if haltWhenIdle {
             cpu_halt()
         } else {

@@ -14,6 +14,9 @@ let commands: [Command] = [
     Command(name: "help", usage: "help", summary: "list commands", run: Commands.help),
     Command(name: "uname", usage: "uname", summary: "print guest name and version", run: Commands.uname),
     Command(name: "ticks", usage: "ticks", summary: "print the idle tick counter", run: Commands.ticks),
+    Command(name: "ip", usage: "ip addr|link", summary: "show or set eth0: addr add|del A.B.C.D/N dev eth0, link set eth0 up|down", run: NetCommands.ip),
+    Command(name: "ping", usage: "ping ADDRESS", summary: "echo requests once a second [-c COUNT] [-W SECONDS]", run: NetCommands.ping),
+    Command(name: "stats", usage: "stats", summary: "print frames per queue pair", run: NetCommands.stats),
     Command(name: "poweroff", usage: "poweroff", summary: "power the machine off", run: Commands.powerOff),
 ]
 

@@ -33,14 +33,18 @@ work="$(mktemp -d "${TMPDIR:-/tmp}/guest-build.XXXXXX")"
 trap 'rm -rf "$work"' EXIT
 
 target=x86_64-unknown-none-elf
-swift_sources=(Boot.swift Machine.swift Serial.swift Console.swift Text.swift LineReader.swift Shell.swift Commands.swift)
+swift_sources=(Boot.swift Machine.swift Serial.swift Console.swift Text.swift LineReader.swift Shell.swift Commands.swift
+    PageTables.swift PCI.swift VirtioPCI.swift Virtqueue.swift VirtioNet.swift Clock.swift
+    Bytes.swift Network.swift ARP.swift IPv4.swift Ping.swift NetCommands.swift)
 
 cd "$here"
 
 # The guest cannot execute SSE/MMX (KVM emulation failure), so no vector or
 # FP registers anywhere, including compiler-generated memcpy/memset.
-"$bin/clang" -target "$target" -mgeneral-regs-only -ffreestanding -fno-pic \
-    -c entry.S -o "$work/entry.o"
+for asm in entry dma; do
+    "$bin/clang" -target "$target" -mgeneral-regs-only -ffreestanding -fno-pic \
+        -c "$asm.S" -o "$work/$asm.o"
+done
 
 "$swiftc" -enable-experimental-feature Embedded -target "$target" \
     -module-name Guest -parse-as-library -wmo -Osize \
@@ -52,7 +56,7 @@ cd "$here"
 
 "$bin/ld.lld" -static -nostdlib --gc-sections --build-id=none \
     -z norelro -z noexecstack -T guest.ld \
-    "$work/entry.o" "$work/guest.o" -o "$work/guest.elf"
+    "$work/entry.o" "$work/dma.o" "$work/guest.o" -o "$work/guest.elf"
 
 if [ -x "$bin/llvm-objdump" ]; then
     if "$bin/llvm-objdump" -d "$work/guest.elf" | grep -E 'xmm|ymm|zmm|%mm[0-7]|%st\b|%st\(' >&2; then

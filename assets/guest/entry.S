@@ -102,21 +102,42 @@ gdt_descriptor:
 
 /* ------------------------------------------------------------------------ */
 
-    /* Identity map of the first 1 GiB with 2 MiB pages, emitted as data. */
+    /*
+     * Identity map of the first 4 GiB with 2 MiB pages, emitted as data: RAM
+     * and the 32-bit PCI hole (where firmware and our VMM put device BARs).
+     * Four page directories follow each other, one per GiB.
+     */
     .section .data.pagetables, "aw"
     .balign 4096
+    .globl pml4, pdpt
 pml4:
     .quad pdpt + PTE_TABLE
     .fill 511, 8, 0
 pdpt:
     .quad pd + PTE_TABLE
-    .fill 511, 8, 0
+    .quad pd + 0x1000 + PTE_TABLE
+    .quad pd + 0x2000 + PTE_TABLE
+    .quad pd + 0x3000 + PTE_TABLE
+    .fill 508, 8, 0
 pd:
     .set page, 0
-    .rept 512
+    .rept 2048
     .quad page + PDE_2M
     .set page, page + 0x200000
     .endr
+
+    /*
+     * Spare tables for one 1 GiB region above 4 GiB (a 64-bit BAR placed
+     * there by firmware), filled at run time by PageTables.swift. The PDPT
+     * is only used when the region lies beyond the first 512 GiB.
+     */
+    .section .bss.pagetables, "aw", @nobits
+    .balign 4096
+    .globl high_pdpt, high_pd
+high_pdpt:
+    .skip 4096
+high_pd:
+    .skip 4096
 
 /* ------------------------------------------------------------------------ */
 

@@ -213,6 +213,8 @@ public final class VirtioNet: VirtioDeviceModel, @unchecked Sendable {
     private func processControlQueue() {
         guard let transport else { return }
         let memory = transport.memory
+        // Read before taking the queue: the transport lock is not reentrant.
+        let multiQueueNegotiated = transport.negotiatedFeatures & Feature.multiQueue != 0
         _ = transport.withQueue(controlQueueIndex) { queue in
             while let chain = try queue.popAvailable(from: memory) {
                 var request: [UInt8] = []
@@ -223,7 +225,7 @@ public final class VirtioNet: VirtioDeviceModel, @unchecked Sendable {
                 var status: UInt8 = 1
                 if request[0] == Self.controlClassMQ && request[1] == Self.controlMQPairsSet && request.count >= 4 {
                     let pairs = Int(UInt16(request[2]) | UInt16(request[3]) << 8)
-                    if pairs >= 1 && pairs <= maxQueuePairs && transport.negotiatedFeatures & Feature.multiQueue != 0 {
+                    if pairs >= 1 && pairs <= maxQueuePairs && multiQueueNegotiated {
                         setActivePairs(pairs)
                         status = 0
                         logger.debug("\(id): \(pairs) queue pairs active")
