@@ -59,23 +59,29 @@ public final class Pinger: Sendable {
     private static let counter = Atomic<Int>(0)
 
     /// Opens the socket in `namespace` (nil: the test process's own namespace); `start()` begins sending.
+    /// `source` picks the local address requests come from (like `ping -I ADDR`), e.g. to
+    /// make several flows that a multi-queue TAP steers to different queues.
     public convenience init(
         namespace: NetworkNamespace?, destination: String, interval: Duration = .seconds(1), count: Int? = nil,
-        payloadSize: Int = 56, replyTimeout: Duration = .seconds(1)
+        payloadSize: Int = 56, replyTimeout: Duration = .seconds(1), source: String? = nil
     ) throws {
         try self.init(
             namespace: namespace, destination: destination, interval: interval, count: count, payloadSize: payloadSize,
-            replyTimeout: replyTimeout, datagramOnly: false)
+            replyTimeout: replyTimeout, datagramOnly: false, source: source)
     }
 
     /// `datagramOnly`: skip the raw socket, to test the unprivileged path as root.
     init(
         namespace: NetworkNamespace?, destination: String, interval: Duration, count: Int?, payloadSize: Int,
-        replyTimeout: Duration, datagramOnly: Bool
+        replyTimeout: Duration, datagramOnly: Bool, source: String? = nil
     ) throws {
         var address = in_addr()
         guard inet_pton(AF_INET, destination, &address) == 1 else {
             throw PingerError.invalidArgument("destination '\(destination)' is not an IPv4 address")
+        }
+        var sourceAddress = in_addr()
+        if let source, inet_pton(AF_INET, source, &sourceAddress) != 1 {
+            throw PingerError.invalidArgument("source '\(source)' is not an IPv4 address")
         }
         guard interval > .zero else { throw PingerError.invalidArgument("interval \(interval) must be positive") }
         if let count, count < 1 { throw PingerError.invalidArgument("count \(count) must be at least 1") }
@@ -86,8 +92,9 @@ public final class Pinger: Sendable {
         self.payloadSize = payloadSize
         self.replyTimeout = replyTimeout
 
-        let opened = try namespace.map { namespace in try namespace.perform { try Self.openSocket(datagramOnly: datagramOnly) } }
-            ?? Self.openSocket(datagramOnly: datagramOnly)
+        let local = sourceAddress
+        let opened = try namespace.map { namespace in try namespace.perform { try Self.openSocket(datagramOnly: datagramOnly, source: local) } }
+            ?? Self.openSocket(datagramOnly: datagramOnly, source: local)
         let wake = cl_eventfd(0, CL_EFD_CLOEXEC | CL_EFD_NONBLOCK)
         guard wake >= 0 else {
             let error = SystemError("eventfd")
@@ -192,7 +199,7 @@ public final class Pinger: Sendable {
     }
 
     /// A raw ICMP socket, else an unprivileged ICMP datagram socket; in the calling thread's namespace.
-    private static func openSocket(datagramOnly: Bool) throws -> OpenedSocket {
+    private static func openSocket(datagramOnly: Bool, source: in_addr) throws -> OpenedSocket {
         let cloexec = Int32(SOCK_CLOEXEC.rawValue)
         let raw = datagramOnly ? -1 : socket(AF_INET, Int32(SOCK_RAW.rawValue) | cloexec, Int32(IPPROTO_ICMP))
         if raw >= 0 {
@@ -201,6 +208,19 @@ public final class Pinger: Sendable {
             var filter: UInt32 = ~(UInt32(1) << UInt32(ICMPEcho.echoReply))
             _ = setsockopt(raw, socketLevelRaw, icmpFilter, &filter, socklen_t(MemoryLayout<UInt32>.size))
             enlargeReceiveBuffer(raw)
+            if source.s_addr != 0 {
+                var local = sockaddr_in()
+                local.sin_family = sa_family_t(AF_INET)
+                local.sin_addr = source
+                let bound = withUnsafePointer(to: &local) {
+                    $0.withMemoryRebound(to: sockaddr.self, capacity: 1) { bind(raw, $0, socklen_t(MemoryLayout<sockaddr_in>.size)) == 0 }
+                }
+                guard bound else {
+                    let error = SystemError("bind raw ICMP socket to the source address")
+                    closeDescriptor(raw)
+                    throw error
+                }
+            }
             return OpenedSocket(fd: raw, raw: true, identifier: nil)
         }
         let rawError = SystemError("socket(AF_INET, SOCK_RAW, IPPROTO_ICMP)", code: datagramOnly ? EPERM : errno)
@@ -211,6 +231,7 @@ public final class Pinger: Sendable {
         // Bind to get the identifier now: the kernel writes the socket's port into every request.
         var local = sockaddr_in()
         local.sin_family = sa_family_t(AF_INET)
+        local.sin_addr = source
         var length = socklen_t(MemoryLayout<sockaddr_in>.size)
         let bound = withUnsafeMutablePointer(to: &local) { pointer in
             pointer.withMemoryRebound(to: sockaddr.self, capacity: 1) { address in
