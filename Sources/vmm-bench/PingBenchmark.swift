@@ -20,7 +20,7 @@ struct PingBenchmark: AsyncParsableCommand {
     var seconds = 5
 
     @Option(help: "Packet rates to try, ascending (packets per second).")
-    var rates = "200,500,1000,2000,4000,8000"
+    var rates = "250,500,750,1000,1250,1500,1750,2000,2500,3000,4000"
 
     @Option(help: "TAP queues and virtio-net queue pairs.")
     var queues = 1

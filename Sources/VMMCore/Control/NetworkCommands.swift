@@ -32,6 +32,7 @@ extension Machine {
 
     func attach(_ nic: VirtioNet) {
         nic.attach(to: loop) { [vcpuRunner] in vcpuRunner.wake() }
+        vcpuRunner.addHaltWakeSources(nic.haltWakeSources)
     }
 
     /// QMP arguments as a QEMU option string, so QMP and the command line share one parser.

@@ -79,9 +79,24 @@ public final class VirtioNet: VirtioDeviceModel, @unchecked Sendable {
         self.loop = loop
         wakeGuest = wake
         for (pair, fd) in backend.queueFDs.prefix(maxQueuePairs).enumerated() {
-            loop.watch(fd, interest: { [unowned self] in
-                pair < activePairs.load(ordering: .relaxed) && rxHasBuffers.withLock { $0[pair] } ? Int16(POLLIN) : 0
-            }) { [unowned self] _ in receive(pair: pair) }
+            loop.watch(fd, interest: { [unowned self] in wantsInput(pair: pair) ? Int16(POLLIN) : 0 }) { [unowned self] _ in
+                receive(pair: pair)
+            }
+        }
+    }
+
+    /// Whether pair `pair`'s TAP queue should be read now: the pair is in use and the
+    /// guest has posted receive buffers.
+    func wantsInput(pair: Int) -> Bool {
+        pair < activePairs.load(ordering: .relaxed) && rxHasBuffers.withLock { $0[pair] }
+    }
+
+    /// The TAP queues for a halted vCPU to wait on and receive from directly.
+    var haltWakeSources: [VCPURunner.HaltWakeSource] {
+        backend.queueFDs.prefix(maxQueuePairs).enumerated().map { pair, fd in
+            VCPURunner.HaltWakeSource(fd: fd, wanted: { [unowned self] in wantsInput(pair: pair) }) { [unowned self] in
+                receive(pair: pair, wake: false)
+            }
         }
     }
 
@@ -152,7 +167,9 @@ public final class VirtioNet: VirtioDeviceModel, @unchecked Sendable {
 
     // MARK: RX (event loop)
 
-    func receive(pair: Int) {
+    /// Fills the guest's RX buffers from TAP queue `pair`. `wake`: rouse a halted vCPU
+    /// afterwards (not needed when the vCPU thread itself is receiving).
+    func receive(pair: Int, wake: Bool = true) {
         guard let transport else { return }
         let fd = backend.queueFDs[pair]
         let memory = transport.memory
@@ -201,7 +218,7 @@ public final class VirtioNet: VirtioDeviceModel, @unchecked Sendable {
         }
         if delivered > 0 {
             counters.withLock { $0.rxPackets[pair] += delivered }
-            wakeGuest?()
+            if wake { wakeGuest?() }
         }
     }
 
