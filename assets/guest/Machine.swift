@@ -20,6 +20,8 @@ enum Machine {
         }
         if haltWhenIdle {
             cpu_halt()
+            // The VMM mostly wakes us for a frame: take it before the console poll's exit.
+            _ = Network.poll()
         } else {
             // A host that never wakes `hlt` with interrupts off (QEMU) needs spinning.
             cpu_pause()

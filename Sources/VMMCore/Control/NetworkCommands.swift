@@ -83,13 +83,8 @@ extension Machine {
         let netdevArgs = Dictionary(uniqueKeysWithValues: NetdevSpec.keys.map { ($0, QMPDispatcher.ArgumentType.any) })
         d.register("netdev_add", arguments: netdevArgs, required: ["type", "id"]) { [unowned self] args in
             let (text, claimed) = try optionString(args["type"]?.stringValue ?? "", args, skip: ["type"], resolveFDs: true)
-            do {
-                try addNetdev(try NetdevSpec.parse(text, option: "netdev_add"))
-            } catch let error as QMPCommandError {
-                throw error
-            } catch {
-                throw QMPCommandError("\(error)")
-            }
+            // Parse errors become GenericError replies in the dispatcher, with their text.
+            try addNetdev(try NetdevSpec.parse(text, option: "netdev_add"))
             for name in claimed { if let fd = namedFDs.removeValue(forKey: name) { close(fd) } }
             return [:]
         }
@@ -106,13 +101,7 @@ extension Machine {
                 throw QMPCommandError("device_add is only supported before the guest starts (-S, state 'prelaunch'); there is no hotplug yet")
             }
             let (text, _) = try optionString(args["driver"]?.stringValue ?? "", args, skip: ["driver"], resolveFDs: false)
-            do {
-                try addNIC(try DeviceSpec.parse(text, option: "device_add"))
-            } catch let error as QMPCommandError {
-                throw error
-            } catch {
-                throw QMPCommandError("\(error)")
-            }
+            try addNIC(try DeviceSpec.parse(text, option: "device_add"))
             attach(nics[nics.count - 1])
             return [:]
         }
