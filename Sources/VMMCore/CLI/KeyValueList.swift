@@ -61,6 +61,12 @@ public struct KeyValueList: Sendable, Equatable {
 
     public subscript(key: String) -> String? { pairs.last { $0.key == key }?.value }
 
+    /// The value of a parameter that must be present and non-empty.
+    public func required(_ key: String, in text: String) throws -> String {
+        guard let value = self[key], !value.isEmpty else { throw ParseError(description: "\(option) \(text): parameter '\(key)' is missing") }
+        return value
+    }
+
     /// Every key must be one of `allowed`; the error names the option and the stray key.
     public func checkKeys(_ allowed: Set<String>, context: String) throws {
         for (key, _) in pairs where !allowed.contains(key) {

@@ -17,7 +17,7 @@ public struct NetdevSpec: Sendable, Equatable {
             throw VMMConfiguration.Error("\(option) \(value): unsupported netdev type '\(list["type"] ?? "")' (only 'tap')")
         }
         try list.checkKeys(keys, context: value)
-        guard let id = list["id"], !id.isEmpty else { throw VMMConfiguration.Error("\(option) \(value): parameter 'id' is missing") }
+        let id = try list.required("id", in: value)
         for key in ["script", "downscript"] {
             if let script = list[key], !["no", ""].contains(script) {
                 throw VMMConfiguration.Error("\(option) \(value): \(key)=\(script) is not supported, use \(key)=no and set the TAP up beforehand")
@@ -71,7 +71,7 @@ public struct DeviceSpec: Sendable, Equatable {
             throw VMMConfiguration.Error("\(option) \(value): unsupported device '\(list["driver"] ?? "")' (only virtio-net-pci)")
         }
         try list.checkKeys(keys, context: value)
-        guard let netdev = list["netdev"], !netdev.isEmpty else { throw VMMConfiguration.Error("\(option) \(value): parameter 'netdev' is missing") }
+        let netdev = try list.required("netdev", in: value)
         var spec = DeviceSpec(id: list["id"], netdev: netdev, mac: nil, multiQueue: try list.bool("mq", default: false))
         if let mac = list["mac"] {
             guard let bytes = parseMAC(mac) else { throw VMMConfiguration.Error("\(option) \(value): mac=\(mac) is not a MAC address like 52:54:00:12:34:56") }

@@ -134,7 +134,7 @@ public struct VMMConfiguration: Sendable, Equatable {
     static func parseObject(_ value: String, option: String) throws -> MemoryBackend {
         let list = try KeyValueList(value, option: option, impliedKey: "qom-type")
         let type = list["qom-type"] ?? ""
-        guard let id = list["id"], !id.isEmpty else { throw Error("\(option) \(value): parameter 'id' is missing") }
+        let id = try list.required("id", in: value)
         guard let size = try list.size("size") else { throw Error("\(option) \(value): parameter 'size' is missing") }
         switch type {
         case "memory-backend-memfd", "memory-backend-ram":
@@ -142,7 +142,7 @@ public struct VMMConfiguration: Sendable, Equatable {
             return MemoryBackend(id: id, size: size, backing: .memfd, shared: try list.bool("share", default: type == "memory-backend-memfd"))
         case "memory-backend-file":
             try list.checkKeys(["qom-type", "id", "size", "share", "mem-path"], context: value)
-            guard let path = list["mem-path"], !path.isEmpty else { throw Error("\(option) \(value): parameter 'mem-path' is missing") }
+            let path = try list.required("mem-path", in: value)
             return MemoryBackend(id: id, size: size, backing: .file(path: path), shared: try list.bool("share", default: false))
         default:
             throw Error("\(option) \(value): unsupported object type '\(type)' (memory-backend-memfd, memory-backend-file, memory-backend-ram)")
