@@ -75,7 +75,7 @@ public final class Machine: @unchecked Sendable {
             .init(base: DebugExit.port, count: 1, device: DebugExit { exitHandler.handle($0) }),
             .init(base: PCIBus.configAddressPort, count: 8, device: pciBus),
         ])
-        vcpuRunner = VCPURunner(vcpu: vcpu, bus: bus, pci: pciBus, logger: logger) { message in
+        vcpuRunner = VCPURunner(vcpu: vcpu, bus: bus, pci: pciBus, haltPollNanoseconds: config.haltPollNanoseconds, logger: logger) { message in
             loop.post { exitHandler.machine?.vcpuFailed(message) }
         }
         qmp = QMPServer(loop: loop, dispatcher: dispatcher,

@@ -30,6 +30,9 @@ struct PingBenchmark: AsyncParsableCommand {
     @Option(help: "QEMU binary to compare with; 'none' skips it.")
     var qemu = "qemu-system-x86_64"
 
+    @Option(help: "Extra arguments for the bundled vmm, space-separated (e.g. '-accel kvm,x-halt-poll-ns=10000000').")
+    var vmmArguments = ""
+
     @Option(help: "RTT rounds per VMM, alternating between them (a fresh VM each); the median round counts.")
     var rounds = 3
 
@@ -47,7 +50,8 @@ struct PingBenchmark: AsyncParsableCommand {
 
     func run() async throws {
         let vmm = try VMMBinary.bundled()
-        var contenders: [(String, VMMBinary, [String])] = [("vmm", vmm, [])]
+        let extra = vmmArguments.split(separator: " ").map(String.init)
+        var contenders: [(String, VMMBinary, [String])] = [("vmm", VMMBinary(path: vmm.path, defaultArguments: vmm.defaultArguments + extra), [])]
         if qemu != "none", let path = VMMBinary.findExecutable(qemu) {
             contenders.append(("qemu q35", VMMBinary(path: path, defaultArguments: [
                 "-machine", "q35", "-accel", "kvm", "-nodefaults", "-no-user-config", "-display", "none"]), ["vhost=off"]))

@@ -24,6 +24,8 @@ import Testing
             "-serial", "unix:/tmp/c.sock,server=on,wait=off", "-qmp", "unix:/tmp/q.sock,server=on,wait=off",
         ])
         #expect(config.name == "guest1")
+        #expect(config.haltPollNanoseconds == VCPURunner.defaultHaltPollNanoseconds)
+        #expect(try VMMConfiguration.parse(["-kernel", "k", "-accel", "kvm,x-halt-poll-ns=5000000"]).haltPollNanoseconds == 5_000_000)
         #expect(config.startPaused)
         #expect(config.kernel == "/k.elf")
         #expect(config.serial == [.unixServer(path: "/tmp/c.sock", wait: false)])
@@ -61,6 +63,8 @@ import Testing
         (["-kernel", "k", "-object", "memory-backend-memfd,id=a,size=1G,share=maybe"], "expects 'on' or 'off'"),
         (["-kernel", "k", "-accel", "tcg"], "only the kvm accelerator"),
         (["-kernel", "k", "-smp", "4"], "only one vCPU"),
+        (["-kernel", "k", "-accel", "kvm,x-halt-poll-ns=-1"], "must be 0..10000000"),
+        (["-kernel", "k", "-accel", "kvm,colour=red"], "unknown parameter 'colour'"),
     ])
     func badCommandLinesNameTheOption(arguments: [String], fragment: String) {
         do {

@@ -23,6 +23,8 @@ public struct VMMConfiguration: Sendable, Equatable {
     public var showVersion = false
     public var showHelp = false
     public var debugLog = false
+    /// `-accel kvm,x-halt-poll-ns=N`: see `VCPURunner.defaultHaltPollNanoseconds`.
+    public var haltPollNanoseconds = VCPURunner.defaultHaltPollNanoseconds
 
     public static let defaultMemorySize: UInt64 = 128 << 20
 
@@ -47,7 +49,8 @@ public struct VMMConfiguration: Sendable, Equatable {
           -device virtio-net-pci,netdev=ID[,id=ID][,mac=MAC][,mq=on|off]
           -S                       stay in 'prelaunch' until QMP 'cont'
           -no-shutdown             on guest poweroff stay in 'shutdown' instead of exiting
-          -name NAME, -accel kvm, -enable-kvm, -smp 1, -cpu host, -display none,
+          -accel kvm[,x-halt-poll-ns=N]  poll device input N ns after a guest HLT (default 100000)
+          -name NAME, -enable-kvm, -smp 1, -cpu host, -display none,
           -nodefaults, -no-user-config, -nographic, -d (debug log), -version, -help
         """
 
@@ -97,6 +100,13 @@ public struct VMMConfiguration: Sendable, Equatable {
                 case "accel":
                     let accel = try KeyValueList(value, option: raw, impliedKey: "accel")
                     guard accel["accel"] == "kvm" else { throw fail("\(raw) \(value): only the kvm accelerator is supported") }
+                    try accel.checkKeys(["accel", "x-halt-poll-ns"], context: value)
+                    if let text = accel["x-halt-poll-ns"] {
+                        guard let ns = Int64(text), (0...10_000_000).contains(ns) else {
+                            throw fail("\(raw) \(value): x-halt-poll-ns=\(text) must be 0..10000000")
+                        }
+                        config.haltPollNanoseconds = ns
+                    }
                 case "display", "monitor":
                     guard value == "none" else { throw fail("\(raw) \(value): only 'none' is supported") }
                 case "smp":

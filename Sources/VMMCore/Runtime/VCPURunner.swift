@@ -49,7 +49,9 @@ public final class VCPURunner: @unchecked Sendable {
     public let exitCount = Atomic<UInt64>(0)
     public let haltCount = Atomic<UInt64>(0)
 
-    public init(vcpu: VCPU, bus: IOBus, pci: PCIBus?, logger: Logger, onFatal: @escaping @Sendable (String) -> Void) {
+    public init(vcpu: VCPU, bus: IOBus, pci: PCIBus?, haltPollNanoseconds: Int64 = defaultHaltPollNanoseconds,
+                logger: Logger, onFatal: @escaping @Sendable (String) -> Void) {
+        self.haltPollNanoseconds = haltPollNanoseconds
         self.vcpu = vcpu
         self.bus = bus
         self.pci = pci
@@ -94,11 +96,13 @@ public final class VCPURunner: @unchecked Sendable {
         haltSources.withLock { $0 += sources }
     }
 
-    /// How long a halted vCPU with wake sources polls them before it sleeps. Packets
-    /// often come back to back; catching the next one without a sleep and wake-up of
-    /// this thread (slow under nested virtualization) keeps latency down. Like KVM's
-    /// halt_poll_ns, it trades a little host CPU after each halt for that.
-    public static let haltPollNanoseconds: Int64 = 100_000
+    /// How long a halted vCPU with wake sources polls them before it sleeps
+    /// (`-accel kvm,x-halt-poll-ns=N`). Packets often come back to back; catching the
+    /// next one without a sleep and wake-up of this thread (slow under nested
+    /// virtualization) keeps latency down. Like KVM's halt_poll_ns, it trades host CPU
+    /// after each halt for that: up to 10 ms polls all the time, as a spinning guest would.
+    public static let defaultHaltPollNanoseconds: Int64 = 100_000
+    let haltPollNanoseconds: Int64
 
     /// Sleeps until kicked, a wake source is ready (then handles it) or the idle timer ends.
     private func waitWhileHalted() {
@@ -109,7 +113,7 @@ public final class VCPURunner: @unchecked Sendable {
         }
         var fds = [pollfd(fd: halted.fd, events: Int16(POLLIN), revents: 0)]
         fds += sources.map { pollfd(fd: $0.fd, events: Int16(POLLIN), revents: 0) }
-        let spinUntil = monotonicNanoseconds() + Self.haltPollNanoseconds
+        let spinUntil = monotonicNanoseconds() + haltPollNanoseconds
         var ready = poll(&fds, nfds_t(fds.count), 0)
         while ready == 0 && monotonicNanoseconds() < spinUntil {
             ready = poll(&fds, nfds_t(fds.count), 0)
