@@ -1,0 +1,118 @@
+import Glibc
+import Testing
+@testable import VMMCore
+
+@Suite struct MigrationStreamTests {
+    static let sections: [MigrationStream.Section] = [
+        .init(kind: .configuration, payload: MachineDescription(properties: ["ram-size": "134217728"], devices: []).encode()),
+        .init(kind: .ram, payload: [UInt8](repeating: 0xAB, count: 5000)),
+        .init(kind: .vcpu, name: "cpu0", payload: Array(0..<200)),
+        .init(kind: .device, name: "net0", payload: [1, 2, 3], fdCount: 4),
+        .init(kind: .end),
+    ]
+
+    static func stream() -> [UInt8] { MigrationStream.header() + sections.flatMap { MigrationStream.encode($0) } }
+
+    @Test func roundTripsEverySection() throws {
+        #expect(try MigrationStream.decodeAll(Self.stream()) == Self.sections)
+    }
+
+    /// Cutting the stream anywhere, in particular at every section boundary, gives an
+    /// error and never a shorter stream that parses.
+    @Test func truncationAnywhereIsAnError() throws {
+        let bytes = Self.stream()
+        var boundaries = [MigrationStream.headerSize]
+        for section in Self.sections { boundaries.append(boundaries.last! + MigrationStream.encode(section).count) }
+        let cuts = Set(boundaries.dropLast() + Array(stride(from: 0, to: bytes.count, by: 97)) + [bytes.count - 1])
+        for cut in cuts.sorted() {
+            #expect(throws: StreamError.self, "cut at \(cut)") { try MigrationStream.decodeAll(Array(bytes.prefix(cut))) }
+        }
+    }
+
+    @Test func flippedBitsAreCaughtByTheChecksum() throws {
+        var bytes = Self.stream()
+        for position in stride(from: MigrationStream.headerSize + 4, to: bytes.count, by: 131) {
+            bytes[position] ^= 0x10
+            #expect(throws: StreamError.self, "bit flip at \(position)") { try MigrationStream.decodeAll(bytes) }
+            bytes[position] ^= 0x10
+        }
+    }
+
+    @Test func foreignStreamsAreNamed() {
+        let qemu = Array("QEVM".utf8) + [0, 0, 0, 3] + [UInt8](repeating: 0, count: 16)
+        #expect { try MigrationStream.checkHeader(qemu) } throws: { "\($0)".contains("QEMU migration stream") }
+        var skew = MigrationStream.header()
+        skew[8] = 9
+        #expect { try MigrationStream.checkHeader(skew) } throws: { "\($0)".contains("version 9") }
+        #expect { try MigrationStream.checkHeader(Array("GET / HTTP/1.1\r\n".utf8)) } throws: { "\($0)".contains("not a swift-vmm") }
+    }
+
+    @Test func absurdFrameLengthsAreRefusedBeforeAllocating() {
+        #expect(throws: StreamError.self) { try MigrationStream.frameLength([0xFF, 0xFF, 0xFF, 0x7F]) }
+        #expect(throws: StreamError.self) { try MigrationStream.frameLength([1, 0, 0, 0]) }
+    }
+
+    @Test func bytesAfterTheEndSectionAreAnError() {
+        #expect(throws: StreamError.self) { try MigrationStream.decodeAll(Self.stream() + [0]) }
+    }
+}
+
+@Suite struct MachineDescriptionTests {
+    static func machine(queuePairs: String = "4", mq: String = "on", ram: String = "134217728", extraDevice: Bool = false) -> MachineDescription {
+        var devices = [MachineDescription.Device(id: "net0", type: "virtio-net-pci",
+                                                 properties: ["max_queue_pairs": queuePairs, "mq": mq, "local-migration": "on"])]
+        if extraDevice { devices.append(.init(id: "net1", type: "virtio-net-pci", properties: [:])) }
+        return MachineDescription(properties: ["ram-size": ram, "local": "on"], devices: devices)
+    }
+
+    @Test func roundTrips() throws {
+        let m = Self.machine(extraDevice: true)
+        #expect(try MachineDescription.decode(m.encode()) == m)
+    }
+
+    @Test func agreeingMachinesPass() throws {
+        try Self.machine().check(target: Self.machine())
+    }
+
+    @Test(arguments: [
+        (machine(queuePairs: "2"), "device 'net0' (virtio-net-pci): property 'max_queue_pairs' is 4 on the source but 2 on the target"),
+        (machine(mq: "off"), "property 'mq' is on on the source but off on the target"),
+        (machine(ram: "268435456"), "machine: property 'ram-size' is 134217728 on the source but 268435456 on the target"),
+        (machine(extraDevice: true), "device 'net1' (virtio-net-pci) exists on the target but not on the source"),
+        (MachineDescription(properties: ["ram-size": "134217728", "local": "on"], devices: []), "device 'net0' (virtio-net-pci) exists on the source but not on the target"),
+        (MachineDescription(properties: ["ram-size": "134217728"], devices: machine().devices), "property 'local' is on on the source but unset on the target"),
+    ])
+    func mismatchesNameDevicePropertyAndBothValues(target: MachineDescription, message: String) {
+        #expect { try Self.machine().check(target: target) } throws: { "\($0)".contains(message) }
+    }
+
+    @Test func truncatedDescriptionsFail() {
+        let bytes = Self.machine().encode()
+        for cut in 0..<bytes.count {
+            #expect(throws: StreamError.self) { try MachineDescription.decode(Array(bytes.prefix(cut))) }
+        }
+    }
+}
+
+@Suite struct ReceivedFDsTests {
+    func openFDs(_ n: Int) -> [Int32] { (0..<n).map { _ in open("/dev/null", O_RDONLY | O_CLOEXEC) } }
+    func isOpen(_ fd: Int32) -> Bool { fcntl(fd, F_GETFD) >= 0 }
+
+    @Test func claimsInOrderAndClosesTheRest() throws {
+        let table = ReceivedFDs()
+        let fds = openFDs(5)
+        table.append(fds)
+        let claimed = try table.claim(2, for: "device 'net0'")
+        #expect(claimed == Array(fds.prefix(2)))
+        #expect(table.closeUnclaimed() == 3)
+        #expect(fds.suffix(3).allSatisfy { !isOpen($0) })
+        #expect(claimed.allSatisfy { isOpen($0) })
+        claimed.forEach { close($0) }
+    }
+
+    @Test func claimingMoreThanArrivedNamesTheSection() {
+        let table = ReceivedFDs()
+        table.append(openFDs(1))
+        #expect { try table.claim(4, for: "device 'net0'") } throws: { "\($0)".contains("device 'net0' claims 4") }
+    }
+}
