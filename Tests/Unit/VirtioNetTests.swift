@@ -31,12 +31,16 @@ import Testing
         // Queue q's rings: descriptors at 0x10000 * (q+1), avail +0x1000, used +0x2000.
         func base(_ q: Int) -> UInt64 { 0x10000 * UInt64(q + 1) }
 
-        init(vnetHeader: Bool) throws {
+        /// `configure`: run the driver's initialisation (false: a fresh device, e.g. a migration target).
+        init(vnetHeader: Bool, configure: Bool = true) throws {
             memory = try GuestMemory(size: 4 << 20)
             backend = PairBackend(vnetHeader: vnetHeader)
             nic = VirtioNet(id: "nic0", mac: [0x52, 0x54, 0, 1, 2, 3], backend: backend, multiQueue: false, logger: .init(label: "t"))
             transport = VirtioPCITransport(name: "nic0", model: nic, memory: memory, logger: .init(label: "t"))
             nic.transport = transport
+            transport.configWrite(offset: 0x10, size: 4, value: 0xE000_0000)
+            transport.configWrite(offset: 0x04, size: 2, value: 0x6)
+            guard configure else { return }
             bar(0x08, 0, 4); bar(0x0C, UInt64(VirtioNet.Feature.mac), 4)
             bar(0x08, 1, 4); bar(0x0C, 1, 4)
             bar(0x14, 1 | 2 | 8, 1)

@@ -68,6 +68,33 @@ public final class Serial16550: PortIODevice {
         }
     }
 
+    /// Register state and pending input, for the migration stream.
+    public func save() -> [UInt8] {
+        state.withLock { s in
+            var w = StreamWriter()
+            for register in [s.ier, s.lcr, s.mcr, s.scr, s.dll, s.dlm, s.fcr] { w.u8(register) }
+            w.bool(s.thrInterruptPending)
+            w.blob(s.rx[s.rxHead...])
+            return w.bytes
+        }
+    }
+
+    public func load(_ bytes: [UInt8]) throws {
+        var r = StreamReader(bytes, context: "serial state")
+        var s = State()
+        s.ier = try r.u8("IER") & 0x0F
+        s.lcr = try r.u8("LCR")
+        s.mcr = try r.u8("MCR") & 0x1F
+        s.scr = try r.u8("SCR")
+        s.dll = try r.u8("DLL")
+        s.dlm = try r.u8("DLM")
+        s.fcr = try r.u8("FCR") & 0xC9
+        s.thrInterruptPending = try r.bool("THRE pending")
+        s.rx = try r.blob("input", limit: Self.inputCapacity)
+        try r.finish()
+        state.withLock { $0 = s }
+    }
+
     public var inputSpace: Int { state.withLock { Self.inputCapacity - $0.rxCount } }
     public var pendingInput: Int { state.withLock { $0.rxCount } }
 

@@ -257,6 +257,26 @@ public final class VirtioNet: VirtioDeviceModel, @unchecked Sendable {
         loop?.poke()
     }
 
+    /// The device state beyond the transport: how many queue pairs the guest enabled.
+    public func save() -> [UInt8] {
+        var w = StreamWriter()
+        w.u16(UInt16(activePairs.load(ordering: .relaxed)))
+        return w.bytes
+    }
+
+    /// Restores saved state after the transport's; a running device resumes polling.
+    public func load(_ bytes: [UInt8]) throws {
+        var r = StreamReader(bytes, context: "\(id) state")
+        let pairs = Int(try r.u16("active queue pairs"))
+        try r.finish()
+        guard pairs <= maxQueuePairs else {
+            throw StreamError("\(id): source had \(pairs) queue pairs active, this device has max_queue_pairs \(maxQueuePairs)")
+        }
+        setActivePairs(pairs)
+        rxHasBuffers.withLock { $0 = $0.map { _ in pairs > 0 } }
+        loop?.poke()
+    }
+
     /// Per-queue packet counts, for queries.
     public var statistics: (rx: [UInt64], tx: [UInt64]) { counters.withLock { ($0.rxPackets, $0.txPackets) } }
     public var queuePairsInUse: Int { activePairs.load(ordering: .relaxed) }

@@ -123,6 +123,65 @@ public final class VirtioPCITransport: PCIDevice {
         return result
     }
 
+    // MARK: migration
+
+    /// Transport state (PCI config space, negotiation, queues, MSI-X) for the stream.
+    public func save() -> [UInt8] {
+        state.withLock { s in
+            var w = StreamWriter()
+            w.raw(s.config.bytes)
+            w.u32(s.deviceFeatureSelect)
+            w.u32(s.driverFeatureSelect)
+            w.u64(s.driverFeatures)
+            w.u8(s.status)
+            w.u8(s.configGeneration)
+            w.u16(s.queueSelect)
+            w.u16(s.msixConfigVector)
+            w.u16(UInt16(s.queues.count))
+            for (queue, vector) in zip(s.queues, s.queueVectors) {
+                queue.save(to: &w)
+                w.u16(vector)
+            }
+            w.blob(s.msixTable)
+            return w.bytes
+        }
+    }
+
+    /// Restores saved transport state; the queue count must match this device's, and
+    /// enabled queues must lie in this machine's RAM.
+    public func load(_ bytes: [UInt8]) throws {
+        var r = StreamReader(bytes, context: "\(name) transport state")
+        var s = state.withLock { $0 }
+        let config = try r.raw(PCIConfigSpace.size, "configuration space")
+        s.deviceFeatureSelect = try r.u32("device feature select")
+        s.driverFeatureSelect = try r.u32("driver feature select")
+        s.driverFeatures = try r.u64("driver features")
+        let offered = model.deviceFeatures | Self.featureVersion1
+        guard s.driverFeatures & ~offered == 0 else {
+            throw StreamError("\(name): source negotiated features \(hex(s.driverFeatures)) that this device does not offer (\(hex(offered)))")
+        }
+        s.status = try r.u8("device status")
+        s.configGeneration = try r.u8("config generation")
+        s.queueSelect = try r.u16("queue select")
+        s.msixConfigVector = try r.u16("config vector")
+        let count = Int(try r.u16("queue count"))
+        guard count == s.queues.count else {
+            throw StreamError("\(name): source has \(count) virtqueues, this device has \(s.queues.count)")
+        }
+        for i in 0..<count {
+            try s.queues[i].load(from: &r)
+            s.queueVectors[i] = try r.u16("queue vector")
+            if s.queues[i].ready { try s.queues[i].validateLayout(in: memory) }
+        }
+        let table = try r.blob("MSI-X table", limit: s.msixTable.count)
+        guard table.count == s.msixTable.count else { throw StreamError("\(name): MSI-X table of \(table.count) bytes, expected \(s.msixTable.count)") }
+        s.msixTable = table
+        try r.finish()
+        // Only what a guest could have written: identity, BAR sizes and capabilities stay ours.
+        for offset in 0..<PCIConfigSpace.size { s.config.bytes[offset] = (s.config.bytes[offset] & ~s.config.writeMask[offset]) | (config[offset] & s.config.writeMask[offset]) }
+        state.withLock { $0 = s }
+    }
+
     // MARK: BAR access
 
     public func barRead(_ bar: Int, offset: UInt64, into data: UnsafeMutableRawBufferPointer) {

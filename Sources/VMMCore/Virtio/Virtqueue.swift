@@ -47,6 +47,30 @@ public struct Virtqueue: Sendable {
         self = Virtqueue(maxSize: maxSize)
     }
 
+    /// Everything the device side knows about the queue; the rings themselves are in guest RAM.
+    public func save(to w: inout StreamWriter) {
+        w.u16(size)
+        w.bool(ready)
+        w.u64(descriptorTable)
+        w.u64(driverArea)
+        w.u64(deviceArea)
+        w.u16(lastAvailable)
+        w.u16(usedIndex)
+    }
+
+    /// Restores a saved queue; the size must fit this device's maximum.
+    public mutating func load(from r: inout StreamReader) throws {
+        let size = try r.u16("queue size")
+        guard size <= maxSize else { throw StreamError("queue size \(size) exceeds this device's maximum \(maxSize)") }
+        self.size = size
+        ready = try r.bool("queue ready")
+        descriptorTable = try r.u64("descriptor table")
+        driverArea = try r.u64("driver area")
+        deviceArea = try r.u64("device area")
+        lastAvailable = try r.u16("last available index")
+        usedIndex = try r.u16("used index")
+    }
+
     /// Whether the driver has made buffers available that the device has not taken.
     public func hasAvailable(in memory: GuestMemory) throws -> Bool {
         try availableIndex(memory) != lastAvailable
