@@ -29,6 +29,7 @@
 #include <linux/kvm.h>
 #include "CLinuxTap.h"
 #include "CLinuxFDPassing.h"
+#include "CLinuxVCPUState.h"
 
 // MARK: ioctl numbers
 
