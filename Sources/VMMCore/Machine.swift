@@ -10,6 +10,9 @@ public enum RunState: String, Sendable {
     case paused
     case shutdown
     case internalError = "internal-error"
+    case inmigrate
+    case finishMigrate = "finish-migrate"
+    case postmigrate
 }
 
 /// Composes KVM, guest RAM, the boot image, devices, the console and QMP into one
@@ -38,7 +41,8 @@ public final class Machine: @unchecked Sendable {
     let qmp: QMPServer
     private var signalFD: Int32 = -1
 
-    public private(set) var runState: RunState
+    var runState: RunState
+    let migration = MigrationState()
 
     public init(config: VMMConfiguration, logger: Logger) throws {
         self.config = config
@@ -64,7 +68,9 @@ public final class Machine: @unchecked Sendable {
 
         let vcpu = try vm.createVCPU(id: 0)
         try vcpu.setCPUID(try Self.guestCPUID(hypervisor: hypervisor, vcpu: vcpu))
-        try Self.loadKernel(config: config, memory: memory, vcpu: vcpu)
+        // An incoming machine gets RAM and registers from the stream; its RAM must stay
+        // zero where the source's is (zero pages are not sent).
+        if config.incoming == nil { try Self.loadKernel(config: config, memory: memory, vcpu: vcpu) }
 
         pciBus = try PCIBus()
 
@@ -82,13 +88,14 @@ public final class Machine: @unchecked Sendable {
                         greeting: QMPMessage.greeting(major: Self.version.major, minor: Self.version.minor,
                                                       micro: Self.version.micro, package: Self.packageName),
                         logger: logger)
-        runState = config.startPaused ? .prelaunch : .running
+        runState = config.incoming != nil ? .inmigrate : (config.startPaused ? .prelaunch : .running)
         exitHandler.machine = self
         exitHandler.loop = loop
         for netdev in config.netdevs { try addNetdev(netdev) }
         for device in config.devices { try addNIC(device) }
         registerCommands()
         registerNetworkCommands()
+        registerMigrationCommands()
     }
 
     static func loadKernel(config: VMMConfiguration, memory: GuestMemory, vcpu: VCPU) throws {
@@ -136,6 +143,15 @@ public final class Machine: @unchecked Sendable {
             return 1
         }
         if runState == .running { vcpuRunner.resume() }
+        if let incoming = config.incoming, incoming != "defer" {
+            do {
+                try startIncoming(uri: incoming)
+            } catch {
+                logger.error("-incoming \(incoming): \(error)")
+                cleanUp()
+                return 1
+            }
+        }
         let status = loop.run()
         cleanUp()
         return status
@@ -188,6 +204,12 @@ public final class Machine: @unchecked Sendable {
             qmp.emit("RESUME")
         case .shutdown, .internalError:
             throw QMPCommandError("Resetting the Virtual Machine is required")
+        case .inmigrate:
+            throw QMPCommandError("Guest can not be started while an incoming migration is pending")
+        case .finishMigrate:
+            throw QMPCommandError("Migration is finishing; wait for it")
+        case .postmigrate:
+            throw QMPCommandError("The guest now runs in the migration target; this VMM must not resume it")
         }
     }
 

@@ -25,6 +25,8 @@ import Testing
         ])
         #expect(config.name == "guest1")
         #expect(config.haltPollNanoseconds == VCPURunner.defaultHaltPollNanoseconds)
+        #expect(try VMMConfiguration.parse(["-kernel", "k", "-incoming", "defer"]).incoming == "defer")
+        #expect(try VMMConfiguration.parse(["-kernel", "k", "-incoming", "unix:/tmp/m.sock"]).incoming == "unix:/tmp/m.sock")
         #expect(try VMMConfiguration.parse(["-kernel", "k", "-accel", "kvm,x-halt-poll-ns=5000000"]).haltPollNanoseconds == 5_000_000)
         #expect(config.startPaused)
         #expect(config.kernel == "/k.elf")
@@ -65,6 +67,7 @@ import Testing
         (["-kernel", "k", "-smp", "4"], "only one vCPU"),
         (["-kernel", "k", "-accel", "kvm,x-halt-poll-ns=-1"], "must be 0..10000000"),
         (["-kernel", "k", "-accel", "kvm,colour=red"], "unknown parameter 'colour'"),
+        (["-kernel", "k", "-incoming", "tcp:1.2.3.4:5"], "-incoming tcp:1.2.3.4:5: migration URI 'tcp:1.2.3.4:5' is not supported"),
     ])
     func badCommandLinesNameTheOption(arguments: [String], fragment: String) {
         do {

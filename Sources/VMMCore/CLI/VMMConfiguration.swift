@@ -23,6 +23,8 @@ public struct VMMConfiguration: Sendable, Equatable {
     public var showVersion = false
     public var showHelp = false
     public var debugLog = false
+    /// `-incoming unix:PATH` or `-incoming defer` (then QMP `migrate-incoming`).
+    public var incoming: String?
     /// `-accel kvm,x-halt-poll-ns=N`: see `VCPURunner.defaultHaltPollNanoseconds`.
     public var haltPollNanoseconds = VCPURunner.defaultHaltPollNanoseconds
 
@@ -58,7 +60,7 @@ public struct VMMConfiguration: Sendable, Equatable {
     static let options: [String: Bool] = [
         "name": true, "m": true, "kernel": true, "append": true, "serial": true, "qmp": true,
         "object": true, "machine": true, "M": true, "accel": true, "display": true, "smp": true,
-        "cpu": true, "monitor": true, "netdev": true, "device": true,
+        "cpu": true, "monitor": true, "netdev": true, "device": true, "incoming": true,
         "S": false, "nodefaults": false, "no-user-config": false, "no-shutdown": false,
         "enable-kvm": false, "nographic": false, "version": false, "help": false, "h": false, "d": false,
     ]
@@ -85,6 +87,11 @@ public struct VMMConfiguration: Sendable, Equatable {
                 case "name": config.name = try KeyValueList(value, option: raw, impliedKey: "guest")["guest"]
                 case "m": config.memorySize = try parseMemorySize(value, option: raw)
                 case "kernel": config.kernel = value
+                case "incoming":
+                    if value != "defer" {
+                        do { _ = try MigrationURI(value) } catch { throw fail("\(raw) \(value): \(error)") }
+                    }
+                    config.incoming = value
                 case "append": config.append = value
                 case "serial": config.serial.append(try ChardevSpec.parse(value, option: raw))
                 case "qmp":

@@ -33,7 +33,7 @@ public final class VCPURunner: @unchecked Sendable {
         var quit = false
     }
 
-    private let vcpu: VCPU
+    let vcpu: VCPU
     private let bus: IOBus
     private let pci: PCIBus?
     private let logger: Logger

@@ -1,0 +1,72 @@
+import CLinux
+import Glibc
+
+/// One end of a migration connection (a unix stream socket), used from a dedicated
+/// thread with blocking I/O. Sends sections with their fds; receives sections and
+/// collects every fd that arrives into `received`.
+public final class MigrationChannel: @unchecked Sendable {
+    public let fd: Int32
+    public let received = ReceivedFDs()
+    private var buffer: [UInt8] = []
+
+    /// Takes ownership of `fd`.
+    public init(fd: Int32) { self.fd = fd }
+    deinit { close(fd) }
+
+    public static func connect(uri: MigrationURI) throws -> MigrationChannel {
+        MigrationChannel(fd: try UnixSocket.connect(path: uri.path))
+    }
+
+    public func send(_ bytes: [UInt8], fds: [Int32] = []) throws {
+        var offset = 0
+        if !fds.isEmpty {
+            let n = bytes.withUnsafeBytes { cl_send_with_fds(fd, $0.baseAddress, $0.count, fds, Int32(fds.count)) }
+            guard n >= 0 else { throw SystemError("migration channel: sendmsg with \(fds.count) fd(s)", errno: Int32(-n)) }
+            offset = n
+        }
+        guard bytes[offset...].withUnsafeBytes({ UnixSocket.writeAll(fd, $0) }) else {
+            throw SystemError("migration channel: the peer closed the connection")
+        }
+    }
+
+    public func send(_ section: MigrationStream.Section, fds: [Int32] = []) throws {
+        precondition(section.fdCount == fds.count)
+        try send(MigrationStream.encode(section), fds: fds)
+    }
+
+    /// Exactly `count` bytes (from the buffer first); fds that come along are kept.
+    public func receive(_ count: Int, what: String) throws -> [UInt8] {
+        var chunk = [UInt8](repeating: 0, count: 1 << 16)
+        var fds = [Int32](repeating: -1, count: 64)
+        while buffer.count < count {
+            var fdCount: Int32 = 0
+            let n = chunk.withUnsafeMutableBytes { cl_recv_with_fds(fd, $0.baseAddress, $0.count, &fds, 64, &fdCount) }
+            received.append(Array(fds.prefix(Int(fdCount))))
+            if n == -Int(EINTR) { continue }
+            guard n > 0 else {
+                throw StreamError(n == 0 ? "migration stream ended while reading \(what) (the peer closed the connection)"
+                                         : "migration channel: \(String(cString: strerror(Int32(-n)))) while reading \(what)")
+            }
+            buffer += chunk[0..<n]
+        }
+        defer { buffer.removeFirst(count) }
+        return Array(buffer.prefix(count))
+    }
+
+    public func receiveSection() throws -> MigrationStream.Section {
+        let length = try MigrationStream.frameLength(try receive(4, what: "a section length"))
+        return try MigrationStream.decode(frame: try receive(length, what: "a \(length)-byte section"))
+    }
+}
+
+/// `unix:PATH` (the only transport yet; tcp: comes with normal migration across hosts).
+public struct MigrationURI: Sendable, Equatable {
+    public let path: String
+
+    public init(_ text: String) throws {
+        guard text.hasPrefix("unix:"), text.count > 5 else {
+            throw StreamError("migration URI '\(text)' is not supported (use unix:PATH)")
+        }
+        path = String(text.dropFirst(5))
+    }
+}

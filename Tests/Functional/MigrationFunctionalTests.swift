@@ -1,0 +1,73 @@
+import Foundation
+import QMPWire
+import TestKit
+import Testing
+
+/// Normal migration (stop-and-copy for now) to a second VMM process with its own TAP,
+/// the first step of the seed's tapNewTapMigration.
+@Suite(.requiresKVM, .requiresGuestImage, .requiresVMM, .requiresNetworkNamespaces)
+struct MigrationFunctionalTests {
+    @Test func normalMigrationMovesTheGuestToANewProcessAndTap() async throws {
+        try await NetworkNamespace.with { ns in
+            for tap in ["tap0", "tap1"] { _ = try await ns.createTap(tap, queues: 2, multiQueue: true) }
+            try await ns.withRoute { route in
+                try route.addAddress("192.168.100.1/24", to: "tap0")
+                try route.setLink("tap0", up: true)
+                try route.setLink("tap1", up: true)
+            }
+            let socketDirectory = try temporarySocketDirectory()
+            defer { try? FileManager.default.removeItem(atPath: socketDirectory) }
+            try await withArtifacts { artifacts in
+                var sourceOptions = guestOptions(arguments: NetworkDeviceFunctionalTests.nicArguments(queues: 2, ifname: "tap0"))
+                sourceOptions.name = "source"
+                sourceOptions.namespace = ns
+                var targetOptions = guestOptions(arguments: NetworkDeviceFunctionalTests.nicArguments(queues: 2, ifname: "tap1") + ["-incoming", "defer"])
+                targetOptions.name = "target"
+                targetOptions.namespace = ns
+                let source = try await Machine.launch(sourceOptions, in: artifacts)
+                let target = try await Machine.launch(targetOptions, in: artifacts)
+                try await source.console.waitForPrompt(timeout: .seconds(20))
+                try await source.console.run("ip addr add 192.168.100.2/24 dev eth0", failure: "no such device", timeout: .seconds(30))
+                try await source.console.run("ip link set eth0 up")
+                try await source.console.run("ping -c 1 -W 2 192.168.100.1", expect: "1 packets received", failure: "0 packets received", timeout: .seconds(20))
+                let ticksBefore = try await readTicks(source.console)
+
+                #expect(try await target.qmp.execute("query-status")["status"] == "inmigrate")
+                for vm in [source, target] {
+                    try await vm.qmp.execute("migrate-set-capabilities", arguments: ["capabilities": [["capability": "events", "state": true]]])
+                }
+                let uri = "unix:\(socketDirectory)/migration.sock"
+                try await target.qmp.execute("migrate-incoming", arguments: ["uri": .string(uri)])
+                try await source.qmp.execute("migrate", arguments: ["uri": .string(uri)])
+                for status in ["setup", "active", "device", "completed"] {
+                    _ = try await source.qmp.waitForEvent("MIGRATION", matching: ["status": .string(status)], timeout: .seconds(30))
+                }
+                _ = try await target.qmp.waitForEvent("MIGRATION", matching: ["status": "completed"], timeout: .seconds(30))
+                #expect(try await source.qmp.execute("query-status")["status"] == "postmigrate")
+                #expect(try await target.qmp.execute("query-status")["status"] == "paused")
+                let info = try await source.qmp.execute("query-migrate")
+                #expect(info["status"] == "completed")
+                #expect(info["ram"]?["total"]?.intValue == 64 << 20)
+                #expect(info["downtime"]?.intValue != nil)
+
+                try await target.qmp.execute("cont")
+                _ = try await target.qmp.waitForEvent("RESUME", timeout: .seconds(5))
+                let ticksAfter = try await readTicks(target.console)
+                #expect(ticksAfter > ticksBefore, "guest RAM did not carry over: ticks \(ticksBefore) -> \(ticksAfter)")
+                // Like the seed's switch_network_to_tap2: the host address moves to the target's TAP.
+                try await ns.withRoute { route in
+                    try route.removeAddress("192.168.100.1/24", from: "tap0")
+                    try route.addAddress("192.168.100.1/24", to: "tap1")
+                }
+                try await target.console.run("ip addr", expect: "inet 192.168.100.2/24")
+                let pinger = try Pinger(namespace: ns, destination: "192.168.100.2", interval: .milliseconds(2), count: 200)
+                try pinger.start()
+                let report = await pinger.finish(timeout: .seconds(20))
+                #expect(report.lost == 0, "\(report)")
+                // The host's pings made the guest learn tap1's MAC; now the guest reaches the host too.
+                try await target.console.run("ping -c 2 -W 2 192.168.100.1", expect: "2 packets received", failure: "0 packets received", timeout: .seconds(20))
+                await #expect(throws: QMPError.self) { try await source.qmp.execute("cont") }
+            }
+        }
+    }
+}
