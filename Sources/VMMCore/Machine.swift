@@ -161,6 +161,7 @@ public final class Machine: @unchecked Sendable {
         vcpuRunner.terminate()
         qmp.close()
         for backend in serialBackends { backend.close() }
+        closeIncomingListener()
         for nic in nics { nic.detach() }
         for fd in namedFDs.values { close(fd) }
         namedFDs.removeAll()

@@ -71,15 +71,19 @@ extension Machine {
         let memory = self.memory
         let progress = migration
         let loop = self.loop
-        _ = try OSThread(name: "migration-out") { [self] in
-            var failure: String?
-            do {
-                try Self.send(sections: sections, memory: memory, over: channel, progress: progress)
-            } catch {
-                failure = "\(error)"
+        do {
+            _ = try OSThread(name: "migration-out") { [self] in
+                var failure: String?
+                do {
+                    try Self.send(sections: sections, memory: memory, over: channel, progress: progress)
+                } catch {
+                    failure = "\(error)"
+                }
+                let result = failure
+                loop.post { [self] in finishOutgoing(error: result) }
             }
-            let result = failure
-            loop.post { [self] in finishOutgoing(error: result) }
+        } catch {
+            finishOutgoing(error: "\(error)")
         }
     }
 
@@ -184,18 +188,24 @@ extension Machine {
         setMigrationStatus(.setup)
         setMigrationStatus(.active)
         let own = machineDescription()
-        _ = try? OSThread(name: "migration-in") { [self] in
-            var failure: String?
-            do {
-                try receive(over: channel, expecting: own)
-                try channel.send([Self.acknowledgement])
-            } catch {
-                failure = "\(error)"
+        do {
+            _ = try OSThread(name: "migration-in") { [self] in
+                var failure: String?
+                do {
+                    try receive(over: channel, expecting: own)
+                    // Checked before acknowledging: the source must not report success for this.
+                    let unclaimed = channel.received.closeUnclaimed()
+                    if unclaimed > 0 { throw StreamError("received \(unclaimed) file descriptor(s) that no section claimed") }
+                    try channel.send([Self.acknowledgement])
+                } catch {
+                    channel.received.closeUnclaimed()
+                    failure = "\(error)"
+                }
+                let result = failure
+                loop.post { [self] in finishIncoming(error: result) }
             }
-            let unclaimed = channel.received.closeUnclaimed()
-            if failure == nil && unclaimed > 0 { failure = "received \(unclaimed) file descriptor(s) that no section claimed" }
-            let result = failure
-            loop.post { [self] in finishIncoming(error: result) }
+        } catch {
+            finishIncoming(error: "\(error)")
         }
     }
 
