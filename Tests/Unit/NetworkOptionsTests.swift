@@ -29,6 +29,9 @@ import Testing
         ("tap,id=n0,fd=x", "'x' is not a file descriptor number"),
         ("tap,id=n0,colour=red", "unknown parameter 'colour'"),
         ("tap,id=n0,vhost=on", "vhost=on is not supported yet"),
+        ("tap,id=n0,incoming-fds=on,ifname=tap0,script=no,downscript=no", "incoming-fds is incompatible with fd=, fds=, ifname=, sndbuf= and vnet_hdr="),
+        ("tap,id=n0,incoming-fds=on,vnet_hdr=on,script=no,downscript=no", "incoming-fds is incompatible"),
+        ("tap,id=n0,incoming-fds=on", "incoming-fds requires script=no and downscript=no"),
     ])
     func badNetdevsNameOptionAndValue(text: String, fragment: String) {
         #expect(throws: (any Error).self) { try NetdevSpec.parse(text, option: "-netdev") }

@@ -8,8 +8,10 @@ public struct NetdevSpec: Sendable, Equatable {
     public var vnetHeader: Bool?
     /// Inherited fds (`fd=N` or `fds=N:M:...`), used instead of opening `ifname`.
     public var fds: [Int32]?
+    /// `incoming-fds=on`: open nothing; the queues come from a local migration's stream.
+    public var incomingFDs = false
 
-    static let keys: Set<String> = ["type", "id", "ifname", "queues", "script", "downscript", "vnet_hdr", "fd", "fds", "vhost"]
+    static let keys: Set<String> = ["type", "id", "ifname", "queues", "script", "downscript", "vnet_hdr", "fd", "fds", "vhost", "sndbuf", "incoming-fds"]
 
     public static func parse(_ value: String, option: String) throws -> NetdevSpec {
         let list = try KeyValueList(value, option: option, impliedKey: "type")
@@ -37,6 +39,19 @@ public struct NetdevSpec: Sendable, Equatable {
             guard spec.fds == nil else { throw VMMConfiguration.Error("\(option) \(value): fd= and fds= exclude each other") }
             spec.fds = try parseFDs(fds, option: option, value: value)
         }
+        if try list.bool("incoming-fds", default: false) {
+            // The seed series' rules: the TAP comes from the source, so nothing may describe
+            // how to open or configure one here.
+            let conflicting = ["fd", "fds", "ifname", "sndbuf", "vnet_hdr"].filter { list[$0] != nil }
+            guard conflicting.isEmpty else {
+                throw VMMConfiguration.Error("\(option) \(value): incoming-fds is incompatible with fd=, fds=, ifname=, sndbuf= and vnet_hdr=")
+            }
+            guard list["script"] == "no", list["downscript"] == "no" else {
+                throw VMMConfiguration.Error("\(option) \(value): incoming-fds requires script=no and downscript=no")
+            }
+            spec.incomingFDs = true
+        }
+        if list["sndbuf"] != nil && !spec.incomingFDs { throw VMMConfiguration.Error("\(option) \(value): sndbuf= is not supported") }
         if let fds = spec.fds {
             if spec.ifname != nil { throw VMMConfiguration.Error("\(option) \(value): ifname= cannot be combined with fd=/fds=") }
             if list["queues"] != nil && spec.queues != fds.count {
@@ -62,8 +77,11 @@ public struct DeviceSpec: Sendable, Equatable {
     public var netdev: String
     public var mac: [UInt8]?
     public var multiQueue: Bool
+    /// `local-migration=on|off` (default on): hand the TAP fds to the target when the
+    /// migration parameter `local` is set.
+    public var localMigration = true
 
-    static let keys: Set<String> = ["driver", "id", "netdev", "mac", "mq", "vectors", "romfile", "addr", "bus"]
+    static let keys: Set<String> = ["driver", "id", "netdev", "mac", "mq", "vectors", "romfile", "addr", "bus", "local-migration"]
 
     public static func parse(_ value: String, option: String) throws -> DeviceSpec {
         let list = try KeyValueList(value, option: option, impliedKey: "driver")
@@ -73,6 +91,7 @@ public struct DeviceSpec: Sendable, Equatable {
         try list.checkKeys(keys, context: value)
         let netdev = try list.required("netdev", in: value)
         var spec = DeviceSpec(id: list["id"], netdev: netdev, mac: nil, multiQueue: try list.bool("mq", default: false))
+        spec.localMigration = try list.bool("local-migration", default: true)
         if let mac = list["mac"] {
             guard let bytes = parseMAC(mac) else { throw VMMConfiguration.Error("\(option) \(value): mac=\(mac) is not a MAC address like 52:54:00:12:34:56") }
             guard bytes[0] & 1 == 0 else { throw VMMConfiguration.Error("\(option) \(value): mac=\(mac) is a multicast address") }

@@ -6,6 +6,10 @@ import QMPWire
 extension Machine {
     func addNetdev(_ spec: NetdevSpec) throws {
         guard netdevs[spec.id] == nil else { throw QMPCommandError("Duplicate ID '\(spec.id)' for netdev") }
+        if spec.incomingFDs {
+            netdevs[spec.id] = TapBackend(id: spec.id, incomingQueues: spec.queues)
+            return
+        }
         if let fds = spec.fds {
             // The backend owns copies; the originals stay with whoever passed them.
             netdevs[spec.id] = try TapBackend(id: spec.id, adopting: fds.map { dup($0) }, vnetHeader: spec.vnetHeader)
@@ -24,13 +28,16 @@ extension Machine {
         guard !nics.contains(where: { $0.id == id }) else { throw QMPCommandError("Duplicate device ID '\(id)'") }
         let mac = spec.mac ?? [0x52, 0x54, 0x00, 0x12, 0x34, UInt8(truncatingIfNeeded: 0x56 + nics.count)]
         let nic = VirtioNet(id: id, mac: mac, backend: backend, multiQueue: spec.multiQueue, logger: logger)
+        nic.localMigration = spec.localMigration
         let transport = VirtioPCITransport(name: id, model: nic, memory: memory, logger: logger)
         nic.transport = transport
         try pciBus.plug(transport)
         nics.append(nic)
     }
 
+    /// Starts a NIC's RX polling; a NIC whose TAP comes with a migration waits for it.
     func attach(_ nic: VirtioNet) {
+        guard !nic.isAttached, !nic.backend.queueFDs.isEmpty else { return }
         nic.attach(to: loop) { [vcpuRunner] in vcpuRunner.wake() }
         vcpuRunner.addHaltWakeSources(nic.haltWakeSources)
     }

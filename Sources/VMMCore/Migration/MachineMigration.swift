@@ -18,10 +18,17 @@ extension Machine {
             devices.append(.init(id: nic.id, type: "virtio-net-pci", properties: [
                 "max_queue_pairs": String(nic.maxQueuePairs), "mq": nic.multiQueue ? "on" : "off",
                 "mac": nic.mac.map { String($0, radix: 16) }.joined(separator: ":"),
+                "local-migration": nic.localMigration ? "on" : "off",
             ]))
         }
-        return MachineDescription(properties: ["ram-size": String(memory.size), "vcpus": "1"], devices: devices)
+        return MachineDescription(properties: ["ram-size": String(memory.size), "vcpus": "1", "local": isLocalMigration ? "on" : "off"],
+                                  devices: devices)
     }
+
+    var isLocalMigration: Bool { migration.parameters["local"]?.boolValue == true }
+
+    /// NICs whose TAP queues travel in the stream: `local` on and the device's opt-in.
+    var nicsPassingTap: [VirtioNet] { isLocalMigration ? nics.filter { $0.localMigration } : [] }
 
     func now() -> Int64 { monotonicNanoseconds() / 1_000_000 }
 
@@ -59,9 +66,12 @@ extension Machine {
         } else {
             runState = .finishMigrate
         }
+        // From here the target gets every frame: they wait in the TAP (local) or are lost
+        // with the old TAP (normal), but the source never takes one after the snapshot.
+        for nic in nics { nic.suspendReceive(true) }
         migration.stopTime = now()
         setMigrationStatus(.device)
-        let sections: [MigrationStream.Section]
+        let sections: [(MigrationStream.Section, [Int32])]
         do {
             sections = try captureState()
         } catch {
@@ -87,25 +97,34 @@ extension Machine {
         }
     }
 
-    /// Configuration, vCPU and device sections, taken while the vCPU is stopped.
-    func captureState() throws -> [MigrationStream.Section] {
-        var sections = [MigrationStream.Section(kind: .configuration, payload: machineDescription().encode())]
+    /// Configuration, vCPU and device sections (with the fds each one passes), taken
+    /// while the vCPU is stopped.
+    func captureState() throws -> [(MigrationStream.Section, [Int32])] {
+        var sections: [(MigrationStream.Section, [Int32])] = [(.init(kind: .configuration, payload: machineDescription().encode()), [])]
         let vcpuState = try VCPUState.capture(vcpuRunner.vcpu, msrIndices: VCPUState.savableMSRs(hypervisor: hypervisor))
-        sections.append(.init(kind: .vcpu, name: "cpu0", payload: vcpuState.encode()))
-        sections.append(.init(kind: .device, name: "serial0", payload: serial.save()))
+        sections.append((.init(kind: .vcpu, name: "cpu0", payload: vcpuState.encode()), []))
+        sections.append((.init(kind: .device, name: "serial0", payload: serial.save()), []))
+        let passing = nicsPassingTap
         for nic in nics {
             guard let transport = nic.transport else { continue }
-            sections.append(.init(kind: .device, name: "\(nic.id)/transport", payload: transport.save()))
-            sections.append(.init(kind: .device, name: "\(nic.id)/net", payload: nic.save()))
+            sections.append((.init(kind: .device, name: "\(nic.id)/transport", payload: transport.save()), []))
+            sections.append((.init(kind: .device, name: "\(nic.id)/net", payload: nic.save()), []))
+            if passing.contains(where: { $0 === nic }) {
+                let fds = nic.backend.queueFDs
+                var w = StreamWriter()
+                w.u16(UInt16(fds.count))
+                w.bool(nic.backend.vnetHeader)
+                sections.append((.init(kind: .device, name: "\(nic.id)/tap", payload: w.bytes, fdCount: fds.count), fds))
+            }
         }
         return sections
     }
 
     /// Runs on the migration thread: header, configuration, RAM, the rest, end, ack.
-    static func send(sections: [MigrationStream.Section], memory: GuestMemory, over channel: MigrationChannel,
+    static func send(sections: [(MigrationStream.Section, [Int32])], memory: GuestMemory, over channel: MigrationChannel,
                      progress: MigrationState) throws {
         try channel.send(MigrationStream.header())
-        try channel.send(sections[0])
+        try channel.send(sections[0].0, fds: sections[0].1)
         for region in memory.regions {
             var offset: UInt64 = 0
             while offset < region.size {
@@ -126,7 +145,7 @@ extension Machine {
                 offset += UInt64(length)
             }
         }
-        for section in sections.dropFirst() { try channel.send(section) }
+        for (section, fds) in sections.dropFirst() { try channel.send(section, fds: fds) }
         try channel.send(.init(kind: .end))
         let ack = try channel.receive(1, what: "the target's acknowledgement")
         guard ack == [acknowledgement] else { throw StreamError("the target answered \(ack) instead of an acknowledgement") }
@@ -147,6 +166,7 @@ extension Machine {
             migration.error = error
             logger.error("migration failed: \(error)")
             runState = migration.runStateBefore
+            for nic in nics { nic.suspendReceive(false) }
             setMigrationStatus(.failed)
             if runState == .running {
                 vcpuRunner.resume()
@@ -218,11 +238,18 @@ extension Machine {
         var loaded: Set<String> = []
         while true {
             let section = try channel.receiveSection()
-            _ = try channel.received.claim(section.fdCount, for: section.label)
+            let fds = try channel.received.claim(section.fdCount, for: section.label)
+            if section.name.hasSuffix("/tap") == false && !fds.isEmpty {
+                fds.forEach { close($0) }
+                throw StreamError("\(section.label) carries \(fds.count) file descriptor(s) it has no use for")
+            }
             switch section.kind {
             case .end:
                 let missing = ["cpu0", "serial0"].filter { !loaded.contains($0) }
                 guard missing.isEmpty else { throw StreamError("the stream ended without \(missing.joined(separator: ", "))") }
+                for nic in nics where nic.backend.queueFDs.isEmpty {
+                    throw StreamError("netdev '\(nic.backend.id)' (incoming-fds=on) received no TAP queues: is migration parameter 'local' on at the source, and local-migration on for \(nic.id)?")
+                }
                 return
             case .ram:
                 var r = StreamReader(section.payload, context: "RAM section")
@@ -242,7 +269,7 @@ extension Machine {
                 try VCPUState.decode(section.payload).restore(into: vcpuRunner.vcpu)
                 loaded.insert("cpu0")
             case .device:
-                try loadDevice(section)
+                try loadDevice(section, fds: fds)
                 loaded.insert(section.name)
             case .configuration:
                 throw StreamError("a second configuration section")
@@ -250,7 +277,7 @@ extension Machine {
         }
     }
 
-    func loadDevice(_ section: MigrationStream.Section) throws {
+    func loadDevice(_ section: MigrationStream.Section, fds: [Int32]) throws {
         if section.name == "serial0" { return try serial.load(section.payload) }
         let parts = section.name.split(separator: "/")
         guard parts.count == 2, let nic = nics.first(where: { $0.id == parts[0] }), let transport = nic.transport else {
@@ -259,6 +286,16 @@ extension Machine {
         switch parts[1] {
         case "transport": try transport.load(section.payload)
         case "net": try nic.load(section.payload)
+        case "tap":
+            var r = StreamReader(section.payload, context: "\(section.name)")
+            let queues = Int(try r.u16("queue count"))
+            let vnetHeader = try r.bool("vnet header")
+            try r.finish()
+            guard queues == fds.count, let tap = nic.backend as? TapBackend, tap.queueFDs.isEmpty else {
+                fds.forEach { close($0) }
+                throw StreamError("\(section.name): the source passes its TAP queues, but netdev '\(nic.backend.id)' was not created with incoming-fds=on")
+            }
+            try tap.adopt(fds, vnetHeader: vnetHeader)
         default: throw StreamError("unknown state '\(section.name)'")
         }
     }
@@ -273,6 +310,7 @@ extension Machine {
             loop.stop(exitStatus: 1)
             return
         }
+        for nic in nics { attach(nic) }
         setMigrationStatus(.completed)
         runState = .paused
     }

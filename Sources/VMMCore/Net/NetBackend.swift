@@ -6,10 +6,16 @@ public protocol NetBackend: AnyObject, Sendable {
     /// Host-side interface name, for queries and messages.
     var ifname: String { get }
     var queueFDs: [Int32] { get }
+    /// Queue pairs this backend serves (its fds may arrive later, with a migration).
+    var queueCount: Int { get }
     /// Whether each frame on the fds starts with the 12-byte virtio-net header.
     var vnetHeader: Bool { get }
     /// Only the first `count` queues should receive traffic.
     func attachQueues(count: Int)
+}
+
+extension NetBackend {
+    public var queueCount: Int { queueFDs.count }
 }
 
 extension TapBackend: NetBackend {}

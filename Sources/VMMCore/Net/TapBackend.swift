@@ -1,5 +1,6 @@
 import CLinux
 import Glibc
+import Synchronization
 
 /// A TAP device's queues for one `-netdev tap`: opened here (`ifname=`, `queues=`) or
 /// taken over from fds passed in (`fd=`, `fds=`). Owns and closes every queue fd.
@@ -8,9 +9,19 @@ public final class TapBackend: @unchecked Sendable {
     public static let vnetHeaderSize = 12
 
     public let id: String
-    public let ifname: String
-    public let queueFDs: [Int32]
-    public let vnetHeader: Bool
+    public let queueCount: Int
+
+    struct Queues {
+        var fds: [Int32]
+        var vnetHeader: Bool
+        var ifname: String
+    }
+    /// Fixed once opened; an `incoming-fds=on` TAP gets its queues later, from the stream.
+    private let queues: Mutex<Queues>
+
+    public var queueFDs: [Int32] { queues.withLock { $0.fds } }
+    public var vnetHeader: Bool { queues.withLock { $0.vnetHeader } }
+    public var ifname: String { queues.withLock { $0.ifname } }
 
     public struct Error: Swift.Error, CustomStringConvertible, Sendable {
         public let description: String
@@ -52,9 +63,38 @@ public final class TapBackend: @unchecked Sendable {
             throw error
         }
         self.id = id
-        self.ifname = name
-        queueFDs = fds
-        self.vnetHeader = useVnet
+        queueCount = fds.count
+        self.queues = Mutex(Queues(fds: fds, vnetHeader: useVnet, ifname: name))
+    }
+
+    /// `incoming-fds=on`: a TAP client with `queues` queues and nothing open yet; the
+    /// queues arrive with the migration stream (`adopt`).
+    public init(id: String, incomingQueues queues: Int) {
+        self.id = id
+        queueCount = queues
+        self.queues = Mutex(Queues(fds: [], vnetHeader: false, ifname: ""))
+    }
+
+    /// Takes over the queue fds a local migration passed in.
+    public func adopt(_ fds: [Int32], vnetHeader expected: Bool) throws {
+        guard fds.count == queueCount else {
+            fds.forEach { close($0) }
+            throw Error(description: "netdev \(id): the stream passed \(fds.count) TAP queue(s), queues=\(queueCount) expects \(queueCount)")
+        }
+        let adopted = try TapBackend(id: id, adopting: fds, vnetHeader: expected)
+        // Move the fds out of the temporary backend so only this one closes them.
+        let state = adopted.queues.withLock { s -> Queues in
+            defer { s.fds = [] }
+            return s
+        }
+        guard state.vnetHeader == expected else {
+            state.fds.forEach { close($0) }
+            throw Error(description: "netdev \(id): the passed TAP queues have vnet_hdr \(state.vnetHeader ? "on" : "off"), the source used \(expected ? "on" : "off")")
+        }
+        try queues.withLock { q in
+            guard q.fds.isEmpty else { throw Error(description: "netdev \(id) already has its TAP queues") }
+            q = state
+        }
     }
 
     /// Takes ownership of already-open TAP fds (`fd=`/`fds=`).
@@ -78,12 +118,11 @@ public final class TapBackend: @unchecked Sendable {
             throw error
         }
         self.id = id
-        ifname = String(decoding: name.prefix { $0 != 0 }.map { UInt8(bitPattern: $0) }, as: UTF8.self)
-        queueFDs = fds
-        self.vnetHeader = vnet
+        queueCount = fds.count
+        queues = Mutex(Queues(fds: fds, vnetHeader: vnet, ifname: String(decoding: name.prefix { $0 != 0 }.map { UInt8(bitPattern: $0) }, as: UTF8.self)))
     }
 
-    deinit { queueFDs.forEach { close($0) } }
+    deinit { queues.withLock { $0.fds.forEach { close($0) } } }
 
     private static func open(name: String, flags: Int32, actualName: inout String) -> Int32 {
         var out = [CChar](repeating: 0, count: 16)
@@ -105,7 +144,8 @@ public final class TapBackend: @unchecked Sendable {
 
     /// Lets the kernel steer packets only to the first `count` queues.
     public func attachQueues(count: Int) {
-        guard queueFDs.count > 1 else { return }
-        for (index, fd) in queueFDs.enumerated() { _ = cl_tap_set_queue_attached(fd, index < count ? 1 : 0) }
+        let fds = queueFDs
+        guard fds.count > 1 else { return }
+        for (index, fd) in fds.enumerated() { _ = cl_tap_set_queue_attached(fd, index < count ? 1 : 0) }
     }
 }

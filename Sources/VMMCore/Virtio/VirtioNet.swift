@@ -23,6 +23,10 @@ public final class VirtioNet: VirtioDeviceModel, @unchecked Sendable {
     public let mac: [UInt8]
     public let maxQueuePairs: Int
     public let multiQueue: Bool
+    /// Device property `local-migration`.
+    public var localMigration = true
+    /// Set from finish-migrate on: the source must not take frames the target should get.
+    private let receiveSuspended = Atomic<Bool>(false)
     let backend: NetBackend
     let logger: Logger
     /// Set after the transport exists (it needs this model first).
@@ -48,7 +52,7 @@ public final class VirtioNet: VirtioDeviceModel, @unchecked Sendable {
         self.backend = backend
         self.multiQueue = multiQueue
         self.logger = logger
-        maxQueuePairs = multiQueue ? backend.queueFDs.count : 1
+        maxQueuePairs = multiQueue ? backend.queueCount : 1
         rxHasBuffers = Mutex(Array(repeating: false, count: maxQueuePairs))
         counters = Mutex(Counters(rxPackets: Array(repeating: 0, count: maxQueuePairs), txPackets: Array(repeating: 0, count: maxQueuePairs)))
     }
@@ -75,7 +79,10 @@ public final class VirtioNet: VirtioDeviceModel, @unchecked Sendable {
     public func writeConfig(offset: Int, size: Int, value: UInt32) {}
 
     /// Starts RX polling on `loop`; `wake` rouses a halted vCPU after RX.
+    private(set) var isAttached = false
+
     func attach(to loop: EventLoop, wake: @escaping @Sendable () -> Void) {
+        isAttached = true
         self.loop = loop
         wakeGuest = wake
         for (pair, fd) in backend.queueFDs.prefix(maxQueuePairs).enumerated() {
@@ -88,7 +95,13 @@ public final class VirtioNet: VirtioDeviceModel, @unchecked Sendable {
     /// Whether pair `pair`'s TAP queue should be read now: the pair is in use and the
     /// guest has posted receive buffers.
     func wantsInput(pair: Int) -> Bool {
-        pair < activePairs.load(ordering: .relaxed) && rxHasBuffers.withLock { $0[pair] }
+        !receiveSuspended.load(ordering: .relaxed) && pair < activePairs.load(ordering: .relaxed) && rxHasBuffers.withLock { $0[pair] }
+    }
+
+    /// Stops (or restarts) reading the TAP queues; frames wait in the TAP meanwhile.
+    public func suspendReceive(_ suspended: Bool) {
+        receiveSuspended.store(suspended, ordering: .relaxed)
+        loop?.poke()
     }
 
     /// The TAP queues for a halted vCPU to wait on and receive from directly.
