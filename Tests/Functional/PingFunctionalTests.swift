@@ -38,7 +38,9 @@ struct PingFunctionalTests {
             let single = try Pinger(namespace: ns, destination: Self.guestAddress, interval: .milliseconds(100), count: 1)
             try single.start()
             #expect(await single.finish(timeout: .seconds(5)).received == 1)
-            let burst = try Pinger(namespace: ns, destination: Self.guestAddress, interval: .milliseconds(1), count: 1000)
+            // 500 per second: well inside what the guest sustains (docs/benchmarks.md) even while
+            // other tests load both cores; the benchmark measures the limit.
+            let burst = try Pinger(namespace: ns, destination: Self.guestAddress, interval: .milliseconds(2), count: 1000)
             try burst.start()
             let report = await burst.finish(timeout: .seconds(30))
             #expect(report.sent == 1000)
