@@ -7,28 +7,53 @@ import Testing
 /// the first step of the seed's tapNewTapMigration.
 @Suite(.requiresKVM, .requiresGuestImage, .requiresVMM, .requiresNetworkNamespaces)
 struct MigrationFunctionalTests {
-    @Test func normalMigrationMovesTheGuestToANewProcessAndTap() async throws {
+    /// A source VMM on tap0 (the host side has 192.168.100.1/24) and an `-incoming defer`
+    /// target, both in a fresh namespace, with the source's eth0 at 192.168.100.2/24 when
+    /// `configureGuest`. `body` gets the unix URI to migrate over.
+    static func withMigrationPair(
+        taps: [(name: String, queues: Int)], source sourceArguments: [String], target targetArguments: [String],
+        configureGuest: Bool = true,
+        _ body: (NetworkNamespace, Machine, Machine, String) async throws -> Void
+    ) async throws {
         try await NetworkNamespace.with { ns in
-            for tap in ["tap0", "tap1"] { _ = try await ns.createTap(tap, queues: 2, multiQueue: true) }
+            for tap in taps { _ = try await ns.createTap(tap.name, queues: tap.queues, multiQueue: true) }
             try await ns.withRoute { route in
-                try route.addAddress("192.168.100.1/24", to: "tap0")
-                try route.setLink("tap0", up: true)
-                try route.setLink("tap1", up: true)
+                try route.addAddress("192.168.100.1/24", to: taps[0].name)
+                for tap in taps { try route.setLink(tap.name, up: true) }
             }
             let socketDirectory = try temporarySocketDirectory()
             defer { try? FileManager.default.removeItem(atPath: socketDirectory) }
             try await withArtifacts { artifacts in
-                var sourceOptions = guestOptions(arguments: NetworkDeviceFunctionalTests.nicArguments(queues: 2, ifname: "tap0"))
+                var sourceOptions = guestOptions(arguments: sourceArguments)
                 sourceOptions.name = "source"
                 sourceOptions.namespace = ns
-                var targetOptions = guestOptions(arguments: NetworkDeviceFunctionalTests.nicArguments(queues: 2, ifname: "tap1") + ["-incoming", "defer"])
+                var targetOptions = guestOptions(arguments: targetArguments + ["-incoming", "defer"])
                 targetOptions.name = "target"
                 targetOptions.namespace = ns
                 let source = try await Machine.launch(sourceOptions, in: artifacts)
                 let target = try await Machine.launch(targetOptions, in: artifacts)
                 try await source.console.waitForPrompt(timeout: .seconds(20))
-                try await source.console.run("ip addr add 192.168.100.2/24 dev eth0", failure: "no such device", timeout: .seconds(30))
-                try await source.console.run("ip link set eth0 up")
+                if configureGuest {
+                    try await source.console.run("ip addr add 192.168.100.2/24 dev eth0", failure: "no such device", timeout: .seconds(30))
+                    try await source.console.run("ip link set eth0 up")
+                }
+                try await body(ns, source, target, "unix:\(socketDirectory)/migration.sock")
+            }
+        }
+    }
+
+    /// A migration target's NIC whose TAP queues come with the stream.
+    static func incomingTapArguments(_ queues: Int) -> [String] {
+        ["-netdev", "tap,id=n0,incoming-fds=on,queues=\(queues),script=no,downscript=no",
+         "-device", "virtio-net-pci,netdev=n0,id=nic0,mac=52:54:00:12:34:56,mq=on"]
+    }
+
+    @Test func normalMigrationMovesTheGuestToANewProcessAndTap() async throws {
+        try await Self.withMigrationPair(
+            taps: [("tap0", 2), ("tap1", 2)],
+            source: NetworkDeviceFunctionalTests.nicArguments(queues: 2, ifname: "tap0"),
+            target: NetworkDeviceFunctionalTests.nicArguments(queues: 2, ifname: "tap1")
+        ) { ns, source, target, uri in
                 try await source.console.run("ping -c 1 -W 2 192.168.100.1", expect: "1 packets received", failure: "0 packets received", timeout: .seconds(20))
                 let ticksBefore = try await readTicks(source.console)
 
@@ -36,7 +61,6 @@ struct MigrationFunctionalTests {
                 for vm in [source, target] {
                     try await vm.qmp.execute("migrate-set-capabilities", arguments: ["capabilities": [["capability": "events", "state": true]]])
                 }
-                let uri = "unix:\(socketDirectory)/migration.sock"
                 try await target.qmp.execute("migrate-incoming", arguments: ["uri": .string(uri)])
                 try await source.qmp.execute("migrate", arguments: ["uri": .string(uri)])
                 for status in ["setup", "active", "device", "completed"] {
@@ -67,7 +91,6 @@ struct MigrationFunctionalTests {
                 // The host's pings made the guest learn tap1's MAC; now the guest reaches the host too.
                 try await target.console.run("ping -c 2 -W 2 192.168.100.1", expect: "2 packets received", failure: "0 packets received", timeout: .seconds(20))
                 await #expect(throws: QMPError.self) { try await source.qmp.execute("cont") }
-            }
         }
     }
 
@@ -75,28 +98,12 @@ struct MigrationFunctionalTests {
     /// refuse the stream with a message naming the device, the property and both values,
     /// and the source must go back to running with its network working.
     @Test func queuePairMismatchIsRefusedAndTheSourceKeepsRunning() async throws {
-        try await NetworkNamespace.with { ns in
-            for tap in ["tap0", "tap1"] { _ = try await ns.createTap(tap, queues: 4, multiQueue: true) }
-            try await ns.withRoute { route in
-                try route.addAddress("192.168.100.1/24", to: "tap0")
-                try route.setLink("tap0", up: true)
-            }
-            let socketDirectory = try temporarySocketDirectory()
-            defer { try? FileManager.default.removeItem(atPath: socketDirectory) }
-            try await withArtifacts { artifacts in
-                var sourceOptions = guestOptions(arguments: NetworkDeviceFunctionalTests.nicArguments(queues: 4, ifname: "tap0"))
-                sourceOptions.name = "source"
-                sourceOptions.namespace = ns
-                var targetOptions = guestOptions(arguments: NetworkDeviceFunctionalTests.nicArguments(queues: 2, ifname: "tap1") + ["-incoming", "defer"])
-                targetOptions.name = "target"
-                targetOptions.namespace = ns
-                let source = try await Machine.launch(sourceOptions, in: artifacts)
-                let target = try await Machine.launch(targetOptions, in: artifacts)
-                try await source.console.waitForPrompt(timeout: .seconds(20))
-                try await source.console.run("ip addr add 192.168.100.2/24 dev eth0", failure: "no such device", timeout: .seconds(30))
-                try await source.console.run("ip link set eth0 up")
+        try await Self.withMigrationPair(
+            taps: [("tap0", 4), ("tap1", 4)],
+            source: NetworkDeviceFunctionalTests.nicArguments(queues: 4, ifname: "tap0"),
+            target: NetworkDeviceFunctionalTests.nicArguments(queues: 2, ifname: "tap1")
+        ) { ns, source, target, uri in
                 try await source.qmp.execute("migrate-set-capabilities", arguments: ["capabilities": [["capability": "events", "state": true]]])
-                let uri = "unix:\(socketDirectory)/migration.sock"
                 try await target.qmp.execute("migrate-incoming", arguments: ["uri": .string(uri)])
                 try await source.qmp.execute("migrate", arguments: ["uri": .string(uri)])
                 _ = try await source.qmp.waitForEvent("MIGRATION", matching: ["status": "failed"], timeout: .seconds(30))
@@ -111,7 +118,6 @@ struct MigrationFunctionalTests {
                 try pinger.start()
                 #expect(await pinger.finish(timeout: .seconds(20)).lost == 0)
                 try await source.console.run("echo still here", expect: "still here")
-            }
         }
     }
 
@@ -119,29 +125,11 @@ struct MigrationFunctionalTests {
     /// target netdev with `incoming-fds=on`, the source hands its TAP queue fds over in
     /// the stream; frames sent during the switch wait in the TAP, so nothing is lost.
     @Test func localMigrationHandsOverTheTapAndLosesNoPacket() async throws {
-        try await NetworkNamespace.with { ns in
-            _ = try await ns.createTap("tap0", queues: 4, multiQueue: true)
-            try await ns.withRoute { route in
-                try route.addAddress("192.168.100.1/24", to: "tap0")
-                try route.setLink("tap0", up: true)
-            }
-            let socketDirectory = try temporarySocketDirectory()
-            defer { try? FileManager.default.removeItem(atPath: socketDirectory) }
-            try await withArtifacts { artifacts in
-                var sourceOptions = guestOptions(arguments: NetworkDeviceFunctionalTests.nicArguments(queues: 4, ifname: "tap0"))
-                sourceOptions.name = "source"
-                sourceOptions.namespace = ns
-                var targetOptions = guestOptions(arguments: [
-                    "-netdev", "tap,id=n0,incoming-fds=on,queues=4,script=no,downscript=no",
-                    "-device", "virtio-net-pci,netdev=n0,id=nic0,mac=52:54:00:12:34:56,mq=on", "-incoming", "defer",
-                ])
-                targetOptions.name = "target"
-                targetOptions.namespace = ns
-                let source = try await Machine.launch(sourceOptions, in: artifacts)
-                let target = try await Machine.launch(targetOptions, in: artifacts)
-                try await source.console.waitForPrompt(timeout: .seconds(20))
-                try await source.console.run("ip addr add 192.168.100.2/24 dev eth0", failure: "no such device", timeout: .seconds(30))
-                try await source.console.run("ip link set eth0 up")
+        try await Self.withMigrationPair(
+            taps: [("tap0", 4)],
+            source: NetworkDeviceFunctionalTests.nicArguments(queues: 4, ifname: "tap0"),
+            target: Self.incomingTapArguments(4)
+        ) { ns, source, target, uri in
                 for vm in [source, target] {
                     try await vm.qmp.execute("migrate-set-capabilities", arguments: ["capabilities": [["capability": "events", "state": true]]])
                     try await vm.qmp.execute("migrate-set-parameters", arguments: ["local": true])
@@ -149,7 +137,6 @@ struct MigrationFunctionalTests {
                 let pinger = try Pinger(namespace: ns, destination: "192.168.100.2", interval: .milliseconds(2), count: 1000)
                 try pinger.start()
                 try await pinger.waitForReplies(20, timeout: .seconds(10))
-                let uri = "unix:\(socketDirectory)/migration.sock"
                 try await target.qmp.execute("migrate-incoming", arguments: ["uri": .string(uri)])
                 try await source.qmp.execute("migrate", arguments: ["uri": .string(uri)])
                 _ = try await target.qmp.waitForEvent("MIGRATION", matching: ["status": "completed"], timeout: .seconds(30))
@@ -161,38 +148,26 @@ struct MigrationFunctionalTests {
                 // The target reads the very TAP queues the source opened.
                 #expect(try await ns.withRoute { try $0.tunInfo("tap0") }.queues == 4)
                 try await target.console.run("echo on the target", expect: "on the target")
-            }
         }
     }
 
     @Test func localOnOneSideOnlyIsRefused() async throws {
-        try await NetworkNamespace.with { ns in
-            _ = try await ns.createTap("tap0", queues: 1, multiQueue: true)
-            let socketDirectory = try temporarySocketDirectory()
-            defer { try? FileManager.default.removeItem(atPath: socketDirectory) }
-            try await withArtifacts { artifacts in
-                var sourceOptions = guestOptions(arguments: NetworkDeviceFunctionalTests.nicArguments(queues: 1, ifname: "tap0"))
-                sourceOptions.name = "source"
-                sourceOptions.namespace = ns
-                var targetOptions = guestOptions(arguments: [
-                    "-netdev", "tap,id=n0,incoming-fds=on,queues=1,script=no,downscript=no",
-                    "-device", "virtio-net-pci,netdev=n0,id=nic0,mac=52:54:00:12:34:56,mq=on", "-incoming", "defer",
-                ])
-                targetOptions.name = "target"
-                targetOptions.namespace = ns
-                let source = try await Machine.launch(sourceOptions, in: artifacts)
-                let target = try await Machine.launch(targetOptions, in: artifacts)
-                try await source.console.waitForPrompt(timeout: .seconds(20))
+        try await Self.withMigrationPair(
+            taps: [("tap0", 1)],
+            source: NetworkDeviceFunctionalTests.nicArguments(queues: 1, ifname: "tap0"),
+            target: Self.incomingTapArguments(1), configureGuest: false
+        ) { _, source, target, uri in
                 try await source.qmp.execute("migrate-set-parameters", arguments: ["local": true])
-                let uri = "unix:\(socketDirectory)/migration.sock"
+                try await source.qmp.execute("migrate-set-capabilities", arguments: ["capabilities": [["capability": "events", "state": true]]])
                 try await target.qmp.execute("migrate-incoming", arguments: ["uri": .string(uri)])
                 try await source.qmp.execute("migrate", arguments: ["uri": .string(uri)])
                 #expect(try await target.wait(timeout: .seconds(10)) == .exited(1))
                 let log = target.stderrTail(20).joined(separator: "\n")
                 #expect(log.contains("machine: property 'local' is on on the source but off on the target"), "\(log)")
+                // The source learns of the failure from the closed channel, asynchronously.
+                _ = try await source.qmp.waitForEvent("MIGRATION", matching: ["status": "failed"], timeout: .seconds(10))
                 #expect(try await source.qmp.execute("query-status")["status"] == "running")
                 try await source.console.run("echo source alive", expect: "source alive")
-            }
         }
     }
 }
