@@ -146,27 +146,39 @@ public final class VirtioNet: VirtioDeviceModel, @unchecked Sendable {
         }
     }
 
+    /// A chain's buffers as iovecs for readv/writev, with its first `header` bytes split
+    /// off: the virtio-net header, when the TAP works without one.
+    static func iovecs(_ segments: [Virtqueue.Segment], in memory: GuestMemory, splittingOff header: Int) throws
+        -> (iov: [iovec], header: [UnsafeMutableRawBufferPointer])
+    {
+        var iov: [iovec] = []
+        var headerSlices: [UnsafeMutableRawBufferPointer] = []
+        var skip = header
+        for segment in segments {
+            var buffer = try memory.slice(at: segment.address, count: Int(segment.length))
+            if skip > 0 {
+                let cut = min(skip, buffer.count)
+                headerSlices.append(UnsafeMutableRawBufferPointer(rebasing: buffer[..<cut]))
+                buffer = UnsafeMutableRawBufferPointer(rebasing: buffer[cut...])
+                skip -= cut
+            }
+            if buffer.count > 0 { iov.append(iovec(iov_base: buffer.baseAddress, iov_len: buffer.count)) }
+        }
+        return (iov, headerSlices)
+    }
+
     // MARK: TX (vCPU thread)
 
     private func transmit(pair: Int) {
         guard let transport, pair < activePairs.load(ordering: .relaxed) else { return }
         let fd = backend.queueFDs[pair]
         let memory = transport.memory
+        let headerToStrip = backend.vnetHeader ? 0 : TapBackend.vnetHeaderSize
         var sent: UInt64 = 0
         var dropped: UInt64 = 0
         _ = transport.withQueue(2 * pair + 1) { queue in
             while let chain = try queue.popAvailable(from: memory) {
-                var iov: [iovec] = []
-                var skip = backend.vnetHeader ? 0 : TapBackend.vnetHeaderSize
-                for segment in chain.readable {
-                    var buffer = try memory.slice(at: segment.address, count: Int(segment.length))
-                    if skip > 0 {
-                        let cut = min(skip, buffer.count)
-                        buffer = UnsafeMutableRawBufferPointer(rebasing: buffer[cut...])
-                        skip -= cut
-                    }
-                    if buffer.count > 0 { iov.append(iovec(iov_base: buffer.baseAddress, iov_len: buffer.count)) }
-                }
+                let (iov, _) = try Self.iovecs(chain.readable, in: memory, splittingOff: headerToStrip)
                 let n = iov.isEmpty ? 0 : writev(fd, iov, Int32(iov.count))
                 if n < 0 { dropped += 1 } else { sent += 1 }
                 try queue.pushUsed(head: chain.head, length: 0, to: memory)
@@ -191,19 +203,8 @@ public final class VirtioNet: VirtioDeviceModel, @unchecked Sendable {
         let outcome: Bool? = transport.withQueue(2 * pair) { queue in
             while true {
                 guard let chain = try queue.popAvailable(from: memory) else { return false }
-                var iov: [iovec] = []
-                var skip = headerInline ? 0 : TapBackend.vnetHeaderSize
-                var headerSlices: [UnsafeMutableRawBufferPointer] = []
-                for segment in chain.writable {
-                    var buffer = try memory.slice(at: segment.address, count: Int(segment.length))
-                    if skip > 0 {
-                        let cut = min(skip, buffer.count)
-                        headerSlices.append(UnsafeMutableRawBufferPointer(rebasing: buffer[..<cut]))
-                        buffer = UnsafeMutableRawBufferPointer(rebasing: buffer[cut...])
-                        skip -= cut
-                    }
-                    if buffer.count > 0 { iov.append(iovec(iov_base: buffer.baseAddress, iov_len: buffer.count)) }
-                }
+                let (iov, headerSlices) = try Self.iovecs(
+                    chain.writable, in: memory, splittingOff: headerInline ? 0 : TapBackend.vnetHeaderSize)
                 guard chain.writableLength >= TapBackend.vnetHeaderSize, !iov.isEmpty else {
                     throw VirtqueueError(description: "RX buffer of \(chain.writableLength) bytes cannot hold the \(TapBackend.vnetHeaderSize)-byte header and a frame")
                 }
