@@ -145,7 +145,7 @@ public final class Machine: @unchecked Sendable {
         if runState == .running { vcpuRunner.resume() }
         if let incoming = config.incoming, incoming != "defer" {
             do {
-                try startIncoming(uri: incoming)
+                try startIncoming(from: try MigrationURI(incoming))
             } catch {
                 logger.error("-incoming \(incoming): \(error)")
                 cleanUp()

@@ -30,6 +30,7 @@
 #include "CLinuxTap.h"
 #include "CLinuxFDPassing.h"
 #include "CLinuxVCPUState.h"
+#include "CLinuxDirtyLog.h"
 
 // MARK: ioctl numbers
 

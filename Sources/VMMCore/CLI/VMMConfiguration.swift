@@ -23,7 +23,7 @@ public struct VMMConfiguration: Sendable, Equatable {
     public var showVersion = false
     public var showHelp = false
     public var debugLog = false
-    /// `-incoming unix:PATH` or `-incoming defer` (then QMP `migrate-incoming`).
+    /// `-incoming unix:PATH`, `tcp:HOST:PORT` or `defer` (then QMP `migrate-incoming`).
     public var incoming: String?
     /// `-accel kvm,x-halt-poll-ns=N`: see `VCPURunner.defaultHaltPollNanoseconds`.
     public var haltPollNanoseconds = VCPURunner.defaultHaltPollNanoseconds

@@ -4,12 +4,16 @@ import QMPWire
 extension Machine {
     func registerMigrationCommands() {
         let d = dispatcher
-        d.register("migrate", arguments: ["uri": .string, "detach": .boolean, "resume": .boolean], required: ["uri"]) { [unowned self] args in
-            try startMigration(uri: args["uri"]!.stringValue!)
+        d.register("migrate", arguments: ["uri": .string, "channels": .array, "detach": .boolean, "resume": .boolean]) { [unowned self] args in
+            try startMigration(to: try Self.migrationURI(args))
             return [:]
         }
-        d.register("migrate-incoming", arguments: ["uri": .string], required: ["uri"]) { [unowned self] args in
-            try startIncoming(uri: args["uri"]!.stringValue!)
+        d.register("migrate-incoming", arguments: ["uri": .string, "channels": .array, "exit-on-error": .boolean]) { [unowned self] args in
+            try startIncoming(from: try Self.migrationURI(args))
+            return [:]
+        }
+        d.register("migrate_cancel") { [unowned self] _ in
+            cancelMigration()
             return [:]
         }
         d.register("migrate-set-capabilities", arguments: ["capabilities": .array], required: ["capabilities"]) { [unowned self] args in
@@ -41,21 +45,50 @@ extension Machine {
         }
         d.register("query-migrate") { [unowned self] _ in
             guard migration.status != .none else { return [:] }
-            var reply: JSONObject = ["status": .string(migration.status.rawValue)]
-            let end = migration.isActive ? now() : migration.endTime
-            reply["total-time"] = .int(end - migration.startTime)
-            if migration.stopTime > 0 && !migration.isActive {
-                reply["downtime"] = .int(max(0, migration.endTime - migration.stopTime))
-            }
-            reply["setup-time"] = .int(max(0, migration.setupDoneTime - migration.startTime))
-            let transferred = migration.ramTransferred.load(ordering: .relaxed)
-            reply["ram"] = [
-                "transferred": .int(Int64(transferred)), "total": .int(Int64(migration.ramTotal)),
-                "remaining": .int(migration.status == .completed || migration.ramTotal <= transferred ? 0 : Int64(migration.ramTotal - transferred)),
-                "normal": .int(Int64(migration.pagesTransferred.load(ordering: .relaxed))),
-            ]
-            if let error = migration.error { reply["error-desc"] = .string(error) }
-            return .object(reply)
+            return .object(queryMigrate())
         }
+    }
+
+    static func migrationURI(_ args: JSONObject) throws -> MigrationURI {
+        do {
+            return try MigrationURI(arguments: args)
+        } catch let error as StreamError {
+            throw QMPCommandError(error.description)
+        }
+    }
+
+    /// QEMU's MigrationInfo; times in ms, plus `x-downtime-us` (the downtime in
+    /// microseconds: local migration's is well under QEMU's 1 ms resolution).
+    func queryMigrate() -> JSONObject {
+        let ms: (Int64) -> JSON = { .int($0 / 1_000_000) }
+        var reply: JSONObject = ["status": .string(migration.status.rawValue)]
+        let end = migration.isActive ? monotonicNanoseconds() : migration.endTime
+        reply["total-time"] = ms(end - migration.startTime)
+        if migration.setupDoneTime > 0 { reply["setup-time"] = ms(migration.setupDoneTime - migration.startTime) }
+        if migration.isActive && migration.stopTime == 0 {
+            reply["expected-downtime"] = .int(migration.expectedDowntime.load(ordering: .relaxed))
+        }
+        if migration.stopTime > 0 && !migration.isActive {
+            let downtime = max(0, migration.endTime - migration.stopTime)
+            reply["downtime"] = ms(downtime)
+            reply["x-downtime-us"] = .int(downtime / 1000)
+        }
+        let transferred = migration.ramTransferred.load(ordering: .relaxed)
+        let pages = migration.pagesTransferred.load(ordering: .relaxed)
+        let seconds = Double(max(end - migration.startTime, 1)) / 1e9
+        reply["ram"] = [
+            "transferred": .int(Int64(transferred)),
+            "total": .int(Int64(migration.ramTotal)),
+            "remaining": .int(migration.status == .completed ? 0 : Int64(migration.ramRemaining.load(ordering: .relaxed))),
+            "duplicate": .int(Int64(migration.zeroPages.load(ordering: .relaxed))),
+            "normal": .int(Int64(pages)),
+            "normal-bytes": .int(Int64(pages) * 4096),
+            "dirty-sync-count": .int(Int64(migration.dirtySyncCount.load(ordering: .relaxed))),
+            "pages-per-second": .int(Int64(Double(pages) / seconds)),
+            "mbps": .double(Double(transferred) * 8 / 1e6 / seconds),
+            "page-size": 4096,
+        ]
+        if let error = migration.error { reply["error-desc"] = .string(error) }
+        return reply
     }
 }

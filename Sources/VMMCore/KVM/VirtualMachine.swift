@@ -1,8 +1,9 @@
 import CLinux
 import Glibc
 
-/// A KVM VM file descriptor: memory slots and vCPU creation.
-public final class VirtualMachine {
+/// A KVM VM file descriptor: memory slots, dirty log and vCPU creation. Its ioctls are
+/// safe from any thread (KVM serialises slot updates), hence Sendable.
+public final class VirtualMachine: @unchecked Sendable {
     public let fd: Int32
     let vcpuMmapSize: Int
 
@@ -24,6 +25,28 @@ public final class VirtualMachine {
             guest_phys_addr: guestAddress, memory_size: size, userspace_addr: UInt64(UInt(bitPattern: host)))
         try syscallChecked("KVM_SET_USER_MEMORY_REGION slot \(slot) at 0x\(String(guestAddress, radix: 16)) size \(size)") {
             cl_ioctl_ptr(fd, CL_KVM_SET_USER_MEMORY_REGION, &region)
+        }
+    }
+
+    /// Turns KVM's dirty-page logging on or off for every RAM slot of `memory`.
+    public func setDirtyLogging(_ enabled: Bool, memory: GuestMemory) throws {
+        for (slot, region) in memory.regions.enumerated() {
+            try setMemoryRegion(slot: UInt32(slot), guestAddress: region.guestAddress, size: region.size,
+                                host: memory.hostAddress(of: region), logDirty: enabled)
+        }
+    }
+
+    /// ORs the pages the guest wrote since the last call (KVM clears its log as it
+    /// returns it) into `bitmap`, indexed by page of host offset like `DirtyBitmap`.
+    public func collectDirtyLog(memory: GuestMemory, into bitmap: inout [UInt64]) throws {
+        for (slot, region) in memory.regions.enumerated() {
+            let pages = Int(region.size / DirtyBitmap.pageSize)
+            var log = [UInt64](repeating: 0, count: (pages + 63) / 64)
+            try syscallChecked("KVM_GET_DIRTY_LOG slot \(slot)") { cl_kvm_get_dirty_log(fd, UInt32(slot), &log) }
+            // Slots start at page offsets that are multiples of 64 (see GuestMemory.layout).
+            let first = Int(region.hostOffset / DirtyBitmap.pageSize)
+            precondition(first % 64 == 0)
+            for (i, word) in log.enumerated() where word != 0 { bitmap[first / 64 + i] |= word }
         }
     }
 

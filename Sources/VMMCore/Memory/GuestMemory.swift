@@ -29,11 +29,13 @@ public final class GuestMemory: @unchecked Sendable {
     public static let highRAMStart: UInt64 = 0x1_0000_0000
 
     public let size: UInt64
-    public let backing: MemoryBacking
-    public let shared: Bool
+    public private(set) var backing: MemoryBacking
+    public private(set) var shared: Bool
     /// The memfd or file descriptor behind the RAM; owned and closed by this object.
-    public let fd: Int32
+    public private(set) var fd: Int32
     public let regions: [GuestRAMRegion]
+    /// Pages written by the VMM (not the guest) since the migration code last looked.
+    public let deviceDirty: DirtyBitmap
     let host: UnsafeMutableRawPointer
 
     public init(size: UInt64, backing: MemoryBacking = .memfd, shared: Bool = false, name: String = "guest-ram") throws {
@@ -67,6 +69,7 @@ public final class GuestMemory: @unchecked Sendable {
         self.backing = backing
         self.shared = shared
         regions = GuestMemory.layout(size: size)
+        deviceDirty = DirtyBitmap(bytes: size)
     }
 
     deinit {
@@ -102,6 +105,31 @@ public final class GuestMemory: @unchecked Sendable {
     public func write(_ bytes: some Collection<UInt8>, at address: UInt64) throws {
         let target = try slice(at: address, count: bytes.count)
         target.copyBytes(from: bytes)
+        markDirty(target)
+    }
+
+    /// Records a VMM write into guest RAM (for pre-copy migration) by its host bytes.
+    public func markDirty(_ bytes: UnsafeMutableRawBufferPointer) {
+        guard let base = bytes.baseAddress else { return }
+        deviceDirty.mark(offset: UInt64(base - host), count: bytes.count)
+    }
+
+    /// Replaces the RAM's backing with `newFD`, mapped shared at the same host address,
+    /// so KVM's memory slots and every device keep their pointers. For a migration
+    /// target that adopts the source's memfd before its vCPU ever ran.
+    public func adopt(sharedFD newFD: Int32, backing newBacking: MemoryBacking) throws {
+        var st = stat()
+        try syscallChecked("fstat received RAM fd") { fstat(newFD, &st) }
+        guard UInt64(st.st_size) >= size else {
+            throw GuestMemoryError(description: "the received RAM is \(st.st_size) bytes, this machine has \(size)")
+        }
+        guard let p = mmap(host, Int(size), PROT_READ | PROT_WRITE, MAP_SHARED | MAP_FIXED, newFD, 0), p != MAP_FAILED else {
+            throw SystemError("mmap the received RAM over this machine's")
+        }
+        close(fd)
+        fd = newFD
+        backing = newBacking
+        shared = true
     }
 
     public func read(at address: UInt64, count: Int) throws -> [UInt8] {
@@ -109,7 +137,9 @@ public final class GuestMemory: @unchecked Sendable {
     }
 
     public func store<T: FixedWidthInteger>(_ value: T, at address: UInt64) throws {
-        try slice(at: address, count: MemoryLayout<T>.size).storeBytes(of: value.littleEndian, as: T.self)
+        let target = try slice(at: address, count: MemoryLayout<T>.size)
+        target.storeBytes(of: value.littleEndian, as: T.self)
+        markDirty(target)
     }
 
     public func load<T: FixedWidthInteger>(_ type: T.Type, at address: UInt64) throws -> T {

@@ -14,13 +14,22 @@ public final class MigrationChannel: @unchecked Sendable {
     deinit { close(fd) }
 
     public static func connect(uri: MigrationURI) throws -> MigrationChannel {
-        MigrationChannel(fd: try UnixSocket.connect(path: uri.path))
+        switch uri {
+        case .unix(let path): MigrationChannel(fd: try UnixSocket.connect(path: path))
+        case .tcp(let host, let port): MigrationChannel(fd: try TCPSocket.connect(host: host, port: port))
+        }
     }
+
+    /// Unblocks a transfer thread stuck in send or receive (migrate_cancel).
+    public func abort() { shutdown(fd, Int32(SHUT_RDWR)) }
 
     public func send(_ bytes: [UInt8], fds: [Int32] = []) throws {
         var offset = 0
         if !fds.isEmpty {
             let n = bytes.withUnsafeBytes { cl_send_with_fds(fd, $0.baseAddress, $0.count, fds, Int32(fds.count)) }
+            if n == -Int(EOPNOTSUPP) {
+                throw SystemError("migration channel: this channel cannot carry file descriptors (only a unix socket can)", errno: Int32(-n))
+            }
             guard n >= 0 else { throw SystemError("migration channel: sendmsg with \(fds.count) fd(s)", errno: Int32(-n)) }
             offset = n
         }
@@ -56,17 +65,5 @@ public final class MigrationChannel: @unchecked Sendable {
     public func receiveSection() throws -> MigrationStream.Section {
         let length = try MigrationStream.frameLength(try receive(4, what: "a section length"))
         return try MigrationStream.decode(frame: try receive(length, what: "a \(length)-byte section"))
-    }
-}
-
-/// `unix:PATH` (the only transport yet; tcp: comes with normal migration across hosts).
-public struct MigrationURI: Sendable, Equatable {
-    public let path: String
-
-    public init(_ text: String) throws {
-        guard text.hasPrefix("unix:"), text.count > 5 else {
-            throw StreamError("migration URI '\(text)' is not supported (use unix:PATH)")
-        }
-        path = String(text.dropFirst(5))
     }
 }

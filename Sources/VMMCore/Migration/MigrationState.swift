@@ -12,17 +12,52 @@ public final class MigrationState: @unchecked Sendable {
     var capabilities: [String: Bool] = ["events": false, "x-ignore-shared": false]
     var parameters: [String: JSON] = ["local": false, "mode": "normal", "downtime-limit": 300, "max-bandwidth": 134_217_728]
     var error: String?
+    /// Monotonic nanoseconds: migrate issued, setup done, guest stopped, finished.
     var startTime: Int64 = 0
     var setupDoneTime: Int64 = 0
     var stopTime: Int64 = 0
     var endTime: Int64 = 0
     var ramTotal: UInt64 = 0
-    /// Bytes of RAM sent/received so far, updated by the transfer thread.
+    /// Updated by the transfer thread: RAM bytes on the wire, pages sent with data,
+    /// zero pages, dirty bytes left after the last sync, log syncs, expected downtime (ms).
     let ramTransferred = Atomic<UInt64>(0)
     let pagesTransferred = Atomic<UInt64>(0)
+    let zeroPages = Atomic<UInt64>(0)
+    let ramRemaining = Atomic<UInt64>(0)
+    let dirtySyncCount = Atomic<UInt64>(0)
+    let expectedDowntime = Atomic<Int64>(0)
+    /// Set by migrate_cancel; the transfer thread stops at its next section.
+    let cancelRequested = Atomic<Bool>(false)
     var runStateBefore: RunState = .running
+    /// The outgoing connection, kept here so migrate_cancel can shut it down.
+    var channel: MigrationChannel?
+    var dirtyLogging = false
     var incomingListener: Int32 = -1
     var incomingPath: String?
 
+    func reset(ramTotal: UInt64, now: Int64) {
+        error = nil
+        startTime = now
+        setupDoneTime = 0
+        stopTime = 0
+        endTime = 0
+        self.ramTotal = ramTotal
+        ramTransferred.store(0, ordering: .relaxed)
+        pagesTransferred.store(0, ordering: .relaxed)
+        zeroPages.store(0, ordering: .relaxed)
+        ramRemaining.store(0, ordering: .relaxed)
+        dirtySyncCount.store(0, ordering: .relaxed)
+        expectedDowntime.store(0, ordering: .relaxed)
+        cancelRequested.store(false, ordering: .relaxed)
+    }
+
+    func checkCancelled() throws {
+        if cancelRequested.load(ordering: .relaxed) { throw MigrationCancelled() }
+    }
+
     var isActive: Bool { [.setup, .active, .device, .cancelling].contains(status) }
+}
+
+struct MigrationCancelled: Error, CustomStringConvertible {
+    var description: String { "migration cancelled" }
 }

@@ -16,6 +16,8 @@ public enum MigrationStream {
         case ram = 2
         case vcpu = 3
         case device = 4
+        /// x-ignore-shared: how the target finds the RAM that is not sent.
+        case sharedRAM = 5
         case end = 0xFF
     }
 

@@ -66,6 +66,13 @@ public struct StreamReader {
 
     public mutating func raw(_ count: Int, _ what: String) throws -> [UInt8] { Array(try take(count, what)) }
 
+    /// Like `raw`, straight into `target` (guest RAM) without an intermediate array.
+    public mutating func copy(_ count: Int, into target: UnsafeMutableRawBufferPointer, _ what: String) throws {
+        precondition(target.count >= count)
+        let slice = try take(count, what)
+        slice.withUnsafeBytes { target.copyMemory(from: $0) }
+    }
+
     public mutating func blob(_ what: String, limit: Int = 1 << 30) throws -> [UInt8] {
         let count = Int(try u32("\(what) length"))
         guard count <= limit else { throw StreamError("\(context): \(what) claims \(count) bytes, more than \(limit)") }

@@ -214,7 +214,11 @@ public final class VirtioNet: VirtioDeviceModel, @unchecked Sendable {
                     queue.lastAvailable &-= 1
                     return true
                 }
-                for slice in headerSlices { slice.initializeMemory(as: UInt8.self, repeating: 0) }
+                for slice in headerSlices {
+                    slice.initializeMemory(as: UInt8.self, repeating: 0)
+                    memory.markDirty(slice)
+                }
+                for v in iov { memory.markDirty(UnsafeMutableRawBufferPointer(start: v.iov_base, count: v.iov_len)) }
                 if !headerInline, let first = headerSlices.first, first.count >= 12 {
                     first.storeBytes(of: UInt16(1).littleEndian, toByteOffset: 10, as: UInt16.self)  // num_buffers
                 }

@@ -1,0 +1,29 @@
+#ifndef CLINUX_DIRTY_LOG_H
+#define CLINUX_DIRTY_LOG_H
+
+#include <linux/kvm.h>
+#include <stdint.h>
+#include <string.h>
+#include <sys/ioctl.h>
+
+// KVM_GET_DIRTY_LOG takes a struct with an anonymous union, which Swift cannot
+// initialise conveniently; the bitmap has one bit per page of the slot, in 64-bit words.
+static inline int cl_kvm_get_dirty_log(int vmfd, uint32_t slot, uint64_t *bitmap) {
+    struct kvm_dirty_log log;
+    memset(&log, 0, sizeof(log));
+    log.slot = slot;
+    log.dirty_bitmap = bitmap;
+    return ioctl(vmfd, KVM_GET_DIRTY_LOG, &log);
+}
+
+// Pages the VMM itself writes (virtio rings and RX buffers) are marked from several
+// threads while the migration thread collects them: word-wise atomics.
+static inline void cl_atomic_or_u64(uint64_t *word, uint64_t bits) {
+    __atomic_fetch_or(word, bits, __ATOMIC_RELAXED);
+}
+
+static inline uint64_t cl_atomic_take_u64(uint64_t *word) {
+    return __atomic_exchange_n(word, 0, __ATOMIC_ACQ_REL);
+}
+
+#endif

@@ -1,0 +1,157 @@
+import CLinux
+import Glibc
+import QMPWire
+
+/// `migrate`: live pre-copy while the guest runs, then stop, the last dirty pages and
+/// the device state, and the target's acknowledgement. Any failure or migrate_cancel
+/// puts the source back where it was.
+extension Machine {
+    func startMigration(to uri: MigrationURI) throws {
+        guard !migration.isActive else { throw QMPCommandError("There's a migration process in progress") }
+        guard [.running, .paused, .prelaunch].contains(runState) else {
+            throw QMPCommandError("Cannot migrate in state '\(runState.rawValue)'")
+        }
+        // Refused before anything happens to the guest: these cannot work on this channel.
+        if isLocalMigration && !uri.carriesFileDescriptors {
+            throw QMPCommandError("Migration parameter 'local' requires a unix socket channel, got '\(uri)'")
+        }
+        let sharedRAM = migration.capabilities["x-ignore-shared"] == true ? try SharedRAM.describing(memory) : nil
+        if case .memfd = sharedRAM, !uri.carriesFileDescriptors {
+            throw QMPCommandError("x-ignore-shared: guest RAM is a shared memfd, which reaches the target only as a file descriptor over a unix socket, not '\(uri)'")
+        }
+        let channel = try MigrationChannel.connect(uri: uri)
+        migration.reset(ramTotal: memory.size, now: monotonicNanoseconds())
+        migration.channel = channel
+        setMigrationStatus(.setup)
+        // Pre-copy only pays when the guest runs and its RAM must be copied.
+        let live = runState == .running && sharedRAM == nil
+        if live {
+            do {
+                try vm.setDirtyLogging(true, memory: memory)
+            } catch {
+                finishOutgoing(error: "cannot log dirty pages: \(error)")
+                return
+            }
+            migration.dirtyLogging = true
+        }
+        var discard = [UInt64](repeating: 0, count: memory.deviceDirty.wordCount)
+        memory.deviceDirty.take(into: &discard)
+        migration.setupDoneTime = monotonicNanoseconds()
+        setMigrationStatus(.active)
+
+        let transfer = RAMTransfer(memory: memory, channel: channel, progress: migration,
+                                   maxBandwidth: UInt64(max(0, migration.parameters["max-bandwidth"]?.intValue ?? 0)))
+        let downtimeLimit = (migration.parameters["downtime-limit"]?.intValue ?? 300) * 1_000_000
+        let configuration = machineDescription().encode()
+        let stopper = GuestStopper(machine: self)
+        let vm = self.vm
+        let loop = self.loop
+        do {
+            _ = try OSThread(name: "migration-out") { [self] in
+                var failure: String?
+                do {
+                    try channel.send(MigrationStream.header())
+                    try channel.send(.init(kind: .configuration, payload: configuration))
+                    var dirty: [UInt64]?
+                    if let sharedRAM {
+                        let fds = sharedRAM == .memfd(size: memory.size) ? [memory.fd] : []
+                        try channel.send(.init(kind: .sharedRAM, payload: sharedRAM.encode(), fdCount: fds.count), fds: fds)
+                    } else if live {
+                        dirty = try transfer.precopy(vm: vm, downtimeLimit: downtimeLimit)
+                    }
+                    try migration.checkCancelled()
+                    let sections = try stopper.stop()
+                    if sharedRAM == nil {
+                        // Stopped: what is still dirty, or everything if the guest never ran.
+                        let final = live ? try transfer.collectDirty(vm: vm, into: dirty) : nil
+                        _ = try transfer.sendPass(bitmap: final, live: false)
+                    }
+                    migration.ramRemaining.store(0, ordering: .relaxed)
+                    for (section, fds) in sections { try channel.send(section, fds: fds) }
+                    try channel.send(.init(kind: .end))
+                    let ack = try channel.receive(1, what: "the target's acknowledgement")
+                    guard ack == [Self.acknowledgement] else { throw StreamError("the target answered \(ack) instead of an acknowledgement") }
+                } catch {
+                    failure = "\(error)"
+                }
+                let result = failure
+                loop.post { [self] in finishOutgoing(error: result) }
+            }
+        } catch {
+            finishOutgoing(error: "\(error)")
+        }
+    }
+
+    /// Stops the guest for the final pass (loop thread): the vCPU, then the NICs'
+    /// receiving, so from here every frame waits in the TAP (local) or stays with the
+    /// old TAP (normal) and the source takes none after the snapshot.
+    func stopForCompletion() throws -> [(MigrationStream.Section, [Int32])] {
+        try migration.checkCancelled()
+        migration.runStateBefore = runState
+        if runState == .running {
+            vcpuRunner.pause()
+            runState = .finishMigrate
+            qmp.emit("STOP")
+        } else {
+            runState = .finishMigrate
+        }
+        for nic in nics { nic.suspendReceive(true) }
+        migration.stopTime = monotonicNanoseconds()
+        setMigrationStatus(.device)
+        return try captureState()
+    }
+
+    func cancelMigration() {
+        guard migration.isActive, migration.channel != nil else { return }
+        migration.cancelRequested.store(true, ordering: .relaxed)
+        setMigrationStatus(.cancelling)
+        migration.channel?.abort()
+    }
+
+    /// Back on the control thread: completed (postmigrate), or failed/cancelled and
+    /// the source goes back to what it was doing.
+    func finishOutgoing(error: String?) {
+        migration.endTime = monotonicNanoseconds()
+        migration.channel = nil
+        if migration.dirtyLogging {
+            do { try vm.setDirtyLogging(false, memory: memory) } catch { logger.warning("\(error)") }
+            migration.dirtyLogging = false
+        }
+        guard let error else {
+            runState = .postmigrate
+            setMigrationStatus(.completed)
+            return
+        }
+        let cancelled = migration.cancelRequested.load(ordering: .relaxed)
+        if !cancelled {
+            migration.error = error
+            logger.error("migration failed: \(error)")
+        }
+        if migration.stopTime > 0 {
+            runState = migration.runStateBefore
+            for nic in nics { nic.suspendReceive(false) }
+        }
+        setMigrationStatus(cancelled ? .cancelled : .failed)
+        if migration.stopTime > 0 && runState == .running {
+            vcpuRunner.resume()
+            qmp.emit("RESUME")
+        }
+    }
+}
+
+/// Lets the migration thread stop the guest on the loop thread and wait for the
+/// captured state.
+private final class GuestStopper: @unchecked Sendable {
+    private unowned let machine: Machine
+    private let result = ConditionLock<Result<[(MigrationStream.Section, [Int32])], any Error>?>(nil)
+
+    init(machine: Machine) { self.machine = machine }
+
+    func stop() throws -> [(MigrationStream.Section, [Int32])] {
+        machine.loop.post { [self] in
+            let outcome = Result(catching: { try machine.stopForCompletion() })
+            result.update { $0 = outcome }
+        }
+        return try result.wait(until: { $0 != nil }, then: { $0! })!.get()
+    }
+}

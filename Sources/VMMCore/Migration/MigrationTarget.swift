@@ -1,0 +1,151 @@
+import CLinux
+import Glibc
+import QMPWire
+
+/// `-incoming` / `migrate-incoming`: accept one connection, check the configuration,
+/// load RAM and state on a thread of its own (the vCPU has never run), acknowledge.
+extension Machine {
+    func startIncoming(from uri: MigrationURI) throws {
+        guard runState == .inmigrate else { throw QMPCommandError("The incoming migration can only start in state 'inmigrate' (-incoming defer)") }
+        guard migration.incomingListener < 0, !migration.isActive else { throw QMPCommandError("An incoming migration is already set up") }
+        let listener: Int32
+        switch uri {
+        case .unix(let path):
+            listener = try UnixSocket.listen(path: path, backlog: 1)
+            migration.incomingPath = path
+        case .tcp(let host, let port):
+            listener = try TCPSocket.listen(host: host, port: port)
+        }
+        migration.incomingListener = listener
+        loop.watch(listener) { [unowned self] _ in
+            guard let fd = UnixSocket.accept(listener) else { return }
+            closeIncomingListener()
+            receiveMigration(on: MigrationChannel(fd: fd))
+        }
+    }
+
+    func closeIncomingListener() {
+        guard migration.incomingListener >= 0 else { return }
+        loop.unwatch(migration.incomingListener)
+        close(migration.incomingListener)
+        migration.incomingListener = -1
+        if let path = migration.incomingPath { unlink(path) }
+        migration.incomingPath = nil
+    }
+
+    func receiveMigration(on channel: MigrationChannel) {
+        migration.reset(ramTotal: memory.size, now: monotonicNanoseconds())
+        setMigrationStatus(.setup)
+        setMigrationStatus(.active)
+        let own = machineDescription()
+        do {
+            _ = try OSThread(name: "migration-in") { [self] in
+                var failure: String?
+                do {
+                    try receive(over: channel, expecting: own)
+                    // Checked before acknowledging: the source must not report success for this.
+                    let unclaimed = channel.received.closeUnclaimed()
+                    if unclaimed > 0 { throw StreamError("received \(unclaimed) file descriptor(s) that no section claimed") }
+                    try channel.send([Self.acknowledgement])
+                } catch {
+                    let unclaimed = channel.received.closeUnclaimed()
+                    failure = unclaimed > 0 ? "\(error) (closed \(unclaimed) received file descriptor(s) no section claimed)" : "\(error)"
+                }
+                let result = failure
+                loop.post { [self] in finishIncoming(error: result) }
+            }
+        } catch {
+            finishIncoming(error: "\(error)")
+        }
+    }
+
+    /// Runs on the migration thread; the vCPU has never run, so loading is race-free.
+    func receive(over channel: MigrationChannel, expecting own: MachineDescription) throws {
+        try MigrationStream.checkHeader(try channel.receive(MigrationStream.headerSize, what: "the stream header"))
+        let first = try channel.receiveSection()
+        guard first.kind == .configuration else { throw StreamError("the stream starts with \(first.label), not the configuration") }
+        try MachineDescription.decode(first.payload).check(target: own)
+        var loaded: Set<String> = []
+        var ramArrived = false
+        while true {
+            let section = try channel.receiveSection()
+            let fds = try channel.received.claim(section.fdCount, for: section.label)
+            if !(section.name.hasSuffix("/tap") || section.kind == .sharedRAM) && !fds.isEmpty {
+                fds.forEach { close($0) }
+                throw StreamError("\(section.label) carries \(fds.count) file descriptor(s) it has no use for")
+            }
+            switch section.kind {
+            case .end:
+                // Never start a guest without its memory or with a NIC that has no backend.
+                guard ramArrived else { throw StreamError("the stream carried no guest RAM") }
+                let missing = ["cpu0", "serial0"].filter { !loaded.contains($0) }
+                guard missing.isEmpty else { throw StreamError("the stream ended without \(missing.joined(separator: ", "))") }
+                for nic in nics where nic.backend.queueFDs.isEmpty {
+                    throw StreamError("netdev '\(nic.backend.id)' (incoming-fds=on) received no TAP queues: is migration parameter 'local' on at the source, and local-migration on for \(nic.id)?")
+                }
+                return
+            case .ram:
+                try RAMTransfer.load(section.payload, into: memory, progress: migration)
+                ramArrived = true
+            case .sharedRAM:
+                try SharedRAM.decode(section.payload).adopt(into: memory, fds: fds)
+                ramArrived = true
+            case .vcpu:
+                guard section.name == "cpu0" else { throw StreamError("state for vCPU '\(section.name)', this machine has cpu0 only") }
+                try VCPUState.decode(section.payload).restore(into: vcpuRunner.vcpu)
+                loaded.insert("cpu0")
+            case .device:
+                try loadDevice(section, fds: fds)
+                loaded.insert(section.name)
+            case .configuration:
+                throw StreamError("a second configuration section")
+            }
+        }
+    }
+
+    func loadDevice(_ section: MigrationStream.Section, fds: [Int32]) throws {
+        if section.name == "serial0" { return try serial.load(section.payload) }
+        let parts = section.name.split(separator: "/")
+        guard parts.count == 2, let nic = nics.first(where: { $0.id == parts[0] }), let transport = nic.transport else {
+            fds.forEach { close($0) }
+            throw StreamError("state for device '\(section.name)', which this machine does not have")
+        }
+        switch parts[1] {
+        case "transport": try transport.load(section.payload)
+        case "net": try nic.load(section.payload)
+        case "tap":
+            var r = StreamReader(section.payload, context: "\(section.name)")
+            let queues: Int
+            let vnetHeader: Bool
+            do {
+                queues = Int(try r.u16("queue count"))
+                vnetHeader = try r.bool("vnet header")
+                try r.finish()
+            } catch {
+                fds.forEach { close($0) }
+                throw error
+            }
+            guard queues == fds.count, let tap = nic.backend as? TapBackend, tap.queueFDs.isEmpty else {
+                fds.forEach { close($0) }
+                throw StreamError("\(section.name): the source passes its TAP queues, but netdev '\(nic.backend.id)' was not created with incoming-fds=on")
+            }
+            try tap.adopt(fds, vnetHeader: vnetHeader)
+        default: throw StreamError("unknown state '\(section.name)'")
+        }
+    }
+
+    func finishIncoming(error: String?) {
+        migration.endTime = monotonicNanoseconds()
+        if let error {
+            migration.error = error
+            logger.error("incoming migration failed: \(error)")
+            setMigrationStatus(.failed)
+            // Like QEMU's default exit-on-error: a target that could not load exits.
+            loop.stop(exitStatus: 1)
+            return
+        }
+        for nic in nics { attach(nic) }
+        setMigrationStatus(.completed)
+        runState = .paused
+    }
+}

@@ -1,0 +1,158 @@
+import CLinux
+import Glibc
+
+/// Guest RAM on the migration thread: the source's pre-copy passes (every page, then
+/// the pages dirtied meanwhile, until the rest fits the downtime limit) and the
+/// target's loader.
+///
+/// RAM section payload: records of `address:u64` followed by a 4096-byte page, or, when
+/// bit 0 of the address is set, nothing: that page is all zero. The first pass skips
+/// zero pages entirely (the target's RAM starts zeroed); later passes must send a page
+/// that became zero, as a record without data.
+struct RAMTransfer {
+    static let pageSize = 4096
+    static let zeroPageFlag: UInt64 = 1
+    /// A RAM section is sent once its payload reaches this size.
+    static let sectionBytes = 1 << 20
+    /// Pre-copy gives up converging after this many passes and stops the guest anyway.
+    static let maxPasses = 30
+
+    let memory: GuestMemory
+    let channel: MigrationChannel
+    let progress: MigrationState
+    /// Bytes per second for the live passes; 0 for unlimited.
+    let maxBandwidth: UInt64
+
+    struct PassResult {
+        var pagesScanned = 0
+        var pagesSent = 0
+        var zeroPages = 0
+        var bytesSent = 0
+        var nanoseconds: Int64 = 0
+    }
+
+    /// Sends the pages set in `bitmap` (indexed by host-offset page), or every non-zero
+    /// page when `bitmap` is nil. `live`: the guest still runs, so honour max-bandwidth.
+    func sendPass(bitmap: [UInt64]?, live: Bool) throws -> PassResult {
+        let start = monotonicNanoseconds()
+        var result = PassResult()
+        var w = StreamWriter()
+        func flush() throws {
+            guard !w.bytes.isEmpty else { return }
+            try channel.send(.init(kind: .ram, payload: w.bytes))
+            result.bytesSent += w.bytes.count
+            progress.ramTransferred.add(UInt64(w.bytes.count), ordering: .relaxed)
+            w = StreamWriter()
+            try progress.checkCancelled()
+            if live && maxBandwidth > 0 {
+                let due = Int64(Double(result.bytesSent) / Double(maxBandwidth) * 1e9)
+                let elapsed = monotonicNanoseconds() - start
+                if due > elapsed { usleep(UInt32(min((due - elapsed) / 1000, 1_000_000))) }
+            }
+        }
+        for region in memory.regions {
+            let base = memory.hostAddress(of: region)
+            let firstPage = Int(region.hostOffset) / Self.pageSize
+            let pages = Int(region.size) / Self.pageSize
+            var page = 0
+            while page < pages {
+                if let bitmap {
+                    // Skip clean runs a word at a time.
+                    let global = firstPage + page
+                    let word = bitmap[global / 64] >> UInt64(global % 64)
+                    if word == 0 {
+                        page += 64 - global % 64
+                        continue
+                    }
+                    if word & 1 == 0 {
+                        page += 1
+                        continue
+                    }
+                }
+                defer { page += 1 }
+                result.pagesScanned += 1
+                let bytes = UnsafeRawBufferPointer(start: base + page * Self.pageSize, count: Self.pageSize)
+                let address = region.guestAddress + UInt64(page * Self.pageSize)
+                if Self.isZeroPage(bytes) {
+                    result.zeroPages += 1
+                    if bitmap == nil { continue }
+                    w.u64(address | Self.zeroPageFlag)
+                } else {
+                    w.u64(address)
+                    w.raw(bytes)
+                    result.pagesSent += 1
+                }
+                if w.bytes.count >= Self.sectionBytes { try flush() }
+            }
+        }
+        try flush()
+        result.nanoseconds = monotonicNanoseconds() - start
+        progress.pagesTransferred.add(UInt64(result.pagesSent), ordering: .relaxed)
+        progress.zeroPages.add(UInt64(result.zeroPages), ordering: .relaxed)
+        return result
+    }
+
+    /// Live passes while the guest runs. Returns the pages still dirty when the
+    /// estimated time to send them fits `downtimeLimit` (or pre-copy stopped
+    /// converging): the caller stops the guest and sends those plus what the guest
+    /// wrote meanwhile.
+    func precopy(vm: VirtualMachine, downtimeLimit: Int64) throws -> [UInt64] {
+        var last = try sendPass(bitmap: nil, live: true)
+        var pass = 1
+        while true {
+            var dirty = try collectDirty(vm: vm)
+            let dirtyPages = dirty.reduce(0) { $0 + $1.nonzeroBitCount }
+            progress.ramRemaining.store(UInt64(dirtyPages * Self.pageSize), ordering: .relaxed)
+            // Bandwidth as the last pass achieved it, in pages per nanosecond of sending.
+            let nanosecondsPerPage = Double(max(last.nanoseconds, 1)) / Double(max(last.pagesSent + last.zeroPages, 1))
+            let expected = Int64(Double(dirtyPages) * nanosecondsPerPage)
+            progress.expectedDowntime.store(expected / 1_000_000, ordering: .relaxed)
+            if expected <= downtimeLimit || pass >= Self.maxPasses {
+                return dirty
+            }
+            last = try sendPass(bitmap: dirty, live: true)
+            dirty = []
+            pass += 1
+        }
+    }
+
+    /// Pages the guest (KVM's log) or the VMM's devices wrote since the last collection.
+    func collectDirty(vm: VirtualMachine, into bitmap: [UInt64]? = nil) throws -> [UInt64] {
+        var dirty = bitmap ?? [UInt64](repeating: 0, count: memory.deviceDirty.wordCount)
+        try vm.collectDirtyLog(memory: memory, into: &dirty)
+        memory.deviceDirty.take(into: &dirty)
+        progress.dirtySyncCount.add(1, ordering: .relaxed)
+        return dirty
+    }
+
+    /// Word-wise: this runs over every page of RAM.
+    static func isZeroPage(_ page: UnsafeRawBufferPointer) -> Bool {
+        let words = page.count / 8
+        for i in 0..<words where page.loadUnaligned(fromByteOffset: i * 8, as: UInt64.self) != 0 { return false }
+        return page[(words * 8)...].allSatisfy { $0 == 0 }
+    }
+
+    /// Target side: applies one RAM section.
+    static func load(_ payload: [UInt8], into memory: GuestMemory, progress: MigrationState) throws {
+        var r = StreamReader(payload, context: "RAM section")
+        while !r.isAtEnd {
+            let record = try r.u64("page address")
+            let address = record & ~zeroPageFlag
+            guard address % UInt64(pageSize) == 0 else { throw StreamError("RAM record for unaligned address \(hex(address))") }
+            let target: UnsafeMutableRawBufferPointer
+            do {
+                target = try memory.slice(at: address, count: pageSize)
+            } catch {
+                throw StreamError("RAM page at \(hex(address)) lies outside this machine's RAM")
+            }
+            if record & zeroPageFlag != 0 {
+                target.initializeMemory(as: UInt8.self, repeating: 0)
+                progress.zeroPages.add(1, ordering: .relaxed)
+            } else {
+                try r.copy(pageSize, into: target, "page at \(hex(address))")
+                progress.pagesTransferred.add(1, ordering: .relaxed)
+            }
+        }
+        progress.ramTransferred.add(UInt64(payload.count), ordering: .relaxed)
+    }
+}
