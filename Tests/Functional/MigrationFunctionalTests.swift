@@ -3,171 +3,173 @@ import QMPWire
 import TestKit
 import Testing
 
-/// Normal migration (stop-and-copy for now) to a second VMM process with its own TAP,
-/// the first step of the seed's tapNewTapMigration.
-@Suite(.requiresKVM, .requiresGuestImage, .requiresVMM, .requiresNetworkNamespaces)
-struct MigrationFunctionalTests {
-    /// A source VMM on tap0 (the host side has 192.168.100.1/24) and an `-incoming defer`
-    /// target, both in a fresh namespace, with the source's eth0 at 192.168.100.2/24 when
-    /// `configureGuest`. `body` gets the unix URI to migrate over.
-    static func withMigrationPair(
-        taps: [(name: String, queues: Int)], source sourceArguments: [String], target targetArguments: [String],
-        configureGuest: Bool = true,
-        _ body: (NetworkNamespace, Machine, Machine, String) async throws -> Void
-    ) async throws {
-        try await NetworkNamespace.with { ns in
-            for tap in taps { _ = try await ns.createTap(tap.name, queues: tap.queues, multiQueue: true) }
-            try await ns.withRoute { route in
-                try route.addAddress("192.168.100.1/24", to: taps[0].name)
-                for tap in taps { try route.setLink(tap.name, up: true) }
-            }
-            let socketDirectory = try temporarySocketDirectory()
-            defer { try? FileManager.default.removeItem(atPath: socketDirectory) }
-            try await withArtifacts { artifacts in
-                var sourceOptions = guestOptions(arguments: sourceArguments)
-                sourceOptions.name = "source"
-                sourceOptions.namespace = ns
-                var targetOptions = guestOptions(arguments: targetArguments + ["-incoming", "defer"])
-                targetOptions.name = "target"
-                targetOptions.namespace = ns
-                let source = try await Machine.launch(sourceOptions, in: artifacts)
-                let target = try await Machine.launch(targetOptions, in: artifacts)
-                try await source.console.waitForPrompt(timeout: .seconds(20))
-                if configureGuest {
-                    try await source.console.run("ip addr add 192.168.100.2/24 dev eth0", failure: "no such device", timeout: .seconds(30))
-                    try await source.console.run("ip link set eth0 up")
-                }
-                try await body(ns, source, target, "unix:\(socketDirectory)/migration.sock")
-            }
-        }
-    }
-
-    /// A migration target's NIC whose TAP queues come with the stream.
-    static func incomingTapArguments(_ queues: Int) -> [String] {
-        ["-netdev", "tap,id=n0,incoming-fds=on,queues=\(queues),script=no,downscript=no",
-         "-device", "virtio-net-pci,netdev=n0,id=nic0,mac=52:54:00:12:34:56,mq=on"]
-    }
-
-    @Test func normalMigrationMovesTheGuestToANewProcessAndTap() async throws {
-        try await Self.withMigrationPair(
-            taps: [("tap0", 2), ("tap1", 2)],
-            source: NetworkDeviceFunctionalTests.nicArguments(queues: 2, ifname: "tap0"),
-            target: NetworkDeviceFunctionalTests.nicArguments(queues: 2, ifname: "tap1")
-        ) { ns, source, target, uri in
-                try await source.console.run("ping -c 1 -W 2 192.168.100.1", expect: "1 packets received", failure: "0 packets received", timeout: .seconds(20))
-                let ticksBefore = try await readTicks(source.console)
-
-                #expect(try await target.qmp.execute("query-status")["status"] == "inmigrate")
-                for vm in [source, target] {
-                    try await vm.qmp.execute("migrate-set-capabilities", arguments: ["capabilities": [["capability": "events", "state": true]]])
-                }
-                try await target.qmp.execute("migrate-incoming", arguments: ["uri": .string(uri)])
-                try await source.qmp.execute("migrate", arguments: ["uri": .string(uri)])
-                for status in ["setup", "active", "device", "completed"] {
-                    _ = try await source.qmp.waitForEvent("MIGRATION", matching: ["status": .string(status)], timeout: .seconds(30))
-                }
-                _ = try await target.qmp.waitForEvent("MIGRATION", matching: ["status": "completed"], timeout: .seconds(30))
-                #expect(try await source.qmp.execute("query-status")["status"] == "postmigrate")
-                #expect(try await target.qmp.execute("query-status")["status"] == "paused")
-                let info = try await source.qmp.execute("query-migrate")
-                #expect(info["status"] == "completed")
-                #expect(info["ram"]?["total"]?.intValue == 64 << 20)
-                #expect(info["downtime"]?.intValue != nil)
-
-                try await target.qmp.execute("cont")
-                _ = try await target.qmp.waitForEvent("RESUME", timeout: .seconds(5))
-                let ticksAfter = try await readTicks(target.console)
-                #expect(ticksAfter > ticksBefore, "guest RAM did not carry over: ticks \(ticksBefore) -> \(ticksAfter)")
-                // Like the seed's switch_network_to_tap2: the host address moves to the target's TAP.
+extension SerializedNetworkSuites {
+    /// Normal migration (stop-and-copy for now) to a second VMM process with its own TAP,
+    /// the first step of the seed's tapNewTapMigration.
+    @Suite(.requiresKVM, .requiresGuestImage, .requiresVMM, .requiresNetworkNamespaces)
+    struct MigrationFunctionalTests {
+        /// A source VMM on tap0 (the host side has 192.168.100.1/24) and an `-incoming defer`
+        /// target, both in a fresh namespace, with the source's eth0 at 192.168.100.2/24 when
+        /// `configureGuest`. `body` gets the unix URI to migrate over.
+        static func withMigrationPair(
+            taps: [(name: String, queues: Int)], source sourceArguments: [String], target targetArguments: [String],
+            configureGuest: Bool = true,
+            _ body: (NetworkNamespace, Machine, Machine, String) async throws -> Void
+        ) async throws {
+            try await NetworkNamespace.with { ns in
+                for tap in taps { _ = try await ns.createTap(tap.name, queues: tap.queues, multiQueue: true) }
                 try await ns.withRoute { route in
-                    try route.removeAddress("192.168.100.1/24", from: "tap0")
-                    try route.addAddress("192.168.100.1/24", to: "tap1")
+                    try route.addAddress("192.168.100.1/24", to: taps[0].name)
+                    for tap in taps { try route.setLink(tap.name, up: true) }
                 }
-                try await target.console.run("ip addr", expect: "inet 192.168.100.2/24")
-                let pinger = try Pinger(namespace: ns, destination: "192.168.100.2", interval: .milliseconds(2), count: 200)
-                try pinger.start()
-                let report = await pinger.finish(timeout: .seconds(20))
-                #expect(report.lost == 0, "\(report)")
-                // The host's pings made the guest learn tap1's MAC; now the guest reaches the host too.
-                try await target.console.run("ping -c 2 -W 2 192.168.100.1", expect: "2 packets received", failure: "0 packets received", timeout: .seconds(20))
-                await #expect(throws: QMPError.self) { try await source.qmp.execute("cont") }
-        }
-    }
-
-    /// The reviewers' `8 != 101 ... max_queue_pairs`: a target with fewer queue pairs must
-    /// refuse the stream with a message naming the device, the property and both values,
-    /// and the source must go back to running with its network working.
-    @Test func queuePairMismatchIsRefusedAndTheSourceKeepsRunning() async throws {
-        try await Self.withMigrationPair(
-            taps: [("tap0", 4), ("tap1", 4)],
-            source: NetworkDeviceFunctionalTests.nicArguments(queues: 4, ifname: "tap0"),
-            target: NetworkDeviceFunctionalTests.nicArguments(queues: 2, ifname: "tap1")
-        ) { ns, source, target, uri in
-                try await source.qmp.execute("migrate-set-capabilities", arguments: ["capabilities": [["capability": "events", "state": true]]])
-                try await target.qmp.execute("migrate-incoming", arguments: ["uri": .string(uri)])
-                try await source.qmp.execute("migrate", arguments: ["uri": .string(uri)])
-                _ = try await source.qmp.waitForEvent("MIGRATION", matching: ["status": "failed"], timeout: .seconds(30))
-                #expect(try await target.wait(timeout: .seconds(10)) == .exited(1))
-                let targetLog = target.stderrTail(20).joined(separator: "\n")
-                #expect(targetLog.contains("device 'nic0' (virtio-net-pci): property 'max_queue_pairs' is 4 on the source but 2 on the target"), "\(targetLog)")
-                let info = try await source.qmp.execute("query-migrate")
-                #expect(info["status"] == "failed")
-                #expect(info["error-desc"]?.stringValue != nil)
-                #expect(try await source.qmp.execute("query-status")["status"] == "running")
-                let pinger = try Pinger(namespace: ns, destination: "192.168.100.2", interval: .milliseconds(2), count: 100)
-                try pinger.start()
-                #expect(await pinger.finish(timeout: .seconds(20)).lost == 0)
-                try await source.console.run("echo still here", expect: "still here")
-        }
-    }
-
-    /// The seed's tapFdMigration: with migration parameter `local` on both sides and a
-    /// target netdev with `incoming-fds=on`, the source hands its TAP queue fds over in
-    /// the stream; frames sent during the switch wait in the TAP, so nothing is lost.
-    @Test func localMigrationHandsOverTheTapAndLosesNoPacket() async throws {
-        try await Self.withMigrationPair(
-            taps: [("tap0", 4)],
-            source: NetworkDeviceFunctionalTests.nicArguments(queues: 4, ifname: "tap0"),
-            target: Self.incomingTapArguments(4)
-        ) { ns, source, target, uri in
-                for vm in [source, target] {
-                    try await vm.qmp.execute("migrate-set-capabilities", arguments: ["capabilities": [["capability": "events", "state": true]]])
-                    try await vm.qmp.execute("migrate-set-parameters", arguments: ["local": true])
+                let socketDirectory = try temporarySocketDirectory()
+                defer { try? FileManager.default.removeItem(atPath: socketDirectory) }
+                try await withArtifacts { artifacts in
+                    var sourceOptions = guestOptions(arguments: sourceArguments)
+                    sourceOptions.name = "source"
+                    sourceOptions.namespace = ns
+                    var targetOptions = guestOptions(arguments: targetArguments + ["-incoming", "defer"])
+                    targetOptions.name = "target"
+                    targetOptions.namespace = ns
+                    let source = try await Machine.launch(sourceOptions, in: artifacts)
+                    let target = try await Machine.launch(targetOptions, in: artifacts)
+                    try await source.console.waitForPrompt(timeout: .seconds(20))
+                    if configureGuest {
+                        try await source.console.run("ip addr add 192.168.100.2/24 dev eth0", failure: "no such device", timeout: .seconds(30))
+                        try await source.console.run("ip link set eth0 up")
+                    }
+                    try await body(ns, source, target, "unix:\(socketDirectory)/migration.sock")
                 }
-                let pinger = try Pinger(namespace: ns, destination: "192.168.100.2", interval: .milliseconds(2), count: 1000)
-                try pinger.start()
-                try await pinger.waitForReplies(20, timeout: .seconds(10))
-                try await target.qmp.execute("migrate-incoming", arguments: ["uri": .string(uri)])
-                try await source.qmp.execute("migrate", arguments: ["uri": .string(uri)])
-                _ = try await target.qmp.waitForEvent("MIGRATION", matching: ["status": "completed"], timeout: .seconds(30))
-                _ = try await source.qmp.waitForEvent("MIGRATION", matching: ["status": "completed"], timeout: .seconds(30))
-                try await target.qmp.execute("cont")
-                let report = await pinger.finish(timeout: .seconds(30))
-                #expect(report.sent == 1000)
-                #expect(report.lost == 0, "\(report)")
-                // The target reads the very TAP queues the source opened.
-                #expect(try await ns.withRoute { try $0.tunInfo("tap0") }.queues == 4)
-                try await target.console.run("echo on the target", expect: "on the target")
+            }
         }
-    }
 
-    @Test func localOnOneSideOnlyIsRefused() async throws {
-        try await Self.withMigrationPair(
-            taps: [("tap0", 1)],
-            source: NetworkDeviceFunctionalTests.nicArguments(queues: 1, ifname: "tap0"),
-            target: Self.incomingTapArguments(1), configureGuest: false
-        ) { _, source, target, uri in
-                try await source.qmp.execute("migrate-set-parameters", arguments: ["local": true])
-                try await source.qmp.execute("migrate-set-capabilities", arguments: ["capabilities": [["capability": "events", "state": true]]])
-                try await target.qmp.execute("migrate-incoming", arguments: ["uri": .string(uri)])
-                try await source.qmp.execute("migrate", arguments: ["uri": .string(uri)])
-                #expect(try await target.wait(timeout: .seconds(10)) == .exited(1))
-                let log = target.stderrTail(20).joined(separator: "\n")
-                #expect(log.contains("machine: property 'local' is on on the source but off on the target"), "\(log)")
-                // The source learns of the failure from the closed channel, asynchronously.
-                _ = try await source.qmp.waitForEvent("MIGRATION", matching: ["status": "failed"], timeout: .seconds(10))
-                #expect(try await source.qmp.execute("query-status")["status"] == "running")
-                try await source.console.run("echo source alive", expect: "source alive")
+        /// A migration target's NIC whose TAP queues come with the stream.
+        static func incomingTapArguments(_ queues: Int) -> [String] {
+            ["-netdev", "tap,id=n0,incoming-fds=on,queues=\(queues),script=no,downscript=no",
+             "-device", "virtio-net-pci,netdev=n0,id=nic0,mac=52:54:00:12:34:56,mq=on"]
+        }
+
+        @Test func normalMigrationMovesTheGuestToANewProcessAndTap() async throws {
+            try await Self.withMigrationPair(
+                taps: [("tap0", 2), ("tap1", 2)],
+                source: NetworkDeviceFunctionalTests.nicArguments(queues: 2, ifname: "tap0"),
+                target: NetworkDeviceFunctionalTests.nicArguments(queues: 2, ifname: "tap1")
+            ) { ns, source, target, uri in
+                    try await source.console.run("ping -c 1 -W 2 192.168.100.1", expect: "1 packets received", failure: "0 packets received", timeout: .seconds(20))
+                    let ticksBefore = try await readTicks(source.console)
+
+                    #expect(try await target.qmp.execute("query-status")["status"] == "inmigrate")
+                    for vm in [source, target] {
+                        try await vm.qmp.execute("migrate-set-capabilities", arguments: ["capabilities": [["capability": "events", "state": true]]])
+                    }
+                    try await target.qmp.execute("migrate-incoming", arguments: ["uri": .string(uri)])
+                    try await source.qmp.execute("migrate", arguments: ["uri": .string(uri)])
+                    for status in ["setup", "active", "device", "completed"] {
+                        _ = try await source.qmp.waitForEvent("MIGRATION", matching: ["status": .string(status)], timeout: .seconds(30))
+                    }
+                    _ = try await target.qmp.waitForEvent("MIGRATION", matching: ["status": "completed"], timeout: .seconds(30))
+                    #expect(try await source.qmp.execute("query-status")["status"] == "postmigrate")
+                    #expect(try await target.qmp.execute("query-status")["status"] == "paused")
+                    let info = try await source.qmp.execute("query-migrate")
+                    #expect(info["status"] == "completed")
+                    #expect(info["ram"]?["total"]?.intValue == 64 << 20)
+                    #expect(info["downtime"]?.intValue != nil)
+
+                    try await target.qmp.execute("cont")
+                    _ = try await target.qmp.waitForEvent("RESUME", timeout: .seconds(5))
+                    let ticksAfter = try await readTicks(target.console)
+                    #expect(ticksAfter > ticksBefore, "guest RAM did not carry over: ticks \(ticksBefore) -> \(ticksAfter)")
+                    // Like the seed's switch_network_to_tap2: the host address moves to the target's TAP.
+                    try await ns.withRoute { route in
+                        try route.removeAddress("192.168.100.1/24", from: "tap0")
+                        try route.addAddress("192.168.100.1/24", to: "tap1")
+                    }
+                    try await target.console.run("ip addr", expect: "inet 192.168.100.2/24")
+                    let pinger = try Pinger(namespace: ns, destination: "192.168.100.2", interval: .milliseconds(2), count: 200)
+                    try pinger.start()
+                    let report = await pinger.finish(timeout: .seconds(20))
+                    #expect(report.lost == 0, "\(report)")
+                    // The host's pings made the guest learn tap1's MAC; now the guest reaches the host too.
+                    try await target.console.run("ping -c 2 -W 2 192.168.100.1", expect: "2 packets received", failure: "0 packets received", timeout: .seconds(20))
+                    await #expect(throws: QMPError.self) { try await source.qmp.execute("cont") }
+            }
+        }
+
+        /// The reviewers' `8 != 101 ... max_queue_pairs`: a target with fewer queue pairs must
+        /// refuse the stream with a message naming the device, the property and both values,
+        /// and the source must go back to running with its network working.
+        @Test func queuePairMismatchIsRefusedAndTheSourceKeepsRunning() async throws {
+            try await Self.withMigrationPair(
+                taps: [("tap0", 4), ("tap1", 4)],
+                source: NetworkDeviceFunctionalTests.nicArguments(queues: 4, ifname: "tap0"),
+                target: NetworkDeviceFunctionalTests.nicArguments(queues: 2, ifname: "tap1")
+            ) { ns, source, target, uri in
+                    try await source.qmp.execute("migrate-set-capabilities", arguments: ["capabilities": [["capability": "events", "state": true]]])
+                    try await target.qmp.execute("migrate-incoming", arguments: ["uri": .string(uri)])
+                    try await source.qmp.execute("migrate", arguments: ["uri": .string(uri)])
+                    _ = try await source.qmp.waitForEvent("MIGRATION", matching: ["status": "failed"], timeout: .seconds(30))
+                    #expect(try await target.wait(timeout: .seconds(10)) == .exited(1))
+                    let targetLog = target.stderrTail(20).joined(separator: "\n")
+                    #expect(targetLog.contains("device 'nic0' (virtio-net-pci): property 'max_queue_pairs' is 4 on the source but 2 on the target"), "\(targetLog)")
+                    let info = try await source.qmp.execute("query-migrate")
+                    #expect(info["status"] == "failed")
+                    #expect(info["error-desc"]?.stringValue != nil)
+                    #expect(try await source.qmp.execute("query-status")["status"] == "running")
+                    let pinger = try Pinger(namespace: ns, destination: "192.168.100.2", interval: .milliseconds(2), count: 100)
+                    try pinger.start()
+                    #expect(await pinger.finish(timeout: .seconds(20)).lost == 0)
+                    try await source.console.run("echo still here", expect: "still here")
+            }
+        }
+
+        /// The seed's tapFdMigration: with migration parameter `local` on both sides and a
+        /// target netdev with `incoming-fds=on`, the source hands its TAP queue fds over in
+        /// the stream; frames sent during the switch wait in the TAP, so nothing is lost.
+        @Test func localMigrationHandsOverTheTapAndLosesNoPacket() async throws {
+            try await Self.withMigrationPair(
+                taps: [("tap0", 4)],
+                source: NetworkDeviceFunctionalTests.nicArguments(queues: 4, ifname: "tap0"),
+                target: Self.incomingTapArguments(4)
+            ) { ns, source, target, uri in
+                    for vm in [source, target] {
+                        try await vm.qmp.execute("migrate-set-capabilities", arguments: ["capabilities": [["capability": "events", "state": true]]])
+                        try await vm.qmp.execute("migrate-set-parameters", arguments: ["local": true])
+                    }
+                    let pinger = try Pinger(namespace: ns, destination: "192.168.100.2", interval: .milliseconds(2), count: 1000)
+                    try pinger.start()
+                    try await pinger.waitForReplies(20, timeout: .seconds(10))
+                    try await target.qmp.execute("migrate-incoming", arguments: ["uri": .string(uri)])
+                    try await source.qmp.execute("migrate", arguments: ["uri": .string(uri)])
+                    _ = try await target.qmp.waitForEvent("MIGRATION", matching: ["status": "completed"], timeout: .seconds(30))
+                    _ = try await source.qmp.waitForEvent("MIGRATION", matching: ["status": "completed"], timeout: .seconds(30))
+                    try await target.qmp.execute("cont")
+                    let report = await pinger.finish(timeout: .seconds(30))
+                    #expect(report.sent == 1000)
+                    #expect(report.lost == 0, "\(report)")
+                    // The target reads the very TAP queues the source opened.
+                    #expect(try await ns.withRoute { try $0.tunInfo("tap0") }.queues == 4)
+                    try await target.console.run("echo on the target", expect: "on the target")
+            }
+        }
+
+        @Test func localOnOneSideOnlyIsRefused() async throws {
+            try await Self.withMigrationPair(
+                taps: [("tap0", 1)],
+                source: NetworkDeviceFunctionalTests.nicArguments(queues: 1, ifname: "tap0"),
+                target: Self.incomingTapArguments(1), configureGuest: false
+            ) { _, source, target, uri in
+                    try await source.qmp.execute("migrate-set-parameters", arguments: ["local": true])
+                    try await source.qmp.execute("migrate-set-capabilities", arguments: ["capabilities": [["capability": "events", "state": true]]])
+                    try await target.qmp.execute("migrate-incoming", arguments: ["uri": .string(uri)])
+                    try await source.qmp.execute("migrate", arguments: ["uri": .string(uri)])
+                    #expect(try await target.wait(timeout: .seconds(10)) == .exited(1))
+                    let log = target.stderrTail(20).joined(separator: "\n")
+                    #expect(log.contains("machine: property 'local' is on on the source but off on the target"), "\(log)")
+                    // The source learns of the failure from the closed channel, asynchronously.
+                    _ = try await source.qmp.waitForEvent("MIGRATION", matching: ["status": "failed"], timeout: .seconds(10))
+                    #expect(try await source.qmp.execute("query-status")["status"] == "running")
+                    try await source.console.run("echo source alive", expect: "source alive")
+            }
         }
     }
 }

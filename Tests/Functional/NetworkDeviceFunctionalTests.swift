@@ -11,10 +11,10 @@ struct NetworkDeviceFunctionalTests {
          "-device", "virtio-net-pci,netdev=n0,id=nic0,mac=52:54:00:12:34:56,mq=\(mq ? "on" : "off")"]
     }
 
-    static func nicInfo(_ qmp: QMPClient) async throws -> JSON {
+    static func nicInfo(_ qmp: QMPClient, id: String = "nic0") async throws -> JSON {
         let buses = try await qmp.execute("query-pci")
         let devices = buses.arrayValue?.first?["devices"]?.arrayValue ?? []
-        return try #require(devices.first { $0["qdev_id"] == "nic0" }, "nic0 missing from query-pci: \(buses.serialized)")
+        return try #require(devices.first { $0["qdev_id"] == .string(id) }, "\(id) missing from query-pci: \(buses.serialized)")
     }
 
     @Test(arguments: [1, 4])

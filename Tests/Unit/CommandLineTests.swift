@@ -40,7 +40,7 @@ import Testing
         let plain = try VMMConfiguration.parse(["-kernel", "k"])
         #expect(plain.serial == [.stdio])
         #expect(try plain.resolvedMemory().size == 128 << 20)
-        #expect(try plain.resolvedMemory().shared == false)
+        #expect(try plain.resolvedMemory().shared == true)  // like memory-backend-memfd
         let noDefaults = try VMMConfiguration.parse(["-kernel", "k", "-nodefaults"])
         #expect(noDefaults.serial.isEmpty)
         let client = try VMMConfiguration.parse(["-kernel", "k", "-serial", "unix:/s", "-qmp", "unix:/q"])
@@ -67,7 +67,8 @@ import Testing
         (["-kernel", "k", "-smp", "4"], "only one vCPU"),
         (["-kernel", "k", "-accel", "kvm,x-halt-poll-ns=-1"], "must be 0..10000000"),
         (["-kernel", "k", "-accel", "kvm,colour=red"], "unknown parameter 'colour'"),
-        (["-kernel", "k", "-incoming", "tcp:1.2.3.4:5"], "-incoming tcp:1.2.3.4:5: migration URI 'tcp:1.2.3.4:5' is not supported"),
+        (["-kernel", "k", "-incoming", "rdma:1.2.3.4:5"], "-incoming rdma:1.2.3.4:5: migration URI 'rdma:1.2.3.4:5' is not supported"),
+        (["-kernel", "k", "-incoming", "tcp:1.2.3.4"], "has no port"),
     ])
     func badCommandLinesNameTheOption(arguments: [String], fragment: String) {
         do {

@@ -125,6 +125,17 @@ enum ProcessResources {
             .filter { $0 != "anon_inode:[timerfd]" }
     }
 
+    /// The fd count once it is back to `expected`, or after 3 s. Functional suites in the
+    /// same process open and close fds all the time; a leak stays, their churn passes.
+    static func settledDescriptorCount(expecting expected: Int) async -> Int {
+        var count = descriptors().count
+        for _ in 0..<60 where count != expected {
+            try? await Task.sleep(for: .milliseconds(50))
+            count = descriptors().count
+        }
+        return count
+    }
+
     static func socketInode(_ fd: Int32) -> String? {
         try? FileManager.default.destinationOfSymbolicLink(atPath: "/proc/self/fd/\(fd)")
     }

@@ -17,6 +17,7 @@ let commands: [Command] = [
     Command(name: "ip", usage: "ip addr|link", summary: "show or set eth0: addr add|del A.B.C.D/N dev eth0, link set eth0 up|down", run: NetCommands.ip),
     Command(name: "ping", usage: "ping ADDRESS", summary: "echo requests once a second [-c COUNT] [-W SECONDS]", run: NetCommands.ping),
     Command(name: "stats", usage: "stats", summary: "print frames per queue pair", run: NetCommands.stats),
+    Command(name: "scribble", usage: "scribble ROUNDS", summary: "check and rewrite 1 MiB of RAM ROUNDS times", run: Scribble.run),
     Command(name: "poweroff", usage: "poweroff", summary: "power the machine off", run: Commands.powerOff),
 ]
 

@@ -33,7 +33,7 @@ work="$(mktemp -d "${TMPDIR:-/tmp}/guest-build.XXXXXX")"
 trap 'rm -rf "$work"' EXIT
 
 target=x86_64-unknown-none-elf
-swift_sources=(Boot.swift Machine.swift Serial.swift Console.swift Text.swift LineReader.swift Shell.swift Commands.swift
+swift_sources=(Boot.swift Machine.swift Serial.swift Console.swift Text.swift LineReader.swift Shell.swift Commands.swift Scribble.swift
     PageTables.swift PCI.swift VirtioPCI.swift Virtqueue.swift VirtioNet.swift Clock.swift
     Bytes.swift Network.swift ARP.swift IPv4.swift Ping.swift NetCommands.swift)
 

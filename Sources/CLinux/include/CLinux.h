@@ -31,6 +31,7 @@
 #include "CLinuxFDPassing.h"
 #include "CLinuxVCPUState.h"
 #include "CLinuxDirtyLog.h"
+#include "CLinuxCRC32C.h"
 
 // MARK: ioctl numbers
 

@@ -26,4 +26,9 @@ static inline uint64_t cl_atomic_take_u64(uint64_t *word) {
     return __atomic_exchange_n(word, 0, __ATOMIC_ACQ_REL);
 }
 
+// lseek's SEEK_DATA/SEEK_HOLE (glibc hides them without _GNU_SOURCE): the first pre-copy
+// pass skips the holes of shared RAM, pages the guest never touched, without reading them.
+static const int CL_SEEK_DATA = 3;
+static const int CL_SEEK_HOLE = 4;
+
 #endif

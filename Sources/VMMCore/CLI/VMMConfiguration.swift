@@ -198,7 +198,8 @@ public struct VMMConfiguration: Sendable, Equatable {
     /// The RAM the machine gets: the backend named by `-machine memory-backend=`, else `-m` on a private memfd.
     public func resolvedMemory() throws -> (size: UInt64, backing: MemoryBacking, shared: Bool) {
         guard let id = machineMemoryBackend else {
-            return (memorySize ?? Self.defaultMemorySize, .memfd, false)
+            // Shared like QEMU's memory-backend-memfd: pre-copy then finds untouched pages as holes.
+            return (memorySize ?? Self.defaultMemorySize, .memfd, true)
         }
         guard let backend = memoryBackends.first(where: { $0.id == id }) else {
             throw Error("-machine memory-backend=\(id): no -object with id '\(id)'")

@@ -2,11 +2,13 @@ import Glibc
 import QMPWire
 
 /// Network devices: creation from the command line and from QMP (`getfd`, `closefd`,
-/// `netdev_add`, `netdev_del`, `device_add` before the guest starts), and `query-pci`.
+/// `netdev_add`, `netdev_del`, `device_add` before the guest starts or the migration arrives), and `query-pci`.
 extension Machine {
     func addNetdev(_ spec: NetdevSpec) throws {
         guard netdevs[spec.id] == nil else { throw QMPCommandError("Duplicate ID '\(spec.id)' for netdev") }
         if spec.incomingFDs {
+            // The seed's wording: such a netdev only makes sense on a migration target.
+            guard runState == .inmigrate else { throw QMPCommandError("Peers wait for incoming, but it's not an incoming migration.") }
             netdevs[spec.id] = TapBackend(id: spec.id, incomingQueues: spec.queues)
             return
         }
@@ -104,8 +106,9 @@ extension Machine {
         }
         let deviceArgs = Dictionary(uniqueKeysWithValues: DeviceSpec.keys.map { ($0, QMPDispatcher.ArgumentType.any) })
         d.register("device_add", arguments: deviceArgs, required: ["driver"]) { [unowned self] args in
-            guard runState == .prelaunch else {
-                throw QMPCommandError("device_add is only supported before the guest starts (-S, state 'prelaunch'); there is no hotplug yet")
+            // A migration target gets its devices before the stream arrives, as in the seed's test.
+            guard runState == .prelaunch || (runState == .inmigrate && !migration.isActive) else {
+                throw QMPCommandError("device_add is only supported before the guest starts (-S, state 'prelaunch', or 'inmigrate' before the migration begins); there is no hotplug yet")
             }
             let (text, _) = try optionString(args["driver"]?.stringValue ?? "", args, skip: ["driver"], resolveFDs: false)
             try addNIC(try DeviceSpec.parse(text, option: "device_add"))

@@ -114,6 +114,31 @@ public final class GuestMemory: @unchecked Sendable {
         deviceDirty.mark(offset: UInt64(base - host), count: bytes.count)
     }
 
+    /// The parts of host-offset range `range` that hold data, from the backing file's
+    /// holes (SEEK_DATA/SEEK_HOLE); holes read as zero. nil when that cannot be known: a
+    /// private mapping keeps the guest's writes out of the file.
+    public func dataExtents(in range: Range<UInt64>) -> [Range<UInt64>]? {
+        guard shared else { return nil }
+        var extents: [Range<UInt64>] = []
+        var offset = range.lowerBound
+        while offset < range.upperBound {
+            let data = lseek(fd, off_t(offset), CL_SEEK_DATA)
+            if data < 0 {
+                if errno == ENXIO { break }  // no data after offset
+                return nil
+            }
+            guard UInt64(data) < range.upperBound else { break }
+            let hole = lseek(fd, data, CL_SEEK_HOLE)
+            guard hole >= 0 else { return nil }
+            // Extents come in filesystem blocks; widen to whole pages.
+            let start = UInt64(data) & ~UInt64(4095)
+            let end = min((UInt64(hole) + 4095) & ~UInt64(4095), range.upperBound)
+            extents.append(start..<end)
+            offset = end
+        }
+        return extents
+    }
+
     /// Replaces the RAM's backing with `newFD`, mapped shared at the same host address,
     /// so KVM's memory slots and every device keep their pointers. For a migration
     /// target that adopts the source's memfd before its vCPU ever ran.

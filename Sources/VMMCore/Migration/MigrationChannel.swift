@@ -7,7 +7,6 @@ import Glibc
 public final class MigrationChannel: @unchecked Sendable {
     public let fd: Int32
     public let received = ReceivedFDs()
-    private var buffer: [UInt8] = []
 
     /// Takes ownership of `fd`.
     public init(fd: Int32) { self.fd = fd }
@@ -43,23 +42,31 @@ public final class MigrationChannel: @unchecked Sendable {
         try send(MigrationStream.encode(section), fds: fds)
     }
 
-    /// Exactly `count` bytes (from the buffer first); fds that come along are kept.
+    /// Exactly `count` bytes, read straight into the result (never past it, so no
+    /// buffering is needed); fds that come along are kept in `received`.
     public func receive(_ count: Int, what: String) throws -> [UInt8] {
-        var chunk = [UInt8](repeating: 0, count: 1 << 16)
         var fds = [Int32](repeating: -1, count: 64)
-        while buffer.count < count {
-            var fdCount: Int32 = 0
-            let n = chunk.withUnsafeMutableBytes { cl_recv_with_fds(fd, $0.baseAddress, $0.count, &fds, 64, &fdCount) }
-            received.append(Array(fds.prefix(Int(fdCount))))
-            if n == -Int(EINTR) { continue }
-            guard n > 0 else {
-                throw StreamError(n == 0 ? "migration stream ended while reading \(what) (the peer closed the connection)"
-                                         : "migration channel: \(String(cString: strerror(Int32(-n)))) while reading \(what)")
+        var failure: StreamError?
+        let bytes = [UInt8](unsafeUninitializedCapacity: count) { buffer, initialized in
+            var offset = 0
+            while offset < count {
+                var fdCount: Int32 = 0
+                let n = cl_recv_with_fds(fd, buffer.baseAddress! + offset, count - offset, &fds, 64, &fdCount)
+                received.append(Array(fds.prefix(Int(fdCount))))
+                if n == -Int(EINTR) { continue }
+                guard n > 0 else {
+                    failure = StreamError(n == 0 ? "migration stream ended while reading \(what) (the peer closed the connection)"
+                                                 : "migration channel: \(String(cString: strerror(Int32(-n)))) while reading \(what)")
+                    break
+                }
+                offset += n
             }
-            buffer += chunk[0..<n]
+            // Zero what was not read so the array is fully initialised even on failure.
+            if offset < count { (buffer.baseAddress! + offset).initialize(repeating: 0, count: count - offset) }
+            initialized = count
         }
-        defer { buffer.removeFirst(count) }
-        return Array(buffer.prefix(count))
+        if let failure { throw failure }
+        return bytes
     }
 
     public func receiveSection() throws -> MigrationStream.Section {

@@ -40,7 +40,7 @@ extension Machine {
         setMigrationStatus(.active)
 
         let transfer = RAMTransfer(memory: memory, channel: channel, progress: migration,
-                                   maxBandwidth: UInt64(max(0, migration.parameters["max-bandwidth"]?.intValue ?? 0)))
+                                   maxBandwidth: UInt64(max(0, migration.parameters["max-bandwidth"]?.intValue ?? 0)), logger: logger)
         let downtimeLimit = (migration.parameters["downtime-limit"]?.intValue ?? 300) * 1_000_000
         let configuration = machineDescription().encode()
         let stopper = GuestStopper(machine: self)

@@ -62,17 +62,18 @@ public enum MigrationStream {
         guard v == version else { throw StreamError("migration stream version \(v) is not supported (this VMM speaks \(version))") }
     }
 
-    /// One section as it goes on the wire: a u32 frame length, then the frame.
+    /// One section as it goes on the wire: a u32 frame length, then the frame. Built in
+    /// one buffer: RAM sections are a MiB each, and every extra copy shows in the downtime.
     public static func encode(_ section: Section) -> [UInt8] {
-        var frame = StreamWriter()
-        frame.u8(section.kind.rawValue)
-        frame.string(section.name)
-        frame.u16(UInt16(section.fdCount))
-        frame.blob(section.payload)
-        frame.u32(CRC32.checksum(frame.bytes))
-        var w = StreamWriter()
-        w.u32(UInt32(frame.bytes.count))
-        w.raw(frame.bytes)
+        var w = StreamWriter(reservingCapacity: section.payload.count + section.name.utf8.count + 20)
+        w.u32(0)
+        w.u8(section.kind.rawValue)
+        w.string(section.name)
+        w.u16(UInt16(section.fdCount))
+        w.blob(section.payload)
+        let crc = w.bytes.withUnsafeBytes { CRC32C.checksum(UnsafeRawBufferPointer(rebasing: $0[4...])) }
+        w.u32(crc)
+        w.patch(u32: UInt32(w.bytes.count - 4), at: 0)
         return w.bytes
     }
 
@@ -92,7 +93,7 @@ public enum MigrationStream {
         let body = frame.dropLast(4)
         var crcReader = StreamReader(Array(frame.suffix(4)), context: "section frame")
         let expected = try crcReader.u32("checksum")
-        let actual = CRC32.checksum(body)
+        let actual = CRC32C.checksum(body)
         guard expected == actual else {
             throw StreamError("section checksum mismatch (0x\(String(actual, radix: 16)) != 0x\(String(expected, radix: 16))): the stream is corrupt")
         }

@@ -1,5 +1,6 @@
 import CLinux
 import Glibc
+import Logging
 
 /// Guest RAM on the migration thread: the source's pre-copy passes (every page, then
 /// the pages dirtied meanwhile, until the rest fits the downtime limit) and the
@@ -22,6 +23,7 @@ struct RAMTransfer {
     let progress: MigrationState
     /// Bytes per second for the live passes; 0 for unlimited.
     let maxBandwidth: UInt64
+    let logger: Logger
 
     struct PassResult {
         var pagesScanned = 0
@@ -36,15 +38,19 @@ struct RAMTransfer {
     func sendPass(bitmap: [UInt64]?, live: Bool) throws -> PassResult {
         let start = monotonicNanoseconds()
         var result = PassResult()
-        var w = StreamWriter()
+        // Throttled, sections are small enough (1/20 s of bandwidth) for an even rate and a
+        // prompt reaction to migrate_cancel.
+        let throttled = live && maxBandwidth > 0
+        let flushAt = throttled ? max(16 << 10, min(Self.sectionBytes, Int(maxBandwidth / 20))) : Self.sectionBytes
+        var w = StreamWriter(reservingCapacity: flushAt + Self.pageSize + 8)
         func flush() throws {
             guard !w.bytes.isEmpty else { return }
             try channel.send(.init(kind: .ram, payload: w.bytes))
             result.bytesSent += w.bytes.count
             progress.ramTransferred.add(UInt64(w.bytes.count), ordering: .relaxed)
-            w = StreamWriter()
+            w = StreamWriter(reservingCapacity: flushAt + Self.pageSize + 8)
             try progress.checkCancelled()
-            if live && maxBandwidth > 0 {
+            if throttled {
                 let due = Int64(Double(result.bytesSent) / Double(maxBandwidth) * 1e9)
                 let elapsed = monotonicNanoseconds() - start
                 if due > elapsed { usleep(UInt32(min((due - elapsed) / 1000, 1_000_000))) }
@@ -54,35 +60,43 @@ struct RAMTransfer {
             let base = memory.hostAddress(of: region)
             let firstPage = Int(region.hostOffset) / Self.pageSize
             let pages = Int(region.size) / Self.pageSize
-            var page = 0
-            while page < pages {
-                if let bitmap {
-                    // Skip clean runs a word at a time.
-                    let global = firstPage + page
-                    let word = bitmap[global / 64] >> UInt64(global % 64)
-                    if word == 0 {
-                        page += 64 - global % 64
-                        continue
+            // A full pass over shared RAM reads only what the guest ever wrote: holes are zero.
+            var extents = [0..<pages]
+            if bitmap == nil, let data = memory.dataExtents(in: region.hostOffset..<region.hostOffset + region.size) {
+                extents = data.map { Int($0.lowerBound - region.hostOffset) / Self.pageSize..<Int($0.upperBound - region.hostOffset) / Self.pageSize }
+                result.zeroPages += pages - extents.reduce(0) { $0 + $1.count }
+            }
+            for extent in extents {
+                var page = extent.lowerBound
+                while page < extent.upperBound {
+                    if let bitmap {
+                        // Skip clean runs a word at a time.
+                        let global = firstPage + page
+                        let word = bitmap[global / 64] >> UInt64(global % 64)
+                        if word == 0 {
+                            page += 64 - global % 64
+                            continue
+                        }
+                        if word & 1 == 0 {
+                            page += 1
+                            continue
+                        }
                     }
-                    if word & 1 == 0 {
-                        page += 1
-                        continue
+                    defer { page += 1 }
+                    result.pagesScanned += 1
+                    let bytes = UnsafeRawBufferPointer(start: base + page * Self.pageSize, count: Self.pageSize)
+                    let address = region.guestAddress + UInt64(page * Self.pageSize)
+                    if Self.isZeroPage(bytes) {
+                        result.zeroPages += 1
+                        if bitmap == nil { continue }
+                        w.u64(address | Self.zeroPageFlag)
+                    } else {
+                        w.u64(address)
+                        w.raw(bytes)
+                        result.pagesSent += 1
                     }
+                    if w.bytes.count >= flushAt { try flush() }
                 }
-                defer { page += 1 }
-                result.pagesScanned += 1
-                let bytes = UnsafeRawBufferPointer(start: base + page * Self.pageSize, count: Self.pageSize)
-                let address = region.guestAddress + UInt64(page * Self.pageSize)
-                if Self.isZeroPage(bytes) {
-                    result.zeroPages += 1
-                    if bitmap == nil { continue }
-                    w.u64(address | Self.zeroPageFlag)
-                } else {
-                    w.u64(address)
-                    w.raw(bytes)
-                    result.pagesSent += 1
-                }
-                if w.bytes.count >= Self.sectionBytes { try flush() }
             }
         }
         try flush()
@@ -100,11 +114,12 @@ struct RAMTransfer {
         var last = try sendPass(bitmap: nil, live: true)
         var pass = 1
         while true {
+            logger.debug("pre-copy pass \(pass): \(last.pagesScanned) pages scanned, \(last.pagesSent) sent, \(last.bytesSent) bytes in \(last.nanoseconds / 1000) us")
             var dirty = try collectDirty(vm: vm)
             let dirtyPages = dirty.reduce(0) { $0 + $1.nonzeroBitCount }
             progress.ramRemaining.store(UInt64(dirtyPages * Self.pageSize), ordering: .relaxed)
             // Bandwidth as the last pass achieved it, in pages per nanosecond of sending.
-            let nanosecondsPerPage = Double(max(last.nanoseconds, 1)) / Double(max(last.pagesSent + last.zeroPages, 1))
+            let nanosecondsPerPage = Double(max(last.nanoseconds, 1)) / Double(max(last.pagesScanned, 1))
             let expected = Int64(Double(dirtyPages) * nanosecondsPerPage)
             progress.expectedDowntime.store(expected / 1_000_000, ordering: .relaxed)
             if expected <= downtimeLimit || pass >= Self.maxPasses {

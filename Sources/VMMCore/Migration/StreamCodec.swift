@@ -1,10 +1,19 @@
+import CLinux
+
 /// Little-endian primitives of the migration stream. The reader never trusts a length
 /// it reads: every read is checked against what is left, so a truncated or corrupted
 /// stream becomes an error naming where it broke, never a crash or a misparse.
 public struct StreamWriter {
     public private(set) var bytes: [UInt8] = []
 
-    public init() {}
+    public init(reservingCapacity capacity: Int = 0) { bytes.reserveCapacity(capacity) }
+
+    /// Overwrites 4 bytes written earlier (a length known only at the end).
+    public mutating func patch(u32 v: UInt32, at offset: Int) {
+        withUnsafeBytes(of: v.littleEndian) { source in
+            bytes.withUnsafeMutableBytes { $0.baseAddress!.advanced(by: offset).copyMemory(from: source.baseAddress!, byteCount: 4) }
+        }
+    }
 
     public mutating func u8(_ v: UInt8) { bytes.append(v) }
     public mutating func u16(_ v: UInt16) { withUnsafeBytes(of: v.littleEndian) { bytes += $0 } }
@@ -91,17 +100,13 @@ public struct StreamReader {
     }
 }
 
-/// CRC-32 (IEEE 802.3), guarding each section's payload against corruption in transit.
-public enum CRC32 {
-    static let table: [UInt32] = (0..<256).map { n in
-        var c = UInt32(n)
-        for _ in 0..<8 { c = c & 1 != 0 ? 0xEDB8_8320 ^ (c >> 1) : c >> 1 }
-        return c
+/// CRC-32C (Castagnoli), guarding each section against corruption in transit; computed
+/// in C with SSE4.2 where the host has it (see CLinuxCRC32C.h).
+public enum CRC32C {
+    public static func checksum(_ bytes: UnsafeRawBufferPointer) -> UInt32 {
+        cl_crc32c(0, bytes.baseAddress, bytes.count)
     }
 
-    public static func checksum(_ bytes: some Sequence<UInt8>) -> UInt32 {
-        var crc: UInt32 = 0xFFFF_FFFF
-        for b in bytes { crc = table[Int((crc ^ UInt32(b)) & 0xFF)] ^ (crc >> 8) }
-        return crc ^ 0xFFFF_FFFF
-    }
+    public static func checksum(_ bytes: [UInt8]) -> UInt32 { bytes.withUnsafeBytes { checksum($0) } }
+    public static func checksum(_ bytes: ArraySlice<UInt8>) -> UInt32 { bytes.withUnsafeBytes { checksum($0) } }
 }

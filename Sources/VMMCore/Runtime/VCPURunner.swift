@@ -189,6 +189,12 @@ public final class VCPURunner: @unchecked Sendable {
                 return
             }
         }
+        // KVM finishes a port or MMIO exit (the value an IN reads, the RIP past the
+        // instruction) only on the next KVM_RUN. With immediate_exit set, that run
+        // completes it and returns at once, so a stopped vCPU never has a half-done
+        // instruction in its saved state for a migration target to execute twice.
+        vcpu.setImmediateExit(true)
+        _ = try? vcpu.run()
     }
 
     private func fatal(_ message: String) {

@@ -1,0 +1,166 @@
+import Foundation
+import QMPWire
+import TestKit
+import Testing
+
+extension SerializedNetworkSuites {
+    /// Migrations that must not complete: cancelled, refused up front, a target that dies or
+    /// maps different RAM. Each time the source must go back to running with its NIC working,
+    /// holding exactly the fds it held before.
+    @Suite(.requiresKVM, .requiresGuestImage, .requiresVMM, .requiresNetworkNamespaces)
+    struct MigrationFailureFunctionalTests {
+        typealias Pair = MigrationFunctionalTests
+
+        static func enableEvents(_ vms: Machine...) async throws {
+            for vm in vms {
+                try await vm.qmp.execute("migrate-set-capabilities", arguments: ["capabilities": [["capability": "events", "state": true]]])
+            }
+        }
+
+        /// Slow enough to act on mid-way: the guest makes 1 MiB of its RAM non-zero, which
+        /// pre-copy then sends at 500 kB/s.
+        static func throttle(_ vm: Machine) async throws {
+            try await vm.console.run("scribble 1", expect: "scribble ok")
+            try await vm.qmp.execute("migrate-set-parameters", arguments: ["max-bandwidth": 500_000])
+        }
+
+        /// The source answers pings, runs, and holds `fds` descriptors again.
+        static func expectSourceRecovered(_ source: Machine, ns: NetworkNamespace, fds: Int) async throws {
+            #expect(try await source.qmp.execute("query-status")["status"] == "running")
+            let pinger = try Pinger(namespace: ns, destination: "192.168.100.2", interval: .milliseconds(2), count: 100)
+            try pinger.start()
+            let report = await pinger.finish(timeout: .seconds(20))
+            #expect(report.lost == 0, "\(report)")
+            try await source.console.run("echo source alive", expect: "source alive")
+            #expect(openFileDescriptors(source.pid) == fds, "fds of the source: \(describeFileDescriptors(source.pid))")
+        }
+
+        @Test func cancelInTheMiddleResumesTheSourceWhichCanMigrateAgain() async throws {
+            try await Pair.withMigrationPair(
+                taps: [("tap0", 2), ("tap1", 2)],
+                source: NetworkDeviceFunctionalTests.nicArguments(queues: 2, ifname: "tap0"),
+                target: NetworkDeviceFunctionalTests.nicArguments(queues: 2, ifname: "tap1")
+            ) { ns, source, target, uri in
+                try await Self.enableEvents(source, target)
+                try await Self.throttle(source)
+                let fds = openFileDescriptors(source.pid)
+                try await target.qmp.execute("migrate-incoming", arguments: ["uri": .string(uri)])
+                try await source.qmp.execute("migrate", arguments: ["uri": .string(uri)])
+                _ = try await source.qmp.waitForEvent("MIGRATION", matching: ["status": "active"], timeout: .seconds(10))
+                #expect(try await source.qmp.execute("query-migrate")["status"] == "active")
+                try await source.qmp.execute("migrate_cancel")
+                _ = try await source.qmp.waitForEvent("MIGRATION", matching: ["status": "cancelling"], timeout: .seconds(10))
+                _ = try await source.qmp.waitForEvent("MIGRATION", matching: ["status": "cancelled"], timeout: .seconds(10))
+                #expect(try await source.qmp.execute("query-migrate")["status"] == "cancelled")
+                // The target saw the stream end early: it fails and exits, as QEMU's does.
+                _ = try await target.qmp.waitForEvent("MIGRATION", matching: ["status": "failed"], timeout: .seconds(10))
+                #expect(try await target.wait(timeout: .seconds(10)) == .exited(1))
+                try await Self.expectSourceRecovered(source, ns: ns, fds: fds)
+
+                // And it can migrate again, unthrottled, to a fresh target.
+                var options = guestOptions(arguments: NetworkDeviceFunctionalTests.nicArguments(queues: 2, ifname: "tap1") + ["-incoming", "defer"])
+                options.name = "target2"
+                options.namespace = ns
+                try await withArtifacts { artifacts in
+                    let second = try await Machine.launch(options, in: artifacts)
+                    try await Self.enableEvents(second)
+                    try await source.qmp.execute("migrate-set-parameters", arguments: ["max-bandwidth": 0])
+                    try await second.qmp.execute("migrate-incoming", arguments: ["uri": .string(uri)])
+                    try await source.qmp.execute("migrate", arguments: ["uri": .string(uri)])
+                    try await MigrationWaiter.waitForFinish(source: source.qmp, target: second.qmp, timeout: .seconds(30))
+                    try await second.qmp.execute("cont")
+                    try await second.console.run("echo moved", expect: "moved")
+                }
+            }
+        }
+
+        @Test func localOverTCPIsRefusedBeforeTheGuestStops() async throws {
+            try await Pair.withMigrationPair(
+                taps: [("tap0", 1)],
+                source: NetworkDeviceFunctionalTests.nicArguments(queues: 1, ifname: "tap0"),
+                target: Pair.incomingTapArguments(1)
+            ) { ns, source, _, _ in
+                try await Self.enableEvents(source)
+                try await source.qmp.execute("migrate-set-parameters", arguments: ["local": true])
+                let fds = openFileDescriptors(source.pid)
+                let error = await #expect(throws: QMPError.self) {
+                    try await source.qmp.execute("migrate", arguments: ["uri": "tcp:127.0.0.1:4444"])
+                }
+                #expect("\(error.map { "\($0)" } ?? "")".contains("Migration parameter 'local' requires a unix socket channel, got 'tcp:127.0.0.1:4444'"))
+                // The same through the channels form.
+                await #expect(throws: QMPError.self) {
+                    try await source.qmp.execute("migrate", arguments: ["channels": [[
+                        "channel-type": "main", "addr": ["transport": "socket", "type": "inet", "host": "127.0.0.1", "port": "4444"],
+                    ]]])
+                }
+                try await source.qmp.expectNoEvent("MIGRATION", within: .milliseconds(200))
+                try await source.qmp.expectNoEvent("STOP", within: .milliseconds(10))
+                try await Self.expectSourceRecovered(source, ns: ns, fds: fds)
+            }
+        }
+
+        @Test func targetKilledMidStreamFailsTheMigrationAndTheSourceRuns() async throws {
+            try await Pair.withMigrationPair(
+                taps: [("tap0", 2), ("tap1", 2)],
+                source: NetworkDeviceFunctionalTests.nicArguments(queues: 2, ifname: "tap0"),
+                target: NetworkDeviceFunctionalTests.nicArguments(queues: 2, ifname: "tap1")
+            ) { ns, source, target, uri in
+                try await Self.enableEvents(source, target)
+                try await Self.throttle(source)
+                let fds = openFileDescriptors(source.pid)
+                try await target.qmp.execute("migrate-incoming", arguments: ["uri": .string(uri)])
+                try await source.qmp.execute("migrate", arguments: ["uri": .string(uri)])
+                _ = try await target.qmp.waitForEvent("MIGRATION", matching: ["status": "active"], timeout: .seconds(10))
+                #expect(target.kill(SIGKILL))
+                _ = try await source.qmp.waitForEvent("MIGRATION", matching: ["status": "failed"], timeout: .seconds(10))
+                let info = try await source.qmp.execute("query-migrate")
+                #expect(info["error-desc"]?.stringValue?.contains("migration channel") == true, "\(info.serialized)")
+                try await Self.expectSourceRecovered(source, ns: ns, fds: fds)
+            }
+        }
+
+        /// x-ignore-shared skips RAM only if the target provably maps the same memory.
+        @Test func sharedRAMInADifferentFileIsRefused() async throws {
+            let sourceRAM = "/dev/shm/vmm-mig-src-\(getpid())"
+            let targetRAM = "/dev/shm/vmm-mig-dst-\(getpid())"
+            defer {
+                unlink(sourceRAM)
+                unlink(targetRAM)
+            }
+            func backend(_ path: String) -> [String] {
+                ["-object", "memory-backend-file,id=ram0,size=64M,mem-path=\(path),share=on", "-machine", "memory-backend=ram0"]
+            }
+            try await Pair.withMigrationPair(
+                taps: [("tap0", 1), ("tap1", 1)],
+                source: NetworkDeviceFunctionalTests.nicArguments(queues: 1, ifname: "tap0") + backend(sourceRAM),
+                target: NetworkDeviceFunctionalTests.nicArguments(queues: 1, ifname: "tap1") + backend(targetRAM)
+            ) { ns, source, target, uri in
+                try await Self.enableEvents(source, target)
+                for vm in [source, target] {
+                    try await vm.qmp.execute("migrate-set-capabilities", arguments: ["capabilities": [["capability": "x-ignore-shared", "state": true]]])
+                }
+                let fds = openFileDescriptors(source.pid)
+                try await target.qmp.execute("migrate-incoming", arguments: ["uri": .string(uri)])
+                try await source.qmp.execute("migrate", arguments: ["uri": .string(uri)])
+                _ = try await source.qmp.waitForEvent("MIGRATION", matching: ["status": "failed"], timeout: .seconds(10))
+                #expect(try await target.wait(timeout: .seconds(10)) == .exited(1))
+                let log = target.stderrTail(20).joined(separator: "\n")
+                #expect(log.contains("x-ignore-shared: the source skipped RAM because it maps \(sourceRAM) shared, but this machine maps file \(targetRAM)"), "\(log)")
+                try await Self.expectSourceRecovered(source, ns: ns, fds: fds)
+            }
+        }
+    }
+}
+
+/// Entries in /proc/PID/fd.
+func openFileDescriptors(_ pid: pid_t) -> Int {
+    (try? FileManager.default.contentsOfDirectory(atPath: "/proc/\(pid)/fd").count) ?? -1
+}
+
+/// What each fd of `pid` points to, for failure messages.
+func describeFileDescriptors(_ pid: pid_t) -> String {
+    let entries = (try? FileManager.default.contentsOfDirectory(atPath: "/proc/\(pid)/fd")) ?? []
+    return entries.sorted { (Int($0) ?? 0) < (Int($1) ?? 0) }.map { fd in
+        "\(fd)->\((try? FileManager.default.destinationOfSymbolicLink(atPath: "/proc/\(pid)/fd/\(fd)")) ?? "?")"
+    }.joined(separator: " ")
+}
