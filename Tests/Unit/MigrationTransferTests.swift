@@ -1,0 +1,125 @@
+import CLinux
+import Glibc
+import QMPWire
+import Testing
+@testable import VMMCore
+
+/// Migration pieces below the functional tests: URIs and channels, the VMM-side dirty
+/// map, RAM records, shared-RAM sections and the checksum.
+@Suite struct MigrationTransferTests {
+    @Test(arguments: [
+        ("unix:/tmp/m.sock", MigrationURI.unix(path: "/tmp/m.sock")),
+        ("tcp:127.0.0.1:4444", .tcp(host: "127.0.0.1", port: 4444)),
+        ("tcp:[::1]:4444", .tcp(host: "::1", port: 4444)),
+        ("tcp:0:4444", .tcp(host: "0", port: 4444)),
+    ])
+    func urisParse(text: String, uri: MigrationURI) throws {
+        #expect(try MigrationURI(text) == uri)
+        #expect(uri.carriesFileDescriptors == text.hasPrefix("unix:"))
+    }
+
+    @Test(arguments: [
+        ("exec:cat", "is not supported"), ("unix:", "no socket path"), ("tcp:host", "has no port"),
+        ("tcp:host:0", "port '0'"), ("tcp:host:99999", "port '99999'"),
+    ])
+    func badURIsSayWhy(text: String, fragment: String) {
+        #expect { try MigrationURI(text) } throws: { "\($0)".contains(fragment) }
+    }
+
+    @Test func channelsFormMatchesTheURIForm() throws {
+        let unix: JSON = [["channel-type": "main", "addr": ["transport": "socket", "type": "unix", "path": "/tmp/m.sock"]]]
+        #expect(try MigrationURI(channels: unix) == .unix(path: "/tmp/m.sock"))
+        let inet: JSON = [["channel-type": "main", "addr": ["transport": "socket", "type": "inet", "host": "10.0.0.1", "port": "7000"]]]
+        #expect(try MigrationURI(channels: inet) == .tcp(host: "10.0.0.1", port: 7000))
+        let both: JSONObject = ["uri": "unix:/a", "channels": unix]
+        #expect { try MigrationURI(arguments: both) } throws: { "\($0)".contains("mutually exclusive") }
+        #expect { try MigrationURI(arguments: [:]) } throws: { "\($0)".contains("either 'uri' or 'channels'") }
+        let cpr: JSON = [["channel-type": "cpr", "addr": ["transport": "socket", "type": "unix", "path": "/tmp/c"]]]
+        #expect { try MigrationURI(channels: cpr) } throws: { "\($0)".contains("channel-type 'cpr' is not supported") }
+    }
+
+    @Test func dirtyBitmapMarksEveryTouchedPageOnce() {
+        let map = DirtyBitmap(bytes: 1 << 20)  // 256 pages, 4 words
+        map.mark(offset: 4095, count: 2)         // straddles pages 0 and 1
+        map.mark(offset: 63 * 4096, count: 4096 * 3)  // pages 63...65, across a word boundary
+        map.mark(offset: 255 * 4096 + 100, count: 1 << 20)  // clipped at the end
+        var words = [UInt64](repeating: 0, count: map.wordCount)
+        map.take(into: &words)
+        let pages = (0..<256).filter { words[$0 / 64] >> UInt64($0 % 64) & 1 == 1 }
+        #expect(pages == [0, 1, 63, 64, 65, 255])
+        var again = [UInt64](repeating: 0, count: map.wordCount)
+        map.take(into: &again)
+        #expect(again.allSatisfy { $0 == 0 }, "take clears the map")
+    }
+
+    @Test func deviceWritesToGuestRAMAreTracked() throws {
+        let memory = try GuestMemory(size: 2 << 20, shared: true)
+        try memory.store(UInt32(7), at: 0x1_0000)
+        try memory.write([1, 2, 3], at: 0x2_0FFF)
+        var words = [UInt64](repeating: 0, count: memory.deviceDirty.wordCount)
+        memory.deviceDirty.take(into: &words)
+        let pages = (0..<512).filter { words[$0 / 64] >> UInt64($0 % 64) & 1 == 1 }
+        #expect(pages == [0x10, 0x20, 0x21])
+    }
+
+    /// A later pass must turn a page the source zeroed back to zero on the target.
+    @Test func ramRecordsCarryDataAndZeroPages() throws {
+        let memory = try GuestMemory(size: 1 << 20, shared: true)
+        try memory.write([UInt8](repeating: 0xEE, count: 4096), at: 0x3000)
+        var w = StreamWriter()
+        w.u64(0x1000)
+        w.raw([UInt8](repeating: 0x5A, count: 4096))
+        w.u64(0x3000 | RAMTransfer.zeroPageFlag)
+        try RAMTransfer.load(w.bytes, into: memory, progress: MigrationState())
+        #expect(try memory.read(at: 0x1000, count: 4096).allSatisfy { $0 == 0x5A })
+        #expect(try memory.read(at: 0x3000, count: 4096).allSatisfy { $0 == 0 })
+
+        var outside = StreamWriter()
+        outside.u64(2 << 20)
+        outside.raw([UInt8](repeating: 1, count: 4096))
+        #expect { try RAMTransfer.load(outside.bytes, into: memory, progress: MigrationState()) } throws: {
+            "\($0)".contains("outside this machine's RAM")
+        }
+        var truncated = StreamWriter()
+        truncated.u64(0x1000)
+        truncated.raw([UInt8](repeating: 1, count: 100))
+        #expect(throws: StreamError.self) { try RAMTransfer.load(truncated.bytes, into: memory, progress: MigrationState()) }
+    }
+
+    @Test func sharedRAMSectionsRoundTripAndAdoptTheMemfd() throws {
+        let file = SharedRAM.file(path: "/dev/shm/x", device: 1, inode: 2, size: 1 << 20)
+        #expect(try SharedRAM.decode(file.encode()) == file)
+        #expect(try SharedRAM.decode(SharedRAM.memfd(size: 4096).encode()) == .memfd(size: 4096))
+
+        // The source writes through its mapping; after adopting its memfd the target sees it.
+        let source = try GuestMemory(size: 1 << 20, shared: true)
+        try source.store(UInt64(0xFEED), at: 0x8000)
+        let target = try GuestMemory(size: 1 << 20, shared: false)
+        try SharedRAM.memfd(size: 1 << 20).adopt(into: target, fds: [dup(source.fd)])
+        #expect(try target.load(UInt64.self, at: 0x8000) == 0xFEED)
+        try target.store(UInt64(1), at: 0x9000)
+        #expect(try source.load(UInt64.self, at: 0x9000) == 1)
+
+        let small = try GuestMemory(size: 2 << 20)
+        #expect { try SharedRAM.memfd(size: 1 << 20).adopt(into: small, fds: [dup(source.fd)]) } throws: {
+            "\($0)".contains("1048576 bytes, this machine's 2097152")
+        }
+        // A file the target does not map is refused, never a silently zeroed guest.
+        #expect { try file.adopt(into: target, fds: []) } throws: { "\($0)".contains("the target must map the same file") }
+    }
+
+    @Test func sharedRAMExtentsSkipHoles() throws {
+        let memory = try GuestMemory(size: 4 << 20, shared: true)
+        #expect(memory.dataExtents(in: 0..<(4 << 20)) == [])
+        try memory.store(UInt8(1), at: 0x20_0010)
+        let extents = try #require(memory.dataExtents(in: 0..<(4 << 20)))
+        #expect(extents.count == 1)
+        #expect(extents.allSatisfy { $0.contains(0x20_0010) && $0.lowerBound % 4096 == 0 })
+        #expect(try GuestMemory(size: 1 << 20, shared: false).dataExtents(in: 0..<(1 << 20)) == nil)
+    }
+
+    @Test func crc32cMatchesTheKnownCheckValue() {
+        #expect(CRC32C.checksum(Array("123456789".utf8)) == 0xE306_9283)
+        #expect(CRC32C.checksum([UInt8]()) == 0)
+    }
+}
