@@ -5,7 +5,8 @@ import Glibc
 /// (SCM_RIGHTS on a unix channel) it claims; an end section closes it.
 public enum MigrationStream {
     public static let magic: [UInt8] = Array("SVMMIGR".utf8) + [0]
-    public static let version: UInt32 = 1
+    /// 2: CRC-32C frames, zero-page RAM records, the shared-RAM section.
+    public static let version: UInt32 = 2
     public static let headerSize = 12
     /// Larger frames are refused before any allocation: a corrupted length cannot make
     /// the target allocate gigabytes.
