@@ -24,6 +24,25 @@ extension SerializedNetworkSuites {
             try await vm.qmp.execute("migrate-set-parameters", arguments: ["max-bandwidth": 500_000])
         }
 
+        /// A normal migration between two TAPs, slowed down so that the body can act while
+        /// it runs; `fds` is what the source held before it began.
+        static func withThrottledMigration(
+            _ body: (NetworkNamespace, Machine, Machine, String, Int) async throws -> Void
+        ) async throws {
+            try await Pair.withMigrationPair(
+                taps: [("tap0", 2), ("tap1", 2)],
+                source: NetworkDeviceFunctionalTests.nicArguments(queues: 2, ifname: "tap0"),
+                target: NetworkDeviceFunctionalTests.nicArguments(queues: 2, ifname: "tap1")
+            ) { ns, source, target, uri in
+                try await enableEvents(source, target)
+                try await throttle(source)
+                let fds = openFileDescriptors(source.pid)
+                try await target.qmp.execute("migrate-incoming", arguments: ["uri": .string(uri)])
+                try await source.qmp.execute("migrate", arguments: ["uri": .string(uri)])
+                try await body(ns, source, target, uri, fds)
+            }
+        }
+
         /// The source answers pings, runs, and holds `fds` descriptors again.
         static func expectSourceRecovered(_ source: Machine, ns: NetworkNamespace, fds: Int) async throws {
             #expect(try await source.qmp.execute("query-status")["status"] == "running")
@@ -36,16 +55,7 @@ extension SerializedNetworkSuites {
         }
 
         @Test func cancelInTheMiddleResumesTheSourceWhichCanMigrateAgain() async throws {
-            try await Pair.withMigrationPair(
-                taps: [("tap0", 2), ("tap1", 2)],
-                source: NetworkDeviceFunctionalTests.nicArguments(queues: 2, ifname: "tap0"),
-                target: NetworkDeviceFunctionalTests.nicArguments(queues: 2, ifname: "tap1")
-            ) { ns, source, target, uri in
-                try await Self.enableEvents(source, target)
-                try await Self.throttle(source)
-                let fds = openFileDescriptors(source.pid)
-                try await target.qmp.execute("migrate-incoming", arguments: ["uri": .string(uri)])
-                try await source.qmp.execute("migrate", arguments: ["uri": .string(uri)])
+            try await Self.withThrottledMigration { ns, source, target, uri, fds in
                 _ = try await source.qmp.waitForEvent("MIGRATION", matching: ["status": "active"], timeout: .seconds(10))
                 #expect(try await source.qmp.execute("query-migrate")["status"] == "active")
                 try await source.qmp.execute("migrate_cancel")
@@ -100,16 +110,7 @@ extension SerializedNetworkSuites {
         }
 
         @Test func targetKilledMidStreamFailsTheMigrationAndTheSourceRuns() async throws {
-            try await Pair.withMigrationPair(
-                taps: [("tap0", 2), ("tap1", 2)],
-                source: NetworkDeviceFunctionalTests.nicArguments(queues: 2, ifname: "tap0"),
-                target: NetworkDeviceFunctionalTests.nicArguments(queues: 2, ifname: "tap1")
-            ) { ns, source, target, uri in
-                try await Self.enableEvents(source, target)
-                try await Self.throttle(source)
-                let fds = openFileDescriptors(source.pid)
-                try await target.qmp.execute("migrate-incoming", arguments: ["uri": .string(uri)])
-                try await source.qmp.execute("migrate", arguments: ["uri": .string(uri)])
+            try await Self.withThrottledMigration { ns, source, target, uri, fds in
                 _ = try await target.qmp.waitForEvent("MIGRATION", matching: ["status": "active"], timeout: .seconds(10))
                 #expect(target.kill(SIGKILL))
                 _ = try await source.qmp.waitForEvent("MIGRATION", matching: ["status": "failed"], timeout: .seconds(10))

@@ -152,6 +152,27 @@ extension SerializedNetworkSuites {
             }
         }
 
+        /// tcp: within the test's namespace, the target armed with the `channels` form.
+        @Test func normalMigrationOverTCP() async throws {
+            try await Self.withMigrationPair(
+                taps: [("tap0", 1), ("tap1", 1)],
+                source: NetworkDeviceFunctionalTests.nicArguments(queues: 1, ifname: "tap0"),
+                target: NetworkDeviceFunctionalTests.nicArguments(queues: 1, ifname: "tap1"), configureGuest: false
+            ) { _, source, target, _ in
+                let ticksBefore = try await readTicks(source.console)
+                for vm in [source, target] {
+                    try await vm.qmp.execute("migrate-set-capabilities", arguments: ["capabilities": [["capability": "events", "state": true]]])
+                }
+                try await target.qmp.execute("migrate-incoming", arguments: ["channels": [[
+                    "channel-type": "main", "addr": ["transport": "socket", "type": "inet", "host": "127.0.0.1", "port": "4444"],
+                ]]])
+                try await source.qmp.execute("migrate", arguments: ["uri": "tcp:127.0.0.1:4444"])
+                try await MigrationWaiter.waitForFinish(source: source.qmp, target: target.qmp, timeout: .seconds(30))
+                try await target.qmp.execute("cont")
+                #expect(try await readTicks(target.console) > ticksBefore)
+            }
+        }
+
         @Test func localOnOneSideOnlyIsRefused() async throws {
             try await Self.withMigrationPair(
                 taps: [("tap0", 1)],
