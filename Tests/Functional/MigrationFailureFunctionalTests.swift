@@ -109,6 +109,24 @@ extension SerializedNetworkSuites {
             }
         }
 
+        /// Connecting happens off the control thread: an absent target is a failed
+        /// migration (with the reason), not a blocked QMP monitor.
+        @Test func absentTargetFailsTheMigrationAndTheSourceRuns() async throws {
+            try await Pair.withMigrationPair(
+                taps: [("tap0", 1)],
+                source: NetworkDeviceFunctionalTests.nicArguments(queues: 1, ifname: "tap0"),
+                target: Pair.incomingTapArguments(1)
+            ) { ns, source, _, uri in
+                try await Self.enableEvents(source)
+                let fds = openFileDescriptors(source.pid)
+                try await source.qmp.execute("migrate", arguments: ["uri": .string(uri + ".absent")])
+                _ = try await source.qmp.waitForEvent("MIGRATION", matching: ["status": "failed"], timeout: .seconds(10))
+                let info = try await source.qmp.execute("query-migrate")
+                #expect(info["error-desc"]?.stringValue?.contains("connect \(uri.dropFirst(5)).absent") == true, "\(info.serialized)")
+                try await Self.expectSourceRecovered(source, ns: ns, fds: fds)
+            }
+        }
+
         @Test func targetKilledMidStreamFailsTheMigrationAndTheSourceRuns() async throws {
             try await Self.withThrottledMigration { ns, source, target, uri, fds in
                 _ = try await target.qmp.waitForEvent("MIGRATION", matching: ["status": "active"], timeout: .seconds(10))

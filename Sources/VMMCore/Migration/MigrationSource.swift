@@ -19,9 +19,8 @@ extension Machine {
         if case .memfd = sharedRAM, !uri.carriesFileDescriptors {
             throw QMPCommandError("x-ignore-shared: guest RAM is a shared memfd, which reaches the target only as a file descriptor over a unix socket, not '\(uri)'")
         }
-        let channel = try MigrationChannel.connect(uri: uri)
         migration.reset(ramTotal: memory.size, now: monotonicNanoseconds())
-        migration.channel = channel
+        migration.outgoing = true
         setMigrationStatus(.setup)
         // Pre-copy only pays when the guest runs and its RAM must be copied.
         let live = runState == .running && sharedRAM == nil
@@ -36,11 +35,8 @@ extension Machine {
         }
         var discard = [UInt64](repeating: 0, count: memory.deviceDirty.wordCount)
         memory.deviceDirty.take(into: &discard)
-        migration.setupDoneTime = monotonicNanoseconds()
-        setMigrationStatus(.active)
 
-        let transfer = RAMTransfer(memory: memory, channel: channel, progress: migration,
-                                   maxBandwidth: UInt64(max(0, migration.parameters["max-bandwidth"]?.intValue ?? 0)), logger: logger)
+        let maxBandwidth = UInt64(max(0, migration.parameters["max-bandwidth"]?.intValue ?? 0))
         let downtimeLimit = (migration.parameters["downtime-limit"]?.intValue ?? 300) * 1_000_000
         let configuration = machineDescription().encode()
         let stopper = GuestStopper(machine: self)
@@ -50,6 +46,16 @@ extension Machine {
             _ = try OSThread(name: "migration-out") { [self] in
                 var failure: String?
                 do {
+                    // Connecting (tcp may take long) happens here, not on the control thread.
+                    let channel = try MigrationChannel.connect(uri: uri)
+                    migration.channel.withLock { $0 = channel }
+                    try migration.checkCancelled()
+                    loop.post { [self] in
+                        migration.setupDoneTime = monotonicNanoseconds()
+                        if migration.status == .setup { setMigrationStatus(.active) }
+                    }
+                    let transfer = RAMTransfer(memory: memory, channel: channel, progress: migration,
+                                               maxBandwidth: maxBandwidth, logger: logger)
                     try channel.send(MigrationStream.header())
                     try channel.send(.init(kind: .configuration, payload: configuration))
                     var dirty: [UInt64]?
@@ -102,17 +108,17 @@ extension Machine {
     }
 
     func cancelMigration() {
-        guard migration.isActive, migration.channel != nil else { return }
+        guard migration.isActive, migration.outgoing, migration.status != .cancelling else { return }
         migration.cancelRequested.store(true, ordering: .relaxed)
         setMigrationStatus(.cancelling)
-        migration.channel?.abort()
+        migration.channel.withLock { $0?.abort() }
     }
 
     /// Back on the control thread: completed (postmigrate), or failed/cancelled and
     /// the source goes back to what it was doing.
     func finishOutgoing(error: String?) {
         migration.endTime = monotonicNanoseconds()
-        migration.channel = nil
+        migration.channel.withLock { $0 = nil }
         if migration.dirtyLogging {
             do { try vm.setDirtyLogging(false, memory: memory) } catch { logger.warning("\(error)") }
             migration.dirtyLogging = false

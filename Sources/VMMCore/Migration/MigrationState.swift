@@ -29,8 +29,11 @@ public final class MigrationState: @unchecked Sendable {
     /// Set by migrate_cancel; the transfer thread stops at its next section.
     let cancelRequested = Atomic<Bool>(false)
     var runStateBefore: RunState = .running
-    /// The outgoing connection, kept here so migrate_cancel can shut it down.
-    var channel: MigrationChannel?
+    /// This side sends (migrate) rather than receives; only a sender can cancel.
+    var outgoing = false
+    /// The outgoing connection, set by the transfer thread once connected, so that
+    /// migrate_cancel (control thread) can shut it down.
+    let channel = Mutex<MigrationChannel?>(nil)
     var dirtyLogging = false
     var incomingListener: Int32 = -1
     var incomingPath: String?

@@ -35,6 +35,7 @@ extension Machine {
 
     func receiveMigration(on channel: MigrationChannel) {
         migration.reset(ramTotal: memory.size, now: monotonicNanoseconds())
+        migration.outgoing = false
         setMigrationStatus(.setup)
         setMigrationStatus(.active)
         let own = machineDescription()

@@ -100,7 +100,7 @@ public final class VirtioNet: VirtioDeviceModel, @unchecked Sendable {
 
     /// Stops (or restarts) reading the TAP queues; frames wait in the TAP meanwhile.
     public func suspendReceive(_ suspended: Bool) {
-        receiveSuspended.store(suspended, ordering: .relaxed)
+        receiveSuspended.store(suspended, ordering: .releasing)
         loop?.poke()
     }
 
@@ -195,7 +195,10 @@ public final class VirtioNet: VirtioDeviceModel, @unchecked Sendable {
     /// Fills the guest's RX buffers from TAP queue `pair`. `wake`: rouse a halted vCPU
     /// afterwards (not needed when the vCPU thread itself is receiving).
     func receive(pair: Int, wake: Bool = true) {
-        guard let transport else { return }
+        // Checked here, not only in the poll interest: the loop runs posted work (a
+        // migration's stop and state capture) between its poll and the fd handlers, and a
+        // frame taken after the capture would sit in RAM the target never accounts for.
+        guard let transport, !receiveSuspended.load(ordering: .acquiring) else { return }
         let fd = backend.queueFDs[pair]
         let memory = transport.memory
         let headerInline = backend.vnetHeader
