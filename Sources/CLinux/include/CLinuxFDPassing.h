@@ -13,7 +13,14 @@
 
 /// recvmsg into `buf`; received fds (close-on-exec) go to `fds` (capacity `max_fds`,
 /// extra ones are closed) and their count to `*nfds`. Returns bytes read or -errno.
+static inline long cl_recv_with_fds_flags(int sock, void *buf, size_t len, int *fds, int max_fds, int *nfds, int flags);
+
 static inline long cl_recv_with_fds(int sock, void *buf, size_t len, int *fds, int max_fds, int *nfds) {
+    return cl_recv_with_fds_flags(sock, buf, len, fds, max_fds, nfds, 0);
+}
+
+/// recvmsg with extra flags (MSG_DONTWAIT to poll); -EAGAIN when nothing is there yet.
+static inline long cl_recv_with_fds_flags(int sock, void *buf, size_t len, int *fds, int max_fds, int *nfds, int flags) {
     union { struct cmsghdr align; char space[CMSG_SPACE(sizeof(int) * CL_MAX_PASSED_FDS)]; } control;
     struct iovec iov = { buf, len };
     struct msghdr msg;
@@ -23,7 +30,7 @@ static inline long cl_recv_with_fds(int sock, void *buf, size_t len, int *fds, i
     msg.msg_control = control.space;
     msg.msg_controllen = sizeof control.space;
     *nfds = 0;
-    ssize_t n = recvmsg(sock, &msg, MSG_CMSG_CLOEXEC);
+    ssize_t n = recvmsg(sock, &msg, MSG_CMSG_CLOEXEC | flags);
     if (n < 0) return -errno;
     for (struct cmsghdr *c = CMSG_FIRSTHDR(&msg); c; c = CMSG_NXTHDR(&msg, c)) {
         if (c->cmsg_level != SOL_SOCKET || c->cmsg_type != SCM_RIGHTS) continue;
@@ -58,5 +65,7 @@ static inline long cl_send_with_fds(int sock, const void *buf, size_t len, const
     ssize_t n = sendmsg(sock, &msg, MSG_NOSIGNAL);
     return n < 0 ? -errno : (long)n;
 }
+
+static const int CL_MSG_DONTWAIT = MSG_DONTWAIT;
 
 #endif

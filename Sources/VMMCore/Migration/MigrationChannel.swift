@@ -7,6 +7,8 @@ import Glibc
 public final class MigrationChannel: @unchecked Sendable {
     public let fd: Int32
     public let received = ReceivedFDs()
+    /// How long a receive polls before it blocks.
+    static let spinNanoseconds: Int64 = 2_000_000
 
     /// Takes ownership of `fd`.
     public init(fd: Int32) { self.fd = fd }
@@ -44,15 +46,26 @@ public final class MigrationChannel: @unchecked Sendable {
 
     /// Exactly `count` bytes, read straight into the result (never past it, so no
     /// buffering is needed); fds that come along are kept in `received`.
-    public func receive(_ count: Int, what: String) throws -> [UInt8] {
+    public func receive(_ count: Int, what: String, pollFirst: Bool = false) throws -> [UInt8] {
         var fds = [Int32](repeating: -1, count: 64)
         var failure: StreamError?
+        // Poll before sleeping where the wait is short and every microsecond is downtime
+        // (the source waiting for the acknowledgement): a wake-up from sleep costs this
+        // machine 100 us or more. Not everywhere: a poller takes a core from the peer.
+        var spinUntil = pollFirst ? monotonicNanoseconds() + Self.spinNanoseconds : 0
         let bytes = [UInt8](unsafeUninitializedCapacity: count) { buffer, initialized in
             var offset = 0
             while offset < count {
                 var fdCount: Int32 = 0
-                let n = cl_recv_with_fds(fd, buffer.baseAddress! + offset, count - offset, &fds, 64, &fdCount)
+                let flags = spinUntil > 0 ? CL_MSG_DONTWAIT : 0
+                let n = cl_recv_with_fds_flags(fd, buffer.baseAddress! + offset, count - offset, &fds, 64, &fdCount, flags)
                 received.append(Array(fds.prefix(Int(fdCount))))
+                if n == -Int(EAGAIN) {
+                    if monotonicNanoseconds() >= spinUntil { spinUntil = 0 }
+                    // Two cores: the peer's threads, which we wait for, may need this one.
+                    sched_yield()
+                    continue
+                }
                 if n == -Int(EINTR) { continue }
                 guard n > 0 else {
                     failure = StreamError(n == 0 ? "migration stream ended while reading \(what) (the peer closed the connection)"
@@ -69,8 +82,8 @@ public final class MigrationChannel: @unchecked Sendable {
         return bytes
     }
 
-    public func receiveSection() throws -> MigrationStream.Section {
-        let length = try MigrationStream.frameLength(try receive(4, what: "a section length"))
+    public func receiveSection(pollFirst: Bool = false) throws -> MigrationStream.Section {
+        let length = try MigrationStream.frameLength(try receive(4, what: "a section length", pollFirst: pollFirst))
         return try MigrationStream.decode(frame: try receive(length, what: "a \(length)-byte section"))
     }
 }

@@ -15,7 +15,12 @@ public final class MigrationState: @unchecked Sendable {
     /// Monotonic nanoseconds: migrate issued, setup done, guest stopped, finished.
     var startTime: Int64 = 0
     var setupDoneTime: Int64 = 0
-    var stopTime: Int64 = 0
+    /// Written by the migration thread as it stops the guest.
+    var stopTime: Int64 {
+        get { stopTimeValue.load(ordering: .acquiring) }
+        set { stopTimeValue.store(newValue, ordering: .releasing) }
+    }
+    private let stopTimeValue = Atomic<Int64>(0)
     var endTime: Int64 = 0
     var ramTotal: UInt64 = 0
     /// Updated by the transfer thread: RAM bytes on the wire, pages sent with data,
@@ -52,6 +57,26 @@ public final class MigrationState: @unchecked Sendable {
         dirtySyncCount.store(0, ordering: .relaxed)
         expectedDowntime.store(0, ordering: .relaxed)
         cancelRequested.store(false, ordering: .relaxed)
+        _ = takeTimeline()
+    }
+
+    /// Named moments of the switch-over, from any thread, logged at debug level when the
+    /// migration ends: where a downtime went.
+    private let timeline = Mutex<[(String, Int64)]>([])
+
+    func mark(_ moment: String) {
+        let now = monotonicNanoseconds()
+        timeline.withLock { $0.append((moment, now)) }
+    }
+
+    /// "stop +0 us, captured +85 us, ..." relative to the first mark; empties the timeline.
+    func takeTimeline() -> String {
+        let marks = timeline.withLock { t -> [(String, Int64)] in
+            defer { t.removeAll() }
+            return t
+        }
+        guard let first = marks.first?.1 else { return "" }
+        return marks.map { "\($0.0) +\(($0.1 - first) / 1000) us" }.joined(separator: ", ")
     }
 
     func checkCancelled() throws {

@@ -48,6 +48,7 @@ extension Machine {
                     let unclaimed = channel.received.closeUnclaimed()
                     if unclaimed > 0 { throw StreamError("received \(unclaimed) file descriptor(s) that no section claimed") }
                     try channel.send([Self.acknowledgement])
+                    migration.mark("acknowledged")
                 } catch {
                     let unclaimed = channel.received.closeUnclaimed()
                     failure = unclaimed > 0 ? "\(error) (closed \(unclaimed) received file descriptor(s) no section claimed)" : "\(error)"
@@ -68,8 +69,9 @@ extension Machine {
         try MachineDescription.decode(first.payload).check(target: own)
         var loaded: Set<String> = []
         var ramArrived = false
+        var switchingOver = false
         while true {
-            let section = try channel.receiveSection()
+            let section = try channel.receiveSection(pollFirst: switchingOver)
             let fds = try channel.received.claim(section.fdCount, for: section.label)
             if !(section.name.hasSuffix("/tap") || section.kind == .sharedRAM) && !fds.isEmpty {
                 fds.forEach { close($0) }
@@ -77,6 +79,7 @@ extension Machine {
             }
             switch section.kind {
             case .end:
+                migration.mark("end arrived")
                 // Never start a guest without its memory or with a NIC that has no backend.
                 guard ramArrived else { throw StreamError("the stream carried no guest RAM") }
                 let missing = ["cpu0", "serial0"].filter { !loaded.contains($0) }
@@ -92,12 +95,16 @@ extension Machine {
                 try SharedRAM.decode(section.payload).adopt(into: memory, fds: fds)
                 ramArrived = true
             case .vcpu:
+                migration.mark("vcpu state arrived")
                 guard section.name == "cpu0" else { throw StreamError("state for vCPU '\(section.name)', this machine has cpu0 only") }
                 try VCPUState.decode(section.payload).restore(into: vcpuRunner.vcpu)
                 loaded.insert("cpu0")
             case .device:
                 try loadDevice(section, fds: fds)
                 loaded.insert(section.name)
+            case .switchover:
+                migration.mark("switchover")
+                switchingOver = true
             case .configuration:
                 throw StreamError("a second configuration section")
             }
@@ -137,6 +144,8 @@ extension Machine {
 
     func finishIncoming(error: String?) {
         migration.endTime = monotonicNanoseconds()
+        migration.mark("finished")
+        logger.debug("incoming migration timeline: \(migration.takeTimeline())")
         if let error {
             migration.error = error
             logger.error("incoming migration failed: \(error)")

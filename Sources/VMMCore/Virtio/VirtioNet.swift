@@ -204,6 +204,9 @@ public final class VirtioNet: VirtioDeviceModel, @unchecked Sendable {
         let headerInline = backend.vnetHeader
         var delivered: UInt64 = 0
         let outcome: Bool? = transport.withQueue(2 * pair) { queue in
+            // Again under the queue lock: the migration thread saves this queue under it
+            // after suspending, so a frame is either in its snapshot or still in the TAP.
+            guard !receiveSuspended.load(ordering: .acquiring) else { return true }
             while true {
                 guard let chain = try queue.popAvailable(from: memory) else { return false }
                 let (iov, headerSlices) = try Self.iovecs(
