@@ -201,6 +201,7 @@ public final class Machine: @unchecked Sendable {
         case .running: return
         case .prelaunch, .paused:
             runState = .running
+            for nic in nics { nic.suspendReceive(false) }  // an incoming migration's NICs wait for this
             vcpuRunner.resume()
             qmp.emit("RESUME")
         case .shutdown, .internalError:

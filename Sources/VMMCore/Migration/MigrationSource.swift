@@ -178,6 +178,13 @@ private final class GuestStopper: @unchecked Sendable {
             let outcome = Result(catching: { try machine.stopForCompletion() })
             result.update { $0 = outcome }
         }
+        // Poll (yielding) before sleeping: the stop takes a few hundred microseconds, and
+        // waking this thread from sleep afterwards cost up to 0.7 ms more downtime here.
+        let pollUntil = monotonicNanoseconds() + 5_000_000
+        while monotonicNanoseconds() < pollUntil {
+            if let ready = result.read({ $0 }) { return try ready.get() }
+            sched_yield()
+        }
         return try result.wait(until: { $0 != nil }, then: { $0! })!.get()
     }
 }

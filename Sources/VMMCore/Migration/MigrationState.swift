@@ -69,14 +69,15 @@ public final class MigrationState: @unchecked Sendable {
         timeline.withLock { $0.append((moment, now)) }
     }
 
-    /// "stop +0 us, captured +85 us, ..." relative to the first mark; empties the timeline.
+    /// "at T us: stop +0 us, captured +85 us, ..." relative to the first mark (T is
+    /// CLOCK_MONOTONIC, shared by source and target on one host); empties the timeline.
     func takeTimeline() -> String {
         let marks = timeline.withLock { t -> [(String, Int64)] in
             defer { t.removeAll() }
             return t
         }
         guard let first = marks.first?.1 else { return "" }
-        return marks.map { "\($0.0) +\(($0.1 - first) / 1000) us" }.joined(separator: ", ")
+        return "at \(first / 1000) us: " + marks.map { "\($0.0) +\(($0.1 - first) / 1000) us" }.joined(separator: ", ")
     }
 
     func checkCancelled() throws {

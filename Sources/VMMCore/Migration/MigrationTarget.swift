@@ -154,7 +154,12 @@ extension Machine {
             loop.stop(exitStatus: 1)
             return
         }
-        for nic in nics { attach(nic) }
+        // Like QEMU, a paused target leaves frames in the TAP until `cont`: reading them
+        // now would only fill the guest's ring, on the cores the switch-over still needs.
+        for nic in nics {
+            nic.suspendReceive(true)
+            attach(nic)
+        }
         setMigrationStatus(.completed)
         runState = .paused
     }
