@@ -7,6 +7,8 @@ import QMPWire
 /// in MigrationSource.swift, the target side in MigrationTarget.swift.
 extension Machine {
     static let acknowledgement: UInt8 = 0x06
+    /// The target's answer to the switch-over section: it is caught up and polling.
+    static let readyToSwitchOver: UInt8 = 0x05
 
     /// What must agree between source and target before any state is loaded.
     func machineDescription() -> MachineDescription {

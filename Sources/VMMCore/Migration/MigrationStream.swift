@@ -19,7 +19,8 @@ public enum MigrationStream {
         case device = 4
         /// x-ignore-shared: how the target finds the RAM that is not sent.
         case sharedRAM = 5
-        /// The source is about to stop the guest: the target should be awake for what follows.
+        /// The source is about to stop the guest: the target answers once it has taken in
+        /// everything before and polls for what follows.
         case switchover = 6
         case end = 0xFF
     }

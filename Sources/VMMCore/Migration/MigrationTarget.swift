@@ -67,6 +67,7 @@ extension Machine {
         let first = try channel.receiveSection()
         guard first.kind == .configuration else { throw StreamError("the stream starts with \(first.label), not the configuration") }
         try MachineDescription.decode(first.payload).check(target: own)
+        migration.mark("configuration checked")
         var loaded: Set<String> = []
         var ramArrived = false
         var switchingOver = false
@@ -103,7 +104,8 @@ extension Machine {
                 try loadDevice(section, fds: fds)
                 loaded.insert(section.name)
             case .switchover:
-                migration.mark("switchover")
+                try channel.send([Self.readyToSwitchOver])
+                migration.mark("ready to switch over")
                 switchingOver = true
             case .configuration:
                 throw StreamError("a second configuration section")
