@@ -138,6 +138,37 @@ extension SerializedNetworkSuites {
             }
         }
 
+        /// Each configuration disagreement the reviewers met, refused by the target before
+        /// any state loads, with device, property and both values; the source runs on.
+        @Test(arguments: [
+            (NetworkDeviceFunctionalTests.nicArguments(queues: 2, mq: false, ifname: "tap1"),
+             "device 'nic0' (virtio-net-pci): property 'mq' is on on the source but off on the target"),
+            // The later -m wins over guestOptions' 64M.
+            (["-m", "128M"] + NetworkDeviceFunctionalTests.nicArguments(queues: 2, ifname: "tap1"),
+             "machine: property 'ram-size' is 67108864 on the source but 134217728 on the target"),
+            (["-netdev", "tap,id=n0,ifname=tap1,queues=2,script=no,downscript=no",
+              "-device", "virtio-net-pci,netdev=n0,id=nic0,mac=52:54:00:12:34:56,mq=on,local-migration=off"],
+             "device 'nic0' (virtio-net-pci): property 'local-migration' is on on the source but off on the target"),
+            ([], "device 'nic0' (virtio-net-pci) exists on the source but not on the target"),
+        ])
+        func configurationMismatchIsRefused(target targetArguments: [String], message: String) async throws {
+            try await Pair.withMigrationPair(
+                taps: [("tap0", 2), ("tap1", 2)],
+                source: NetworkDeviceFunctionalTests.nicArguments(queues: 2, ifname: "tap0"),
+                target: targetArguments
+            ) { ns, source, target, uri in
+                try await Self.enableEvents(source)
+                let fds = openFileDescriptors(source.pid)
+                try await target.qmp.execute("migrate-incoming", arguments: ["uri": .string(uri)])
+                try await source.qmp.execute("migrate", arguments: ["uri": .string(uri)])
+                _ = try await source.qmp.waitForEvent("MIGRATION", matching: ["status": "failed"], timeout: .seconds(10))
+                #expect(try await target.wait(timeout: .seconds(10)) == .exited(1))
+                let log = target.stderrTail(20).joined(separator: "\n")
+                #expect(log.contains(message), "\(log)")
+                try await Self.expectSourceRecovered(source, ns: ns, fds: fds)
+            }
+        }
+
         /// x-ignore-shared skips RAM only if the target provably maps the same memory.
         @Test func sharedRAMInADifferentFileIsRefused() async throws {
             let sourceRAM = "/dev/shm/vmm-mig-src-\(getpid())"
