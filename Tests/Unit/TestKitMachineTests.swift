@@ -87,7 +87,7 @@ extension TestKitTests {
             }
         }
 
-        @Test(.requiresBinary(qemu)) func qemuLaunchQueryQuitAndReap() async throws {
+        @Test(.requiresBinary(qemu), .countsProcessResources) func qemuLaunchQueryQuitAndReap() async throws {
             let fdsBefore = ProcessResources.descriptors().count
             let seen = Mutex<(Machine?, String?)>((nil, nil))
             try await Machine.with(MachineOptions(binary: try Self.qemuTCG, memory: "64M", startPaused: true)) { machine in
@@ -115,12 +115,7 @@ extension TestKitTests {
             // Nothing of this machine stays open: no log or socket file under its directory.
             let dir = try #require(directory)
             #expect(!ProcessResources.descriptors().contains { $0.hasPrefix(dir) }, "\(ProcessResources.descriptors())")
-            // The count can only be compared when the functional suites (same process) are
-            // quiet; a difference that does not settle is reported, not failed.
-            let settled = await ProcessResources.settledDescriptorCount(expecting: fdsBefore)
-            if settled != fdsBefore {
-                Issue.record("fd count \(fdsBefore) before, \(settled) after (other suites run in this process)", severity: .warning)
-            }
+            #expect(await ProcessResources.settledDescriptorCount(expecting: fdsBefore) == fdsBefore, "\(ProcessResources.descriptors())")
         }
 
         @Test(.requiresBinary(qemu)) func qemuFailureKeepsArtifacts() async throws {
@@ -223,7 +218,7 @@ extension TestKitTests {
         }
     }
 
-    @Suite struct LeakTests {
+    @Suite(.countsProcessResources) struct LeakTests {
         @Test func connectAndCloseLeavesNoFdOrThread() async throws {
             let threadsBefore = await ProcessResources.settledTestKitThreads(expecting: 0)
             var inodes: [String] = []
