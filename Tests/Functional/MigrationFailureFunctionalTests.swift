@@ -43,6 +43,21 @@ extension SerializedNetworkSuites {
             }
         }
 
+        /// One TAP, a source on it and an `incoming-fds` target, events on at the source;
+        /// `fds` is what the source holds before the body starts.
+        static func withSingleTapPair(
+            configureGuest: Bool = true, _ body: (NetworkNamespace, Machine, Machine, String, Int) async throws -> Void
+        ) async throws {
+            try await Pair.withMigrationPair(
+                taps: [("tap0", 1)],
+                source: NetworkDeviceFunctionalTests.nicArguments(queues: 1, ifname: "tap0"),
+                target: Pair.incomingTapArguments(1), configureGuest: configureGuest
+            ) { ns, source, target, uri in
+                try await enableEvents(source)
+                try await body(ns, source, target, uri, openFileDescriptors(source.pid))
+            }
+        }
+
         /// The source answers pings, runs, and holds `fds` descriptors again.
         static func expectSourceRecovered(_ source: Machine, ns: NetworkNamespace, fds: Int) async throws {
             #expect(try await source.qmp.execute("query-status")["status"] == "running")
@@ -85,14 +100,8 @@ extension SerializedNetworkSuites {
         }
 
         @Test func localOverTCPIsRefusedBeforeTheGuestStops() async throws {
-            try await Pair.withMigrationPair(
-                taps: [("tap0", 1)],
-                source: NetworkDeviceFunctionalTests.nicArguments(queues: 1, ifname: "tap0"),
-                target: Pair.incomingTapArguments(1)
-            ) { ns, source, _, _ in
-                try await Self.enableEvents(source)
+            try await Self.withSingleTapPair { ns, source, _, _, fds in
                 try await source.qmp.execute("migrate-set-parameters", arguments: ["local": true])
-                let fds = openFileDescriptors(source.pid)
                 let error = await #expect(throws: QMPError.self) {
                     try await source.qmp.execute("migrate", arguments: ["uri": "tcp:127.0.0.1:4444"])
                 }
@@ -112,13 +121,7 @@ extension SerializedNetworkSuites {
         /// Connecting happens off the control thread: an absent target is a failed
         /// migration (with the reason), not a blocked QMP monitor.
         @Test func absentTargetFailsTheMigrationAndTheSourceRuns() async throws {
-            try await Pair.withMigrationPair(
-                taps: [("tap0", 1)],
-                source: NetworkDeviceFunctionalTests.nicArguments(queues: 1, ifname: "tap0"),
-                target: Pair.incomingTapArguments(1)
-            ) { ns, source, _, uri in
-                try await Self.enableEvents(source)
-                let fds = openFileDescriptors(source.pid)
+            try await Self.withSingleTapPair { ns, source, _, uri, fds in
                 try await source.qmp.execute("migrate", arguments: ["uri": .string(uri + ".absent")])
                 _ = try await source.qmp.waitForEvent("MIGRATION", matching: ["status": "failed"], timeout: .seconds(10))
                 let info = try await source.qmp.execute("query-migrate")
@@ -169,6 +172,33 @@ extension SerializedNetworkSuites {
             }
         }
 
+        /// A peer that is not this VMM, on either end: a clear error, the source runs on.
+        @Test func targetRefusesAQEMUStream() async throws {
+            try await Self.withSingleTapPair(configureGuest: false) { _, _, target, uri, _ in
+                try await target.qmp.execute("migrate-incoming", arguments: ["uri": .string(uri)])
+                let fd = try UnixSocket.connect(path: String(uri.dropFirst(5)))
+                defer { close(fd) }
+                // QEMU's stream header: magic "QEVM", version 3, then a section.
+                let qemu: [UInt8] = [0x51, 0x45, 0x56, 0x4D, 0, 0, 0, 3, 0x01, 0, 0, 0, 0, 0, 0, 0]
+                _ = qemu.withUnsafeBytes { write(fd, $0.baseAddress, $0.count) }
+                #expect(try await target.wait(timeout: .seconds(10)) == .exited(1))
+                let log = target.stderrTail(20).joined(separator: "\n")
+                #expect(log.contains("the peer sent a QEMU migration stream"), "\(log)")
+            }
+        }
+
+        @Test func sourceFailsOnAPeerThatIsNotAVMM() async throws {
+            try await Self.withSingleTapPair { ns, source, _, uri, fds in
+                let peer = try ForeignPeer(path: String(uri.dropFirst(5)) + ".peer")
+                try await source.qmp.execute("migrate", arguments: ["uri": .string("unix:\(peer.path)")])
+                _ = try await source.qmp.waitForEvent("MIGRATION", matching: ["status": "failed"], timeout: .seconds(20))
+                let info = try await source.qmp.execute("query-migrate")
+                #expect(info["error-desc"]?.stringValue?.contains("instead of being ready to switch over") == true, "\(info.serialized)")
+                peer.join()
+                try await Self.expectSourceRecovered(source, ns: ns, fds: fds)
+            }
+        }
+
         /// x-ignore-shared skips RAM only if the target provably maps the same memory.
         @Test func sharedRAMInADifferentFileIsRefused() async throws {
             let sourceRAM = "/dev/shm/vmm-mig-src-\(getpid())"
@@ -213,4 +243,58 @@ func describeFileDescriptors(_ pid: pid_t) -> String {
     return entries.sorted { (Int($0) ?? 0) < (Int($1) ?? 0) }.map { fd in
         "\(fd)->\((try? FileManager.default.destinationOfSymbolicLink(atPath: "/proc/\(pid)/fd/\(fd)")) ?? "?")"
     }.joined(separator: " ")
+}
+
+/// A unix-socket server that swallows whatever a migration source sends and, once the
+/// source goes quiet (it waits for an answer), replies with text no VMM would send.
+final class ForeignPeer: @unchecked Sendable {
+    let path: String
+    private let listener: Int32
+    private var thread: Thread?
+    private let done = DispatchSemaphore(value: 0)
+
+    init(path: String) throws {
+        self.path = path
+        listener = socket(AF_UNIX, Int32(SOCK_STREAM.rawValue), 0)
+        var address = sockaddr_un()
+        address.sun_family = sa_family_t(AF_UNIX)
+        withUnsafeMutableBytes(of: &address.sun_path) { raw in
+            let bytes = Array(path.utf8)
+            raw.copyBytes(from: bytes)
+            raw[bytes.count] = 0
+        }
+        let bound = withUnsafePointer(to: &address) {
+            $0.withMemoryRebound(to: sockaddr.self, capacity: 1) { bind(listener, $0, socklen_t(MemoryLayout<sockaddr_un>.size)) }
+        }
+        guard bound == 0, listen(listener, 1) == 0 else {
+            close(listener)
+            throw FixtureError("cannot listen on \(path)")
+        }
+        let thread = Thread { [self] in serve() }
+        self.thread = thread
+        thread.start()
+    }
+
+    private func serve() {
+        defer {
+            close(listener)
+            unlink(path)
+            done.signal()
+        }
+        let fd = accept(listener, nil, nil)
+        guard fd >= 0 else { return }
+        defer { close(fd) }
+        var buffer = [UInt8](repeating: 0, count: 1 << 16)
+        var quiet = pollfd(fd: fd, events: Int16(POLLIN), revents: 0)
+        // Swallow until the source has been silent for 300 ms.
+        while poll(&quiet, 1, 300) > 0 {
+            if buffer.withUnsafeMutableBytes({ read(fd, $0.baseAddress, $0.count) }) <= 0 { return }
+        }
+        let answer = Array("HTTP/1.1 400 Bad Request\r\n\r\n".utf8)
+        _ = answer.withUnsafeBytes { write(fd, $0.baseAddress, $0.count) }
+        // Until the source hangs up.
+        while buffer.withUnsafeMutableBytes({ read(fd, $0.baseAddress, $0.count) }) > 0 {}
+    }
+
+    func join() { done.wait() }
 }

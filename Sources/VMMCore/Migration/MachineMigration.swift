@@ -42,6 +42,7 @@ extension Machine {
         let vcpuState = try VCPUState.capture(vcpuRunner.vcpu, msrIndices: VCPUState.savableMSRs(hypervisor: hypervisor))
         var sections: [(MigrationStream.Section, [Int32])] = [(.init(kind: .vcpu, name: "cpu0", payload: vcpuState.encode()), [])]
         sections.append((.init(kind: .device, name: "serial0", payload: serial.save()), []))
+        sections.append((.init(kind: .device, name: "pci0", payload: pciBus.save()), []))
         let passing = nicsPassingTap
         for nic in nics {
             guard let transport = nic.transport else { continue }

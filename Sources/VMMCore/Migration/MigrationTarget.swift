@@ -83,7 +83,7 @@ extension Machine {
                 migration.mark("end arrived")
                 // Never start a guest without its memory or with a NIC that has no backend.
                 guard ramArrived else { throw StreamError("the stream carried no guest RAM") }
-                let missing = ["cpu0", "serial0"].filter { !loaded.contains($0) }
+                let missing = ["cpu0", "serial0", "pci0"].filter { !loaded.contains($0) }
                 guard missing.isEmpty else { throw StreamError("the stream ended without \(missing.joined(separator: ", "))") }
                 for nic in nics where nic.backend.queueFDs.isEmpty {
                     throw StreamError("netdev '\(nic.backend.id)' (incoming-fds=on) received no TAP queues: is migration parameter 'local' on at the source, and local-migration on for \(nic.id)?")
@@ -115,6 +115,7 @@ extension Machine {
 
     func loadDevice(_ section: MigrationStream.Section, fds: [Int32]) throws {
         if section.name == "serial0" { return try serial.load(section.payload) }
+        if section.name == "pci0" { return try pciBus.load(section.payload) }
         let parts = section.name.split(separator: "/")
         guard parts.count == 2, let nic = nics.first(where: { $0.id == parts[0] }), let transport = nic.transport else {
             fds.forEach { close($0) }

@@ -56,6 +56,21 @@ public final class PCIBus: PortIODevice {
         return slot
     }
 
+    /// The CONFIG_ADDRESS latch: a guest stopped between writing 0xCF8 and reading
+    /// 0xCFC must find it again on the migration target.
+    public func save() -> [UInt8] {
+        var w = StreamWriter()
+        w.u32(address.load(ordering: .relaxed))
+        return w.bytes
+    }
+
+    public func load(_ bytes: [UInt8]) throws {
+        var r = StreamReader(bytes, context: "PCI bus state")
+        let latch = try r.u32("CONFIG_ADDRESS")
+        try r.finish()
+        address.store(latch & 0x80FF_FFFC, ordering: .relaxed)
+    }
+
     public var devices: [(slot: Int, device: PCIDevice)] {
         slots.withLock { $0.enumerated().compactMap { slot, device in device.map { (slot, $0) } } }
     }
