@@ -187,6 +187,24 @@ extension SerializedNetworkSuites {
             }
         }
 
+        /// QEMU's exit-on-error=false: the failed target stays for questions, and is spent.
+        @Test func targetWithoutExitOnErrorStaysAndReports() async throws {
+            try await Self.withSingleTapPair(configureGuest: false) { _, _, target, uri, _ in
+                try await Self.enableEvents(target)
+                try await target.qmp.execute("migrate-incoming", arguments: ["uri": .string(uri), "exit-on-error": false])
+                let fd = try UnixSocket.connect(path: String(uri.dropFirst(5)))
+                _ = Array("GET / HTTP/1.1\r\n\r\n".utf8).withUnsafeBytes { write(fd, $0.baseAddress, $0.count) }
+                close(fd)
+                _ = try await target.qmp.waitForEvent("MIGRATION", matching: ["status": "failed"], timeout: .seconds(10))
+                let info = try await target.qmp.execute("query-migrate")
+                #expect(info["error-desc"]?.stringValue?.contains("not a swift-vmm migration stream") == true, "\(info.serialized)")
+                #expect(try await target.qmp.execute("query-status")["status"] == "inmigrate")
+                await #expect(throws: QMPError.self) {
+                    try await target.qmp.execute("migrate-incoming", arguments: ["uri": .string(uri)])
+                }
+            }
+        }
+
         @Test func sourceFailsOnAPeerThatIsNotAVMM() async throws {
             try await Self.withSingleTapPair { ns, source, _, uri, fds in
                 let peer = try ForeignPeer(path: String(uri.dropFirst(5)) + ".peer")

@@ -9,11 +9,7 @@ extension Machine {
             return [:]
         }
         d.register("migrate-incoming", arguments: ["uri": .string, "channels": .array, "exit-on-error": .boolean]) { [unowned self] args in
-            // A target that failed half-way holds adopted fds and partial state: it exits.
-            if args["exit-on-error"]?.boolValue == false {
-                throw QMPCommandError("exit-on-error=false is not supported: a target that fails to load exits with status 1")
-            }
-            try startIncoming(from: try Self.migrationURI(args))
+            try startIncoming(from: try Self.migrationURI(args), exitOnError: args["exit-on-error"]?.boolValue ?? true)
             return [:]
         }
         d.register("migrate_cancel") { [unowned self] _ in

@@ -40,6 +40,8 @@ public final class MigrationState: @unchecked Sendable {
     /// migrate_cancel (control thread) can shut it down.
     let channel = Mutex<MigrationChannel?>(nil)
     var dirtyLogging = false
+    /// migrate-incoming's `exit-on-error`: a target whose load failed exits (status 1).
+    var exitOnError = true
     var incomingListener: Int32 = -1
     var incomingPath: String?
 

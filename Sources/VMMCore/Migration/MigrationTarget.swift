@@ -5,9 +5,15 @@ import QMPWire
 /// `-incoming` / `migrate-incoming`: accept one connection, check the configuration,
 /// load RAM and state on a thread of its own (the vCPU has never run), acknowledge.
 extension Machine {
-    func startIncoming(from uri: MigrationURI) throws {
+    func startIncoming(from uri: MigrationURI, exitOnError: Bool = true) throws {
         guard runState == .inmigrate else { throw QMPCommandError("The incoming migration can only start in state 'inmigrate' (-incoming defer)") }
         guard migration.incomingListener < 0, !migration.isActive else { throw QMPCommandError("An incoming migration is already set up") }
+        // Part of a failed stream may have loaded (RAM, registers, adopted TAP queues):
+        // a second attempt would start from that, so this target is spent.
+        guard migration.status != .failed else {
+            throw QMPCommandError("An incoming migration failed here before (\(migration.error ?? "")); start a new target")
+        }
+        migration.exitOnError = exitOnError
         let listener: Int32
         switch uri {
         case .unix(let path):
@@ -153,8 +159,9 @@ extension Machine {
             migration.error = error
             logger.error("incoming migration failed: \(error)")
             setMigrationStatus(.failed)
-            // Like QEMU's default exit-on-error: a target that could not load exits.
-            loop.stop(exitStatus: 1)
+            // QEMU's exit-on-error (default on): a target that could not load exits;
+            // without it, it stays in 'inmigrate' for query-migrate and quit.
+            if migration.exitOnError { loop.stop(exitStatus: 1) }
             return
         }
         // Like QEMU, a paused target leaves frames in the TAP until `cont`: reading them
