@@ -36,64 +36,18 @@ extension Machine {
         var discard = [UInt64](repeating: 0, count: memory.deviceDirty.wordCount)
         memory.deviceDirty.take(into: &discard)
 
-        let maxBandwidth = UInt64(max(0, migration.parameters["max-bandwidth"]?.intValue ?? 0))
-        let downtimeLimit = (migration.parameters["downtime-limit"]?.intValue ?? 300) * 1_000_000
-        let configuration = machineDescription().encode()
+        let plan = OutgoingPlan(
+            uri: uri, sharedRAM: sharedRAM, live: live, configuration: machineDescription().encode(),
+            maxBandwidth: UInt64(max(0, migration.parameters["max-bandwidth"]?.intValue ?? 0)),
+            downtimeLimit: (migration.parameters["downtime-limit"]?.intValue ?? 300) * 1_000_000)
         let stopper = GuestStopper(machine: self)
-        let vm = self.vm
         let loop = self.loop
         do {
             _ = try OSThread(name: "migration-out") { [self] in
                 var failure: String?
                 var acknowledged: Int64 = 0
                 do {
-                    // Connecting (tcp may take long) happens here, not on the control thread.
-                    let channel = try MigrationChannel.connect(uri: uri)
-                    migration.channel.withLock { $0 = channel }
-                    try migration.checkCancelled()
-                    loop.post { [self] in
-                        migration.setupDoneTime = monotonicNanoseconds()
-                        if migration.status == .setup { setMigrationStatus(.active) }
-                    }
-                    let transfer = RAMTransfer(memory: memory, channel: channel, progress: migration,
-                                               maxBandwidth: maxBandwidth, logger: logger)
-                    try channel.send(MigrationStream.header())
-                    try channel.send(.init(kind: .configuration, payload: configuration))
-                    var dirty: [UInt64]?
-                    if let sharedRAM {
-                        let fds = sharedRAM == .memfd(size: memory.size) ? [memory.fd] : []
-                        try channel.send(.init(kind: .sharedRAM, payload: sharedRAM.encode(), fdCount: fds.count), fds: fds)
-                    } else if live {
-                        dirty = try transfer.precopy(vm: vm, downtimeLimit: downtimeLimit)
-                    }
-                    try migration.checkCancelled()
-                    // The guest runs on until the target has taken in everything so far and
-                    // is awake for the rest: its catching up, and a wake-up from sleep (up to
-                    // 0.7 ms on this kind of machine), then stay out of the downtime.
-                    try channel.send(.init(kind: .switchover))
-                    let ready = try channel.receive(1, what: "the target's readiness to switch over", pollFirst: true)
-                    guard ready == [Self.readyToSwitchOver] else {
-                        throw StreamError("the target answered \(ready) instead of being ready to switch over")
-                    }
-                    migration.mark("target ready")
-                    try migration.checkCancelled()
-                    let sections = try stopper.stop()
-                    if sharedRAM == nil {
-                        // Stopped: what is still dirty, or everything if the guest never ran.
-                        let final = live ? try transfer.collectDirty(vm: vm, into: dirty) : nil
-                        _ = try transfer.sendPass(bitmap: final, live: false)
-                    }
-                    migration.ramRemaining.store(0, ordering: .relaxed)
-                    migration.mark("state handed over")
-                    for (section, fds) in sections { try channel.send(section, fds: fds) }
-                    try channel.send(.init(kind: .end))
-                    migration.mark("sent")
-                    let ack = try channel.receive(1, what: "the target's acknowledgement", pollFirst: true)
-                    guard ack == [Self.acknowledgement] else { throw StreamError("the target answered \(ack) instead of an acknowledgement") }
-                    // Completion as the transfer thread sees it: the downtime ends here, not
-                    // when the control thread gets round to it.
-                    acknowledged = monotonicNanoseconds()
-                    migration.mark("acknowledged")
+                    acknowledged = try transferOutgoing(plan, stopper: stopper)
                 } catch {
                     failure = "\(error)"
                 }
@@ -104,6 +58,71 @@ extension Machine {
         } catch {
             finishOutgoing(error: "\(error)")
         }
+    }
+
+    /// What the transfer thread needs to know, fixed when `migrate` is issued.
+    struct OutgoingPlan: Sendable {
+        var uri: MigrationURI
+        /// Set when x-ignore-shared lets the RAM stay where it is.
+        var sharedRAM: SharedRAM?
+        /// Pre-copy while the guest runs (it runs, and its RAM must be copied).
+        var live: Bool
+        var configuration: [UInt8]
+        var maxBandwidth: UInt64
+        var downtimeLimit: Int64
+    }
+
+    /// The transfer thread: connect, configuration, RAM (shared, or pre-copy passes), the
+    /// switch-over, stop, the last dirty pages and the state, the acknowledgement. Returns
+    /// when the acknowledgement arrived (monotonic ns): the end of the downtime.
+    func transferOutgoing(_ plan: OutgoingPlan, stopper: GuestStopper) throws -> Int64 {
+        // Connecting (tcp may take long) happens here, not on the control thread.
+        let channel = try MigrationChannel.connect(uri: plan.uri)
+        migration.channel.withLock { $0 = channel }
+        try migration.checkCancelled()
+        loop.post { [self] in
+            migration.setupDoneTime = monotonicNanoseconds()
+            if migration.status == .setup { setMigrationStatus(.active) }
+        }
+        let transfer = RAMTransfer(memory: memory, channel: channel, progress: migration,
+                                   maxBandwidth: plan.maxBandwidth, logger: logger)
+        try channel.send(MigrationStream.header())
+        try channel.send(.init(kind: .configuration, payload: plan.configuration))
+        var dirty: [UInt64]?
+        if let sharedRAM = plan.sharedRAM {
+            let fds = sharedRAM == .memfd(size: memory.size) ? [memory.fd] : []
+            try channel.send(.init(kind: .sharedRAM, payload: sharedRAM.encode(), fdCount: fds.count), fds: fds)
+        } else if plan.live {
+            dirty = try transfer.precopy(vm: vm, downtimeLimit: plan.downtimeLimit)
+        }
+        try migration.checkCancelled()
+        // The guest runs on until the target has taken in everything so far and is awake
+        // for the rest: its catching up, and a wake-up from sleep (up to 0.7 ms on this
+        // kind of machine), then stay out of the downtime.
+        try channel.send(.init(kind: .switchover))
+        let ready = try channel.receive(1, what: "the target's readiness to switch over", pollFirst: true)
+        guard ready == [Self.readyToSwitchOver] else {
+            throw StreamError("the target answered \(ready) instead of being ready to switch over")
+        }
+        migration.mark("target ready")
+        try migration.checkCancelled()
+        let sections = try stopper.stop()
+        if plan.sharedRAM == nil {
+            // Stopped: what is still dirty, or everything if the guest never ran.
+            let final = plan.live ? try transfer.collectDirty(vm: vm, into: dirty) : nil
+            _ = try transfer.sendPass(bitmap: final, live: false)
+        }
+        migration.ramRemaining.store(0, ordering: .relaxed)
+        migration.mark("state handed over")
+        for (section, fds) in sections { try channel.send(section, fds: fds) }
+        try channel.send(.init(kind: .end))
+        migration.mark("sent")
+        let ack = try channel.receive(1, what: "the target's acknowledgement", pollFirst: true)
+        guard ack == [Self.acknowledgement] else { throw StreamError("the target answered \(ack) instead of an acknowledgement") }
+        // Completion as the transfer thread sees it, not when the control thread gets to it.
+        let acknowledged = monotonicNanoseconds()
+        migration.mark("acknowledged")
+        return acknowledged
     }
 
     /// Stops the guest for the final pass (control thread, which owns the run state): the
@@ -174,7 +193,7 @@ extension Machine {
 
 /// Lets the migration thread stop the guest on the control thread and wait for the
 /// captured state.
-private final class GuestStopper: @unchecked Sendable {
+final class GuestStopper: @unchecked Sendable {
     private unowned let machine: Machine
     private let result = ConditionLock<Result<[(MigrationStream.Section, [Int32])], any Error>?>(nil)
 
