@@ -372,4 +372,18 @@ extension NetworkNamespace {
             return try body(route)
         }
     }
+
+    /// The host side of a migration to a new TAP, like the QEMU seed's
+    /// switch_network_to_tap2: both links go down, `to` takes `mac` (the old TAP's) and
+    /// the address `cidr`, so the guest's ARP entry for the host stays valid, and comes up.
+    public func moveHostAddress(_ cidr: String, mac: String, from old: String, to new: String) async throws {
+        try await withRoute { route in
+            try route.setLink(new, up: false)
+            try route.setLink(old, up: false)
+            try route.removeAddress(cidr, from: old)
+            try route.setMAC(mac, of: new)
+            try route.addAddress(cidr, to: new)
+            try route.setLink(new, up: true)
+        }
+    }
 }

@@ -242,7 +242,7 @@ struct MigrationBenchmark: AsyncParsableCommand {
                 var freeze = FreezeWindow.begin()
                 try await source.qmp.execute("migrate", arguments: ["uri": .string(uri)])
                 try await MigrationWaiter.waitForFinish(source: source.qmp, target: target.qmp, timeout: .seconds(300))
-                if mode != .local { try await Self.switchNetworkToTap1(ns) }
+                if mode != .local { try await ns.moveHostAddress("\(Self.hostAddress)/24", mac: Self.hostMAC, from: "tap0", to: "tap1") }
                 try await target.qmp.execute("cont")
                 freeze.close()
                 try await Task.sleep(for: .milliseconds(300))
@@ -343,18 +343,5 @@ struct MigrationBenchmark: AsyncParsableCommand {
             throw BenchmarkError(description: "no x-virtio-net rx-packets for nic0 in query-pci: \(buses.serialized)")
         }
         return counts.compactMap(\.intValue).reduce(0) { $0 + Int($1) }
-    }
-
-    /// As the tests' switchNetworkToTap1: tap1 takes tap0's MAC and the host address, so
-    /// the guest's ARP entry for the host stays valid.
-    static func switchNetworkToTap1(_ ns: NetworkNamespace) async throws {
-        try await ns.withRoute { route in
-            try route.setLink("tap1", up: false)
-            try route.setLink("tap0", up: false)
-            try route.removeAddress("\(hostAddress)/24", from: "tap0")
-            try route.setMAC(hostMAC, of: "tap1")
-            try route.addAddress("\(hostAddress)/24", to: "tap1")
-            try route.setLink("tap1", up: true)
-        }
     }
 }

@@ -63,7 +63,7 @@ extension SerializedNetworkSuites {
                     var freeze = FreezeWindow.begin()
                     try await source.qmp.execute("migrate", arguments: ["uri": .string(uri)])
                     try await MigrationWaiter.waitForFinish(source: source.qmp, target: target.qmp, timeout: .seconds(30))
-                    if !local { try await switchNetworkToTap1(ns) }
+                    if !local { try await ns.moveHostAddress("\(hostAddress)/24", mac: hostMAC, from: "tap0", to: "tap1") }
                     try await target.qmp.execute("cont")
                     freeze.close()
                     let info = try await source.qmp.execute("query-migrate")
@@ -137,19 +137,6 @@ extension SerializedNetworkSuites {
             try pinger.start()
             let report = await pinger.finish(timeout: .seconds(5))
             #expect(report.received == 1, "\(report)")
-        }
-
-        /// The seed's switch_network_to_tap2: tap1 takes tap0's MAC and address, so the
-        /// guest's ARP entry for the host stays valid.
-        static func switchNetworkToTap1(_ ns: NetworkNamespace) async throws {
-            try await ns.withRoute { route in
-                try route.setLink("tap1", up: false)
-                try route.setLink("tap0", up: false)
-                try route.removeAddress("\(hostAddress)/24", from: "tap0")
-                try route.setMAC(hostMAC, of: "tap1")
-                try route.addAddress("\(hostAddress)/24", to: "tap1")
-                try route.setLink("tap1", up: true)
-            }
         }
     }
 }
