@@ -15,12 +15,7 @@ public final class MigrationState: @unchecked Sendable {
     /// Monotonic nanoseconds: migrate issued, setup done, guest stopped, finished.
     var startTime: Int64 = 0
     var setupDoneTime: Int64 = 0
-    /// Written by the migration thread as it stops the guest.
-    var stopTime: Int64 {
-        get { stopTimeValue.load(ordering: .acquiring) }
-        set { stopTimeValue.store(newValue, ordering: .releasing) }
-    }
-    private let stopTimeValue = Atomic<Int64>(0)
+    var stopTime: Int64 = 0
     var endTime: Int64 = 0
     var ramTotal: UInt64 = 0
     /// Updated by the transfer thread: RAM bytes on the wire, pages sent with data,

@@ -115,7 +115,7 @@ struct RAMTransfer {
         var pass = 1
         while true {
             logger.debug("pre-copy pass \(pass): \(last.pagesScanned) pages scanned, \(last.pagesSent) sent, \(last.bytesSent) bytes in \(last.nanoseconds / 1000) us")
-            var dirty = try collectDirty(vm: vm)
+            let dirty = try collectDirty(vm: vm)
             let dirtyPages = dirty.reduce(0) { $0 + $1.nonzeroBitCount }
             progress.ramRemaining.store(UInt64(dirtyPages * Self.pageSize), ordering: .relaxed)
             // Bandwidth as the last pass achieved it, in pages per nanosecond of sending.
@@ -126,7 +126,6 @@ struct RAMTransfer {
                 return dirty
             }
             last = try sendPass(bitmap: dirty, live: true)
-            dirty = []
             pass += 1
         }
     }

@@ -195,17 +195,16 @@ public final class VirtioNet: VirtioDeviceModel, @unchecked Sendable {
     /// Fills the guest's RX buffers from TAP queue `pair`. `wake`: rouse a halted vCPU
     /// afterwards (not needed when the vCPU thread itself is receiving).
     func receive(pair: Int, wake: Bool = true) {
-        // Checked here, not only in the poll interest: the loop runs posted work (a
-        // migration's stop and state capture) between its poll and the fd handlers, and a
-        // frame taken after the capture would sit in RAM the target never accounts for.
-        guard let transport, !receiveSuspended.load(ordering: .acquiring) else { return }
+        guard let transport else { return }
         let fd = backend.queueFDs[pair]
         let memory = transport.memory
         let headerInline = backend.vnetHeader
         var delivered: UInt64 = 0
         let outcome: Bool? = transport.withQueue(2 * pair) { queue in
-            // Again under the queue lock: the migration thread saves this queue under it
-            // after suspending, so a frame is either in its snapshot or still in the TAP.
+            // Checked here, not only in the poll interest: the loop runs posted work (a
+            // migration's stop and state capture) between its poll and the fd handlers. Under
+            // the queue lock, which the capture also takes, a frame is either in the snapshot
+            // or still in the TAP, never in RAM the target does not account for.
             guard !receiveSuspended.load(ordering: .acquiring) else { return true }
             while true {
                 guard let chain = try queue.popAvailable(from: memory) else { return false }
