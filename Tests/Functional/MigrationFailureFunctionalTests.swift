@@ -11,11 +11,6 @@ extension SerializedNetworkSuites {
     struct MigrationFailureFunctionalTests {
         typealias Pair = MigrationFunctionalTests
 
-        static func enableEvents(_ vms: Machine...) async throws {
-            for vm in vms {
-                try await vm.qmp.execute("migrate-set-capabilities", arguments: ["capabilities": [["capability": "events", "state": true]]])
-            }
-        }
 
         /// Slow enough to act on mid-way: the guest makes 1 MiB of its RAM non-zero, which
         /// pre-copy then sends at 500 kB/s.
@@ -34,7 +29,7 @@ extension SerializedNetworkSuites {
                 source: NetworkDeviceFunctionalTests.nicArguments(queues: 2, ifname: "tap0"),
                 target: NetworkDeviceFunctionalTests.nicArguments(queues: 2, ifname: "tap1")
             ) { ns, source, target, uri in
-                try await enableEvents(source, target)
+                try await Pair.enableEvents(source, target)
                 try await throttle(source)
                 let fds = openFileDescriptors(source.pid)
                 try await target.qmp.execute("migrate-incoming", arguments: ["uri": .string(uri)])
@@ -53,7 +48,7 @@ extension SerializedNetworkSuites {
                 source: NetworkDeviceFunctionalTests.nicArguments(queues: 1, ifname: "tap0"),
                 target: Pair.incomingTapArguments(1), configureGuest: configureGuest
             ) { ns, source, target, uri in
-                try await enableEvents(source)
+                try await Pair.enableEvents(source)
                 try await body(ns, source, target, uri, openFileDescriptors(source.pid))
             }
         }
@@ -88,7 +83,7 @@ extension SerializedNetworkSuites {
                 options.namespace = ns
                 try await withArtifacts { artifacts in
                     let second = try await Machine.launch(options, in: artifacts)
-                    try await Self.enableEvents(second)
+                    try await Pair.enableEvents(second)
                     try await source.qmp.execute("migrate-set-parameters", arguments: ["max-bandwidth": 0])
                     try await second.qmp.execute("migrate-incoming", arguments: ["uri": .string(uri)])
                     try await source.qmp.execute("migrate", arguments: ["uri": .string(uri)])
@@ -160,7 +155,7 @@ extension SerializedNetworkSuites {
                 source: NetworkDeviceFunctionalTests.nicArguments(queues: 2, ifname: "tap0"),
                 target: targetArguments
             ) { ns, source, target, uri in
-                try await Self.enableEvents(source)
+                try await Pair.enableEvents(source)
                 let fds = openFileDescriptors(source.pid)
                 try await target.qmp.execute("migrate-incoming", arguments: ["uri": .string(uri)])
                 try await source.qmp.execute("migrate", arguments: ["uri": .string(uri)])
@@ -190,7 +185,7 @@ extension SerializedNetworkSuites {
         /// QEMU's exit-on-error=false: the failed target stays for questions, and is spent.
         @Test func targetWithoutExitOnErrorStaysAndReports() async throws {
             try await Self.withSingleTapPair(configureGuest: false) { _, _, target, uri, _ in
-                try await Self.enableEvents(target)
+                try await Pair.enableEvents(target)
                 try await target.qmp.execute("migrate-incoming", arguments: ["uri": .string(uri), "exit-on-error": false])
                 let fd = try UnixSocket.connect(path: String(uri.dropFirst(5)))
                 _ = Array("GET / HTTP/1.1\r\n\r\n".utf8).withUnsafeBytes { write(fd, $0.baseAddress, $0.count) }
@@ -233,7 +228,7 @@ extension SerializedNetworkSuites {
                 source: NetworkDeviceFunctionalTests.nicArguments(queues: 1, ifname: "tap0") + backend(sourceRAM),
                 target: NetworkDeviceFunctionalTests.nicArguments(queues: 1, ifname: "tap1") + backend(targetRAM)
             ) { ns, source, target, uri in
-                try await Self.enableEvents(source, target)
+                try await Pair.enableEvents(source, target)
                 for vm in [source, target] {
                     try await vm.qmp.execute("migrate-set-capabilities", arguments: ["capabilities": [["capability": "x-ignore-shared", "state": true]]])
                 }

@@ -43,6 +43,13 @@ extension SerializedNetworkSuites {
             }
         }
 
+        /// The `events` capability, without which no MIGRATION event is sent.
+        static func enableEvents(_ vms: Machine...) async throws {
+            for vm in vms {
+                try await vm.qmp.execute("migrate-set-capabilities", arguments: ["capabilities": [["capability": "events", "state": true]]])
+            }
+        }
+
         /// A migration target's NIC whose TAP queues come with the stream.
         static func incomingTapArguments(_ queues: Int) -> [String] {
             ["-netdev", "tap,id=n0,incoming-fds=on,queues=\(queues),script=no,downscript=no",
@@ -59,9 +66,7 @@ extension SerializedNetworkSuites {
                     let ticksBefore = try await readTicks(source.console)
 
                     #expect(try await target.qmp.execute("query-status")["status"] == "inmigrate")
-                    for vm in [source, target] {
-                        try await vm.qmp.execute("migrate-set-capabilities", arguments: ["capabilities": [["capability": "events", "state": true]]])
-                    }
+                    try await Self.enableEvents(source, target)
                     try await target.qmp.execute("migrate-incoming", arguments: ["uri": .string(uri)])
                     try await source.qmp.execute("migrate", arguments: ["uri": .string(uri)])
                     for status in ["setup", "active", "device", "completed"] {
@@ -104,7 +109,7 @@ extension SerializedNetworkSuites {
                 source: NetworkDeviceFunctionalTests.nicArguments(queues: 4, ifname: "tap0"),
                 target: NetworkDeviceFunctionalTests.nicArguments(queues: 2, ifname: "tap1")
             ) { ns, source, target, uri in
-                    try await source.qmp.execute("migrate-set-capabilities", arguments: ["capabilities": [["capability": "events", "state": true]]])
+                    try await Self.enableEvents(source)
                     try await target.qmp.execute("migrate-incoming", arguments: ["uri": .string(uri)])
                     try await source.qmp.execute("migrate", arguments: ["uri": .string(uri)])
                     _ = try await source.qmp.waitForEvent("MIGRATION", matching: ["status": "failed"], timeout: .seconds(30))
@@ -131,10 +136,8 @@ extension SerializedNetworkSuites {
                 source: NetworkDeviceFunctionalTests.nicArguments(queues: 4, ifname: "tap0"),
                 target: Self.incomingTapArguments(4)
             ) { ns, source, target, uri in
-                    for vm in [source, target] {
-                        try await vm.qmp.execute("migrate-set-capabilities", arguments: ["capabilities": [["capability": "events", "state": true]]])
-                        try await vm.qmp.execute("migrate-set-parameters", arguments: ["local": true])
-                    }
+                    try await Self.enableEvents(source, target)
+                    for vm in [source, target] { try await vm.qmp.execute("migrate-set-parameters", arguments: ["local": true]) }
                     let pinger = try Pinger(namespace: ns, destination: "192.168.100.2", interval: .milliseconds(2), count: 1000)
                     try pinger.start()
                     try await pinger.waitForReplies(20, timeout: .seconds(10))
@@ -160,9 +163,7 @@ extension SerializedNetworkSuites {
                 target: NetworkDeviceFunctionalTests.nicArguments(queues: 1, ifname: "tap1"), configureGuest: false
             ) { _, source, target, _ in
                 let ticksBefore = try await readTicks(source.console)
-                for vm in [source, target] {
-                    try await vm.qmp.execute("migrate-set-capabilities", arguments: ["capabilities": [["capability": "events", "state": true]]])
-                }
+                try await Self.enableEvents(source, target)
                 try await target.qmp.execute("migrate-incoming", arguments: ["channels": [[
                     "channel-type": "main", "addr": ["transport": "socket", "type": "inet", "host": "127.0.0.1", "port": "4444"],
                 ]]])
@@ -180,7 +181,7 @@ extension SerializedNetworkSuites {
                 target: Self.incomingTapArguments(1), configureGuest: false
             ) { _, source, target, uri in
                     try await source.qmp.execute("migrate-set-parameters", arguments: ["local": true])
-                    try await source.qmp.execute("migrate-set-capabilities", arguments: ["capabilities": [["capability": "events", "state": true]]])
+                    try await Self.enableEvents(source)
                     try await target.qmp.execute("migrate-incoming", arguments: ["uri": .string(uri)])
                     try await source.qmp.execute("migrate", arguments: ["uri": .string(uri)])
                     #expect(try await target.wait(timeout: .seconds(10)) == .exited(1))

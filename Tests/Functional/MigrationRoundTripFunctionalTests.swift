@@ -19,7 +19,7 @@ extension SerializedNetworkSuites {
                 target: NetworkDeviceFunctionalTests.nicArguments(queues: 1, ifname: "tap1"),
                 configureGuest: false
             ) { _, source, target, uri in
-                try await MigrationFailureFunctionalTests.enableEvents(source, target)
+                try await Pair.enableEvents(source, target)
                 try await source.qmp.execute("migrate-set-parameters", arguments: ["downtime-limit": 1])
                 try await target.qmp.execute("migrate-incoming", arguments: ["uri": .string(uri)])
                 try source.console.send("scribble 2000\n")
@@ -46,7 +46,7 @@ extension SerializedNetworkSuites {
                 source: NetworkDeviceFunctionalTests.nicArguments(queues: 1, ifname: "tap0"),
                 target: NetworkDeviceFunctionalTests.nicArguments(queues: 1, ifname: "tap1")
             ) { ns, source, target, uri in
-                try await MigrationFailureFunctionalTests.enableEvents(source, target)
+                try await Pair.enableEvents(source, target)
                 try await source.qmp.execute("migrate-set-parameters", arguments: ["downtime-limit": 1])
                 let pinger = try Pinger(namespace: ns, destination: "192.168.100.2", interval: .milliseconds(2))
                 try pinger.start()
