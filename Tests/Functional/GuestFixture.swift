@@ -15,6 +15,14 @@ func readTicks(_ console: Console) async throws -> UInt64 {
     return value
 }
 
+/// `ticks` after 100 ms more of guest time. Ticks count the guest's idle wake-ups (at
+/// least one per 10 ms timer), and a migration can now finish between two of them, so
+/// "the count grew on the target" needs some target time first.
+func readTicksLater(_ console: Console) async throws -> UInt64 {
+    try await Task.sleep(for: .milliseconds(100))
+    return try await readTicks(console)
+}
+
 struct FixtureError: Error, CustomStringConvertible {
     let description: String
     init(_ description: String) { self.description = description }

@@ -81,7 +81,7 @@ extension SerializedNetworkSuites {
                     #expect(info["ram"]?["normal"]?.intValue == 0, "\(info.serialized)")
                     #expect(info["x-downtime-us"]?.intValue != nil, "\(info.serialized)")
 
-                    #expect(try await readTicks(target.console) > ticksBefore)
+                    #expect(try await readTicksLater(target.console) > ticksBefore)
                     try await target.console.run("ip addr", expect: "inet \(guestAddress)/24")
                     let nic = try await NetworkDeviceFunctionalTests.nicInfo(target.qmp, id: "vnet.1")
                     // The guest's queue-pair setting came along with the device state.
