@@ -96,17 +96,34 @@ import Testing
 
 @Suite struct ReceivedFDsTests {
     func openFDs(_ n: Int) -> [Int32] { (0..<n).map { _ in open("/dev/null", O_RDONLY | O_CLOEXEC) } }
-    func isOpen(_ fd: Int32) -> Bool { fcntl(fd, F_GETFD) >= 0 }
+
+    /// Pipes whose write ends go into the table: a closed write end reads as EOF on its
+    /// read end. Checking an fd *number* is racy here, since tests running in parallel
+    /// reuse a closed number at once.
+    func pipes(_ n: Int) -> [(read: Int32, write: Int32)] {
+        (0..<n).map { _ in
+            var p: [Int32] = [-1, -1]
+            _ = pipe(&p)
+            p.forEach { _ = fcntl($0, F_SETFL, O_NONBLOCK); _ = fcntl($0, F_SETFD, FD_CLOEXEC) }
+            return (p[0], p[1])
+        }
+    }
+
+    func writerClosed(_ readEnd: Int32) -> Bool {
+        var byte: UInt8 = 0
+        return read(readEnd, &byte, 1) == 0
+    }
 
     @Test func claimsInOrderAndClosesTheRest() throws {
         let table = ReceivedFDs()
-        let fds = openFDs(5)
-        table.append(fds)
+        let ends = pipes(5)
+        defer { ends.forEach { close($0.read) } }
+        table.append(ends.map(\.write))
         let claimed = try table.claim(2, for: "device 'net0'")
-        #expect(claimed == Array(fds.prefix(2)))
+        #expect(claimed == ends.prefix(2).map(\.write))
         #expect(table.closeUnclaimed() == 3)
-        #expect(fds.suffix(3).allSatisfy { !isOpen($0) })
-        #expect(claimed.allSatisfy { isOpen($0) })
+        #expect(ends.suffix(3).allSatisfy { writerClosed($0.read) })
+        #expect(ends.prefix(2).allSatisfy { !writerClosed($0.read) })
         claimed.forEach { close($0) }
     }
 
