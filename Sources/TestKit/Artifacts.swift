@@ -19,6 +19,7 @@ public final class ArtifactDirectory: Sendable {
     public let testName: String
 
     private struct State {
+        var shortSocketDirectory: String?
         var keepReasons: [String] = []
         var cleanups: [@Sendable () async -> Void] = []
         var claimedRoot = false
@@ -82,6 +83,28 @@ public final class ArtifactDirectory: Sendable {
         return directory
     }
 
+    /// A path for a unix socket named `leaf`: inside this directory when it fits
+    /// `sun_path` (108 bytes), else in a short `/tmp/testkit-XXXXXX` directory that is
+    /// removed when this directory finishes. For migration sockets and the like.
+    public func socketPath(_ leaf: String) throws -> String {
+        let inside = file(leaf)
+        if inside.utf8.count <= UnixSocket.maxPathLength { return inside }
+        let directory = try state.withLock { state -> String in
+            if let existing = state.shortSocketDirectory { return existing }
+            let created = try Self.makeShortSocketDirectory()
+            state.shortSocketDirectory = created
+            return created
+        }
+        return directory + "/" + leaf
+    }
+
+    /// Creates `/tmp/testkit-XXXXXX`, short enough for any socket name under it.
+    static func makeShortSocketDirectory() throws -> String {
+        var template = Array("/tmp/testkit-XXXXXX".utf8CString)
+        guard mkdtemp(&template) != nil else { throw SystemError("mkdtemp /tmp/testkit-XXXXXX") }
+        return String(decoding: template.prefix { $0 != 0 }.map { UInt8(bitPattern: $0) }, as: UTF8.self)
+    }
+
     /// Keeps the directory whatever happens next; TestKit calls this when one of its waits fails.
     public func keep(_ reason: String) {
         state.withLock { $0.keepReasons.append(reason) }
@@ -120,6 +143,7 @@ public final class ArtifactDirectory: Sendable {
         }
         guard let cleanups else { return nil }
         for cleanup in cleanups.reversed() { await cleanup() }
+        if let short = state.withLock({ $0.shortSocketDirectory }) { try? FileManager.default.removeItem(atPath: short) }
 
         let reasons = keepReasons
         guard Self.shouldKeep(bodyError: bodyError, keepReasons: reasons, environment: environment) else {

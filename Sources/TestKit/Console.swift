@@ -267,12 +267,20 @@ public final class Console: Sendable {
     public func run(
         _ command: String, expect: String? = nil, failure: String? = nil, timeout: Duration = defaultTimeout
     ) async throws -> String {
+        try await run(command, expect: .text(expect ?? Self.prompt), failure: failure.map { .text($0) }, timeout: timeout)
+    }
+
+    /// `run` with patterns, e.g. `.regex(#"scribble ok, round \d+\r?\n"#)`.
+    @discardableResult
+    public func run(
+        _ command: String, expect: ConsolePattern, failure: ConsolePattern? = nil, timeout: Duration = defaultTimeout
+    ) async throws -> String {
         let deadline = ContinuousClock.now + timeout
         func remaining() -> Duration { max(.zero, deadline - ContinuousClock.now) }
         try send(command + "\r")
         try await waitFor(.text(command), timeout: remaining())
         try await waitFor(.text("\n"), timeout: remaining())
-        return try await waitFor(expect ?? Self.prompt, failure: failure, timeout: remaining())
+        return try await waitFor(expect, failure: failure, timeout: remaining())
     }
 
     /// Everything received so far, consumed or not.

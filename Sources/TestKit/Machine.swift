@@ -31,6 +31,10 @@ public struct MachineOptions: Sendable {
     /// execs it, so `Machine.pid` is still the VMM's). Its TAPs must be created there.
     /// Shut the machine down before the namespace is deleted.
     public var namespace: NetworkNamespace?
+    /// Launching without `namespace` inside a `NetworkNamespace.with` scope is refused
+    /// (`MachineError.outsideNamespaceScope`) unless this is set: the VMM would run in the
+    /// host's namespace, create its TAPs there and never see the test's traffic.
+    public var outsideNamespaceScope: Bool = false
 
     public init(
         binary: VMMBinary? = nil, name: String? = nil, kernel: String? = nil, memory: String? = nil,
@@ -61,6 +65,7 @@ public enum MachineError: Error, CustomStringConvertible {
     case startupFailed(machine: String, reason: String, stderrTail: [String], artifacts: String)
     case stillRunning(pid: pid_t, after: Duration)
     case notConnected(machine: String, what: String)
+    case outsideNamespaceScope(machine: String, scope: String)
 
     public var description: String {
         func tail(_ lines: [String]) -> String {
@@ -80,6 +85,9 @@ public enum MachineError: Error, CustomStringConvertible {
             return "process \(pid) still running after \(after)"
         case .notConnected(let machine, let what):
             return "\(machine) was launched without \(what)"
+        case .outsideNamespaceScope(let machine, let scope):
+            return "\(machine): launched outside \(scope) although the test runs inside it; set MachineOptions.namespace"
+                + " (or outsideNamespaceScope = true to run it in the host's namespace on purpose)"
         }
     }
 }
@@ -164,6 +172,9 @@ public final class Machine: Sendable {
     public static func launch(_ options: MachineOptions = MachineOptions(), in artifacts: ArtifactDirectory) async throws -> Machine {
         let binary = try options.binary ?? VMMBinary.resolve()
         let name = options.name ?? "vm"
+        if options.namespace == nil, !options.outsideNamespaceScope, let scope = NetworkNamespace.scope {
+            throw MachineError.outsideNamespaceScope(machine: name, scope: scope.description)
+        }
         let directory = try artifacts.directory(forMachine: options.name)
         func file(_ leaf: String) -> String { (directory as NSString).appendingPathComponent(leaf) }
         // Weak: the directory's cleanup list holds the machine, the machine must not hold the directory.
@@ -186,9 +197,7 @@ public final class Machine: Sendable {
         var socketDirectory = directory
         var ownedSocketDirectory: String?
         if file("console.sock").utf8.count > UnixSocket.maxPathLength {
-            var template = Array("/tmp/testkit-XXXXXX".utf8CString)
-            guard mkdtemp(&template) != nil else { throw SystemError("mkdtemp") }
-            socketDirectory = String(decoding: template.prefix { $0 != 0 }.map { UInt8(bitPattern: $0) }, as: UTF8.self)
+            socketDirectory = try ArtifactDirectory.makeShortSocketDirectory()
             ownedSocketDirectory = socketDirectory
         }
         func removeSocketDirectory() {

@@ -31,10 +31,13 @@ public struct MigrationWaitError: Error, CustomStringConvertible {
     public var expected: MigrationOutcome
     /// `query-migrate`'s `error-desc` on the source, when it reported one.
     public var sourceError: String?
+    /// What else explains the outcome: a side's exit status and stderr tail, a hint.
+    public var details: [String] = []
 
     public var description: String {
         "migration did not end as expected: \(outcome) (expected \(expected))"
             + (sourceError.map { "; source error-desc: \($0)" } ?? "")
+            + details.map { "\n" + $0 }.joined()
     }
 }
 
@@ -85,7 +88,93 @@ public enum MigrationWaiter {
             sourceRunState: runStates.source, targetRunState: runStates.target)
         guard outcome != expected else { return outcome }
         let info = try? await source.execute("query-migrate", timeout: queryTimeout)
-        throw MigrationWaitError(outcome: outcome, expected: expected, sourceError: info?["error-desc"]?.stringValue)
+        var details: [String] = []
+        for (side, qmp, status) in [("source", source, sourceStatus), ("target", target, targetStatus)]
+        where status.hasPrefix("no MIGRATION end event") {
+            if let hint = await eventsHint(qmp, side: side) { details.append(hint) }
+        }
+        throw MigrationWaitError(outcome: outcome, expected: expected, sourceError: info?["error-desc"]?.stringValue, details: details)
+    }
+
+    /// Waits for both sides like `waitForFinish(source:target:)` on their QMP clients, but
+    /// a side's end also counts when its `query-migrate` reports it (polled, as QEMU's
+    /// tests do), so the `events` capability is not needed; and when a side died, the
+    /// error carries its exit status and the end of its stderr, where the VMM says why.
+    @discardableResult
+    public static func waitForFinish(
+        source: Machine, target: Machine,
+        expecting: (source: String, target: String) = ("completed", "completed"),
+        runStates: (source: String, target: String) = ("postmigrate", "paused"),
+        timeout: Duration
+    ) async throws -> MigrationOutcome {
+        let deadline = ContinuousClock.now + timeout
+        async let sourceEnd = polledEndStatus(of: source, until: deadline, timeout: timeout)
+        async let targetEnd = polledEndStatus(of: target, until: deadline, timeout: timeout)
+        let (sourceStatus, targetStatus) = try await (sourceEnd, targetEnd)
+        async let sourceState = runState(of: source)
+        async let targetState = runState(of: target)
+        let outcome = MigrationOutcome(
+            sourceStatus: sourceStatus, targetStatus: targetStatus,
+            sourceRunState: try await sourceState, targetRunState: try await targetState)
+        let expected = MigrationOutcome(
+            sourceStatus: expecting.source, targetStatus: expecting.target,
+            sourceRunState: runStates.source, targetRunState: runStates.target)
+        guard outcome != expected else { return outcome }
+        let info = try? await source.qmp.request("query-migrate", arguments: nil, timeout: queryTimeout, recordingFailure: false)
+        var details: [String] = []
+        for (side, machine) in [("source", source), ("target", target)] {
+            // A side that exited by itself says why on stderr; so may a live one that failed.
+            let status = machine.exitStatus.map { "\($0)" } ?? "running"
+            let tail = machine.stderrTail(10)
+            details.append("\(side) (\(status)), stderr" + (tail.isEmpty ? ": empty" : ":\n" + tail.map { "  | \($0)" }.joined(separator: "\n")))
+        }
+        throw MigrationWaitError(
+            outcome: outcome, expected: expected, sourceError: info?["return"]?["error-desc"]?.stringValue, details: details)
+    }
+
+    /// The side's end: a `MIGRATION` end event, or `query-migrate` showing an end status,
+    /// whichever comes first; checked every 100 ms until `deadline`.
+    private static func polledEndStatus(of machine: Machine, until deadline: ContinuousClock.Instant, timeout: Duration) async throws -> String {
+        let qmp = try machine.qmp
+        let candidates = endStatuses.map { (name: "MIGRATION", matching: Optional(JSON.object(["status": .string($0)]))) }
+        while true {
+            try Task.checkCancellation()
+            if let status = machine.exitStatus { return "VMM \(status)" }
+            let slice = min(.milliseconds(100), max(.zero, deadline - .now))
+            do {
+                let event = try await qmp.awaitEvent(candidates, timeout: slice)
+                return event.data["status"]?.stringValue ?? ""
+            } catch QMPError.timeout {
+            } catch is CancellationError {
+                throw CancellationError()
+            } catch {
+                if let status = machine.exitStatus { return "VMM \(status)" }
+                return "no MIGRATION end event: \(error)"
+            }
+            if let info = try? await qmp.request("query-migrate", arguments: nil, timeout: queryTimeout, recordingFailure: false),
+               let status = info["return"]?["status"]?.stringValue, endStatuses.contains(status) {
+                // With events on, the event went out before this reply on the same socket:
+                // consume it, so that a later wait on this machine does not take it for its own.
+                _ = try? await qmp.awaitEvent(candidates, timeout: .zero)
+                return status
+            }
+            if ContinuousClock.now >= deadline { return "no MIGRATION end within \(seconds(timeout))" }
+        }
+    }
+
+    /// "enable the events capability" when the side's migration ended but no event came.
+    private static func eventsHint(_ qmp: QMPClient, side: String) async -> String? {
+        guard let info = try? await qmp.request("query-migrate", arguments: nil, timeout: queryTimeout, recordingFailure: false),
+              let status = info["return"]?["status"]?.stringValue else { return nil }
+        guard endStatuses.contains(status) else { return "\(side): query-migrate says '\(status)'" }
+        let capabilities = try? await qmp.request("query-migrate-capabilities", arguments: nil, timeout: queryTimeout, recordingFailure: false)
+        let events = capabilities?["return"]?.arrayValue?.first { $0["capability"] == "events" }?["state"]?.boolValue
+        if events != true {
+            return "\(side): query-migrate says '\(status)', but no MIGRATION event came: enable the events capability"
+                + " (migrate-set-capabilities {\"capabilities\": [{\"capability\": \"events\", \"state\": true}]})"
+                + " or wait with MigrationWaiter.waitForFinish(source: Machine, target: Machine, ...), which polls"
+        }
+        return "\(side): query-migrate says '\(status)', but no MIGRATION event for it came"
     }
 
     private static func endStatus(of qmp: QMPClient, timeout: Duration) async throws -> String {
@@ -98,6 +187,11 @@ public enum MigrationWaiter {
         } catch {
             return "no MIGRATION end event: \(error)"
         }
+    }
+
+    private static func runState(of machine: Machine) async throws -> String {
+        if let status = machine.exitStatus { return "exited: \(status)" }
+        return try await runState(of: machine.qmp)
     }
 
     private static func runState(of qmp: QMPClient) async throws -> String {

@@ -55,6 +55,12 @@ public final class NetworkNamespace: Sendable, CustomStringConvertible {
         return NetworkNamespace(name: name, inode: inode)
     }
 
+    /// The namespace of the innermost `NetworkNamespace.with` around the current task.
+    /// `Machine.launch` refuses a machine outside it unless asked (see
+    /// `MachineOptions.outsideNamespaceScope`): such a VMM would create its TAPs on the
+    /// host, and the test would only see "100% lost".
+    @TaskLocal public static var scope: NetworkNamespace?
+
     /// Runs `body` with a fresh namespace and deletes it afterwards, also when `body` throws
     /// (then `body`'s error is what propagates, not a failed delete). Machines launched
     /// in the namespace must be shut down inside `body`: a live process keeps it alive.
@@ -66,7 +72,7 @@ public final class NetworkNamespace: Sendable, CustomStringConvertible {
         let namespace = try await create(prefix: prefix)
         let result: T
         do {
-            result = try await body(namespace)
+            result = try await $scope.withValue(namespace) { try await body(namespace) }
         } catch {
             try? namespace.delete()
             throw error

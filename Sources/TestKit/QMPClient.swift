@@ -393,7 +393,9 @@ public final class QMPClient: Sendable {
         }
     }
 
-    private func awaitEvent(
+    /// `waitForAnyEvent` without keeping the artifacts on timeout: for waiters that poll
+    /// in slices and decide themselves what counts as a failure.
+    func awaitEvent(
         _ candidates: [(name: String, matching: JSON?)], timeout: Duration
     ) async throws -> QMPEvent {
         let shot = OneShot<QMPEvent>()

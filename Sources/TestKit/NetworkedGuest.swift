@@ -1,0 +1,125 @@
+import Testing
+
+/// The addresses, names and NIC of a guest on a TAP in a test's namespace, as the QEMU
+/// series' test sets it up: the host at 192.168.100.1/24 on `tap0`, the guest at
+/// 192.168.100.2/24 on a multi-queue virtio-net NIC. Every value can be changed.
+public struct GuestNetwork: Sendable, Equatable {
+    /// The host side's TAP (created multi-queue, with `queues` queues).
+    public var tap: String
+    /// Queue pairs of the TAP and the NIC (`queues=`, `mq=on` when more than one).
+    public var queues: Int
+    public var hostAddress: String
+    public var guestAddress: String
+    public var prefixLength: Int
+    /// The TAP's MAC. Fixed, so that moving the host address to another TAP with the same
+    /// MAC (normal migration) keeps the guest's ARP entry valid.
+    public var hostMAC: String
+    public var guestMAC: String
+    /// `-netdev ...,id=` and `-device ...,id=`.
+    public var netdevID: String
+    public var deviceID: String
+
+    public init(
+        tap: String = "tap0", queues: Int = 1, hostAddress: String = "192.168.100.1", guestAddress: String = "192.168.100.2",
+        prefixLength: Int = 24, hostMAC: String = "e6:1d:44:b5:03:5d", guestMAC: String = "52:54:00:12:34:56",
+        netdevID: String = "n0", deviceID: String = "nic0"
+    ) {
+        self.tap = tap
+        self.queues = queues
+        self.hostAddress = hostAddress
+        self.guestAddress = guestAddress
+        self.prefixLength = prefixLength
+        self.hostMAC = hostMAC
+        self.guestMAC = guestMAC
+        self.netdevID = netdevID
+        self.deviceID = deviceID
+    }
+
+    /// `192.168.100.1/24`.
+    public var hostCIDR: String { "\(hostAddress)/\(prefixLength)" }
+    /// `192.168.100.2/24`.
+    public var guestCIDR: String { "\(guestAddress)/\(prefixLength)" }
+
+    /// `-netdev tap,...` on the TAP named `ifname` (default: `tap`) and the matching `-device`.
+    public func arguments(ifname: String? = nil) -> [String] {
+        ["-netdev", "tap,id=\(netdevID),ifname=\(ifname ?? tap),queues=\(queues),script=no,downscript=no"] + deviceArguments
+    }
+
+    /// A migration target's NIC whose TAP queues arrive with the stream (local migration).
+    public var incomingArguments: [String] {
+        ["-netdev", "tap,id=\(netdevID),incoming-fds=on,queues=\(queues),script=no,downscript=no"] + deviceArguments
+    }
+
+    public var deviceArguments: [String] {
+        ["-device", "virtio-net-pci,netdev=\(netdevID),id=\(deviceID),mac=\(guestMAC),mq=\(queues > 1 ? "on" : "off")"]
+    }
+
+    /// Creates `name` (default: `tap`) with `queues` queues in `namespace`; with `address`,
+    /// gives it the host MAC and address. The link is brought up.
+    public func createTap(in namespace: NetworkNamespace, name: String? = nil, address: Bool = true) async throws {
+        let name = name ?? tap
+        _ = try await namespace.createTap(name, queues: queues, multiQueue: true)
+        let (mac, cidr) = (hostMAC, hostCIDR)
+        try await namespace.withRoute { route in
+            if address {
+                try route.setMAC(mac, of: name)
+                try route.addAddress(cidr, to: name)
+            }
+            try route.setLink(name, up: true)
+        }
+    }
+}
+
+/// A booted bundled guest with its NIC configured, in a namespace of its own.
+public struct NetworkedGuest: Sendable {
+    public let machine: Machine
+    public let namespace: NetworkNamespace
+    public let network: GuestNetwork
+
+    /// A pinger from the host side to the guest; `start()` it.
+    public func pinger(interval: Duration = .milliseconds(10), count: Int? = nil) throws -> Pinger {
+        try Pinger(namespace: namespace, destination: network.guestAddress, interval: interval, count: count)
+    }
+}
+
+extension NetworkedGuest {
+    /// Creates a namespace with `network.tap` (host address and MAC, up), boots the bundled
+    /// guest there with a NIC on it, configures the guest's `eth0`, runs `body`, and shuts
+    /// everything down; the machine's artifacts are kept when `body` throws.
+    ///
+    /// ```swift
+    /// try await NetworkedGuest.with(GuestNetwork(queues: 4)) { guest in
+    ///     let pinger = try guest.pinger(interval: .milliseconds(2), count: 500)
+    ///     try pinger.start()
+    ///     #expect(await pinger.finish(timeout: .seconds(30)).lost == 0)
+    /// }
+    /// ```
+    public static func with<T>(
+        _ network: GuestNetwork = GuestNetwork(),
+        options: MachineOptions = .bundledGuest(),
+        isolation: isolated (any Actor)? = #isolation,
+        sourceLocation: SourceLocation = #_sourceLocation,
+        _ body: (NetworkedGuest) async throws -> T
+    ) async throws -> T {
+        try await NetworkNamespace.with { namespace in
+            try await network.createTap(in: namespace)
+            var options = options
+            options.namespace = namespace
+            options.arguments = network.arguments() + options.arguments
+            return try await Machine.with(options, sourceLocation: sourceLocation) { machine in
+                try await machine.console.waitForPrompt(timeout: .seconds(20))
+                try await machine.guest.configureNetwork(address: network.guestCIDR)
+                return try await body(NetworkedGuest(machine: machine, namespace: namespace, network: network))
+            }
+        }
+    }
+}
+
+extension MachineOptions {
+    /// The bundled VMM (or `$TESTKIT_VMM`) booting the bundled guest with `memory` of RAM.
+    public static func bundledGuest(
+        memory: String = "64M", startPaused: Bool = false, arguments: [String] = [], name: String? = nil
+    ) -> MachineOptions {
+        MachineOptions(name: name, kernel: BundledGuest.image, memory: memory, startPaused: startPaused, arguments: arguments)
+    }
+}
