@@ -1,5 +1,6 @@
 import CCap
 import CLinux
+import Foundation
 import Glibc
 import Synchronization
 import Testing
@@ -82,30 +83,61 @@ public enum HostRequirement {
     }
 }
 
+/// Strict mode: `TESTKIT_REQUIRE=kvm,netns,...` names requirements that must hold on this
+/// host. A test whose listed requirement is missing then fails with the reason instead of
+/// skipping, so that a CI run on a runner without /dev/kvm cannot pass by skipping
+/// everything. Keys: `root`, `netns`, `kvm`, `guest`, `vmm`, and a binary's name
+/// (`qemu-system-x86_64`) for `.requiresBinary`; `all` makes every requirement strict.
+public enum StrictRequirements {
+    public static let environmentKey = "TESTKIT_REQUIRE"
+
+    public static func keys(environment: [String: String] = ProcessInfo.processInfo.environment) -> Set<String> {
+        Set((environment[environmentKey] ?? "").split(separator: ",").map { $0.trimmingCharacters(in: .whitespaces) }.filter { !$0.isEmpty })
+    }
+
+    /// Whether a missing `key` fails the test rather than skipping it.
+    public static func isStrict(_ key: String, environment: [String: String] = ProcessInfo.processInfo.environment) -> Bool {
+        let keys = keys(environment: environment)
+        return keys.contains(key) || keys.contains("all")
+    }
+}
+
+/// A requirement listed in `TESTKIT_REQUIRE` that this host does not meet.
+public struct RequirementNotMet: Error, CustomStringConvertible {
+    public var key: String
+    public var reason: String
+    public var description: String { "\(StrictRequirements.environmentKey) lists '\(key)', but: \(reason)" }
+}
+
 extension Trait where Self == ConditionTrait {
     // Each reason is computed when the trait is built, so a skipped test shows exactly
     // what is missing on this host.
 
     /// CAP_NET_ADMIN and CAP_SYS_ADMIN in the effective set (namespaces, TAP, netlink).
-    public static var requiresRoot: Self { condition(HostRequirement.missingCapabilities()) }
+    public static var requiresRoot: Self { condition("root", HostRequirement.missingCapabilities()) }
 
     /// `.requiresRoot`, plus /dev/net/tun and `unshare(CLONE_NEWNET)`: for tests that create
     /// namespaces (`NetworkNamespace`), TAPs (`TapDevice`) or ping (`Pinger`).
-    public static var requiresNetworkNamespaces: Self { condition(HostRequirement.networkNamespacesUnavailable()) }
+    public static var requiresNetworkNamespaces: Self { condition("netns", HostRequirement.networkNamespacesUnavailable()) }
 
     /// /dev/kvm can be opened read-write.
-    public static var requiresKVM: Self { condition(HostRequirement.kvmUnavailable()) }
+    public static var requiresKVM: Self { condition("kvm", HostRequirement.kvmUnavailable()) }
 
     /// An executable of this name on PATH, e.g. "qemu-system-x86_64".
-    public static func requiresBinary(_ name: String) -> Self { condition(HostRequirement.binaryMissing(name)) }
+    public static func requiresBinary(_ name: String) -> Self { condition(name, HostRequirement.binaryMissing(name)) }
 
     /// `BundledGuest.image` exists and is readable.
-    public static var requiresGuestImage: Self { condition(HostRequirement.guestImageMissing()) }
+    public static var requiresGuestImage: Self { condition("guest", HostRequirement.guestImageMissing()) }
 
     /// The VMM that `Machine` would launch ($TESTKIT_VMM or the bundled vmm) exists.
-    public static var requiresVMM: Self { condition(HostRequirement.vmmMissing()) }
+    public static var requiresVMM: Self { condition("vmm", HostRequirement.vmmMissing()) }
 
-    private static func condition(_ reason: String?) -> Self {
-        .enabled(if: reason == nil, reason.map { Comment(rawValue: $0) })
+    /// Skips with `reason` when it is not nil, or fails with it when `key` is strict.
+    private static func condition(_ key: String, _ reason: String?) -> Self {
+        if let reason, StrictRequirements.isStrict(key) {
+            // A condition that throws fails the test with the error instead of skipping it.
+            return .enabled(Comment(rawValue: reason)) { throw RequirementNotMet(key: key, reason: reason) }
+        }
+        return .enabled(if: reason == nil, reason.map { Comment(rawValue: $0) })
     }
 }
