@@ -3,15 +3,18 @@ import Synchronization
 import Testing
 
 /// The files one test leaves behind: for each VMM `cmdline.txt`, `stdout.log`,
-/// `stderr.log`, `console.log`, `qmp.log`, `exit-status.txt`.
+/// `stderr.log`, `console.log`, `qmp.log`, `exit-status.txt`; `ping-N.txt` with every
+/// pinger's per-sequence record; `failure.txt` saying why the directory was kept.
 ///
-/// Swift Testing cannot be asked whether the current test failed, so the directory
-/// decides from what TestKit sees: it is kept when the scoped body throws, when any
-/// TestKit wait failed inside it (even if the test caught the error), when
+/// The directory is kept when the scoped body throws, when any TestKit wait failed
+/// inside it (even if the test caught the error), when a failed `#expect` was recorded
+/// inside it in a test or suite with the `.keepsArtifactsOnFailure` trait, when
 /// `keep(_:)` is called, or when `TESTKIT_KEEP_ARTIFACTS=1`; otherwise it is removed.
-/// An `#expect` that fails without throwing is invisible here: use `try #require`,
-/// or set `TESTKIT_KEEP_ARTIFACTS=1`.
 public final class ArtifactDirectory: Sendable {
+    /// The innermost `withArtifacts` directory around the current task: where pingers
+    /// write their records and where a failed expectation is noted.
+    @TaskLocal public static var current: ArtifactDirectory?
+
     public static let baseEnvironmentKey = "TESTKIT_ARTIFACTS"
     public static let keepEnvironmentKey = "TESTKIT_KEEP_ARTIFACTS"
 
@@ -24,6 +27,7 @@ public final class ArtifactDirectory: Sendable {
         var cleanups: [@Sendable () async -> Void] = []
         var claimedRoot = false
         var subdirectories = 0
+        var files = 0
         var finished = false
     }
     private let state = Mutex(State())
@@ -105,6 +109,16 @@ public final class ArtifactDirectory: Sendable {
         return String(decoding: template.prefix { $0 != 0 }.map { UInt8(bitPattern: $0) }, as: UTF8.self)
     }
 
+    /// A new file name `STEM-N.EXTENSION` (N counts from 1 per directory), for records
+    /// of which a test may make several, like pinger reports.
+    public func numberedFile(_ stem: String, extension ext: String) -> String {
+        let n = state.withLock { state in
+            state.files += 1
+            return state.files
+        }
+        return file("\(stem)-\(n).\(ext)")
+    }
+
     /// Keeps the directory whatever happens next; TestKit calls this when one of its waits fails.
     public func keep(_ reason: String) {
         state.withLock { $0.keepReasons.append(reason) }
@@ -151,7 +165,7 @@ public final class ArtifactDirectory: Sendable {
             return nil
         }
         var summary = reasons
-        if let bodyError { summary.insert("test body threw: \(bodyError)", at: 0) }
+        if let bodyError { summary.insert("test body threw: \(Self.render(bodyError))", at: 0) }
         if summary.isEmpty { summary = ["\(Self.keepEnvironmentKey) is set"] }
         try? (summary.joined(separator: "\n") + "\n").write(toFile: file("failure.txt"), atomically: false, encoding: .utf8)
         let message = "TestKit: artifacts of \(testName) kept at \(path) (\(summary[0]))"
@@ -160,6 +174,34 @@ public final class ArtifactDirectory: Sendable {
             Issue.record(Comment(rawValue: message), severity: .warning, sourceLocation: sourceLocation)
         }
         return path
+    }
+}
+
+extension ArtifactDirectory {
+    /// What a failure says in failure.txt. A failed `#require` throws an error whose dump
+    /// says nothing; the issue it recorded (with the comment, e.g. a ping report) is
+    /// in failure.txt too when the test has `.keepsArtifactsOnFailure`.
+    static func render(_ error: any Error) -> String {
+        if let failed = error as? ExpectationFailedError {
+            let location = failed.expectation.sourceLocation
+            return "#require failed at \(location.fileName):\(location.line) (the expectation's issue follows when recorded)"
+        }
+        return "\(error)"
+    }
+}
+
+extension Trait where Self == IssueHandlingTrait {
+    /// Keeps TestKit's artifact directory (`withArtifacts`, `Machine.with`, the fixtures)
+    /// when an `#expect` or `#require` fails inside it, and writes the issue, comments
+    /// included, to its failure.txt. Put it on a suite to cover all its tests:
+    /// `@Suite(.keepsArtifactsOnFailure, .requiresKVM, ...)`.
+    public static var keepsArtifactsOnFailure: Self {
+        .compactMapIssues { issue in
+            if issue.isFailure, let directory = ArtifactDirectory.current {
+                directory.keep("issue recorded: \(issue)")
+            }
+            return issue
+        }
     }
 }
 
@@ -175,7 +217,7 @@ public func withArtifacts<T>(
     let artifacts = try ArtifactDirectory(testName: testName)
     let result: T
     do {
-        result = try await body(artifacts)
+        result = try await ArtifactDirectory.$current.withValue(artifacts) { try await body(artifacts) }
     } catch {
         await artifacts.finish(bodyError: error, sourceLocation: sourceLocation)
         throw error

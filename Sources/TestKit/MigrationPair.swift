@@ -1,3 +1,4 @@
+import Foundation
 import QMPWire
 import Testing
 
@@ -57,6 +58,10 @@ public struct MigrationPair: Sendable {
         try await target.qmp.execute("cont")
         freeze.close()
         let info = try await source.qmp.execute("query-migrate")
+        if let artifacts = ArtifactDirectory.current {
+            let text = "\(mode) migration: \(outcome)\nfreeze window: \(freeze)\nsource query-migrate: \(info.serialized)\n"
+            try? text.write(toFile: artifacts.numberedFile("migration", extension: "txt"), atomically: false, encoding: .utf8)
+        }
         return MigrationResult(outcome: outcome, info: info, freeze: freeze)
     }
 }

@@ -225,6 +225,21 @@ public struct PingReport: Sendable, CustomStringConvertible {
         return lines.joined(separator: "\n")
     }
 
+    /// The summary, then one line per request: sequence, send time (wall clock), and the
+    /// round trip or `lost`; what TestKit writes to the artifacts as `ping-N.txt`.
+    public var record: String {
+        var lines = [description, "", "seq sent rtt_ms"]
+        lines.reserveCapacity(samples.count + 3)
+        for sample in samples {
+            let outcome = sample.rtt.map(Self.milliseconds) ?? "lost"
+            var line = "\(sample.sequence) \(time(ofMonotonic: sample.sent)) \(outcome)"
+            if sample.duplicates > 0 { line += " +\(sample.duplicates) duplicates" }
+            if let error = sample.sendError { line += " send error \(error)" }
+            lines.append(line)
+        }
+        return lines.joined(separator: "\n") + "\n"
+    }
+
     /// `[1, 2, 3, 7]` → `1-3, 7`.
     static func ranges(_ sorted: [Int]) -> String {
         var parts: [String] = []

@@ -157,7 +157,11 @@ public final class Pinger: Sendable {
             }
         }
         joinAndClose()
-        return report()
+        let report = report()
+        if let artifacts = ArtifactDirectory.current {
+            try? report.record.write(toFile: artifacts.numberedFile("ping", extension: "txt"), atomically: false, encoding: .utf8)
+        }
+        return report
     }
 
     /// Both threads have ended or are about to (abort wakes them within 20 ms). The fds

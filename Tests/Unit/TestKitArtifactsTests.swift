@@ -70,6 +70,43 @@ extension TestKitTests {
             #expect(await forced.finish(bodyError: nil, environment: ["TESTKIT_KEEP_ARTIFACTS": "1"]) == forced.path)
         }
 
+        /// The issue an `#expect` records, as `.keepsArtifactsOnFailure` sees it inside a
+        /// `withArtifacts` scope: the directory is kept and failure.txt quotes the issue
+        /// with its comment. (Captured through `withKnownIssue`, so this test passes.)
+        @Test func failedExpectationKeepsTheDirectoryWithTheTrait() async throws {
+            let captured = Mutex<Issue?>(nil)
+            withKnownIssue {
+                #expect(1 + 1 == 3, "the ping report would be here")
+            } matching: { issue in
+                captured.withLock { $0 = issue }
+                return true
+            }
+            let issue = try #require(captured.withLock { $0 })
+            let base = try temporaryDirectory()
+            defer { try? FileManager.default.removeItem(atPath: base) }
+            let artifacts = try ArtifactDirectory(testName: "expect", base: base)
+            ArtifactDirectory.$current.withValue(artifacts) {
+                _ = IssueHandlingTrait.keepsArtifactsOnFailure.handleIssue(issue)
+            }
+            #expect(await artifacts.finish(bodyError: nil, environment: [:]) == artifacts.path)
+            let failure = try String(contentsOfFile: artifacts.file("failure.txt"), encoding: .utf8)
+            #expect(failure.contains("the ping report would be here"), "\(failure)")
+        }
+
+        @Test func failedRequireIsRenderedWithItsLocation() {
+            let rendered = Mutex<String?>(nil)
+            withKnownIssue {
+                do {
+                    try #require(1 + 1 == 3)
+                } catch {
+                    rendered.withLock { $0 = ArtifactDirectory.render(error) }
+                }
+            }
+            let text = rendered.withLock { $0 } ?? ""
+            #expect(text.hasPrefix("#require failed at TestKitArtifactsTests.swift:"), "\(text)")
+            #expect(ArtifactDirectory.render(Boom()) == "\(Boom())")
+        }
+
         @Test func withArtifactsKeepsOnThrowAndRunsCleanupsFirst() async throws {
             let order = Mutex<[String]>([])
             let seen = Mutex<String?>(nil)

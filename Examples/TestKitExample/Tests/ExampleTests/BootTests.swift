@@ -1,7 +1,7 @@
 import TestKit
 import Testing
 
-@Suite(.requiresKVM, .requiresGuestImage, .requiresVMM)
+@Suite(.keepsArtifactsOnFailure, .requiresKVM, .requiresGuestImage, .requiresVMM)
 struct BootTests {
     @Test func echoAndStopCont() async throws {
         try await Machine.with(.bundledGuest()) { vm in

@@ -3,7 +3,7 @@ import Testing
 
 // Suites that count lost packets run one at a time: a 2-core host cannot carry two
 // guests and their pingers at once without losing packets to scheduling.
-@Suite(.serialized, .requiresKVM, .requiresGuestImage, .requiresVMM, .requiresNetworkNamespaces)
+@Suite(.serialized, .keepsArtifactsOnFailure, .requiresKVM, .requiresGuestImage, .requiresVMM, .requiresNetworkNamespaces)
 struct NetworkTests {
     @Test func fiveHundredPingsOverFourQueues() async throws {
         try await NetworkedGuest.with(GuestNetwork(queues: 4)) { guest in
