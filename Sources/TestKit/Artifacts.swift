@@ -20,6 +20,11 @@ public final class ArtifactDirectory: Sendable {
 
     public let path: String
     public let testName: String
+    /// When the scope began: kernel messages from then on go to dmesg.txt when kept.
+    let started = Date()
+    /// The namespace the scope ran in (`NetworkNamespace.scope` at creation): its links
+    /// and addresses go to netns.txt when kept, while it still exists.
+    let namespace: NetworkNamespace? = NetworkNamespace.scope
 
     private struct State {
         var shortSocketDirectory: String?
@@ -168,6 +173,8 @@ public final class ArtifactDirectory: Sendable {
         if let bodyError { summary.insert("test body threw: \(Self.render(bodyError))", at: 0) }
         if summary.isEmpty { summary = ["\(Self.keepEnvironmentKey) is set"] }
         try? (summary.joined(separator: "\n") + "\n").write(toFile: file("failure.txt"), atomically: false, encoding: .utf8)
+        await gatherHostEvidence()
+        if Test.current != nil { attachFiles(sourceLocation: sourceLocation) }
         let message = "TestKit: artifacts of \(testName) kept at \(path) (\(summary[0]))"
         FileHandle.standardError.write(Data((message + "\n").utf8))
         if Test.current != nil, bodyError != nil || !reasons.isEmpty {
@@ -178,6 +185,36 @@ public final class ArtifactDirectory: Sendable {
 }
 
 extension ArtifactDirectory {
+    /// dmesg.txt: the kernel's messages since the scope began (KVM, TAP and OOM reports
+    /// land there); netns.txt: `ip -d link` and `ip addr` of the scope's namespace.
+    func gatherHostEvidence() async {
+        let since = Date(timeIntervalSince1970: started.timeIntervalSince1970.rounded(.down) - 1)
+        let formatter = DateFormatter()
+        formatter.locale = Locale(identifier: "en_US_POSIX")
+        formatter.timeZone = TimeZone(identifier: "UTC")
+        formatter.dateFormat = "yyyy-MM-dd HH:mm:ss"
+        await ChildProcess.run(["dmesg", "--time-format", "iso", "--since", formatter.string(from: since)], appendingTo: file("dmesg.txt"))
+        if let namespace, !namespace.isDeleted {
+            for command in [["ip", "-n", namespace.name, "-d", "link"], ["ip", "-n", namespace.name, "addr"]] {
+                await ChildProcess.run(command, appendingTo: file("netns.txt"))
+            }
+        }
+    }
+
+    /// Attaches every file of the kept directory to the running test (up to 4 MiB each),
+    /// so `swift test --attachments-path DIR` collects them with the test's name.
+    func attachFiles(sourceLocation: SourceLocation) {
+        guard let walker = FileManager.default.enumerator(atPath: path) else { return }
+        for case let relative as String in walker {
+            let full = file(relative)
+            guard let attributes = try? FileManager.default.attributesOfItem(atPath: full),
+                  attributes[.type] as? FileAttributeType == .typeRegular,
+                  let size = attributes[.size] as? Int, size <= 4 << 20,
+                  let data = FileManager.default.contents(atPath: full) else { continue }
+            Attachment.record([UInt8](data), named: relative.replacingOccurrences(of: "/", with: "_"), sourceLocation: sourceLocation)
+        }
+    }
+
     /// What a failure says in failure.txt. A failed `#require` throws an error whose dump
     /// says nothing; the issue it recorded (with the comment, e.g. a ping report) is
     /// in failure.txt too when the test has `.keepsArtifactsOnFailure`.

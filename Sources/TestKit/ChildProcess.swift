@@ -1,4 +1,5 @@
 import CLinux
+import Foundation
 import Glibc
 import Synchronization
 
@@ -127,6 +128,33 @@ final class ChildProcess: Sendable {
             throw error
         }
         return ChildProcess(pid: pid, exitEvent: exitEvent)
+    }
+
+    /// Runs a short host command (`dmesg`, `ip`) with stdout and stderr appended to
+    /// `path`; kills it after `timeout`. For evidence gathering: failures are written to
+    /// the file, never thrown.
+    static func run(_ argv: [String], appendingTo path: String, timeout: Duration = .seconds(5)) async {
+        let fd = open(path, O_WRONLY | O_CREAT | O_APPEND | O_CLOEXEC, 0o644)
+        guard fd >= 0 else { return }
+        defer { closeDescriptor(fd) }
+        let header = "$ \(argv.joined(separator: " "))\n"
+        _ = header.withCString { write(fd, $0, strlen($0)) }
+        guard let path = VMMBinary.findExecutable(argv[0]) else {
+            let note = "(\(argv[0]) not found)\n"
+            _ = note.withCString { write(fd, $0, strlen($0)) }
+            return
+        }
+        do {
+            let process = try spawn(path: path, arguments: argv, environment: ProcessInfo.processInfo.environment, stdout: fd, stderr: fd)
+            defer { process.close() }
+            if (try? await process.wait(timeout: timeout)) == nil {
+                _ = process.signal(SIGKILL)
+                _ = try? await process.wait(timeout: nil)
+            }
+        } catch {
+            let note = "(\(error))\n"
+            _ = note.withCString { write(fd, $0, strlen($0)) }
+        }
     }
 
     private init(pid: pid_t, exitEvent: Int32) {

@@ -66,6 +66,22 @@ extension TestKitTests {
             #expect(Self.ours("tknet-pin").isEmpty)
         }
 
+        /// A kept directory of a scope inside a namespace holds the namespace's links and
+        /// addresses and the kernel's messages since the scope began.
+        @Test func keptArtifactsHoldTheNamespaceAndDmesg() async throws {
+            let base = try temporaryDirectory()
+            defer { try? FileManager.default.removeItem(atPath: base) }
+            try await NetworkNamespace.with { ns in
+                let artifacts = try ArtifactDirectory(testName: "evidence", base: base)
+                artifacts.keep("for the test")
+                #expect(await artifacts.finish(bodyError: nil, environment: [:]) == artifacts.path)
+                let netns = try String(contentsOfFile: artifacts.file("netns.txt"), encoding: .utf8)
+                #expect(netns.contains("$ ip -n \(ns.name) -d link") && netns.contains("lo:"), "\(netns)")
+                let dmesg = try String(contentsOfFile: artifacts.file("dmesg.txt"), encoding: .utf8)
+                #expect(dmesg.hasPrefix("$ dmesg --time-format iso --since "), "\(dmesg)")
+            }
+        }
+
         @Test func deletedEvenWhenTheBodyThrows() async throws {
             struct Deliberate: Error {}
             let path = Mutex("")
