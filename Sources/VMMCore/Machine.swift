@@ -56,7 +56,11 @@ public final class Machine: @unchecked Sendable {
         do {
             memory = try GuestMemory(size: ram.size, backing: ram.backing, shared: ram.shared)
         } catch let error as GuestMemoryError {
-            let option = config.machineMemoryBackend.map { "-object memory-backend id=\($0) size=\(ram.size)" } ?? "-m \(ram.size % (1 << 20) == 0 ? "\(ram.size >> 20)M" : "\(ram.size)")"
+            let units: [(shift: UInt64, suffix: String)] = [(40, "T"), (30, "G"), (20, "M")]
+            let size = units.first { ram.size % (1 << $0.shift) == 0 }.map { unit in
+                String(ram.size >> unit.shift) + unit.suffix
+            } ?? String(ram.size)
+            let option = config.machineMemoryBackend.map { "-object memory-backend id=\($0) size=\(size)" } ?? "-m \(size)"
             throw VMMConfiguration.Error("\(option): cannot set up guest memory: \(error)")
         }
         for (slot, region) in memory.regions.enumerated() {
