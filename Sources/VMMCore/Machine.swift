@@ -53,7 +53,16 @@ public final class Machine: @unchecked Sendable {
         hypervisor = try Hypervisor()
         vm = try hypervisor.createVM()
         try vm.setTSSAddress(Self.tssAddress)
-        memory = try GuestMemory(size: ram.size, backing: ram.backing, shared: ram.shared)
+        do {
+            memory = try GuestMemory(size: ram.size, backing: ram.backing, shared: ram.shared)
+        } catch let error as GuestMemoryError {
+            let units: [(shift: UInt64, suffix: String)] = [(40, "T"), (30, "G"), (20, "M")]
+            let size = units.first { ram.size % (1 << $0.shift) == 0 }.map { unit in
+                String(ram.size >> unit.shift) + unit.suffix
+            } ?? String(ram.size)
+            let option = config.machineMemoryBackend.map { "-object memory-backend id=\($0) size=\(size)" } ?? "-m \(size)"
+            throw VMMConfiguration.Error("\(option): cannot set up guest memory: \(error)")
+        }
         for (slot, region) in memory.regions.enumerated() {
             try vm.setMemoryRegion(slot: UInt32(slot), guestAddress: region.guestAddress, size: region.size,
                                    host: memory.hostAddress(of: region))
@@ -102,7 +111,7 @@ public final class Machine: @unchecked Sendable {
         guard let path = config.kernel else { throw VMMConfiguration.Error("-kernel: a guest kernel is required") }
         let entry: UInt32
         do {
-            let image = try ELFImage(bytes: try readFile(path))
+            let image = try ELFImage(contentsOf: path, maxSize: memory.size)
             entry = try PVHBoot.load(image, into: memory, commandLine: config.append, flags: PVHBoot.flagHaltWakes)
         } catch {
             throw VMMConfiguration.Error("-kernel \(path): \(error)")
@@ -252,19 +261,5 @@ private final class GuestExitHandler: @unchecked Sendable {
         // loop thread decide between exiting and the -no-shutdown state.
         machine?.vcpuRunner.requestStop()
         loop?.post { [self] in machine?.guestExit(status: value) }
-    }
-}
-
-func readFile(_ path: String) throws -> [UInt8] {
-    let fd = try syscallRetrying("open") { cl_open(path, O_RDONLY | O_CLOEXEC, 0) }
-    defer { close(fd) }
-    var bytes: [UInt8] = []
-    var chunk = [UInt8](repeating: 0, count: 1 << 16)
-    while true {
-        let n = chunk.withUnsafeMutableBytes { read(fd, $0.baseAddress, $0.count) }
-        if n < 0 && errno == EINTR { continue }
-        if n < 0 { throw SystemError("read") }
-        if n == 0 { return bytes }
-        bytes.append(contentsOf: chunk[0..<n])
     }
 }

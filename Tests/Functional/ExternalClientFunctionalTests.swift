@@ -93,6 +93,11 @@ struct ExternalClientFunctionalTests {
         (["-m", "lots", "-kernel", "x"], "'lots'"),
         (["-kernel", "/nonexistent/guest.elf"], "-kernel /nonexistent/guest.elf"),
         (["-kernel", "/etc/hostname"], "not a usable ELF image"),
+        // Used to be read whole until the OOM killer came.
+        (["-kernel", "/dev/zero"], "-kernel /dev/zero: not a regular file"),
+        // -m 1T used to boot on a 24 GiB host and die at first touch; QEMU refuses up front.
+        // 64T: more than any test host has, less than the 128 TiB a process can map.
+        (["-m", "64T", "-kernel", "/nonexistent/guest.elf"], "-m 64T: cannot set up guest memory: 70368744177664 bytes"),
     ])
     func badCommandLineFailsWithOneLineAndStatusOne(arguments: [String], fragment: String) async throws {
         let vmm = try VMMBinary.resolve()

@@ -12,7 +12,7 @@ let packageRoot: String = {
 
 @Suite struct ELFImageTests {
     @Test func bundledGuestHasPVHNoteAndLoadsAtOneMiB() throws {
-        let image = try ELFImage(bytes: try readFile(packageRoot + "/assets/guest/guest.elf"))
+        let image = try ELFImage(contentsOf: packageRoot + "/assets/guest/guest.elf", maxSize: 16 << 20)
         let entry = try #require(image.pvhEntry)
         #expect(entry >= 0x10_0000)
         #expect(image.segments.allSatisfy { $0.physicalAddress >= 0x10_0000 })
@@ -103,6 +103,89 @@ let packageRoot: String = {
         }
     }
 
+    /// An ELF64 with a PVH note and one PT_LOAD per entry of `segments`, each with 16 file bytes 0xA0...
+    static func makeELF(segments: [(address: UInt64, memorySize: UInt64)]) -> [UInt8] {
+        var b = [UInt8](repeating: 0, count: 64)
+        func put<T: FixedWidthInteger>(_ v: T, at offset: Int) {
+            withUnsafeBytes(of: v.littleEndian) { for (i, byte) in $0.enumerated() { b[offset + i] = byte } }
+        }
+        let count = segments.count + 1
+        b[0...3] = [0x7F, 0x45, 0x4C, 0x46]
+        b[4] = 2; b[5] = 1; b[6] = 1
+        put(UInt16(2), at: 16); put(UInt16(62), at: 18); put(UInt32(1), at: 20)
+        put(UInt64(0x10_0000), at: 24); put(UInt64(64), at: 32)
+        put(UInt16(64), at: 52); put(UInt16(56), at: 54); put(UInt16(count), at: 56)
+        let notesOffset = 64 + count * 56
+        let payloadOffset = notesOffset + 20
+        b += [UInt8](repeating: 0, count: count * 56 + 20 + 16)
+        for (i, segment) in segments.enumerated() {
+            let ph = 64 + i * 56
+            put(UInt32(1), at: ph); put(UInt64(payloadOffset), at: ph + 8)
+            put(segment.address, at: ph + 16); put(segment.address, at: ph + 24)
+            put(UInt64(16), at: ph + 32); put(segment.memorySize, at: ph + 40)
+        }
+        let note = 64 + segments.count * 56
+        put(UInt32(4), at: note); put(UInt64(notesOffset), at: note + 8); put(UInt64(20), at: note + 32)
+        put(UInt32(4), at: notesOffset); put(UInt32(4), at: notesOffset + 4); put(UInt32(18), at: notesOffset + 8)
+        b[notesOffset + 12...notesOffset + 14] = [0x58, 0x65, 0x6E]  // "Xen"
+        put(UInt32(0x10_0000), at: notesOffset + 16)
+        for i in 0..<16 { b[payloadOffset + i] = UInt8(0xA0 + i) }
+        return b
+    }
+
+    /// RAM from a reused file or an earlier guest is not zero: bss and the unwritten
+    /// start-info fields must be cleared by the loader.
+    @Test func zeroesBSSAndBootDataOverDirtyMemory() throws {
+        let memory = try GuestMemory(size: 16 << 20)
+        try memory.write([UInt8](repeating: 0xFF, count: 0x2000), at: PVHBoot.startInfoAddress)
+        try memory.write([UInt8](repeating: 0xFF, count: 0x3000), at: 0x10_0000)
+        try PVHBoot.load(try ELFImage(bytes: Self.makeELF(segments: [(0x10_0000, 0x2000)])), into: memory, commandLine: "", flags: 0)
+        #expect(try memory.read(at: 0x10_0000, count: 2) == [0xA0, 0xA1])
+        #expect(try memory.read(at: 0x10_0010, count: 0x2000 - 16).allSatisfy { $0 == 0 })
+        #expect(try memory.read(at: 0x10_2000, count: 1) == [0xFF])  // past memsz: not the loader's
+        #expect(try memory.load(UInt32.self, at: PVHBoot.startInfoAddress + 12) == 0)  // nr_modules
+        #expect(try memory.load(UInt64.self, at: PVHBoot.startInfoAddress + 32) == 0)  // rsdp_paddr
+    }
+
+    /// p_memsz = 2^63 used to trap converting to Int; p_memsz beyond RAM must be refused with the values.
+    @Test func refusesHugeSegmentsWithTheirSize() throws {
+        let memory = try GuestMemory(size: 16 << 20)
+        for size: UInt64 in [1 << 63, UInt64.max - 0x20_0000, 16 << 20] {
+            let image = try ELFImage(bytes: Self.makeELF(segments: [(0x10_0000, 0x1000), (0x20_0000, size)]))
+            let error = #expect(throws: PVHBoot.LoadError.self) {
+                try PVHBoot.load(image, into: memory, commandLine: "", flags: 0)
+            }
+            #expect(error?.description.contains("\(size) bytes") == true, "\(String(describing: error))")
+            #expect(error?.description.contains("16777216 bytes") == true)
+        }
+    }
+
+    /// QEMU refuses these ("Some ROM regions are overlapping"); loaded, they triple-faulted.
+    @Test func refusesOverlappingSegmentsNamingBoth() throws {
+        let memory = try GuestMemory(size: 16 << 20)
+        let image = try ELFImage(bytes: Self.makeELF(segments: [(0x10_1000, 0x1000), (0x10_0000, 0x1800)]))
+        let error = #expect(throws: PVHBoot.LoadError.self) {
+            try PVHBoot.load(image, into: memory, commandLine: "", flags: 0)
+        }
+        #expect(error?.description == "kernel segments 0x100000-0x101800 and 0x101000-0x102000 overlap")
+        // Touching is fine.
+        try PVHBoot.load(try ELFImage(bytes: Self.makeELF(segments: [(0x10_0000, 0x1000), (0x10_1000, 0x1000)])),
+                         into: memory, commandLine: "", flags: 0)
+    }
+
+    /// `-kernel /dev/zero` used to be read until the OOM killer came.
+    @Test func refusesKernelFilesThatAreNotRegularOrLargerThanRAM() throws {
+        let notRegular = #expect(throws: ELFImage.FormatError.self) { try ELFImage(contentsOf: "/dev/zero", maxSize: 16 << 20) }
+        #expect(notRegular?.description.contains("not a regular file") == true)
+        let path = "/tmp/vmm-boottest-\(getpid())-big.elf"
+        defer { unlink(path) }
+        let fd = open(path, O_CREAT | O_WRONLY | O_TRUNC, 0o600)
+        #expect(fd >= 0 && ftruncate(fd, (16 << 20) + 1) == 0)
+        close(fd)
+        let tooBig = #expect(throws: ELFImage.FormatError.self) { try ELFImage(contentsOf: path, maxSize: 16 << 20) }
+        #expect(tooBig?.description == "the file is 16777217 bytes, larger than the 16777216 bytes of guest RAM")
+    }
+
     @Test func initialStateIsFlatProtectedMode() {
         let (regs, apply) = PVHBoot.initialRegisters(entry: 0x10_00F0)
         var sregs = kvm_sregs()
@@ -136,6 +219,14 @@ let packageRoot: String = {
         var buffer = [UInt8](repeating: 0, count: 3)
         #expect(pread(memory.fd, &buffer, 3, 0x200) == 3)
         #expect(buffer == [1, 2, 3])
+    }
+
+    /// `-m 1T` on a smaller host used to boot and die at first touch; QEMU refuses up front.
+    @Test func refusesMoreRAMThanTheHostCanBack() throws {
+        let error = #expect(throws: GuestMemoryError.self) { try GuestMemory(size: 1 << 50) }
+        #expect(error?.description.contains("1125899906842624 bytes (1073741824 MiB) of RAM is more than this host can back") == true,
+                "\(String(describing: error))")
+        #expect(error?.description.contains("RAM + swap") == true)
     }
 
     @Test func rejectsBadSizesAndPaths() {

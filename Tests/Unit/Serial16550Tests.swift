@@ -63,6 +63,49 @@ import Testing
         #expect(uart.portRead(offset: 2, size: 1) == 0x04)
     }
 
+    func lineStatusDataReady(_ uart: Serial16550) -> Bool { uart.portRead(offset: 5, size: 1) & 1 != 0 }
+
+    /// As QEMU's 16550: a byte pending when FCR turns the FIFO on (which clears it) is
+    /// lost, and later input waits until the guest reads RBR, which re-arms the
+    /// receiver. A guest that never does so stalls here as it does under QEMU.
+    @Test func clearingAFullReceiverHoldsInputUntilRBRIsRead() {
+        let (uart, _) = make()
+        uart.enqueueInput(Array("\n".utf8))  // before the guest's UART init: RBR full
+        #expect(lineStatusDataReady(uart))
+        uart.portWrite(offset: 2, size: 1, value: 0x07)
+        #expect(!lineStatusDataReady(uart))
+        #expect(uart.enqueueInput(Array("echo\n".utf8)) == 5)
+        #expect(!lineStatusDataReady(uart))  // the stall a guest must avoid
+        #expect(uart.pendingInput == 5)
+        #expect(uart.portRead(offset: 0, size: 1) == 0)  // empty FIFO; re-arms
+        #expect(lineStatusDataReady(uart))
+        var received: [UInt8] = []
+        while lineStatusDataReady(uart) { received.append(UInt8(uart.portRead(offset: 0, size: 1))) }
+        #expect(received == Array("echo\n".utf8))
+    }
+
+    @Test func fifoHoldsSixteenBytesAndClearingItKeepsTheBacklog() {
+        let (uart, _) = make()
+        uart.portWrite(offset: 2, size: 1, value: 0x01)
+        uart.enqueueInput(Array(1...20) as [UInt8])
+        uart.portWrite(offset: 2, size: 1, value: 0x03)  // clear RX: bytes 1...16 go
+        #expect(!lineStatusDataReady(uart))
+        #expect(uart.portRead(offset: 0, size: 1) == 0)
+        var received: [UInt8] = []
+        while lineStatusDataReady(uart) { received.append(UInt8(uart.portRead(offset: 0, size: 1))) }
+        #expect(received == [17, 18, 19, 20])
+    }
+
+    @Test func clearingAFIFOWithRoomLeavesTheReceiverArmed() {
+        let (uart, _) = make()
+        uart.portWrite(offset: 2, size: 1, value: 0x01)
+        uart.enqueueInput(Array("ab".utf8))
+        uart.portWrite(offset: 2, size: 1, value: 0x03)
+        #expect(!lineStatusDataReady(uart))
+        uart.enqueueInput(Array("c".utf8))
+        #expect(uart.portRead(offset: 0, size: 1) == UInt32(UInt8(ascii: "c")))
+    }
+
     @Test func loopbackReturnsTransmittedBytes() {
         let (uart, sink) = make()
         uart.portWrite(offset: 4, size: 1, value: 0x10)

@@ -1,4 +1,4 @@
-/// Fixed line storage in .bss: zeroed by the VMM, so it costs no guest time.
+/// Fixed line storage in .bss: zeroed by the loader, so it costs no guest time.
 nonisolated(unsafe) private var lineStorage = InlineArray<256, UInt8>(repeating: 0)
 
 /// Reads one line from the console with echo and minimal editing.

@@ -1,3 +1,5 @@
+import CPU
+
 /// `scribble ROUNDS`: a memory workload for testing migration's dirty-page tracking.
 /// Each round first checks that every page of a 1 MiB scratch area still holds the
 /// previous round's number, then writes the new one. A page the guest wrote during
@@ -8,6 +10,7 @@ enum Scribble {
     static let area: UInt = 0x100_0000
     static let pages = 256
     static let wordsPerPage = 512
+    nonisolated(unsafe) private static var started = false
 
     static func run(_ arguments: Text) {
         guard let rounds = arguments.trimmingLeadingBlanks().decimalValue(), rounds > 0 else {
@@ -15,6 +18,13 @@ enum Scribble {
             return
         }
         let words = UnsafeMutablePointer<UInt64>(bitPattern: area)!
+        // The area is outside the image, so it may hold anything (a reused RAM
+        // file, an earlier guest): the first run of this boot starts it at round 0.
+        // The flag lives in .bss, which the loader zeroes and migration carries.
+        if !started {
+            mem_zero(words, UInt64(pages &* wordsPerPage &* 8))
+            started = true
+        }
         // Continue where an earlier run stopped: page 0 holds the last round written.
         var round = words[0]
         for _ in 0..<rounds {

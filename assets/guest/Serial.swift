@@ -12,12 +12,19 @@ enum Serial {
 
     private static let dataReady: UInt8 = 0x01
 
-    /// Four writes and no divisor programming: the baud rate means nothing
-    /// to a virtual UART, and each port access is a VM exit.
+    /// Four writes, one read and no divisor programming: the baud rate means
+    /// nothing to a virtual UART, and each port access is a VM exit.
     static func initialize() {
         cpu_out8(interruptEnable, 0x00)
         cpu_out8(lineControl, 0x03)      // 8N1, DLAB off
         cpu_out8(fifoControl, 0x07)      // enable and clear both FIFOs
+        // A byte that arrived before this point filled RBR, so QEMU's 16550
+        // stopped asking its chardev for input; the clear above dropped the
+        // byte without telling the chardev, and only an RBR read does. Without
+        // this read, console input sent before the prompt stalls the console
+        // for good (our VMM's UART model behaves the same). Whatever it
+        // returns arrived during the clear and goes with it.
+        _ = cpu_in8(data)
         cpu_out8(modemControl, 0x03)     // DTR | RTS
     }
 

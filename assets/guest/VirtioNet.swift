@@ -192,7 +192,10 @@ enum VirtioNet {
         let size = Int(queue.size)
         var id = 0
         while id < size {
-            let buffer = UInt64(UInt(bitPattern: transmitBuffer(pair: pair, id: id)))
+            let pointer = transmitBuffer(pair: pair, id: id)
+            // The header stays all zero from here on; the buffer may hold anything before.
+            mem_zero(pointer, UInt64(headerLength))
+            let buffer = UInt64(UInt(bitPattern: pointer))
             queue.setDescriptor(id, address: buffer, length: 0, flags: 0)
             id += 1
         }

@@ -142,6 +142,7 @@ struct VirtioPCI {
     /// notification address there, and enables it. False when the device
     /// has no such queue.
     func setUpQueue(_ index: UInt16, _ queue: Virtqueue, size wanted: UInt16) -> Bool {
+        queue.clear()
         mmio_write16(common &+ VirtioPCI.queueSelect, index)
         let maximum = mmio_read16(common &+ VirtioPCI.queueSize)
         var size = wanted

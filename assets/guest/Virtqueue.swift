@@ -8,8 +8,9 @@ import CPU
 ///     0xc00  the driver's bookkeeping (fields below)
 ///     0xe00  scratch bytes for control commands
 ///
-/// The page is RAM the VMM handed over zeroed; it is the only state a queue
-/// has, so it carries over with guest memory (e.g. across a migration).
+/// The page is cleared when the queue is set up (RAM outside .bss may hold
+/// anything, e.g. a reused RAM file); it is the only state a queue has, so it
+/// carries over with guest memory (e.g. across a migration).
 struct Virtqueue {
     static let descriptorNext: UInt16 = 1
     static let descriptorWrite: UInt16 = 2
@@ -36,6 +37,11 @@ struct Virtqueue {
     }
 
     var physicalAddress: UInt64 { UInt64(UInt(bitPattern: page)) }
+
+    /// Empty rings and bookkeeping, before the device is told where they are.
+    func clear() {
+        mem_zero(page, UInt64(NET_QUEUE_PAGE_SIZE))
+    }
     var availAddress: UInt64 { physicalAddress &+ UInt64(Virtqueue.availOffset) }
     var usedAddress: UInt64 { physicalAddress &+ UInt64(Virtqueue.usedOffset) }
 
@@ -90,9 +96,10 @@ struct Virtqueue {
         nextAvail = next &+ 1
     }
 
-    /// Makes everything posted so far visible to the device.
+    /// Makes everything posted so far visible to the device: a release store
+    /// of avail.idx after the ring entries and descriptors (virtio 1.x 2.7.13).
     func publish() {
-        shared_store16(page + Virtqueue.availOffset + 2, nextAvail)
+        shared_store16_release(page + Virtqueue.availOffset + 2, nextAvail)
     }
 
     /// Tells the device to look at the queue: one MMIO exit.
@@ -100,9 +107,10 @@ struct Virtqueue {
         mmio_write16(notifyAddress, index)
     }
 
-    /// The device's used.idx, read once per poll; entries up to it are complete.
+    /// The device's used.idx, read once per poll with acquire ordering: the
+    /// entries up to it, and the bytes the device wrote, are read after it.
     func usedIndex() -> UInt16 {
-        shared_load16(page + Virtqueue.usedOffset + 2)
+        shared_load16_acquire(page + Virtqueue.usedOffset + 2)
     }
 
     /// Used ring entry `position` (a free-running index): the descriptor

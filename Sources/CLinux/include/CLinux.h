@@ -20,6 +20,8 @@
 #include <sys/mman.h>
 #include <sys/socket.h>
 #include <sys/stat.h>
+#include <sys/statfs.h>
+#include <sys/sysinfo.h>
 #include <sys/types.h>
 #include <sys/uio.h>
 #include <sys/un.h>

@@ -1,3 +1,6 @@
+import CLinux
+import Glibc
+
 /// The parts of an ELF64 x86-64 executable a PVH loader needs: loadable segments and notes.
 public struct ELFImage: Sendable {
     public struct Segment: Sendable, Equatable {
@@ -70,6 +73,34 @@ public struct ELFImage: Sendable {
         self.bytes = bytes
         self.segments = segments
         self.notes = notes
+    }
+
+    /// Reads and parses a kernel file. A device or FIFO (`/dev/zero`) or a file larger than
+    /// `maxSize` (the guest's RAM, which no loadable image can exceed) is refused before
+    /// anything is read, so a bad `-kernel` cannot exhaust the host's memory.
+    public init(contentsOf path: String, maxSize: UInt64) throws {
+        // O_NONBLOCK: opening a FIFO must not wait for a writer before it can be refused.
+        let fd = try syscallRetrying("open") { cl_open(path, O_RDONLY | O_CLOEXEC | O_NONBLOCK, 0) }
+        defer { close(fd) }
+        var st = stat()
+        _ = try syscallChecked("fstat") { fstat(fd, &st) }
+        guard st.st_mode & S_IFMT == S_IFREG else {
+            throw FormatError(description: "not a regular file (mode 0o\(String(st.st_mode & S_IFMT, radix: 8)))")
+        }
+        let size = UInt64(st.st_size)
+        guard size <= maxSize else {
+            throw FormatError(description: "the file is \(size) bytes, larger than the \(maxSize) bytes of guest RAM")
+        }
+        var bytes = [UInt8](repeating: 0, count: Int(size))
+        var filled = 0
+        while filled < bytes.count {
+            let n = bytes.withUnsafeMutableBytes { read(fd, $0.baseAddress! + filled, $0.count - filled) }
+            if n < 0 && errno == EINTR { continue }
+            if n < 0 { throw SystemError("read") }
+            if n == 0 { break }  // truncated meanwhile: parse what is there
+            filled += n
+        }
+        try self.init(bytes: Array(bytes[0..<filled]))
     }
 
     static func parseNotes(_ reader: ByteReader, from start: Int, count: Int) throws -> [Note] {

@@ -28,20 +28,16 @@ public struct PVHBoot {
         guard cmdline.count <= maxCommandLine else {
             throw LoadError(description: "-append is \(cmdline.count) bytes, at most \(maxCommandLine) fit")
         }
+        try checkPlacement(of: image.segments, in: memory)
         for segment in image.segments {
-            let end = segment.physicalAddress + segment.memorySize
-            if segment.physicalAddress < bootDataEnd && end > startInfoAddress {
-                throw LoadError(description: "kernel segment at 0x\(String(segment.physicalAddress, radix: 16)) overlaps the PVH boot data at 0x7000-0x9000")
-            }
-            do {
-                // RAM starts zeroed, so only the file-backed part is written; the rest (bss) is already zero.
-                _ = try memory.slice(at: segment.physicalAddress, count: Int(segment.memorySize))
-                try memory.write(image.bytes[segment.fileOffset..<segment.fileOffset + segment.fileSize], at: segment.physicalAddress)
-            } catch {
-                throw LoadError(description: "kernel segment 0x\(String(segment.physicalAddress, radix: 16))+\(segment.memorySize) does not fit in \(memory.size >> 20) MiB of RAM")
-            }
+            // The whole of [paddr, paddr + memsz) is written, bss included: RAM from a
+            // reused file, or left by an earlier guest, is not zero (ELF spec, QEMU's loader).
+            try memory.write(image.bytes[segment.fileOffset..<segment.fileOffset + segment.fileSize], at: segment.physicalAddress)
+            try memory.zero(at: segment.physicalAddress + UInt64(segment.fileSize), count: Int(segment.memorySize) - segment.fileSize)
         }
 
+        // Fields not written below (modules, RSDP, reserved) must read as zero too.
+        try memory.zero(at: startInfoAddress, count: Int(bootDataEnd - startInfoAddress))
         let memmap = e820(for: memory)
         for (i, entry) in memmap.enumerated() {
             let at = memmapAddress + UInt64(i * 24)
@@ -57,6 +53,27 @@ public struct PVHBoot {
         try memory.store(UInt64(memmapAddress), at: startInfoAddress + 40)
         try memory.store(UInt32(memmap.count), at: startInfoAddress + 48)
         return entry
+    }
+
+    /// Refuses, before anything is written or any size is converted, segments that leave
+    /// RAM, cover the boot data, or overlap each other (QEMU: "Some ROM regions are overlapping").
+    static func checkPlacement(of segments: [ELFImage.Segment], in memory: GuestMemory) throws {
+        func range(_ s: ELFImage.Segment) -> String {
+            "0x\(String(s.physicalAddress, radix: 16))-0x\(String(s.physicalAddress &+ s.memorySize, radix: 16))"
+        }
+        for segment in segments {
+            guard segment.fileSize >= 0, UInt64(segment.fileSize) <= segment.memorySize,
+                  memory.contains(segment.physicalAddress, count: segment.memorySize) else {
+                throw LoadError(description: "kernel segment \(range(segment)) (\(segment.memorySize) bytes) does not fit in the \(memory.size) bytes (\(memory.size >> 20) MiB) of RAM")
+            }
+            if segment.physicalAddress < bootDataEnd && segment.physicalAddress + segment.memorySize > startInfoAddress {
+                throw LoadError(description: "kernel segment \(range(segment)) overlaps the PVH boot data at 0x7000-0x9000")
+            }
+        }
+        let sorted = segments.sorted { $0.physicalAddress < $1.physicalAddress }
+        for (a, b) in zip(sorted, sorted.dropFirst()) where b.physicalAddress < a.physicalAddress + a.memorySize {
+            throw LoadError(description: "kernel segments \(range(a)) and \(range(b)) overlap")
+        }
     }
 
     public struct MemoryMapEntry: Equatable, Sendable {

@@ -10,6 +10,16 @@ public final class Serial16550: PortIODevice {
     /// its input fd, so a fast sender is slowed down instead of losing bytes.
     public static let inputCapacity = 4096
 
+    /// The receive FIFO's depth when FCR enables it; one byte (RBR) otherwise.
+    public static let fifoDepth = 16
+
+    /// Receiving follows QEMU's 16550 (hw/char/serial.c), so a guest that only works on
+    /// our model cannot hide a bug that stalls it under QEMU: console input waits in a
+    /// backlog (QEMU: the chardev's socket) and moves into the FIFO while the receiver
+    /// is armed. A full FIFO disarms it, and only a read of RBR re-arms it (QEMU's
+    /// `qemu_chr_fe_accept_input`). Clearing the FIFO through FCR does not re-arm it: a
+    /// guest that clears a full FIFO and never reads RBR gets no more input, on QEMU
+    /// and here.
     struct State {
         var ier: UInt8 = 0
         var lcr: UInt8 = 0x03
@@ -19,27 +29,45 @@ public final class Serial16550: PortIODevice {
         var dlm: UInt8 = 0
         var fcr: UInt8 = 0
         var thrInterruptPending = true
-        var rx: [UInt8] = []
-        var rxHead = 0
+        /// What the guest can read: at most `fifoCapacity` bytes.
+        var fifo: [UInt8] = []
+        /// Input accepted from the console, not yet in the FIFO.
+        var backlog: [UInt8] = []
+        var backlogHead = 0
+        var receiverArmed = true
 
-        var rxCount: Int { rx.count - rxHead }
+        var backlogCount: Int { backlog.count - backlogHead }
+        var rxCount: Int { fifo.count + backlogCount }
+        var fifoCapacity: Int { fcr & 0x01 != 0 ? Serial16550.fifoDepth : 1 }
         var dlab: Bool { lcr & 0x80 != 0 }
         var loopback: Bool { mcr & 0x10 != 0 }
 
-        mutating func popRX() -> UInt8? {
-            guard rxHead < rx.count else { return nil }
-            let byte = rx[rxHead]
-            rxHead += 1
-            if rxHead == rx.count {
-                rx.removeAll(keepingCapacity: true)
-                rxHead = 0
+        /// Moves backlog into the FIFO while armed; a full FIFO disarms the receiver.
+        mutating func deliver() {
+            guard receiverArmed else { return }
+            let count = min(fifoCapacity - fifo.count, backlogCount)
+            if count > 0 {
+                fifo.append(contentsOf: backlog[backlogHead..<backlogHead + count])
+                backlogHead += count
+                if backlogHead == backlog.count {
+                    backlog.removeAll(keepingCapacity: true)
+                    backlogHead = 0
+                }
             }
+            receiverArmed = fifo.count < fifoCapacity
+        }
+
+        /// RBR: the oldest FIFO byte (0 when empty); the read re-arms the receiver.
+        mutating func readRBR() -> UInt8 {
+            let byte = fifo.isEmpty ? 0 : fifo.removeFirst()
+            receiverArmed = true
+            deliver()
             return byte
         }
 
         var iir: UInt8 {
             let fifo: UInt8 = fcr & 0x01 != 0 ? 0xC0 : 0
-            if ier & 0x01 != 0 && rxCount > 0 { return fifo | 0x04 }
+            if ier & 0x01 != 0 && !self.fifo.isEmpty { return fifo | 0x04 }
             if ier & 0x02 != 0 && thrInterruptPending { return fifo | 0x02 }
             return fifo | 0x01
         }
@@ -63,7 +91,8 @@ public final class Serial16550: PortIODevice {
     public func enqueueInput(_ bytes: some Collection<UInt8>) -> Int {
         state.withLock { s in
             let accepted = min(bytes.count, Self.inputCapacity - s.rxCount)
-            s.rx.append(contentsOf: bytes.prefix(accepted))
+            s.backlog.append(contentsOf: bytes.prefix(accepted))
+            s.deliver()
             return accepted
         }
     }
@@ -74,7 +103,7 @@ public final class Serial16550: PortIODevice {
             var w = StreamWriter()
             for register in [s.ier, s.lcr, s.mcr, s.scr, s.dll, s.dlm, s.fcr] { w.u8(register) }
             w.bool(s.thrInterruptPending)
-            w.blob(s.rx[s.rxHead...])
+            w.blob(s.fifo + s.backlog[s.backlogHead...])
             return w.bytes
         }
     }
@@ -90,8 +119,9 @@ public final class Serial16550: PortIODevice {
         s.dlm = try r.u8("DLM")
         s.fcr = try r.u8("FCR") & 0xC9
         s.thrInterruptPending = try r.bool("THRE pending")
-        s.rx = try r.blob("input", limit: Self.inputCapacity)
+        s.backlog = try r.blob("input", limit: Self.inputCapacity)
         try r.finish()
+        s.deliver()
         state.withLock { $0 = s }
     }
 
@@ -105,8 +135,8 @@ public final class Serial16550: PortIODevice {
             case 0:
                 if s.dlab { return s.dll }
                 let wasFull = s.rxCount == Self.inputCapacity
-                let byte = s.popRX() ?? 0
-                drainedFromFull = wasFull
+                let byte = s.readRBR()
+                drainedFromFull = wasFull && s.rxCount < Self.inputCapacity
                 return byte
             case 1: return s.dlab ? s.dlm : s.ier
             case 2:
@@ -115,7 +145,7 @@ public final class Serial16550: PortIODevice {
                 return iir
             case 3: return s.lcr
             case 4: return s.mcr
-            case 5: return 0x60 | (s.rxCount > 0 ? 0x01 : 0)
+            case 5: return 0x60 | (s.fifo.isEmpty ? 0 : 0x01)
             case 6:
                 if s.loopback {
                     // Loopback wires DTR->DSR, RTS->CTS, OUT1->RI, OUT2->DCD.
@@ -142,7 +172,8 @@ public final class Serial16550: PortIODevice {
                 }
                 s.thrInterruptPending = true
                 if s.loopback {
-                    if s.rxCount < Self.inputCapacity { s.rx.append(byte) }
+                    // Straight into the FIFO, as QEMU does; a full FIFO overruns.
+                    if s.fifo.count < s.fifoCapacity { s.fifo.append(byte) }
                     return false
                 }
                 return true
@@ -154,9 +185,11 @@ public final class Serial16550: PortIODevice {
                     s.ier = byte & 0x0F
                 }
             case 2:
-                if byte & 0x02 != 0 {
-                    s.rx.removeAll(keepingCapacity: true)
-                    s.rxHead = 0
+                // Turning the FIFO on or off clears it too (16550A datasheet, QEMU).
+                if byte & 0x02 != 0 || (byte ^ s.fcr) & 0x01 != 0 {
+                    // Only what the guest could see goes; the backlog stays for when
+                    // the receiver is armed again (an RBR read).
+                    s.fifo.removeAll(keepingCapacity: true)
                 }
                 s.fcr = byte & 0xC9
             case 3: s.lcr = byte

@@ -52,6 +52,10 @@ public final class GuestMemory: @unchecked Sendable {
         do {
             var st = stat()
             try syscallChecked("fstat RAM backing") { fstat(fd, &st) }
+            let capacity = GuestMemory.hostCapacity(fd: fd, backing: backing, shared: shared, st: st)
+            guard size <= capacity.bytes else {
+                throw GuestMemoryError(description: "\(size) bytes (\(size >> 20) MiB) of RAM is more than this host can back: \(capacity.bytes) bytes (\(capacity.bytes >> 20) MiB) of \(capacity.what)")
+            }
             if UInt64(st.st_size) < size {
                 try syscallRetrying("ftruncate RAM backing to \(size)") { ftruncate(fd, off_t(size)) }
             }
@@ -75,6 +79,33 @@ public final class GuestMemory: @unchecked Sendable {
     deinit {
         munmap(host, Int(size))
         close(fd)
+    }
+
+    /// How much RAM this host can give the guest, checked up front as QEMU's "cannot set up
+    /// guest memory" is: pages are only allocated at first touch, so a guest larger than
+    /// this would boot and then die of SIGBUS or the OOM killer. A shared file is limited
+    /// by its filesystem (a tmpfs's size, free huge pages) plus what it already holds;
+    /// anything else by the host's RAM + swap, the kernel's own overcommit heuristic.
+    static func hostCapacity(fd: Int32, backing: MemoryBacking, shared: Bool, st: stat) -> (bytes: UInt64, what: String) {
+        if case .file = backing, shared {
+            var fs = statfs()
+            if fstatfs(fd, &fs) == 0 && fs.f_blocks > 0 {
+                let free = UInt64(fs.f_bavail).multipliedReportingOverflow(by: UInt64(fs.f_bsize))
+                let held = UInt64(max(st.st_blocks, 0)) * 512
+                if !free.overflow {
+                    return (free.partialValue.addingReportingOverflow(held).overflow ? .max : free.partialValue + held,
+                            "free space on the mem-path's filesystem plus the file's")
+                }
+                return (.max, "")
+            }
+        }
+        var info = sysinfo()
+        guard sysinfo(&info) == 0 else { return (.max, "") }
+        let unit = UInt64(max(info.mem_unit, 1))
+        let (ram, o1) = UInt64(info.totalram).multipliedReportingOverflow(by: unit)
+        let (swap, o2) = UInt64(info.totalswap).multipliedReportingOverflow(by: unit)
+        let (total, o3) = ram.addingReportingOverflow(swap)
+        return (o1 || o2 || o3 ? .max : total, "RAM + swap")
     }
 
     /// Low RAM up to the PCI hole, the rest above 4 GiB.
@@ -155,6 +186,21 @@ public final class GuestMemory: @unchecked Sendable {
         fd = newFD
         backing = newBacking
         shared = true
+    }
+
+    /// Whether `[address, address + count)` lies inside one RAM region; safe for any
+    /// count, so a size read from an untrusted image can be checked before conversion.
+    public func contains(_ address: UInt64, count: UInt64) -> Bool {
+        regions.contains { region in
+            address >= region.guestAddress && address <= region.end && count <= region.end - address
+        }
+    }
+
+    /// Zeroes `[address, address + count)`: RAM from a reused file or an earlier guest is not zero.
+    public func zero(at address: UInt64, count: Int) throws {
+        let target = try slice(at: address, count: count)
+        target.initializeMemory(as: UInt8.self, repeating: 0)
+        markDirty(target)
     }
 
     public func read(at address: UInt64, count: Int) throws -> [UInt8] {

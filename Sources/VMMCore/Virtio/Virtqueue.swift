@@ -1,3 +1,5 @@
+import Synchronization
+
 /// Why a virtqueue cannot be used; the device then needs a reset (virtio 1.x NEEDS_RESET).
 public struct VirtqueueError: Error, CustomStringConvertible, Sendable, Equatable {
     public let description: String
@@ -76,12 +78,18 @@ public struct Virtqueue: Sendable {
         try availableIndex(memory) != lastAvailable
     }
 
+    /// avail.idx, read with acquire ordering: the ring entries and descriptors it covers
+    /// are read after it (virtio 1.x 2.7.13; the driver's release before its idx store
+    /// pairs with this). x86 keeps loads in order, but the compiler need not.
     func availableIndex(_ memory: GuestMemory) throws -> UInt16 {
+        let index: UInt16
         do {
-            return try memory.load(UInt16.self, at: driverArea + 2)
+            index = try memory.load(UInt16.self, at: driverArea + 2)
         } catch {
             throw VirtqueueError(description: "available ring at \(hex(driverArea)) is outside guest RAM")
         }
+        atomicMemoryFence(ordering: .acquiring)
+        return index
     }
 
     /// Takes the next available chain, or nil when the ring is empty.
@@ -168,7 +176,10 @@ public struct Virtqueue: Sendable {
             try memory.store(UInt32(head), at: deviceArea + 4 + 8 * slot)
             try memory.store(length, at: deviceArea + 8 + 8 * slot)
             usedIndex &+= 1
-            // x86 keeps stores in order, so the entry is visible before the index.
+            // Release: the entry (and the buffer bytes written before this call) must be
+            // visible before the index that hands them over (virtio 1.x 2.7.8). x86 keeps
+            // stores in order, but the compiler need not.
+            atomicMemoryFence(ordering: .releasing)
             try memory.store(usedIndex, at: deviceArea + 2)
         } catch {
             throw VirtqueueError(description: "used ring at \(hex(deviceArea)) is outside guest RAM")

@@ -107,11 +107,14 @@ static inline __attribute__((always_inline)) void mmio_write32(uint64_t address,
 }
 
 /*
- * RAM shared with a device (virtqueue indices). x86 keeps loads in order and
- * stores in order, so a compiler barrier is all the ordering needed: the
- * index is read before the ring entries it covers, and written after them.
+ * RAM shared with a device (virtqueue indices): the acquire after reading
+ * used.idx and the release before publishing avail.idx that virtio asks of a
+ * driver. x86 is TSO (loads are not reordered with older loads, stores not
+ * with older stores), so neither needs a fence instruction, only a compiler
+ * barrier (the "memory" clobber) to keep the compiler from moving ring
+ * accesses across the index access. No SSE either way (-mgeneral-regs-only).
  */
-static inline __attribute__((always_inline)) uint16_t shared_load16(const void *address) {
+static inline __attribute__((always_inline)) uint16_t shared_load16_acquire(const void *address) {
     uint16_t value;
     __asm__ volatile("movw (%1), %0" : "=r"(value) : "r"(address) : "memory");
     return value;
@@ -123,7 +126,7 @@ static inline __attribute__((always_inline)) uint8_t shared_load8(const void *ad
     return value;
 }
 
-static inline __attribute__((always_inline)) void shared_store16(void *address, uint16_t value) {
+static inline __attribute__((always_inline)) void shared_store16_release(void *address, uint16_t value) {
     __asm__ volatile("movw %0, (%1)" : : "r"(value), "r"(address) : "memory");
 }
 
