@@ -1,0 +1,90 @@
+import Foundation
+import Logging
+import QMPWire
+import Synchronization
+import Testing
+import TestKit
+@testable import VMMCore
+
+/// Keeps every log message, so a test can check what a user would read on stderr.
+private struct CapturingLogHandler: LogHandler {
+    let messages: Mutex<[String]>.Box
+    var metadata: Logger.Metadata = [:]
+    var logLevel: Logger.Level = .trace
+    subscript(metadataKey key: String) -> Logger.Metadata.Value? {
+        get { metadata[key] }
+        set { metadata[key] = newValue }
+    }
+    func log(event: LogEvent) {
+        messages.value.withLock { $0.append("\(event.level) \(event.message)") }
+    }
+}
+
+extension Mutex where Value: Sendable {
+    final class Box: Sendable {
+        let value: Mutex<Value>
+        init(_ initial: sending Value) { value = Mutex(initial) }
+    }
+}
+
+/// The QMP server in-process, with a small output bound so that the bound is reachable.
+@Suite struct QMPServerTests {
+    final class ServerBox: @unchecked Sendable { var server: QMPServer? }
+
+    @Test func aClientThatLeavesTooMuchUnreadIsDisconnectedAndOthersStillServed() async throws {
+        let dir = NSTemporaryDirectory() + "qmpserver-\(getpid())-\(UInt32.random(in: 0...UInt32.max))"
+        try FileManager.default.createDirectory(atPath: dir, withIntermediateDirectories: true)
+        defer { try? FileManager.default.removeItem(atPath: dir) }
+        let path = dir + "/qmp.sock"
+        let logs = Mutex<[String]>.Box([])
+        let logger = Logger(label: "test") { _ in CapturingLogHandler(messages: logs) }
+        let loop = try EventLoop()
+        let dispatcher = QMPDispatcher()
+        let box = ServerBox()
+        dispatcher.register("qmp_capabilities") { _ in [:] }
+        // 100 events per call: a burst like many state changes at once.
+        dispatcher.register("burst") { _ in
+            for _ in 0..<100 { box.server?.emit("BURST") }
+            return [:]
+        }
+        let limit = 16 << 10
+        let server = QMPServer(loop: loop, dispatcher: dispatcher, greeting: QMPMessage.greeting(major: 0, minor: 1, micro: 0, package: "t"),
+                               logger: logger, outputLimit: limit)
+        box.server = server
+        try server.open([.unixServer(path: path, wait: false)])
+        let thread = try OSThread(name: "test-loop") { _ = loop.run() }
+        defer {
+            loop.post { loop.stop(exitStatus: 0) }
+            thread.join()
+            server.close()
+        }
+
+        let silent = try VMMCore.UnixSocket.connect(path: path)
+        defer { close(silent) }
+        let negotiate = Array(#"{"execute": "qmp_capabilities"}"#.utf8)
+        #expect(send(silent, negotiate, negotiate.count, 0) == negotiate.count)
+
+        let busy = try await QMPClient.connect(path: path, timeout: .seconds(5))
+        defer { busy.close() }
+        // Far more events than the socket plus 16 KiB hold for the silent client.
+        for _ in 0..<30 { try await busy.execute("burst", timeout: .seconds(5)) }
+        #expect(busy.events.count == 3000)
+
+        // The silent client finds, once it reads, the end of its connection after what fit.
+        var received = 0
+        var chunk = [UInt8](repeating: 0, count: 65536)
+        var timeout = timeval(tv_sec: 5, tv_usec: 0)
+        setsockopt(silent, SOL_SOCKET, SO_RCVTIMEO, &timeout, socklen_t(MemoryLayout<timeval>.size))
+        while true {
+            let n = recv(silent, &chunk, chunk.count, 0)
+            if n <= 0 {
+                #expect(n == 0, "recv: errno \(errno) after \(received) bytes: the VMM should have closed the connection")
+                break
+            }
+            received += n
+        }
+        #expect(received > limit)
+        #expect(logs.value.withLock { $0 }.contains { $0.contains("qmp: disconnecting QMP client on \(path)") && $0.contains("the limit is \(limit)") })
+        try await busy.execute("burst", timeout: .seconds(5))
+    }
+}
