@@ -219,6 +219,7 @@ func cpuTicks(of pid: pid_t) throws -> Int {
 struct StartupAndLimitsFunctionalTests {
     @Test(arguments: [
         (["-qmp", "unix:/nonexistent-dir/q.sock,server=on,wait=off"], "vmm: -qmp unix:/nonexistent-dir/q.sock: bind /nonexistent-dir/q.sock: No such file or directory"),
+        (["-serial", "unix:/nonexistent-dir/s.sock,server=on,wait=off"], "vmm: -serial unix:/nonexistent-dir/s.sock: bind /nonexistent-dir/s.sock: No such file or directory"),
         (["-incoming", "unix:/nonexistent-dir/m.sock"], "vmm: -incoming unix:/nonexistent-dir/m.sock: bind /nonexistent-dir/m.sock: No such file or directory"),
         (["-incoming", "tcp:256.1.1.1:4444"], "vmm: -incoming tcp:256.1.1.1:4444: cannot resolve '256.1.1.1': "),
         (["-incoming", "tcp:no-such-host.invalid:4444"], "vmm: -incoming tcp:no-such-host.invalid:4444: cannot resolve 'no-such-host.invalid': "),
@@ -250,7 +251,7 @@ struct StartupAndLimitsFunctionalTests {
             for _ in 0..<60 {
                 let client = try RawPeer(path: path)
                 clients.append(client)
-                if (try? client.read(until: { $0.contains("\r\n") }, timeout: .seconds(1))) == nil {
+                if (try? client.read(until: { $0.contains("\r\n") }, timeout: .seconds(3))) == nil {
                     starved = client
                     break
                 }

@@ -50,10 +50,18 @@ public final class SerialBackend: @unchecked Sendable {
             ownedFDs.insert(fd)
             output.withLock { $0.fd = fd }
         case .unixServer(let path, _):
-            listenFD = try UnixSocket.listen(path: path, backlog: 1)
+            do {
+                listenFD = try UnixSocket.listen(path: path, backlog: 1)
+            } catch {
+                throw VMMConfiguration.Error("-serial unix:\(path): \(error)")
+            }
             ownedFDs.insert(listenFD)
         case .unixClient(let path):
-            adopt(try UnixSocket.connect(path: path))
+            do {
+                adopt(try UnixSocket.connect(path: path))
+            } catch {
+                throw VMMConfiguration.Error("-serial unix:\(path): \(error)")
+            }
         }
     }
 
@@ -111,8 +119,11 @@ public final class SerialBackend: @unchecked Sendable {
             if output.withLock({ $0.fd == fd && !$0.pending.isEmpty }) { events |= Int16(POLLOUT) }
             return events
         }) { [unowned self] events in
-            if events & Int16(POLLOUT) != 0 { flushOutput(fd) }
-            if events & ~Int16(POLLOUT) != 0, fd == inputFD { readInput(fd) }
+            // A hang-up is reported even when only POLLOUT was asked for: writing finds out
+            // (and disconnects) without reading input the UART has no room for.
+            let trouble = Int16(POLLERR | POLLHUP)
+            if events & (Int16(POLLOUT) | trouble) != 0 { flushOutput(fd) }
+            if events & (Int16(POLLIN) | trouble) != 0, fd == inputFD, wantsInput?() == true { readInput(fd) }
         }
     }
 
