@@ -31,6 +31,50 @@ extension Mutex where Value: Sendable {
 @Suite struct QMPServerTests {
     final class ServerBox: @unchecked Sendable { var server: QMPServer? }
 
+    /// Reads until EOF (or 5 s of silence); returns the bytes and whether EOF came.
+    static func readToEnd(_ fd: Int32) -> (bytes: [UInt8], eof: Bool) {
+        var received: [UInt8] = []
+        var chunk = [UInt8](repeating: 0, count: 65536)
+        var timeout = timeval(tv_sec: 5, tv_usec: 0)
+        setsockopt(fd, SOL_SOCKET, SO_RCVTIMEO, &timeout, socklen_t(MemoryLayout<timeval>.size))
+        while true {
+            let n = recv(fd, &chunk, chunk.count, 0)
+            if n <= 0 { return (received, n == 0) }
+            received += chunk[0..<n]
+        }
+    }
+
+    @Test func aClientThatClosesItsSideStillGetsEveryReply() async throws {
+        let dir = NSTemporaryDirectory() + "qmpserver-\(getpid())-\(UInt32.random(in: 0...UInt32.max))"
+        try FileManager.default.createDirectory(atPath: dir, withIntermediateDirectories: true)
+        defer { try? FileManager.default.removeItem(atPath: dir) }
+        let path = dir + "/qmp.sock"
+        let loop = try EventLoop()
+        let dispatcher = QMPDispatcher()
+        dispatcher.register("qmp_capabilities") { _ in [:] }
+        dispatcher.register("big") { _ in .string(String(repeating: "x", count: 4096)) }
+        let server = QMPServer(loop: loop, dispatcher: dispatcher, greeting: QMPMessage.greeting(major: 0, minor: 1, micro: 0, package: "t"),
+                               logger: Logger(label: "test"))
+        try server.open([.unixServer(path: path, wait: false)])
+        let thread = try OSThread(name: "test-loop") { _ = loop.run() }
+        defer {
+            loop.post { loop.stop(exitStatus: 0) }
+            thread.join()
+            server.close()
+        }
+        // Like `socat`: all commands, then EOF, then read. 100 replies of 4 KiB are more
+        // than the server reads ahead of a client that does not read.
+        let client = try VMMCore.UnixSocket.connect(path: path)
+        defer { close(client) }
+        let commands = Array((#"{"execute": "qmp_capabilities"}"# + String(repeating: #"{"execute": "big"}"#, count: 100)).utf8)
+        #expect(send(client, commands, commands.count, 0) == commands.count)
+        shutdown(client, Int32(SHUT_WR))
+        let (bytes, eof) = Self.readToEnd(client)
+        #expect(eof)
+        let text = String(decoding: bytes, as: UTF8.self)
+        #expect(text.components(separatedBy: "\"return\"").count - 1 == 101)
+    }
+
     @Test func aClientThatLeavesTooMuchUnreadIsDisconnectedAndOthersStillServed() async throws {
         let dir = NSTemporaryDirectory() + "qmpserver-\(getpid())-\(UInt32.random(in: 0...UInt32.max))"
         try FileManager.default.createDirectory(atPath: dir, withIntermediateDirectories: true)
@@ -71,18 +115,9 @@ extension Mutex where Value: Sendable {
         #expect(busy.events.count == 3000)
 
         // The silent client finds, once it reads, the end of its connection after what fit.
-        var received = 0
-        var chunk = [UInt8](repeating: 0, count: 65536)
-        var timeout = timeval(tv_sec: 5, tv_usec: 0)
-        setsockopt(silent, SOL_SOCKET, SO_RCVTIMEO, &timeout, socklen_t(MemoryLayout<timeval>.size))
-        while true {
-            let n = recv(silent, &chunk, chunk.count, 0)
-            if n <= 0 {
-                #expect(n == 0, "recv: errno \(errno) after \(received) bytes: the VMM should have closed the connection")
-                break
-            }
-            received += n
-        }
+        let (bytes, eof) = Self.readToEnd(silent)
+        #expect(eof, "the VMM should have closed the connection after \(bytes.count) bytes")
+        let received = bytes.count
         #expect(received > limit)
         #expect(logs.value.withLock { $0 }.contains { $0.contains("qmp: disconnecting QMP client on \(path)") && $0.contains("the limit is \(limit)") })
         try await busy.execute("burst", timeout: .seconds(5))

@@ -26,6 +26,9 @@ public final class QMPServer {
         var pendingFDs: [Int32] = []
         var negotiated = false
         var output: OutputBuffer
+        /// The client closed its side (e.g. `socat` after its last command): it still
+        /// gets the replies that wait, then the connection ends.
+        var inputClosed = false
         init(fd: Int32, name: String, outputLimit: Int) {
             self.fd = fd
             self.name = name
@@ -90,12 +93,12 @@ public final class QMPServer {
         let connection = Connection(fd: fd, name: "\(name) (fd \(fd))", outputLimit: outputLimit)
         connections[fd] = connection
         loop.watch(fd, interest: {
-            (connection.output.count < Self.inputPauseThreshold ? Int16(POLLIN) : 0)
+            (!connection.inputClosed && connection.output.count < Self.inputPauseThreshold ? Int16(POLLIN) : 0)
                 | (connection.output.isEmpty ? 0 : Int16(POLLOUT))
         }) { [unowned self] events in
-            if events & Int16(POLLOUT) != 0 { flush(connection) }
-            // Hang-ups and errors come whether asked for or not; reading finds out which.
-            if events & ~Int16(POLLOUT) != 0, connections[fd] === connection { readable(connection) }
+            // Hang-ups and errors come whether asked for or not; writing or reading finds out which.
+            if events & Int16(POLLOUT | POLLERR | POLLHUP) != 0, !connection.output.isEmpty { flush(connection) }
+            if events & ~Int16(POLLOUT) != 0, !connection.inputClosed, connections[fd] === connection { readable(connection) }
         }
         send(greeting, to: connection)
         logger.debug("qmp: \(connection.name) connected")
@@ -108,6 +111,10 @@ public final class QMPServer {
         let n = chunk.withUnsafeMutableBytes { cl_recv_with_fds(connection.fd, $0.baseAddress, $0.count, &fds, 16, &fdCount) }
         connection.pendingFDs += fds.prefix(Int(fdCount))
         if n == -Int(EINTR) || n == -Int(EAGAIN) { return }
+        if n == 0 && !connection.output.isEmpty {
+            connection.inputClosed = true
+            return
+        }
         guard n > 0 else {
             drop(connection)
             return
@@ -150,7 +157,11 @@ public final class QMPServer {
     }
 
     private func flush(_ connection: Connection) {
-        if connection.output.flush(to: connection.fd) == .peerGone { drop(connection) }
+        switch connection.output.flush(to: connection.fd) {
+        case .peerGone: drop(connection)
+        case .drained where connection.inputClosed: drop(connection)
+        default: break
+        }
     }
 
     private func drop(_ connection: Connection) {
