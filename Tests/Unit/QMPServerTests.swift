@@ -28,7 +28,9 @@ extension Mutex where Value: Sendable {
 }
 
 /// The QMP server in-process, with a small output bound so that the bound is reachable.
-@Suite struct QMPServerTests {
+/// It runs TestKit's QMP client (tk- threads, sockets), so it must not overlap the
+/// TestKit leak checks, which count those.
+@Suite(.usesProcessResources) struct QMPServerTests {
     final class ServerBox: @unchecked Sendable { var server: QMPServer? }
 
     /// Reads until EOF (or 5 s of silence); returns the bytes and whether EOF came.
