@@ -221,8 +221,8 @@ struct StartupAndLimitsFunctionalTests {
         (["-qmp", "unix:/nonexistent-dir/q.sock,server=on,wait=off"], "vmm: -qmp unix:/nonexistent-dir/q.sock: bind /nonexistent-dir/q.sock: No such file or directory"),
         (["-serial", "unix:/nonexistent-dir/s.sock,server=on,wait=off"], "vmm: -serial unix:/nonexistent-dir/s.sock: bind /nonexistent-dir/s.sock: No such file or directory"),
         (["-incoming", "unix:/nonexistent-dir/m.sock"], "vmm: -incoming unix:/nonexistent-dir/m.sock: bind /nonexistent-dir/m.sock: No such file or directory"),
-        (["-incoming", "tcp:256.1.1.1:4444"], "vmm: -incoming tcp:256.1.1.1:4444: cannot resolve '256.1.1.1': "),
-        (["-incoming", "tcp:no-such-host.invalid:4444"], "vmm: -incoming tcp:no-such-host.invalid:4444: cannot resolve 'no-such-host.invalid': "),
+        (["-incoming", "tcp:256.1.1.1:4444"], "vmm: -incoming tcp:256.1.1.1:4444: address resolution failed for 256.1.1.1:4444: "),
+        (["-incoming", "tcp:no-such-host.invalid:4444"], "vmm: -incoming tcp:no-such-host.invalid:4444: address resolution failed for no-such-host.invalid:4444: "),
     ])
     func startUpErrorsAreOneLineAndStatusOne(arguments: [String], prefix: String) async throws {
         let vmm = try VMMBinary.resolve()

@@ -23,10 +23,12 @@ public enum TCPSocket {
         }
     }
 
+    /// QEMU's wording (util/qemu-sockets.c).
     struct ResolveError: Error, CustomStringConvertible {
         let host: String
+        let port: UInt16
         let reason: String
-        var description: String { "cannot resolve '\(host)': \(reason)" }
+        var description: String { "address resolution failed for \(host):\(port): \(reason)" }
     }
 
     /// Migration sends many small frames; waiting for Nagle would add to the downtime.
@@ -43,7 +45,7 @@ public enum TCPSocket {
         var list: UnsafeMutablePointer<addrinfo>?
         let rc = getaddrinfo(host.isEmpty ? nil : host, String(port), &hints, &list)
         // getaddrinfo reports through its return value; errno is stale here.
-        guard rc == 0 else { throw ResolveError(host: host, reason: String(cString: gai_strerror(rc))) }
+        guard rc == 0 else { throw ResolveError(host: host, port: port, reason: String(cString: gai_strerror(rc))) }
         defer { freeaddrinfo(list) }
         var lastError: Int32 = EADDRNOTAVAIL
         var entry = list
