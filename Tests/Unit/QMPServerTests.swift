@@ -64,17 +64,33 @@ extension Mutex where Value: Sendable {
             thread.join()
             server.close()
         }
-        // Like `socat`: all commands, then EOF, then read. 100 replies of 4 KiB are more
-        // than the server reads ahead of a client that does not read.
+        // Like `socat`: all commands, then EOF, then read. As many replies as the socket
+        // holds plus a few, so that some wait in the server's buffer (under the 64 KiB at
+        // which it stops reading) when it reads the EOF.
+        let replySize = (#"{"return": ""}"# + QMPMessage.lineTerminator).utf8.count + 4096
+        let commandCount = Self.socketCapacity(messageSize: replySize) + 8
         let client = try VMMCore.UnixSocket.connect(path: path)
         defer { close(client) }
-        let commands = Array((#"{"execute": "qmp_capabilities"}"# + String(repeating: #"{"execute": "big"}"#, count: 100)).utf8)
+        let commands = Array((#"{"execute": "qmp_capabilities"}"# + String(repeating: #"{"execute": "big"}"#, count: commandCount)).utf8)
+        #expect(commands.count < 4096, "one read takes them all")
         #expect(send(client, commands, commands.count, 0) == commands.count)
         shutdown(client, Int32(SHUT_WR))
+        try await Task.sleep(for: .milliseconds(300))
         let (bytes, eof) = Self.readToEnd(client)
         #expect(eof)
         let text = String(decoding: bytes, as: UTF8.self)
-        #expect(text.components(separatedBy: "\"return\"").count - 1 == 101)
+        #expect(text.components(separatedBy: "\"return\"").count - 1 == commandCount + 1)
+    }
+
+    /// How many `messageSize` sends a unix stream socket takes before it would block.
+    static func socketCapacity(messageSize: Int) -> Int {
+        var pair: [Int32] = [-1, -1]
+        guard socketpair(AF_UNIX, Int32(SOCK_STREAM.rawValue), 0, &pair) == 0 else { return 0 }
+        defer { pair.forEach { close($0) } }
+        let message = [UInt8](repeating: 0x20, count: messageSize)
+        var count = 0
+        while send(pair[0], message, message.count, Int32(MSG_DONTWAIT)) == message.count { count += 1 }
+        return count
     }
 
     @Test func aClientThatLeavesTooMuchUnreadIsDisconnectedAndOthersStillServed() async throws {
