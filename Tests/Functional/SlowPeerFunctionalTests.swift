@@ -270,6 +270,9 @@ struct StartupAndLimitsFunctionalTests {
             let (greeting, closed) = try waiting.read(until: { $0.contains("\r\n") }, timeout: .seconds(10))
             #expect(!closed)
             #expect(greeting.contains("\"QMP\""))
+            let fresh = try RawPeer(path: path)
+            defer { fresh.close() }
+            #expect(try fresh.read(until: { $0.contains("\r\n") }, timeout: .seconds(10)).text.contains("\"QMP\""))
             #expect(stderrText(vm).contains("Too many open files"))
         }
     }
