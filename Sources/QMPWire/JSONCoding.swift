@@ -3,6 +3,9 @@ public struct JSONParseError: Error, Equatable, CustomStringConvertible {
     public var message: String
     public var offset: Int
     public var description: String { "\(message) at byte \(offset)" }
+
+    /// QEMU's wording for input nested deeper than its limit of 1024.
+    public static let nestingLimitMessage = "JSON nesting depth limit exceeded"
 }
 
 extension JSON {
@@ -81,7 +84,8 @@ extension JSON {
 private struct JSONParser {
     let bytes: [UInt8]
     var index = 0
-    static let maxDepth = 64
+    /// QEMU's MAX_NESTING: deeper input is refused before the parser recurses further.
+    static let maxDepth = 1024
 
     init(bytes: [UInt8]) { self.bytes = bytes }
 
@@ -92,7 +96,7 @@ private struct JSONParser {
     }
 
     mutating func parseValue(depth: Int) throws(JSONParseError) -> JSON {
-        guard depth < Self.maxDepth else { throw error("nesting deeper than \(Self.maxDepth)") }
+        guard depth < Self.maxDepth else { throw error(JSONParseError.nestingLimitMessage) }
         skipWhitespace()
         guard index < bytes.count else { throw error("unexpected end of input") }
         switch bytes[index] {
@@ -126,11 +130,16 @@ private struct JSONParser {
         while true {
             skipWhitespace()
             guard index < bytes.count, bytes[index] == UInt8(ascii: "\"") else { throw error("expected a string key") }
+            let keyOffset = index
             let key = try parseString()
             skipWhitespace()
             guard index < bytes.count, bytes[index] == UInt8(ascii: ":") else { throw error("expected ':'") }
             index += 1
-            object[key] = try parseValue(depth: depth + 1)
+            // QEMU refuses duplicate keys too; the last one winning would let
+            // {"execute": "query-status", "execute": "stop"} stop the guest.
+            guard object.insertNew(key, try parseValue(depth: depth + 1)) else {
+                throw JSONParseError(message: "duplicate key '\(key)'", offset: keyOffset)
+            }
             skipWhitespace()
             guard index < bytes.count else { throw error("unexpected end of input in object") }
             if bytes[index] == UInt8(ascii: ",") { index += 1; continue }

@@ -39,7 +39,8 @@ public final class Machine: @unchecked Sendable {
     var namedFDs: [String: Int32] = [:]
     let dispatcher = QMPDispatcher()
     let qmp: QMPServer
-    private var signalFD: Int32 = -1
+    /// Created first, before any thread or endpoint, so every wait can watch it.
+    private let signals: TerminationSignals
 
     var runState: RunState
     let migration = MigrationState()
@@ -47,6 +48,7 @@ public final class Machine: @unchecked Sendable {
     public init(config: VMMConfiguration, logger: Logger) throws {
         self.config = config
         self.logger = logger
+        signals = try TerminationSignals()
         loop = try EventLoop()
 
         let ram = try config.resolvedMemory()
@@ -132,38 +134,47 @@ public final class Machine: @unchecked Sendable {
         return table.adding(leaf: 0x4000_0010, eax: UInt32(khz), raisingMaxOf: 0x4000_0000)
     }
 
-    /// Runs until `quit`, a guest exit or a termination signal; returns the exit status.
-    public func run() -> Int32 {
+    /// Opens the endpoints, starts the guest and runs until `quit`, a guest exit or a
+    /// termination signal; returns the exit status. A start-up failure throws, after
+    /// cleaning up, so that `vmm` reports it in its one-line form.
+    public func run() throws -> Int32 {
         do {
-            try installSignalHandling()
-            try qmp.open(config.qmp)
-            for backend in serialBackends {
-                backend.attach(to: loop, wantsInput: { [serial] in serial.inputSpace > 0 }) { [serial, vcpuRunner] bytes in
-                    let accepted = serial.enqueueInput(bytes)
-                    vcpuRunner.wake()
-                    return accepted
-                }
-            }
-            for nic in nics { attach(nic) }
-            try vcpuRunner.start()
-        } catch {
-            logger.error("\(error)")
+            try start()
+        } catch let signal as TerminationRequested {
+            // A signal while waiting for a first client (`wait=on`) ends the VMM as one later would.
+            logger.info("\(signal)")
             cleanUp()
-            return 1
+            return 0
+        } catch {
+            cleanUp()
+            throw error
         }
+        let status = loop.run()
+        cleanUp()
+        return status
+    }
+
+    private func start() throws {
+        installSignalHandling()
+        for backend in serialBackends { try backend.waitForFirstClient(signals) }
+        try qmp.open(config.qmp, signals: signals)
+        for backend in serialBackends {
+            backend.attach(to: loop, wantsInput: { [serial] in serial.inputSpace > 0 }) { [serial, vcpuRunner] bytes in
+                let accepted = serial.enqueueInput(bytes)
+                vcpuRunner.wake()
+                return accepted
+            }
+        }
+        for nic in nics { attach(nic) }
+        try vcpuRunner.start()
         if runState == .running { vcpuRunner.resume() }
         if let incoming = config.incoming, incoming != "defer" {
             do {
                 try startIncoming(from: try MigrationURI(incoming))
             } catch {
-                logger.error("-incoming \(incoming): \(error)")
-                cleanUp()
-                return 1
+                throw VMMConfiguration.Error("-incoming \(incoming): \(error)")
             }
         }
-        let status = loop.run()
-        cleanUp()
-        return status
     }
 
     private func cleanUp() {
@@ -174,23 +185,18 @@ public final class Machine: @unchecked Sendable {
         for nic in nics { nic.detach() }
         for fd in namedFDs.values { close(fd) }
         namedFDs.removeAll()
-        if signalFD >= 0 { close(signalFD) }
-        signalFD = -1
+        loop.unwatch(signals.fd)
+        signals.close()
     }
 
     /// SIGINT/SIGTERM/SIGHUP end the VMM like QEMU's `host-signal` shutdown; they are read
     /// from a signalfd on the loop so no handler runs on an arbitrary thread.
-    private func installSignalHandling() throws {
+    private func installSignalHandling() {
         cl_install_kick_signal(VCPURunner.kickSignal)
         cl_ignore_signal(SIGPIPE)
-        let signals: [Int32] = [SIGINT, SIGTERM, SIGHUP]
-        cl_block_signals(signals, Int32(signals.count))
-        signalFD = try syscallChecked("signalfd") { cl_signalfd(signals, Int32(signals.count)) }
-        let fd = signalFD
-        loop.watch(fd) { [unowned self] _ in
-            var info = signalfd_siginfo()
-            guard read(fd, &info, MemoryLayout<signalfd_siginfo>.size) > 0 else { return }
-            logger.info("terminating on signal \(info.ssi_signo)")
+        loop.watch(signals.fd) { [unowned self] _ in
+            guard let signal = signals.take() else { return }
+            logger.info("terminating on signal \(signal)")
             qmp.emit("SHUTDOWN", data: ["guest": false, "reason": "host-signal"])
             loop.stop(exitStatus: 0)
         }

@@ -46,4 +46,8 @@ do {
 } catch {
     failAndExit("\(error)")
 }
-exit(machine.run())
+do {
+    exit(try machine.run())
+} catch {
+    failAndExit("\(error)")
+}

@@ -28,8 +28,43 @@ import Testing
     }
 
     @Test func rejectsExcessiveNesting() {
-        let deep = String(repeating: "[", count: 100) + String(repeating: "]", count: 100)
+        let deep = String(repeating: "[", count: 1025) + String(repeating: "]", count: 1025)
         #expect(throws: JSONParseError.self) { try JSON.parse(deep) }
+    }
+
+    @Test func parsesAMegabyteObjectWithOver100kKeysInOrder() throws {
+        // Key insertion used to scan every earlier key: ~24 s for this object.
+        let count = 120_000
+        var text = "{"
+        for i in 0..<count { text += (i > 0 ? "," : "") + "\"k\(i)\":\(i)" }
+        text += "}"
+        let object = try #require(try JSON.parse(text).objectValue)
+        #expect(object.count == count)
+        #expect(object.keys.first == "k0" && object.keys.last == "k\(count - 1)")
+        #expect(object["k77777"] == 77777)
+    }
+
+    @Test func refusesDuplicateKeysNamingTheKey() {
+        let error = #expect(throws: JSONParseError.self) { try JSON.parse(#"{"execute":"query-status","execute":"stop"}"#) }
+        #expect(error?.message == "duplicate key 'execute'")
+        #expect(throws: JSONParseError.self) { try JSON.parse(#"{"a": {"b": 1, "b": 2}}"#) }
+    }
+
+    @Test func nestingStopsAtQEMUsLimitWithoutRecursingFurther() throws {
+        _ = try JSON.parse(String(repeating: "[", count: 1024) + String(repeating: "]", count: 1024))
+        let deep = String(repeating: "[", count: 100_000) + String(repeating: "]", count: 100_000)
+        #expect(throws: JSONParseError.self) { try JSON.parse(deep) }
+        #expect(throws: JSONParseError.self) { try JSON.parse(String(repeating: "{\"a\":", count: 1025) + "1" + String(repeating: "}", count: 1025)) }
+    }
+
+    @Test func objectsKeepOrderWhenKeysAreReplacedAndRemoved() {
+        var object: JSONObject = ["a": 1, "b": 2, "c": 3]
+        object["b"] = 20
+        object["a"] = nil
+        object["d"] = 4
+        #expect(object.keys == ["b", "c", "d"])
+        #expect(object["b"] == 20 && object["a"] == nil && object["c"] == 3)
+        #expect(object == ["d": 4, "c": 3, "b": 20])
     }
 
     @Test func partialMatchingLikeEventsWait() {

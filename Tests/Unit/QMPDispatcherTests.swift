@@ -10,6 +10,7 @@ import Testing
             ["text": args["text"]!]
         }
         d.register("fail") { _ in throw QMPCommandError("it failed") }
+        d.register("typed", arguments: ["flag": .boolean, "queues": .uint32, "size": .size]) { _ in [:] }
         return d
     }
 
@@ -44,6 +45,13 @@ import Testing
         (#"{"execute": "echo", "arguments": {"text": 1}}"#, "Invalid parameter type for 'text', expected: string"),
         (#"{"execute": "echo", "arguments": {"text": "a", "extra": 1}}"#, "Parameter 'extra' is unexpected"),
         (#"{"execute": "fail"}"#, "it failed"),
+        (#"{"execute": "echo", "execute": "fail"}"#, "JSON parse error, duplicate key 'execute'"),
+        (#"{"execute": "echo", "arguments": {"text": "a", "count": "1"}}"#, "Invalid parameter type for 'count', expected: integer"),
+        (#"{"execute": "typed", "arguments": {"flag": 1}}"#, "Invalid parameter type for 'flag', expected: boolean"),
+        (#"{"execute": "typed", "arguments": {"queues": "2"}}"#, "Parameter 'queues' expects uint64"),
+        (#"{"execute": "typed", "arguments": {"queues": 4294967296}}"#, "Parameter 'queues' expects uint32_t"),
+        (#"{"execute": "typed", "arguments": {"queues": -1}}"#, "Parameter 'queues' expects uint32_t"),
+        (#"{"execute": "typed", "arguments": {"size": -1}}"#, "Parameter 'size' expects uint64"),
     ])
     func malformedMessagesGetGenericErrors(line: String, expected: String) {
         let d = makeDispatcher()

@@ -70,12 +70,19 @@ extension Machine {
         return (parts.joined(separator: ","), claimed)
     }
 
+    /// QAPI's types for `netdev_add` tap arguments (NetdevTapOptions); every other key is a string.
+    static let netdevArgumentTypes: [String: QMPDispatcher.ArgumentType] = [
+        "queues": .uint32, "poll-us": .uint32, "sndbuf": .size,
+        "vnet_hdr": .boolean, "vhost": .boolean, "vhostforce": .boolean, "incoming-fds": .boolean,
+    ]
+
     func registerNetworkCommands() {
         let d = dispatcher
         d.register("getfd", arguments: ["fdname": .string], required: ["fdname"]) { [unowned self] args, context in
             guard let fd = context.takeFD() else { throw QMPCommandError("No file descriptor supplied via SCM_RIGHTS") }
             let name = args["fdname"]!.stringValue!
-            guard Int32(name) == nil else {
+            // QEMU's rule (qmp_getfd): a name must not start with a digit, so it can never look like an fd number.
+            guard !(name.utf8.first.map { (UInt8(ascii: "0")...UInt8(ascii: "9")).contains($0) } ?? false) else {
                 close(fd)
                 throw QMPCommandError("Parameter 'fdname' expects a name not starting with a digit")
             }
@@ -89,7 +96,7 @@ extension Machine {
             close(fd)
             return [:]
         }
-        let netdevArgs = Dictionary(uniqueKeysWithValues: NetdevSpec.keys.map { ($0, QMPDispatcher.ArgumentType.any) })
+        let netdevArgs = Dictionary(uniqueKeysWithValues: NetdevSpec.keys.map { ($0, Self.netdevArgumentTypes[$0] ?? .string) })
         d.register("netdev_add", arguments: netdevArgs, required: ["type", "id"]) { [unowned self] args in
             let (text, claimed) = try optionString(args["type"]?.stringValue ?? "", args, skip: ["type"], resolveFDs: true)
             // Parse errors become GenericError replies in the dispatcher, with their text.

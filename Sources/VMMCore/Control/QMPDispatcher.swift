@@ -37,14 +37,40 @@ public final class QMPRequestContext {
 /// The command table and QEMU's rules for one QMP message: framing checks, capability
 /// negotiation, argument validation, `id` echo. It holds no connection state itself.
 public final class QMPDispatcher {
-    public enum ArgumentType: String, Sendable {
-        case string, boolean = "bool", integer = "int", object, array, any
+    /// Argument types as QEMU's QAPI input visitor checks them, with its error wording, so
+    /// that every command refuses a mistyped argument the same way QEMU does.
+    public enum ArgumentType: Sendable {
+        case string, boolean, integer, object, array, any
+        /// QAPI `uint32` (e.g. `queues`): QEMU also takes negative numbers as their
+        /// two's complement and then finds them out of range.
+        case uint32
+        /// QAPI `size` (e.g. `sndbuf`): a non-negative integer.
+        case size
 
-        func accepts(_ value: JSON) -> Bool {
+        /// Why `value` does not fit, in QEMU's words; nil when it does.
+        func mismatch(_ value: JSON, key: String) -> String? {
             switch (self, value) {
-            case (.any, _), (.string, .string), (.boolean, .bool), (.integer, .int), (.object, .object), (.array, .array): return true
-            case (.integer, .double(let d)): return Int64(exactly: d) != nil
-            default: return false
+            case (.any, _), (.string, .string), (.boolean, .bool), (.integer, .int), (.object, .object), (.array, .array): return nil
+            case (.integer, .double(let d)) where Int64(exactly: d) != nil: return nil
+            case (.uint32, _):
+                guard let n = value.intValue else { return "Parameter '\(key)' expects uint64" }
+                return UInt32(exactly: n) == nil ? "Parameter '\(key)' expects uint32_t" : nil
+            case (.size, _):
+                guard let n = value.intValue, n >= 0 else { return "Parameter '\(key)' expects uint64" }
+                return nil
+            default: return "Invalid parameter type for '\(key)', expected: \(qapiName)"
+            }
+        }
+
+        private var qapiName: String {
+            switch self {
+            case .string: return "string"
+            case .boolean: return "boolean"
+            case .integer: return "integer"
+            case .object: return "object"
+            case .array: return "array"
+            case .any: return "any"
+            case .uint32, .size: return "uint64"
             }
         }
     }
@@ -79,7 +105,9 @@ public final class QMPDispatcher {
         do {
             message = try JSON.parse(line)
         } catch {
-            return QMPMessage.error(.genericError, "JSON parse error, \(error.message)", id: nil)
+            // QEMU words the nesting limit on its own, other parse errors with this prefix.
+            let desc = error.message == JSONParseError.nestingLimitMessage ? error.message : "JSON parse error, \(error.message)"
+            return QMPMessage.error(.genericError, desc, id: nil)
         }
         guard case .object(let object) = message else {
             return QMPMessage.error(.genericError, "QMP input must be a JSON object", id: nil)
@@ -129,9 +157,7 @@ public final class QMPDispatcher {
     func validate(_ arguments: JSONObject, for command: Command) throws {
         for (key, value) in arguments.pairs {
             guard let type = command.arguments[key] else { throw QMPCommandError("Parameter '\(key)' is unexpected") }
-            guard type.accepts(value) else {
-                throw QMPCommandError("Invalid parameter type for '\(key)', expected: \(type.rawValue)")
-            }
+            if let mismatch = type.mismatch(value, key: key) { throw QMPCommandError(mismatch) }
         }
         for key in command.required.sorted() where arguments[key] == nil {
             throw QMPCommandError("Parameter '\(key)' is missing")

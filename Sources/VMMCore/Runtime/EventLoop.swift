@@ -11,6 +11,8 @@ public final class EventLoop: @unchecked Sendable {
     }
 
     private var sources: [Int32: Source] = [:]
+    /// One-shot timers (loop thread only): deadline in monotonic nanoseconds, and the work.
+    private var timers: [(deadline: Int64, work: () -> Void)] = []
     private let wakeup: EventFD
     private let posted = Mutex<[@Sendable () -> Void]>([])
     private var exitStatus: Int32?
@@ -33,6 +35,11 @@ public final class EventLoop: @unchecked Sendable {
         wakeup.signal()
     }
 
+    /// Runs `work` on the loop thread after `nanoseconds`; call from the loop thread.
+    public func after(nanoseconds: Int64, _ work: @escaping () -> Void) {
+        timers.append((monotonicNanoseconds() + nanoseconds, work))
+    }
+
     /// Wakes the loop so it re-reads every source's interest.
     public func poke() { wakeup.signal() }
 
@@ -47,10 +54,11 @@ public final class EventLoop: @unchecked Sendable {
                 let events = source.interest()
                 if events != 0 { fds.append(pollfd(fd: fd, events: events, revents: 0)) }
             }
-            let rc = poll(&fds, nfds_t(fds.count), -1)
+            let rc = poll(&fds, nfds_t(fds.count), pollTimeout())
             if rc < 0 && errno != EINTR { break }
             if fds[0].revents != 0 { wakeup.drain() }
             runPosted()
+            runDueTimers()
             for p in fds.dropFirst() where p.revents != 0 {
                 guard exitStatus == nil else { break }
                 // A handler may have removed this source (or another one) meanwhile.
@@ -59,6 +67,21 @@ public final class EventLoop: @unchecked Sendable {
             runPosted()
         }
         return exitStatus ?? 1
+    }
+
+    /// Milliseconds until the next timer, rounded up; -1 (forever) without timers.
+    private func pollTimeout() -> Int32 {
+        guard let next = timers.map(\.deadline).min() else { return -1 }
+        let remaining = next - monotonicNanoseconds()
+        return remaining <= 0 ? 0 : Int32(clamping: (remaining + 999_999) / 1_000_000)
+    }
+
+    private func runDueTimers() {
+        guard !timers.isEmpty else { return }
+        let now = monotonicNanoseconds()
+        let due = timers.filter { $0.deadline <= now }
+        timers.removeAll { $0.deadline <= now }
+        for timer in due { timer.work() }
     }
 
     private func runPosted() {

@@ -23,6 +23,14 @@ public enum TCPSocket {
         }
     }
 
+    /// QEMU's wording (util/qemu-sockets.c).
+    struct ResolveError: Error, CustomStringConvertible {
+        let host: String
+        let port: UInt16
+        let reason: String
+        var description: String { "address resolution failed for \(host):\(port): \(reason)" }
+    }
+
     /// Migration sends many small frames; waiting for Nagle would add to the downtime.
     static func setNoDelay(_ fd: Int32) {
         var one: Int32 = 1
@@ -36,7 +44,8 @@ public enum TCPSocket {
         hints.ai_flags = passive ? AI_PASSIVE : 0
         var list: UnsafeMutablePointer<addrinfo>?
         let rc = getaddrinfo(host.isEmpty ? nil : host, String(port), &hints, &list)
-        guard rc == 0 else { throw SystemError("tcp:\(host):\(port): cannot resolve '\(host)': \(String(cString: gai_strerror(rc)))") }
+        // getaddrinfo reports through its return value; errno is stale here.
+        guard rc == 0 else { throw ResolveError(host: host, port: port, reason: String(cString: gai_strerror(rc))) }
         defer { freeaddrinfo(list) }
         var lastError: Int32 = EADDRNOTAVAIL
         var entry = list

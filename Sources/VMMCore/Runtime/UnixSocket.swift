@@ -60,6 +60,30 @@ public enum UnixSocket {
         }
     }
 
+    /// Writes what `fd` takes now without blocking: the count (0 when full), nil when
+    /// the peer is gone. Sockets get MSG_DONTWAIT; a pipe, tty or file (stdio) is written
+    /// only when poll says there is room, at most PIPE_BUF bytes, which then cannot block.
+    public static func writeNonBlocking(_ fd: Int32, _ bytes: UnsafeRawBufferPointer) -> Int? {
+        guard !bytes.isEmpty else { return 0 }
+        while true {
+            let n = send(fd, bytes.baseAddress!, bytes.count, Int32(MSG_NOSIGNAL | MSG_DONTWAIT))
+            if n >= 0 { return n }
+            switch errno {
+            case EINTR: continue
+            case EAGAIN: return 0
+            case ENOTSOCK:
+                var p = pollfd(fd: fd, events: Int16(POLLOUT), revents: 0)
+                guard poll(&p, 1, 0) == 1 else { return 0 }
+                if p.revents & Int16(POLLERR | POLLHUP) != 0 { return nil }
+                let w = Glibc.write(fd, bytes.baseAddress!, min(bytes.count, Int(PIPE_BUF)))
+                if w >= 0 { return w }
+                if errno == EINTR || errno == EAGAIN { return 0 }
+                return nil
+            default: return nil
+            }
+        }
+    }
+
     /// Writes everything, retrying short writes; false when the peer is gone.
     @discardableResult
     public static func writeAll(_ fd: Int32, _ bytes: UnsafeRawBufferPointer) -> Bool {
