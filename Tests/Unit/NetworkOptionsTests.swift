@@ -29,13 +29,35 @@ import Testing
         ("tap,id=n0,fd=x", "'x' is not a file descriptor number"),
         ("tap,id=n0,colour=red", "unknown parameter 'colour'"),
         ("tap,id=n0,vhost=on", "vhost=on is not supported yet"),
-        ("tap,id=n0,incoming-fds=on,ifname=tap0,script=no,downscript=no", "incoming-fds is incompatible with fd=, fds=, ifname=, sndbuf= and vnet_hdr="),
-        ("tap,id=n0,incoming-fds=on,vnet_hdr=on,script=no,downscript=no", "incoming-fds is incompatible"),
         ("tap,id=n0,incoming-fds=on", "incoming-fds requires script=no and downscript=no"),
+        ("tap,id=n0,incoming-fds=on,script=/etc/qemu-ifup,downscript=no", "incoming-fds requires script=no and downscript=no"),
+        ("tap,id=n0,helper=/usr/lib/qemu/qemu-bridge-helper", "helper= is not supported (no bridge helper)"),
+        ("tap,id=n0,br=br0", "br= is not supported (no bridge helper)"),
     ])
     func badNetdevsNameOptionAndValue(text: String, fragment: String) {
         #expect(throws: (any Error).self) { try NetdevSpec.parse(text, option: "-netdev") }
         do { _ = try NetdevSpec.parse(text, option: "-netdev") } catch { #expect("\(error)".contains(fragment), "\(error)") }
+    }
+
+    /// The series' rule (v13 06/8): each option that opens or configures a TAP conflicts
+    /// with incoming-fds, and the message names all of them, in its order.
+    @Test(arguments: ["fd=999", "fds=999:998", "helper=/usr/lib/qemu/qemu-bridge-helper", "br=br0", "ifname=tap0", "sndbuf=1048576", "vnet_hdr=on"])
+    func incomingFDsConflictNamesEveryOption(option: String) {
+        let text = "tap,id=n0,incoming-fds=on,\(option),script=no,downscript=no"
+        do {
+            _ = try NetdevSpec.parse(text, option: "-netdev")
+            Issue.record("accepted \(text)")
+        } catch {
+            #expect("\(error)" == "-netdev \(text): incoming-fds is incompatible with fd=, fds=, helper=, br=, ifname=, sndbuf= and vnet_hdr=")
+        }
+    }
+
+    /// An empty script means no script, as in QEMU; the series accepts it beside incoming-fds.
+    @Test(arguments: ["script=,downscript=", "script=no,downscript=", "script=,downscript=no"])
+    func emptyScriptsCountAsNo(scripts: String) throws {
+        let spec = try NetdevSpec.parse("tap,id=n0,incoming-fds=on,queues=2,\(scripts)", option: "-netdev")
+        #expect(spec.incomingFDs && spec.queues == 2)
+        #expect(try NetdevSpec.parse("tap,id=n0,ifname=tap0,\(scripts)", option: "-netdev").ifname == "tap0")
     }
 
     @Test(arguments: [

@@ -11,7 +11,15 @@ public struct NetdevSpec: Sendable, Equatable {
     /// `incoming-fds=on`: open nothing; the queues come from a local migration's stream.
     public var incomingFDs = false
 
-    static let keys: Set<String> = ["type", "id", "ifname", "queues", "script", "downscript", "vnet_hdr", "fd", "fds", "vhost", "sndbuf", "incoming-fds"]
+    static let keys: Set<String> = ["type", "id", "ifname", "queues", "script", "downscript", "vnet_hdr", "fd", "fds", "vhost", "sndbuf", "incoming-fds", "helper", "br"]
+    /// What `incoming-fds` excludes, in the series' order and wording: all of it describes
+    /// how to open or configure a TAP, which comes from the source instead. (The series
+    /// accepts `vhost=`, `vhostfds=`, `vhostforce=` and `poll-us=` beside it: vhost is set
+    /// up after the load. They join `keys` when vhost does.)
+    static let excludedByIncomingFDs = ["fd", "fds", "helper", "br", "ifname", "sndbuf", "vnet_hdr"]
+
+    /// `script=no` and, as in QEMU, `script=` (empty): no script runs.
+    static func isNoScript(_ value: String?) -> Bool { value == "no" || value == "" }
 
     public static func parse(_ value: String, option: String) throws -> NetdevSpec {
         let list = try KeyValueList(value, option: option, impliedKey: "type")
@@ -20,8 +28,22 @@ public struct NetdevSpec: Sendable, Equatable {
         }
         try list.checkKeys(keys, context: value)
         let id = try list.required("id", in: value)
+        var incomingFDs = false
+        if try list.bool("incoming-fds", default: false) {
+            // The seed series' rules: the TAP comes from the source, so nothing may describe
+            // how to open or configure one here.
+            guard excludedByIncomingFDs.allSatisfy({ list[$0] == nil }) else {
+                let names = excludedByIncomingFDs.map { "\($0)=" }
+                throw VMMConfiguration.Error("\(option) \(value): incoming-fds is incompatible with \(names.dropLast().joined(separator: ", ")) and \(names.last!)")
+            }
+            // The series also takes an empty script as "no", without saying so in the message.
+            guard isNoScript(list["script"]), isNoScript(list["downscript"]) else {
+                throw VMMConfiguration.Error("\(option) \(value): incoming-fds requires script=no and downscript=no")
+            }
+            incomingFDs = true
+        }
         for key in ["script", "downscript"] {
-            if let script = list[key], !["no", ""].contains(script) {
+            if let script = list[key], !isNoScript(script) {
                 throw VMMConfiguration.Error("\(option) \(value): \(key)=\(script) is not supported, use \(key)=no and set the TAP up beforehand")
             }
         }
@@ -29,6 +51,7 @@ public struct NetdevSpec: Sendable, Equatable {
             throw VMMConfiguration.Error("\(option) \(value): vhost=on is not supported yet")
         }
         var spec = NetdevSpec(id: id, ifname: list["ifname"], queues: 1, vnetHeader: nil, fds: nil)
+        spec.incomingFDs = incomingFDs
         if let queues = list["queues"] {
             guard let n = Int(queues), n >= 1, n <= 256 else { throw VMMConfiguration.Error("\(option) \(value): queues=\(queues) must be 1..256") }
             spec.queues = n
@@ -39,19 +62,11 @@ public struct NetdevSpec: Sendable, Equatable {
             guard spec.fds == nil else { throw VMMConfiguration.Error("\(option) \(value): fd= and fds= exclude each other") }
             spec.fds = try parseFDs(fds, option: option, value: value)
         }
-        if try list.bool("incoming-fds", default: false) {
-            // The seed series' rules: the TAP comes from the source, so nothing may describe
-            // how to open or configure one here.
-            let conflicting = ["fd", "fds", "ifname", "sndbuf", "vnet_hdr"].filter { list[$0] != nil }
-            guard conflicting.isEmpty else {
-                throw VMMConfiguration.Error("\(option) \(value): incoming-fds is incompatible with fd=, fds=, ifname=, sndbuf= and vnet_hdr=")
-            }
-            guard list["script"] == "no", list["downscript"] == "no" else {
-                throw VMMConfiguration.Error("\(option) \(value): incoming-fds requires script=no and downscript=no")
-            }
-            spec.incomingFDs = true
-        }
         if list["sndbuf"] != nil && !spec.incomingFDs { throw VMMConfiguration.Error("\(option) \(value): sndbuf= is not supported") }
+        // Known tap keys, so that incoming-fds names them; this VMM runs no bridge helper.
+        for key in ["helper", "br"] where list[key] != nil {
+            throw VMMConfiguration.Error("\(option) \(value): \(key)= is not supported (no bridge helper): create the TAP and attach it to the bridge beforehand, then use ifname= or fd=")
+        }
         if let fds = spec.fds {
             if spec.ifname != nil { throw VMMConfiguration.Error("\(option) \(value): ifname= cannot be combined with fd=/fds=") }
             if list["queues"] != nil && spec.queues != fds.count {
