@@ -142,9 +142,14 @@ extension Machine {
                 fds.forEach { close($0) }
                 throw error
             }
-            guard queues == fds.count, let tap = nic.backend as? TapBackend, tap.queueFDs.isEmpty else {
+            guard let tap = nic.backend as? TapBackend, tap.queueFDs.isEmpty else {
                 fds.forEach { close($0) }
-                throw StreamError("\(section.name): the source passes its TAP queues, but netdev '\(nic.backend.id)' was not created with incoming-fds=on")
+                // The series' tap_pre_load wording, then what it means here.
+                throw StreamError("\(section.name): TAP is already initialized and cannot receive incoming fd: netdev '\(nic.backend.id)' was not created with incoming-fds=on")
+            }
+            guard queues == fds.count else {
+                fds.forEach { close($0) }
+                throw StreamError("\(section.name): the section announces \(queues) TAP queue(s) but carries \(fds.count) file descriptor(s)")
             }
             try tap.adopt(fds, vnetHeader: vnetHeader)
         default: throw StreamError("unknown state '\(section.name)'")
