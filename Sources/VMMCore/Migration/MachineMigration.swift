@@ -24,8 +24,9 @@ extension Machine {
             if isLocalMigration { properties["local-migration"] = nic.localMigration ? "on" : "off" }
             devices.append(.init(id: nic.id, type: "virtio-net-pci", properties: properties))
         }
-        return MachineDescription(properties: ["ram-size": String(memory.size), "vcpus": "1", "local": isLocalMigration ? "on" : "off"],
-                                  devices: devices)
+        var properties = ["ram-size": String(memory.size), "vcpus": "1", "local": isLocalMigration ? "on" : "off"]
+        if let file = memory.fileIdentity { properties["ram-file"] = file }
+        return MachineDescription(properties: properties, devices: devices)
     }
 
     var isLocalMigration: Bool { migration.parameters["local"]?.boolValue == true }
