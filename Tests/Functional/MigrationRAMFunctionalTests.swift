@@ -13,12 +13,15 @@ struct MigrationRAMFunctionalTests {
     enum Leftover: String, CaseIterable, Sendable {
         case filledWithFF
         case earlierBoot
+        /// The target maps its 0xFF file with share=off: the guest must see zeros, and the
+        /// file must stay as it was (a private mapping never writes it).
+        case filledWithFFPrivate
     }
 
     static let ramSize = 64 << 20
 
-    static func fileBackend(_ path: String) -> [String] {
-        ["-object", "memory-backend-file,id=ram0,size=64M,mem-path=\(path),share=on", "-machine", "memory-backend=ram0"]
+    static func fileBackend(_ path: String, share: Bool = true) -> [String] {
+        ["-object", "memory-backend-file,id=ram0,size=64M,mem-path=\(path),share=\(share ? "on" : "off")", "-machine", "memory-backend=ram0"]
     }
 
     /// Pages (by guest-physical address, low RAM starts at 0) where the two files differ.
@@ -56,7 +59,7 @@ struct MigrationRAMFunctionalTests {
         let uri = "unix:\(socketDirectory)/migration.sock"
         try await withArtifacts { artifacts in
             switch leftover {
-            case .filledWithFF:
+            case .filledWithFF, .filledWithFFPrivate:
                 #expect(FileManager.default.createFile(atPath: targetRAM, contents: Data(repeating: 0xFF, count: Self.ramSize)))
             case .earlierBoot:
                 // A guest boots on the file, leaves round 50 in its scribble area, and quits.
@@ -69,7 +72,7 @@ struct MigrationRAMFunctionalTests {
             }
             var sourceOptions = guestOptions(arguments: Self.fileBackend(sourceRAM))
             sourceOptions.name = "source"
-            var targetOptions = guestOptions(arguments: Self.fileBackend(targetRAM) + ["-incoming", "defer"])
+            var targetOptions = guestOptions(arguments: Self.fileBackend(targetRAM, share: leftover != .filledWithFFPrivate) + ["-incoming", "defer"])
             targetOptions.name = "target"
             let source = try await Machine.launch(sourceOptions, in: artifacts)
             let target = try await Machine.launch(targetOptions, in: artifacts)
@@ -79,9 +82,14 @@ struct MigrationRAMFunctionalTests {
             try await source.qmp.execute("migrate", arguments: ["uri": .string(uri)])
             try await MigrationWaiter.waitForFinish(source: source.qmp, target: target.qmp, timeout: .seconds(60))
 
-            // Both stopped (postmigrate, paused): their RAM must be the same, page for page.
-            let differing = try Self.differingPages(sourceRAM, targetRAM)
-            #expect(differing.isEmpty, "\(differing.count) pages differ, first at \(differing.prefix(8).map { String($0, radix: 16) })")
+            if leftover == .filledWithFFPrivate {
+                let file = try Data(contentsOf: URL(fileURLWithPath: targetRAM))
+                #expect(file.count == Self.ramSize && file.allSatisfy { $0 == 0xFF }, "the target wrote its share=off RAM file")
+            } else {
+                // Both stopped (postmigrate, paused): their RAM must be the same, page for page.
+                let differing = try Self.differingPages(sourceRAM, targetRAM)
+                #expect(differing.isEmpty, "\(differing.count) pages differ, first at \(differing.prefix(8).map { String($0, radix: 16) })")
+            }
 
             try await target.qmp.execute("cont")
             try await Self.expectFreshScribbleArea(target)
