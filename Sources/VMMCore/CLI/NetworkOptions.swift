@@ -95,11 +95,34 @@ public struct DeviceSpec: Sendable, Equatable {
     /// `local-migration=on|off` (default on): hand the TAP fds to the target when the
     /// migration parameter `local` is set.
     public var localMigration = true
+    /// `bus=`: the root bus (`pcie.0`, `pci.0`) or a `pcie-pci-bridge` alias's id.
+    public var bus: String?
+    /// Accepted for QEMU's command lines (the series' device_add passes them) with no
+    /// effect here; `notes` says why, for the debug log.
+    public var vectors: Int?
+    public var romfile: String?
+    public var disableLegacy: String?
+    public var addr: String?
 
-    static let keys: Set<String> = ["driver", "id", "netdev", "mac", "mq", "vectors", "romfile", "addr", "bus", "local-migration"]
+    static let keys: Set<String> = ["driver", "id", "netdev", "mac", "mq", "vectors", "romfile", "addr", "bus", "local-migration", "disable-legacy"]
+    static let rootBuses: Set<String> = ["pcie.0", "pci.0"]
+
+    /// Why each property given that this machine cannot honour changes nothing.
+    public func notes(msixVectors: Int) -> [String] {
+        var notes: [String] = []
+        if let vectors { notes.append("vectors=\(vectors) has no effect: the MSI-X table has \(msixVectors) entries and no interrupt is delivered (the guest polls)") }
+        if let romfile { notes.append("romfile=\(romfile.isEmpty ? "\"\"" : romfile) has no effect: no firmware runs, so no option ROM is loaded") }
+        if disableLegacy == "off" { notes.append("disable-legacy=off has no effect: the device is modern-only (virtio 1.0, no legacy I/O BAR)") }
+        if let addr { notes.append("addr=\(addr) has no effect: NICs take PCI slots in order from 1") }
+        if let bus, !Self.rootBuses.contains(bus) { notes.append("bus=\(bus) names a pcie-pci-bridge alias: the device sits on bus 0, the only bus") }
+        return notes
+    }
 
     public static func parse(_ value: String, option: String) throws -> DeviceSpec {
         let list = try KeyValueList(value, option: option, impliedKey: "driver")
+        if list["driver"] == PCIBridgeSpec.driver {
+            throw VMMConfiguration.Error("\(option) \(value): \(PCIBridgeSpec.driver) is an alias on the command line only (-device \(PCIBridgeSpec.driver),id=ID,bus=pcie.0): this machine has one PCI bus")
+        }
         guard list["driver"] == "virtio-net-pci" else {
             throw VMMConfiguration.Error("\(option) \(value): unsupported device '\(list["driver"] ?? "")' (only virtio-net-pci)")
         }
@@ -107,6 +130,20 @@ public struct DeviceSpec: Sendable, Equatable {
         let netdev = try list.required("netdev", in: value)
         var spec = DeviceSpec(id: list["id"], netdev: netdev, mac: nil, multiQueue: try list.bool("mq", default: false))
         spec.localMigration = try list.bool("local-migration", default: true)
+        spec.bus = list["bus"]
+        spec.romfile = list["romfile"]
+        spec.addr = list["addr"]
+        if let vectors = list["vectors"] {
+            // QEMU's limit: PCI_MSIX_FLAGS_QSIZE + 1.
+            guard let n = Int(vectors), (0...2048).contains(n) else { throw VMMConfiguration.Error("\(option) \(value): vectors=\(vectors) must be 0..2048") }
+            spec.vectors = n
+        }
+        if let legacy = list["disable-legacy"] {
+            guard ["on", "off", "auto"].contains(legacy) else {
+                throw VMMConfiguration.Error("\(option) \(value): disable-legacy=\(legacy) must be on, off or auto")
+            }
+            spec.disableLegacy = legacy
+        }
         if let mac = list["mac"] {
             guard let bytes = parseMAC(mac) else { throw VMMConfiguration.Error("\(option) \(value): mac=\(mac) is not a MAC address like 52:54:00:12:34:56") }
             guard bytes[0] & 1 == 0 else { throw VMMConfiguration.Error("\(option) \(value): mac=\(mac) is a multicast address") }
@@ -120,5 +157,28 @@ public struct DeviceSpec: Sendable, Equatable {
         guard parts.count == 6 else { return nil }
         let bytes = parts.compactMap { $0.count == 2 ? UInt8($0, radix: 16) : nil }
         return bytes.count == 6 ? bytes : nil
+    }
+}
+
+/// `-device pcie-pci-bridge,id=ID[,bus=pcie.0]`, as QEMU's q35 command lines (the series'
+/// test) spell a bus for their NICs. A documented alias: this machine has one PCI bus and
+/// adds nothing the guest could see; a device with `bus=ID` goes on bus 0.
+public enum PCIBridgeSpec {
+    static let driver = "pcie-pci-bridge"
+
+    /// The bridge's id, the bus name devices may give.
+    public static func parse(_ value: String, option: String) throws -> String {
+        let list = try KeyValueList(value, option: option, impliedKey: "driver")
+        try list.checkKeys(["driver", "id", "bus", "addr"], context: value)
+        let id = try list.required("id", in: value)
+        if let bus = list["bus"], !DeviceSpec.rootBuses.contains(bus) {
+            throw VMMConfiguration.Error("\(option) \(value): bus=\(bus): the bridge alias sits on the root bus, use bus=pcie.0")
+        }
+        guard !DeviceSpec.rootBuses.contains(id) else { throw VMMConfiguration.Error("\(option) \(value): id=\(id) is the root bus's name") }
+        return id
+    }
+
+    static func isBridge(_ value: String) -> Bool {
+        (try? KeyValueList(value, option: "-device", impliedKey: "driver"))?["driver"] == driver
     }
 }
