@@ -91,18 +91,21 @@ extension SerializedNetworkSuites {
         }
 
         /// A failure after the guest was stopped: a fake target answers the switch-over and
-        /// hangs up as soon as the device state starts. The source must resume its guest
-        /// (STOP, then RESUME) and read its TAP again.
-        @Test func failureAfterTheStopResumesTheSourceAndItsTap() async throws {
+        /// hangs up when the state starts (the vCPU section), or, in local mode, when the
+        /// section carrying the TAP queue fds arrives. The source must resume its guest
+        /// (STOP, then RESUME), read its TAP again and hold the fds it held.
+        @Test(arguments: [(false, "cpu0"), (true, "nic0/tap")])
+        func failureAfterTheStopResumesTheSourceAndItsTap(local: Bool, hangUpAt: String) async throws {
             try await Failure.withSingleTapPair { ns, source, _, uri, fds in
-                let peer = try HangUpAtDeviceState(path: String(uri.dropFirst(5)) + ".fake")
+                if local { try await source.qmp.execute("migrate-set-parameters", arguments: ["local": true]) }
+                let peer = try HangUpAtDeviceState(path: String(uri.dropFirst(5)) + ".fake", hangUpAt: hangUpAt)
                 try await source.qmp.execute("migrate", arguments: ["uri": .string("unix:\(peer.path)")])
                 _ = try await source.qmp.waitForEvent("STOP", timeout: .seconds(30))
                 _ = try await source.qmp.waitForEvent("MIGRATION", matching: ["status": "device"], timeout: .seconds(10))
                 _ = try await source.qmp.waitForEvent("MIGRATION", matching: ["status": "failed"], timeout: .seconds(10))
                 _ = try await source.qmp.waitForEvent("RESUME", timeout: .seconds(10))
                 peer.join()
-                #expect(peer.hungUpAt == "vcpu", "the fake target hung up at \(peer.hungUpAt ?? "nothing")")
+                #expect(peer.hungUpAt == hangUpAt, "the fake target hung up at \(peer.hungUpAt ?? "nothing")")
                 let info = try await source.qmp.execute("query-migrate")
                 #expect(info["status"] == "failed" && info["error-desc"] != nil, "\(info.serialized)")
                 try await Failure.expectSourceRecovered(source, ns: ns, fds: fds)
@@ -136,17 +139,20 @@ extension SerializedNetworkSuites {
     }
 }
 
-/// A fake migration target: reads the stream frame by frame, answers the switch-over
-/// (kind 6) with the ready byte, and hangs up when the first vCPU or device section
-/// (kinds 3, 4) begins, which the source sends only after it stopped its guest.
+/// A fake migration target: reads the stream frame by frame (docs/migration-format.md),
+/// answers the switch-over (kind 6) with the ready byte, and hangs up when the vCPU or
+/// device section named `hangUpAt` arrives; the source sends those only after it stopped
+/// its guest. Fds riding along are discarded unread.
 final class HangUpAtDeviceState: @unchecked Sendable {
     let path: String
+    let hangUpAt: String
     private let listener: Int32
     private let done = DispatchSemaphore(value: 0)
     private(set) var hungUpAt: String?
 
-    init(path: String) throws {
+    init(path: String, hangUpAt: String) throws {
         self.path = path
+        self.hangUpAt = hangUpAt
         listener = try listenOnUnixSocket(path)
         Thread { [self] in serve() }.start()
     }
@@ -175,14 +181,17 @@ final class HangUpAtDeviceState: @unchecked Sendable {
         while let length = readExactly(fd, 4) {
             let size = Int(UInt32(length[0]) | UInt32(length[1]) << 8 | UInt32(length[2]) << 16 | UInt32(length[3]) << 24)
             guard size > 0, let frame = readExactly(fd, size) else { return }
-            switch frame[0] {
-            case 6:
+            // frame := kind:u8 name:(length:u32 bytes) ...
+            guard frame.count >= 5 else { return }
+            let nameLength = Int(UInt32(frame[1]) | UInt32(frame[2]) << 8 | UInt32(frame[3]) << 16 | UInt32(frame[4]) << 24)
+            guard frame.count >= 5 + nameLength else { return }
+            let name = String(decoding: frame[5..<5 + nameLength], as: UTF8.self)
+            if frame[0] == 6 {
                 var ready: UInt8 = 0x05
                 _ = write(fd, &ready, 1)
-            case 3, 4:
-                hungUpAt = frame[0] == 3 ? "vcpu" : "device"
+            } else if (frame[0] == 3 || frame[0] == 4) && name == hangUpAt {
+                hungUpAt = name
                 return
-            default: continue
             }
         }
     }
