@@ -95,3 +95,40 @@ struct IncomingFDsOutsideMigrationFunctionalTests {
         #expect(result.stderr.contains(Self.message), "\(result.stderr)")
     }
 }
+
+/// The series' QMP calls as written, on a migration target (which needs no TAP):
+/// netdev_add with incoming-fds, then its device_add with every property it passes, on
+/// the bus of a `-device pcie-pci-bridge` alias. Properties without effect here are
+/// accepted and said so at debug level.
+@Suite(.requiresKVM, .requiresGuestImage, .requiresVMM, .usesProcessResources)
+struct SeedDeviceAddFunctionalTests {
+    @Test func seriesDeviceAddIsAcceptedAndItsNoEffectPropertiesAreLogged() async throws {
+        var options = guestOptions(startPaused: true, arguments: [
+            "-d", "-machine", "q35", "-device", "pcie-pci-bridge,id=pci.1,bus=pcie.0", "-incoming", "defer",
+        ])
+        options.name = "target"
+        try await Machine.with(options) { vm in
+            try await vm.qmp.execute("netdev_add", arguments: [
+                "id": "netdev.1", "vhost": false, "type": "tap", "queues": 4, "incoming-fds": true, "script": "no", "downscript": "no",
+            ])
+            try await vm.qmp.execute("device_add", arguments: [
+                "driver": "virtio-net-pci", "romfile": "", "id": "vnet.1", "netdev": "netdev.1", "mq": true, "vectors": 18,
+                "bus": "pci.1", "mac": "d6:0d:75:f8:0f:b7", "disable-legacy": "off", "local-migration": true,
+            ])
+            let nic = try await NetworkDeviceFunctionalTests.nicInfo(vm.qmp, id: "vnet.1")
+            #expect(nic["bus"] == 0 && nic["x-virtio-net"]?["max-queue-pairs"] == 4, "\(nic.serialized)")
+            let log = vm.stderrTail(40).joined(separator: "\n")
+            for note in ["vnet.1: vectors=18 has no effect", "vnet.1: romfile=\"\" has no effect", "vnet.1: disable-legacy=off has no effect",
+                         "vnet.1: bus=pci.1 names a pcie-pci-bridge alias"] {
+                #expect(log.contains(note), "\(note) not in: \(log)")
+            }
+            try await vm.qmp.execute("netdev_add", arguments: [
+                "id": "netdev.2", "type": "tap", "incoming-fds": true, "script": "no", "downscript": "no",
+            ])
+            let missing = await MigrationParameterFunctionalTests.refusal(try vm.qmp, "device_add", [
+                "driver": "virtio-net-pci", "id": "vnet.2", "netdev": "netdev.2", "bus": "pci.2",
+            ])
+            #expect(missing?.contains("Bus 'pci.2' not found") == true, "\(missing ?? "accepted")")
+        }
+    }
+}
