@@ -48,6 +48,7 @@ let package = Package(
             dependencies: ["TestKit", .product(name: "ArgumentParser", package: "swift-argument-parser")]
         ),
         .testTarget(name: "Unit", dependencies: ["VMMCore", "QMPWire", "TestKit"]),
-        .testTarget(name: "Functional", dependencies: ["TestKit", "vmm"]),
+        // Resources/: scripts the tests run with python3, found by path (#filePath).
+        .testTarget(name: "Functional", dependencies: ["TestKit", "vmm"], exclude: ["Resources"]),
     ]
 )

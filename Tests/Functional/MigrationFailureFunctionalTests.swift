@@ -144,9 +144,6 @@ extension SerializedNetworkSuites {
             // The later -m wins over guestOptions' 64M.
             (["-m", "128M"] + NetworkDeviceFunctionalTests.nicArguments(queues: 2, ifname: "tap1"),
              "machine: property 'ram-size' is 67108864 on the source but 134217728 on the target"),
-            (["-netdev", "tap,id=n0,ifname=tap1,queues=2,script=no,downscript=no",
-              "-device", "virtio-net-pci,netdev=n0,id=nic0,mac=52:54:00:12:34:56,mq=on,local-migration=off"],
-             "device 'nic0' (virtio-net-pci): property 'local-migration' is on on the source but off on the target"),
             ([], "device 'nic0' (virtio-net-pci) exists on the source but not on the target"),
         ])
         func configurationMismatchIsRefused(target targetArguments: [String], message: String) async throws {
@@ -258,6 +255,26 @@ func describeFileDescriptors(_ pid: pid_t) -> String {
     }.joined(separator: " ")
 }
 
+/// A listening unix socket for a fake migration peer (backlog 1).
+func listenOnUnixSocket(_ path: String) throws -> Int32 {
+    let listener = socket(AF_UNIX, Int32(SOCK_STREAM.rawValue), 0)
+    var address = sockaddr_un()
+    address.sun_family = sa_family_t(AF_UNIX)
+    withUnsafeMutableBytes(of: &address.sun_path) { raw in
+        let bytes = Array(path.utf8)
+        raw.copyBytes(from: bytes)
+        raw[bytes.count] = 0
+    }
+    let bound = withUnsafePointer(to: &address) {
+        $0.withMemoryRebound(to: sockaddr.self, capacity: 1) { bind(listener, $0, socklen_t(MemoryLayout<sockaddr_un>.size)) }
+    }
+    guard bound == 0, listen(listener, 1) == 0 else {
+        close(listener)
+        throw FixtureError("cannot listen on \(path)")
+    }
+    return listener
+}
+
 /// A unix-socket server that swallows whatever a migration source sends and, once the
 /// source goes quiet (it waits for an answer), replies with text no VMM would send.
 final class ForeignPeer: @unchecked Sendable {
@@ -268,21 +285,7 @@ final class ForeignPeer: @unchecked Sendable {
 
     init(path: String) throws {
         self.path = path
-        listener = socket(AF_UNIX, Int32(SOCK_STREAM.rawValue), 0)
-        var address = sockaddr_un()
-        address.sun_family = sa_family_t(AF_UNIX)
-        withUnsafeMutableBytes(of: &address.sun_path) { raw in
-            let bytes = Array(path.utf8)
-            raw.copyBytes(from: bytes)
-            raw[bytes.count] = 0
-        }
-        let bound = withUnsafePointer(to: &address) {
-            $0.withMemoryRebound(to: sockaddr.self, capacity: 1) { bind(listener, $0, socklen_t(MemoryLayout<sockaddr_un>.size)) }
-        }
-        guard bound == 0, listen(listener, 1) == 0 else {
-            close(listener)
-            throw FixtureError("cannot listen on \(path)")
-        }
+        listener = try listenOnUnixSocket(path)
         let thread = Thread { [self] in serve() }
         self.thread = thread
         thread.start()

@@ -57,7 +57,7 @@ import Testing
         (["-m", "128M"], "-kernel: a guest kernel is required"),
         (["-kernel", "k", "-serial", "tcp:1.2.3.4:5"], "unsupported backend"),
         (["-kernel", "k", "-qmp", "stdio"], "unix sockets only"),
-        (["-kernel", "k", "-machine", "q35"], "unsupported machine type 'q35'"),
+        (["-kernel", "k", "-machine", "pc"], "unsupported machine type 'pc'"),
         (["-kernel", "k", "-machine", "memory-backend=nope"], "no -object with id 'nope'"),
         (["-kernel", "k", "-object", "memory-backend-memfd,id=a,size=1G", "-machine", "memory-backend=a", "-m", "2G"], "must equal -m"),
         (["-kernel", "k", "-object", "memory-backend-memfd,id=a,size=1G,colour=red"], "unknown parameter 'colour'"),

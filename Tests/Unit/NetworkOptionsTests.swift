@@ -29,17 +29,66 @@ import Testing
         ("tap,id=n0,fd=x", "'x' is not a file descriptor number"),
         ("tap,id=n0,colour=red", "unknown parameter 'colour'"),
         ("tap,id=n0,vhost=on", "vhost=on is not supported yet"),
-        ("tap,id=n0,incoming-fds=on,ifname=tap0,script=no,downscript=no", "incoming-fds is incompatible with fd=, fds=, ifname=, sndbuf= and vnet_hdr="),
-        ("tap,id=n0,incoming-fds=on,vnet_hdr=on,script=no,downscript=no", "incoming-fds is incompatible"),
         ("tap,id=n0,incoming-fds=on", "incoming-fds requires script=no and downscript=no"),
+        ("tap,id=n0,incoming-fds=on,script=/etc/qemu-ifup,downscript=no", "incoming-fds requires script=no and downscript=no"),
+        ("tap,id=n0,helper=/usr/lib/qemu/qemu-bridge-helper", "helper= is not supported (no bridge helper)"),
+        ("tap,id=n0,br=br0", "br= is not supported (no bridge helper)"),
     ])
     func badNetdevsNameOptionAndValue(text: String, fragment: String) {
         #expect(throws: (any Error).self) { try NetdevSpec.parse(text, option: "-netdev") }
         do { _ = try NetdevSpec.parse(text, option: "-netdev") } catch { #expect("\(error)".contains(fragment), "\(error)") }
     }
 
+    /// The series' rule (v13 06/8): each option that opens or configures a TAP conflicts
+    /// with incoming-fds, and the message names all of them, in its order.
+    @Test(arguments: ["fd=999", "fds=999:998", "helper=/usr/lib/qemu/qemu-bridge-helper", "br=br0", "ifname=tap0", "sndbuf=1048576", "vnet_hdr=on"])
+    func incomingFDsConflictNamesEveryOption(option: String) {
+        let text = "tap,id=n0,incoming-fds=on,\(option),script=no,downscript=no"
+        do {
+            _ = try NetdevSpec.parse(text, option: "-netdev")
+            Issue.record("accepted \(text)")
+        } catch {
+            #expect("\(error)" == "-netdev \(text): incoming-fds is incompatible with fd=, fds=, helper=, br=, ifname=, sndbuf= and vnet_hdr=")
+        }
+    }
+
+    /// An empty script means no script, as in QEMU; the series accepts it beside incoming-fds.
+    @Test(arguments: ["script=,downscript=", "script=no,downscript=", "script=,downscript=no"])
+    func emptyScriptsCountAsNo(scripts: String) throws {
+        let spec = try NetdevSpec.parse("tap,id=n0,incoming-fds=on,queues=2,\(scripts)", option: "-netdev")
+        #expect(spec.incomingFDs && spec.queues == 2)
+        #expect(try NetdevSpec.parse("tap,id=n0,ifname=tap0,\(scripts)", option: "-netdev").ifname == "tap0")
+    }
+
+    /// The series' device_add, as QMP's arguments become an option string, and its q35
+    /// command line: accepted; what has no effect here is said in `notes`.
+    @Test func acceptsTheSeriesDeviceAndMachineLines() throws {
+        let config = try VMMConfiguration.parse([
+            "-kernel", "k", "-machine", "q35", "-device", "pcie-pci-bridge,id=pci.1,bus=pcie.0",
+            "-netdev", "tap,id=netdev.1,ifname=tap0,queues=4,vnet_hdr=on,script=no,downscript=no",
+            "-device", "virtio-net-pci,romfile=,id=vnet.1,netdev=netdev.1,mq=on,vectors=18,bus=pci.1,mac=d6:0d:75:f8:0f:b7,disable-legacy=off,local-migration=on",
+        ])
+        #expect(config.pciBridges == ["pci.1"])
+        let device = try #require(config.devices.first)
+        #expect(device.bus == "pci.1" && device.vectors == 18 && device.romfile == "" && device.disableLegacy == "off" && device.localMigration)
+        let notes = device.notes(msixVectors: 10)
+        #expect(notes.count == 4, "\(notes)")
+        #expect(notes.contains { $0.hasPrefix("disable-legacy=off has no effect: the device is modern-only") }, "\(notes)")
+        #expect(notes.contains { $0.hasPrefix("bus=pci.1 names a pcie-pci-bridge alias") }, "\(notes)")
+        // A device on the root bus with disable-legacy=on is exactly what this machine does.
+        let plain = try DeviceSpec.parse("virtio-net-pci,netdev=n0,bus=pcie.0,disable-legacy=on", option: "-device")
+        #expect(plain.notes(msixVectors: 3).isEmpty)
+    }
+
     @Test(arguments: [
         (["-device", "virtio-net-pci,netdev=n0"], "netdev 'n0' not found"),
+        (["-netdev", "tap,id=n0", "-device", "virtio-net-pci,netdev=n0,bus=pci.1"],
+         "-device virtio-net-pci: Bus 'pci.1' not found (the root bus is pcie.0; -device pcie-pci-bridge,id=pci.1,bus=pcie.0 adds that name)"),
+        (["-netdev", "tap,id=n0", "-device", "virtio-net-pci,netdev=n0,disable-legacy=maybe"], "disable-legacy=maybe must be on, off or auto"),
+        (["-netdev", "tap,id=n0", "-device", "virtio-net-pci,netdev=n0,vectors=5000"], "vectors=5000 must be 0..2048"),
+        (["-device", "pcie-pci-bridge,id=pci.1,bus=pci.7"], "bus=pci.7: the bridge alias sits on the root bus, use bus=pcie.0"),
+        (["-device", "pcie-pci-bridge,bus=pcie.0"], "parameter 'id' is missing"),
+        (["-machine", "pc"], "unsupported machine type 'pc' (this VMM provides one machine, 'microvm'; 'q35' is accepted as an alias of it)"),
         (["-netdev", "tap,id=n0", "-device", "virtio-net-pci,netdev=n0", "-device", "virtio-net-pci,netdev=n0"], "already used"),
         (["-netdev", "tap,id=n0", "-netdev", "tap,id=n0"], "duplicate id 'n0'"),
         (["-netdev", "tap,id=n0", "-device", "e1000,netdev=n0"], "unsupported device 'e1000'"),

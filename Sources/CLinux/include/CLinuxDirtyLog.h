@@ -31,4 +31,11 @@ static inline uint64_t cl_atomic_take_u64(uint64_t *word) {
 static const int CL_SEEK_DATA = 3;
 static const int CL_SEEK_HOLE = 4;
 
+// fallocate (GNU): a migration target empties a RAM file that holds an earlier guest's
+// pages before RAM is copied into it, since the source never sends zero pages.
+int fallocate(int fd, int mode, off_t offset, off_t len);
+static inline int cl_punch_hole(int fd, off_t offset, off_t len) {
+    return fallocate(fd, 0x01 /* FALLOC_FL_KEEP_SIZE */ | 0x02 /* FALLOC_FL_PUNCH_HOLE */, offset, len);
+}
+
 #endif

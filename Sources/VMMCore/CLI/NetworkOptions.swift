@@ -11,7 +11,15 @@ public struct NetdevSpec: Sendable, Equatable {
     /// `incoming-fds=on`: open nothing; the queues come from a local migration's stream.
     public var incomingFDs = false
 
-    static let keys: Set<String> = ["type", "id", "ifname", "queues", "script", "downscript", "vnet_hdr", "fd", "fds", "vhost", "sndbuf", "incoming-fds"]
+    static let keys: Set<String> = ["type", "id", "ifname", "queues", "script", "downscript", "vnet_hdr", "fd", "fds", "vhost", "sndbuf", "incoming-fds", "helper", "br"]
+    /// What `incoming-fds` excludes, in the series' order and wording: all of it describes
+    /// how to open or configure a TAP, which comes from the source instead. (The series
+    /// accepts `vhost=`, `vhostfds=`, `vhostforce=` and `poll-us=` beside it: vhost is set
+    /// up after the load. They join `keys` when vhost does.)
+    static let excludedByIncomingFDs = ["fd", "fds", "helper", "br", "ifname", "sndbuf", "vnet_hdr"]
+
+    /// `script=no` and, as in QEMU, `script=` (empty): no script runs.
+    static func isNoScript(_ value: String?) -> Bool { value == "no" || value == "" }
 
     public static func parse(_ value: String, option: String) throws -> NetdevSpec {
         let list = try KeyValueList(value, option: option, impliedKey: "type")
@@ -20,8 +28,22 @@ public struct NetdevSpec: Sendable, Equatable {
         }
         try list.checkKeys(keys, context: value)
         let id = try list.required("id", in: value)
+        var incomingFDs = false
+        if try list.bool("incoming-fds", default: false) {
+            // The seed series' rules: the TAP comes from the source, so nothing may describe
+            // how to open or configure one here.
+            guard excludedByIncomingFDs.allSatisfy({ list[$0] == nil }) else {
+                let names = excludedByIncomingFDs.map { "\($0)=" }
+                throw VMMConfiguration.Error("\(option) \(value): incoming-fds is incompatible with \(names.dropLast().joined(separator: ", ")) and \(names.last!)")
+            }
+            // The series also takes an empty script as "no", without saying so in the message.
+            guard isNoScript(list["script"]), isNoScript(list["downscript"]) else {
+                throw VMMConfiguration.Error("\(option) \(value): incoming-fds requires script=no and downscript=no")
+            }
+            incomingFDs = true
+        }
         for key in ["script", "downscript"] {
-            if let script = list[key], !["no", ""].contains(script) {
+            if let script = list[key], !isNoScript(script) {
                 throw VMMConfiguration.Error("\(option) \(value): \(key)=\(script) is not supported, use \(key)=no and set the TAP up beforehand")
             }
         }
@@ -29,6 +51,7 @@ public struct NetdevSpec: Sendable, Equatable {
             throw VMMConfiguration.Error("\(option) \(value): vhost=on is not supported yet")
         }
         var spec = NetdevSpec(id: id, ifname: list["ifname"], queues: 1, vnetHeader: nil, fds: nil)
+        spec.incomingFDs = incomingFDs
         if let queues = list["queues"] {
             guard let n = Int(queues), n >= 1, n <= 256 else { throw VMMConfiguration.Error("\(option) \(value): queues=\(queues) must be 1..256") }
             spec.queues = n
@@ -39,19 +62,11 @@ public struct NetdevSpec: Sendable, Equatable {
             guard spec.fds == nil else { throw VMMConfiguration.Error("\(option) \(value): fd= and fds= exclude each other") }
             spec.fds = try parseFDs(fds, option: option, value: value)
         }
-        if try list.bool("incoming-fds", default: false) {
-            // The seed series' rules: the TAP comes from the source, so nothing may describe
-            // how to open or configure one here.
-            let conflicting = ["fd", "fds", "ifname", "sndbuf", "vnet_hdr"].filter { list[$0] != nil }
-            guard conflicting.isEmpty else {
-                throw VMMConfiguration.Error("\(option) \(value): incoming-fds is incompatible with fd=, fds=, ifname=, sndbuf= and vnet_hdr=")
-            }
-            guard list["script"] == "no", list["downscript"] == "no" else {
-                throw VMMConfiguration.Error("\(option) \(value): incoming-fds requires script=no and downscript=no")
-            }
-            spec.incomingFDs = true
-        }
         if list["sndbuf"] != nil && !spec.incomingFDs { throw VMMConfiguration.Error("\(option) \(value): sndbuf= is not supported") }
+        // Known tap keys, so that incoming-fds names them; this VMM runs no bridge helper.
+        for key in ["helper", "br"] where list[key] != nil {
+            throw VMMConfiguration.Error("\(option) \(value): \(key)= is not supported (no bridge helper): create the TAP and attach it to the bridge beforehand, then use ifname= or fd=")
+        }
         if let fds = spec.fds {
             if spec.ifname != nil { throw VMMConfiguration.Error("\(option) \(value): ifname= cannot be combined with fd=/fds=") }
             if list["queues"] != nil && spec.queues != fds.count {
@@ -80,11 +95,34 @@ public struct DeviceSpec: Sendable, Equatable {
     /// `local-migration=on|off` (default on): hand the TAP fds to the target when the
     /// migration parameter `local` is set.
     public var localMigration = true
+    /// `bus=`: the root bus (`pcie.0`, `pci.0`) or a `pcie-pci-bridge` alias's id.
+    public var bus: String?
+    /// Accepted for QEMU's command lines (the series' device_add passes them) with no
+    /// effect here; `notes` says why, for the debug log.
+    public var vectors: Int?
+    public var romfile: String?
+    public var disableLegacy: String?
+    public var addr: String?
 
-    static let keys: Set<String> = ["driver", "id", "netdev", "mac", "mq", "vectors", "romfile", "addr", "bus", "local-migration"]
+    static let keys: Set<String> = ["driver", "id", "netdev", "mac", "mq", "vectors", "romfile", "addr", "bus", "local-migration", "disable-legacy"]
+    static let rootBuses: Set<String> = ["pcie.0", "pci.0"]
+
+    /// Why each property given that this machine cannot honour changes nothing.
+    public func notes(msixVectors: Int) -> [String] {
+        var notes: [String] = []
+        if let vectors { notes.append("vectors=\(vectors) has no effect: the MSI-X table has \(msixVectors) entries and no interrupt is delivered (the guest polls)") }
+        if let romfile { notes.append("romfile=\(romfile.isEmpty ? "\"\"" : romfile) has no effect: no firmware runs, so no option ROM is loaded") }
+        if disableLegacy == "off" { notes.append("disable-legacy=off has no effect: the device is modern-only (virtio 1.0, no legacy I/O BAR)") }
+        if let addr { notes.append("addr=\(addr) has no effect: NICs take PCI slots in order from 1") }
+        if let bus, !Self.rootBuses.contains(bus) { notes.append("bus=\(bus) names a pcie-pci-bridge alias: the device sits on bus 0, the only bus") }
+        return notes
+    }
 
     public static func parse(_ value: String, option: String) throws -> DeviceSpec {
         let list = try KeyValueList(value, option: option, impliedKey: "driver")
+        if list["driver"] == PCIBridgeSpec.driver {
+            throw VMMConfiguration.Error("\(option) \(value): \(PCIBridgeSpec.driver) is an alias on the command line only (-device \(PCIBridgeSpec.driver),id=ID,bus=pcie.0): this machine has one PCI bus")
+        }
         guard list["driver"] == "virtio-net-pci" else {
             throw VMMConfiguration.Error("\(option) \(value): unsupported device '\(list["driver"] ?? "")' (only virtio-net-pci)")
         }
@@ -92,6 +130,20 @@ public struct DeviceSpec: Sendable, Equatable {
         let netdev = try list.required("netdev", in: value)
         var spec = DeviceSpec(id: list["id"], netdev: netdev, mac: nil, multiQueue: try list.bool("mq", default: false))
         spec.localMigration = try list.bool("local-migration", default: true)
+        spec.bus = list["bus"]
+        spec.romfile = list["romfile"]
+        spec.addr = list["addr"]
+        if let vectors = list["vectors"] {
+            // QEMU's limit: PCI_MSIX_FLAGS_QSIZE + 1.
+            guard let n = Int(vectors), (0...2048).contains(n) else { throw VMMConfiguration.Error("\(option) \(value): vectors=\(vectors) must be 0..2048") }
+            spec.vectors = n
+        }
+        if let legacy = list["disable-legacy"] {
+            guard ["on", "off", "auto"].contains(legacy) else {
+                throw VMMConfiguration.Error("\(option) \(value): disable-legacy=\(legacy) must be on, off or auto")
+            }
+            spec.disableLegacy = legacy
+        }
         if let mac = list["mac"] {
             guard let bytes = parseMAC(mac) else { throw VMMConfiguration.Error("\(option) \(value): mac=\(mac) is not a MAC address like 52:54:00:12:34:56") }
             guard bytes[0] & 1 == 0 else { throw VMMConfiguration.Error("\(option) \(value): mac=\(mac) is a multicast address") }
@@ -105,5 +157,28 @@ public struct DeviceSpec: Sendable, Equatable {
         guard parts.count == 6 else { return nil }
         let bytes = parts.compactMap { $0.count == 2 ? UInt8($0, radix: 16) : nil }
         return bytes.count == 6 ? bytes : nil
+    }
+}
+
+/// `-device pcie-pci-bridge,id=ID[,bus=pcie.0]`, as QEMU's q35 command lines (the series'
+/// test) spell a bus for their NICs. A documented alias: this machine has one PCI bus and
+/// adds nothing the guest could see; a device with `bus=ID` goes on bus 0.
+public enum PCIBridgeSpec {
+    static let driver = "pcie-pci-bridge"
+
+    /// The bridge's id, the bus name devices may give.
+    public static func parse(_ value: String, option: String) throws -> String {
+        let list = try KeyValueList(value, option: option, impliedKey: "driver")
+        try list.checkKeys(["driver", "id", "bus", "addr"], context: value)
+        let id = try list.required("id", in: value)
+        if let bus = list["bus"], !DeviceSpec.rootBuses.contains(bus) {
+            throw VMMConfiguration.Error("\(option) \(value): bus=\(bus): the bridge alias sits on the root bus, use bus=pcie.0")
+        }
+        guard !DeviceSpec.rootBuses.contains(id) else { throw VMMConfiguration.Error("\(option) \(value): id=\(id) is the root bus's name") }
+        return id
+    }
+
+    static func isBridge(_ value: String) -> Bool {
+        (try? KeyValueList(value, option: "-device", impliedKey: "driver"))?["driver"] == driver
     }
 }

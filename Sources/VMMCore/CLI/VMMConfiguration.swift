@@ -20,6 +20,8 @@ public struct VMMConfiguration: Sendable, Equatable {
     public var qmp: [ChardevSpec] = []
     public var netdevs: [NetdevSpec] = []
     public var devices: [DeviceSpec] = []
+    /// Ids of `-device pcie-pci-bridge` aliases: bus names a NIC may give.
+    public var pciBridges: [String] = []
     public var showVersion = false
     public var showHelp = false
     public var debugLog = false
@@ -42,13 +44,14 @@ public struct VMMConfiguration: Sendable, Equatable {
           -m SIZE                  guest RAM (default 128M; suffixes K, M, G)
           -object memory-backend-memfd,id=ID,size=SIZE[,share=on|off]
           -object memory-backend-file,id=ID,size=SIZE,mem-path=PATH[,share=on|off]
-          -machine [microvm,]memory-backend=ID
+          -machine [microvm|q35,]memory-backend=ID
           -kernel PATH             PVH ELF image (ELF note "Xen" type 18)
           -append STRING           guest command line
           -serial stdio|file:PATH|unix:PATH[,server=on[,wait=off]]|none
           -qmp unix:PATH[,server=on[,wait=off]]
           -netdev tap,id=ID[,ifname=NAME][,queues=N][,vnet_hdr=on|off][,fd=N|fds=N:M:...],script=no,downscript=no
-          -device virtio-net-pci,netdev=ID[,id=ID][,mac=MAC][,mq=on|off]
+          -device virtio-net-pci,netdev=ID[,id=ID][,mac=MAC][,mq=on|off][,local-migration=on|off][,bus=BUS]
+          -device pcie-pci-bridge,id=ID[,bus=pcie.0]   (alias: adds bus name ID, see docs/cli.md)
           -S                       stay in 'prelaunch' until QMP 'cont'
           -no-shutdown             on guest poweroff stay in 'shutdown' instead of exiting
           -accel kvm[,x-halt-poll-ns=N]  poll device input N ns after a guest HLT (default 100000)
@@ -102,7 +105,12 @@ public struct VMMConfiguration: Sendable, Equatable {
                     }
                 case "object": config.memoryBackends.append(try parseObject(value, option: raw))
                 case "netdev": config.netdevs.append(try NetdevSpec.parse(value, option: raw))
-                case "device": config.devices.append(try DeviceSpec.parse(value, option: raw))
+                case "device":
+                    if PCIBridgeSpec.isBridge(value) {
+                        config.pciBridges.append(try PCIBridgeSpec.parse(value, option: raw))
+                    } else {
+                        config.devices.append(try DeviceSpec.parse(value, option: raw))
+                    }
                 case "machine", "M": config.machineMemoryBackend = try parseMachine(value, option: raw) ?? config.machineMemoryBackend
                 case "accel":
                     let accel = try KeyValueList(value, option: raw, impliedKey: "accel")
@@ -170,8 +178,9 @@ public struct VMMConfiguration: Sendable, Equatable {
     static func parseMachine(_ value: String, option: String) throws -> String? {
         let list = try KeyValueList(value, option: option, impliedKey: "type")
         try list.checkKeys(["type", "memory-backend", "accel"], context: value)
-        if let type = list["type"], !["microvm", "none", "swiftvmm"].contains(type) {
-            throw Error("\(option) \(value): unsupported machine type '\(type)' (this VMM provides one machine, 'microvm')")
+        // q35 is an alias of the one machine, so that QEMU's command lines run (docs/cli.md).
+        if let type = list["type"], !["microvm", "none", "swiftvmm", "q35"].contains(type) {
+            throw Error("\(option) \(value): unsupported machine type '\(type)' (this VMM provides one machine, 'microvm'; 'q35' is accepted as an alias of it)")
         }
         if let accel = list["accel"], accel != "kvm" { throw Error("\(option) \(value): only accel=kvm is supported") }
         return list["memory-backend"]
@@ -191,6 +200,9 @@ public struct VMMConfiguration: Sendable, Equatable {
         for device in devices {
             guard netdevIDs.contains(device.netdev) else { throw Error("-device virtio-net-pci: netdev '\(device.netdev)' not found") }
             guard used.insert(device.netdev).inserted else { throw Error("-device virtio-net-pci: netdev '\(device.netdev)' is already used by another device") }
+            if let bus = device.bus, !DeviceSpec.rootBuses.contains(bus), !pciBridges.contains(bus) {
+                throw Error("-device virtio-net-pci: Bus '\(bus)' not found (the root bus is pcie.0; -device pcie-pci-bridge,id=\(bus),bus=pcie.0 adds that name)")
+            }
         }
         _ = try resolvedMemory()
     }

@@ -37,7 +37,16 @@ extension Machine {
             if let mode = args["mode"]?.stringValue, mode != "normal" {
                 throw QMPCommandError("Parameter 'mode' does not accept value '\(mode)' (only 'normal' so far)")
             }
-            for (key, value) in args.pairs { migration.parameters[key] = value }
+            // Every value is checked before any is applied, as QEMU's migrate_params_check does.
+            var updated = migration.parameters
+            for (key, value) in args.pairs {
+                if let range = Self.parameterRanges[key] {
+                    updated[key] = .int(try range.check(value.intValue ?? 0))
+                } else {
+                    updated[key] = value
+                }
+            }
+            migration.parameters = updated
             return [:]
         }
         d.register("query-migrate-parameters") { [unowned self] _ in
@@ -48,6 +57,29 @@ extension Machine {
             return .object(queryMigrate())
         }
     }
+
+    /// QEMU's limits for the numeric parameters (migration/options.c, migrate_params_check),
+    /// enforced when a value is set so that `migrate` never meets one it cannot use.
+    struct ParameterRange {
+        /// QEMU's spelling in its error message.
+        var qemuName: String
+        var range: ClosedRange<Int64>
+        var unit: String
+
+        func check(_ value: Int64) throws -> Int64 {
+            guard range.contains(value) else {
+                throw QMPCommandError("Parameter '\(qemuName)' expects an integer in the range of \(range.lowerBound) to \(range.upperBound) \(unit), not \(value)")
+            }
+            return value
+        }
+    }
+
+    static let parameterRanges: [String: ParameterRange] = [
+        // MAX_MIGRATE_DOWNTIME: 2000 seconds.
+        "downtime-limit": ParameterRange(qemuName: "downtime_limit", range: 0...2_000_000, unit: "ms"),
+        // QEMU's bound is SIZE_MAX; a JSON integer here stops at Int64.max.
+        "max-bandwidth": ParameterRange(qemuName: "max_bandwidth", range: 0...Int64.max, unit: "bytes/second"),
+    ]
 
     static func migrationURI(_ args: JSONObject) throws -> MigrationURI {
         do {

@@ -28,6 +28,9 @@ extension Machine {
         }
         let id = spec.id ?? "net\(nics.count)"
         guard !nics.contains(where: { $0.id == id }) else { throw QMPCommandError("Duplicate device ID '\(id)'") }
+        if let bus = spec.bus, !DeviceSpec.rootBuses.contains(bus), !config.pciBridges.contains(bus) {
+            throw QMPCommandError("Bus '\(bus)' not found")
+        }
         let mac = spec.mac ?? [0x52, 0x54, 0x00, 0x12, 0x34, UInt8(truncatingIfNeeded: 0x56 + nics.count)]
         let nic = VirtioNet(id: id, mac: mac, backend: backend, multiQueue: spec.multiQueue, logger: logger)
         nic.localMigration = spec.localMigration
@@ -35,6 +38,7 @@ extension Machine {
         nic.transport = transport
         try pciBus.plug(transport)
         nics.append(nic)
+        for note in spec.notes(msixVectors: transport.msixVectors) { logger.debug("\(id): \(note)") }
     }
 
     /// Starts a NIC's RX polling; a NIC whose TAP comes with a migration waits for it.

@@ -16,8 +16,12 @@ public struct MachineDescription: Sendable, Equatable {
         }
     }
 
-    /// Machine-wide settings that must agree: RAM size, vCPUs, migration mode, ...
+    /// Machine-wide settings that must agree: RAM size, vCPUs, migration mode, ... and
+    /// the `informational` ones, which describe the source and need not agree.
     public var properties: [String: String]
+    /// `ram-file`: "device:inode" of the file behind the source's RAM, so that a target
+    /// never empties the very file the source runs on before RAM is copied into it.
+    public static let informational: Set<String> = ["ram-file"]
     public var devices: [Device]
 
     public init(properties: [String: String], devices: [Device]) {
@@ -74,7 +78,7 @@ public struct MachineDescription: Sendable, Equatable {
     public func mismatches(target: MachineDescription) -> [String] {
         var problems: [String] = []
         func compare(_ source: [String: String], _ target: [String: String], owner: String) {
-            for key in Set(source.keys).union(target.keys).sorted() where source[key] != target[key] {
+            for key in Set(source.keys).union(target.keys).subtracting(Self.informational).sorted() where source[key] != target[key] {
                 problems.append("\(owner): property '\(key)' is \(source[key] ?? "unset") on the source but \(target[key] ?? "unset") on the target")
             }
         }

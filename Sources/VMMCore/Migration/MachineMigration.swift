@@ -14,14 +14,19 @@ extension Machine {
     func machineDescription() -> MachineDescription {
         var devices = [MachineDescription.Device(id: "serial0", type: "isa-serial", properties: [:])]
         for nic in nics {
-            devices.append(.init(id: nic.id, type: "virtio-net-pci", properties: [
+            var properties = [
                 "max_queue_pairs": String(nic.maxQueuePairs), "mq": nic.multiQueue ? "on" : "off",
                 "mac": nic.mac.map { String($0, radix: 16) }.joined(separator: ":"),
-                "local-migration": nic.localMigration ? "on" : "off",
-            ]))
+            ]
+            // As in the series, `local-migration` only matters together with `local`: both
+            // on moves the TAP. With `local` off it changes nothing, and a peer may not
+            // have the property at all (the review expects it off towards older peers).
+            if isLocalMigration { properties["local-migration"] = nic.localMigration ? "on" : "off" }
+            devices.append(.init(id: nic.id, type: "virtio-net-pci", properties: properties))
         }
-        return MachineDescription(properties: ["ram-size": String(memory.size), "vcpus": "1", "local": isLocalMigration ? "on" : "off"],
-                                  devices: devices)
+        var properties = ["ram-size": String(memory.size), "vcpus": "1", "local": isLocalMigration ? "on" : "off"]
+        if let file = memory.fileIdentity { properties["ram-file"] = file }
+        return MachineDescription(properties: properties, devices: devices)
     }
 
     var isLocalMigration: Bool { migration.parameters["local"]?.boolValue == true }

@@ -72,10 +72,12 @@ extension Machine {
         try MigrationStream.checkHeader(try channel.receive(MigrationStream.headerSize, what: "the stream header"))
         let first = try channel.receiveSection()
         guard first.kind == .configuration else { throw StreamError("the stream starts with \(first.label), not the configuration") }
-        try MachineDescription.decode(first.payload).check(target: own)
+        let sourceDescription = try MachineDescription.decode(first.payload)
+        try sourceDescription.check(target: own)
         migration.mark("configuration checked")
         var loaded: Set<String> = []
         var ramArrived = false
+        var ramEmptied = false
         var switchingOver = false
         while true {
             let section = try channel.receiveSection(pollFirst: switchingOver)
@@ -96,6 +98,11 @@ extension Machine {
                 }
                 return
             case .ram:
+                // The source leaves zero pages out: whatever this RAM held must go first.
+                if !ramEmptied {
+                    try memory.emptyForCopy(sourceRAMFile: sourceDescription.properties["ram-file"])
+                    ramEmptied = true
+                }
                 try RAMTransfer.load(section.payload, into: memory, progress: migration)
                 ramArrived = true
             case .sharedRAM:
@@ -142,9 +149,14 @@ extension Machine {
                 fds.forEach { close($0) }
                 throw error
             }
-            guard queues == fds.count, let tap = nic.backend as? TapBackend, tap.queueFDs.isEmpty else {
+            guard let tap = nic.backend as? TapBackend, tap.queueFDs.isEmpty else {
                 fds.forEach { close($0) }
-                throw StreamError("\(section.name): the source passes its TAP queues, but netdev '\(nic.backend.id)' was not created with incoming-fds=on")
+                // The series' tap_pre_load wording, then what it means here.
+                throw StreamError("\(section.name): TAP is already initialized and cannot receive incoming fd: netdev '\(nic.backend.id)' was not created with incoming-fds=on")
+            }
+            guard queues == fds.count else {
+                fds.forEach { close($0) }
+                throw StreamError("\(section.name): the section announces \(queues) TAP queue(s) but carries \(fds.count) file descriptor(s)")
             }
             try tap.adopt(fds, vnetHeader: vnetHeader)
         default: throw StreamError("unknown state '\(section.name)'")

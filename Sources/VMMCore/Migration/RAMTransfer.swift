@@ -8,7 +8,8 @@ import Logging
 ///
 /// RAM section payload: records of `address:u64` followed by a 4096-byte page, or, when
 /// bit 0 of the address is set, nothing: that page is all zero. The first pass skips
-/// zero pages entirely (the target's RAM starts zeroed); later passes must send a page
+/// zero pages entirely (the target empties RAM that may hold anything first, see
+/// `emptyForCopy`); later passes must send a page
 /// that became zero, as a record without data.
 struct RAMTransfer {
     static let pageSize = 4096
@@ -168,5 +169,46 @@ struct RAMTransfer {
             }
         }
         progress.ramTransferred.add(UInt64(payload.count), ordering: .relaxed)
+    }
+}
+
+/// A migration target's RAM before pages are copied into it. The source sends no zero
+/// page in its first pass, so RAM that may hold anything else (a file left by an earlier
+/// guest, or filled by someone) is emptied first; RAM known to be zero is left alone,
+/// so nothing is allocated for it.
+extension GuestMemory {
+    /// "device:inode" of the file behind this RAM, nil for a memfd.
+    var fileIdentity: String? {
+        guard case .file = backing else { return nil }
+        var st = stat()
+        guard fstat(fd, &st) == 0 else { return nil }
+        return "\(st.st_dev):\(st.st_ino)"
+    }
+
+    /// Makes every page zero unless it is known to be. The vCPU has never run and an
+    /// incoming machine loads no kernel, so a memfd (created empty by this process) is
+    /// zero, and so is a file without data extents.
+    func emptyForCopy(sourceRAMFile: String?) throws {
+        guard case .file(let path) = backing, fileHasData() else { return }
+        guard shared else {
+            // share=off: the file is never written; anonymous memory at the same address
+            // (KVM's slots follow the address) replaces the private mapping of it.
+            guard let p = mmap(host, Int(size), PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS | MAP_FIXED | MAP_NORESERVE, -1, 0),
+                  p != MAP_FAILED else { throw SystemError("mmap anonymous RAM over the private mapping of \(path)") }
+            return
+        }
+        if let sourceRAMFile, sourceRAMFile == fileIdentity {
+            throw StreamError("the source copies its RAM into \(path), the file this machine maps shared too: turn on x-ignore-shared on both sides to keep the RAM where it is, or give the target its own file")
+        }
+        if cl_punch_hole(fd, 0, off_t(size)) != 0 {
+            // A filesystem without hole punching: write the zeros.
+            UnsafeMutableRawBufferPointer(start: host, count: Int(size)).initializeMemory(as: UInt8.self, repeating: 0)
+        }
+    }
+
+    /// Whether the backing file has any data extent (SEEK_DATA); true when that cannot be told.
+    private func fileHasData() -> Bool {
+        if lseek(fd, 0, CL_SEEK_DATA) >= 0 { return true }
+        return errno != ENXIO
     }
 }
