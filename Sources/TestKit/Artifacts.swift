@@ -107,8 +107,9 @@ public final class ArtifactDirectory: Sendable {
         return directory + "/" + leaf
     }
 
-    /// Creates `/tmp/testkit-XXXXXX`, short enough for any socket name under it.
-    static func makeShortSocketDirectory() throws -> String {
+    /// Creates `/tmp/testkit-XXXXXX`, short enough for any socket name under it; the
+    /// caller removes it. Inside a scope, prefer `socketPath(_:)`, which cleans up.
+    public static func makeShortSocketDirectory() throws -> String {
         var template = Array("/tmp/testkit-XXXXXX".utf8CString)
         guard mkdtemp(&template) != nil else { throw SystemError("mkdtemp /tmp/testkit-XXXXXX") }
         return String(decoding: template.prefix { $0 != 0 }.map { UInt8(bitPattern: $0) }, as: UTF8.self)

@@ -56,6 +56,12 @@ public enum MigrationWaiter {
     /// so a slow answer means it is stuck, and `timeout` (sized for the migration) is too long.
     static let queryTimeout: Duration = .seconds(10)
 
+    /// Turns on the `events` migration capability, without which a VMM sends no
+    /// `MIGRATION` event (QEMU's default too).
+    public static func enableEvents(on machine: Machine) async throws {
+        try await machine.qmp.execute("migrate-set-capabilities", arguments: ["capabilities": [["capability": "events", "state": true]]])
+    }
+
     /// The status of the next (or buffered) `MIGRATION` end event of one side. Throws the
     /// client's `QMPError.timeout` or `.disconnected`.
     public static func waitForEnd(of qmp: QMPClient, timeout: Duration) async throws -> String {

@@ -118,8 +118,9 @@ extension NetworkedGuest {
 extension MachineOptions {
     /// The bundled VMM (or `$TESTKIT_VMM`) booting the bundled guest with `memory` of RAM.
     public static func bundledGuest(
-        memory: String = "64M", startPaused: Bool = false, arguments: [String] = [], name: String? = nil
+        memory: String = "64M", startPaused: Bool = false, arguments: [String] = [], connectQMP: Bool = true, name: String? = nil
     ) -> MachineOptions {
-        MachineOptions(name: name, kernel: BundledGuest.image, memory: memory, startPaused: startPaused, arguments: arguments)
+        MachineOptions(name: name, kernel: BundledGuest.image, memory: memory, startPaused: startPaused, connectQMP: connectQMP,
+                       arguments: arguments)
     }
 }

@@ -6,7 +6,7 @@ import Testing
 @Suite(.requiresKVM, .requiresGuestImage, .requiresVMM, .usesProcessResources)
 struct BootFunctionalTests {
     @Test func bootsToBannerAndPrompt() async throws {
-        try await Machine.with(guestOptions()) { vm in
+        try await Machine.with(MachineOptions.bundledGuest()) { vm in
             try await vm.console.waitFor("SwiftVMM test guest", timeout: .seconds(20))
             try await vm.console.waitForPrompt()
             let status = try await vm.qmp.execute("query-status")
@@ -16,7 +16,7 @@ struct BootFunctionalTests {
     }
 
     @Test func echoRoundTrip() async throws {
-        try await Machine.with(guestOptions()) { vm in
+        try await Machine.with(MachineOptions.bundledGuest()) { vm in
             try await vm.console.waitForPrompt(timeout: .seconds(20))
             let output = try await vm.console.run("echo hello from the host", expect: "hello from the host")
             #expect(output.contains("hello from the host"))
@@ -26,17 +26,17 @@ struct BootFunctionalTests {
     }
 
     @Test func ticksOnlyGrows() async throws {
-        try await Machine.with(guestOptions()) { vm in
+        try await Machine.with(MachineOptions.bundledGuest()) { vm in
             try await vm.console.waitForPrompt(timeout: .seconds(20))
-            let first = try await readTicks(vm.console)
+            let first = try await vm.guest.ticks()
             try await Task.sleep(for: .milliseconds(300))
-            let second = try await readTicks(vm.console)
+            let second = try await vm.guest.ticks()
             #expect(second > first, "ticks went from \(first) to \(second)")
         }
     }
 
     @Test func poweroffExitsWithStatusZero() async throws {
-        try await Machine.with(guestOptions()) { vm in
+        try await Machine.with(MachineOptions.bundledGuest()) { vm in
             try await vm.console.waitForPrompt(timeout: .seconds(20))
             try vm.console.send("poweroff\r")
             let event = try await vm.qmp.waitForEvent("SHUTDOWN", timeout: .seconds(10))
@@ -46,7 +46,7 @@ struct BootFunctionalTests {
     }
 
     @Test func noShutdownKeepsTheVMMInShutdownState() async throws {
-        try await Machine.with(guestOptions(arguments: ["-no-shutdown"])) { vm in
+        try await Machine.with(MachineOptions.bundledGuest(arguments: ["-no-shutdown"])) { vm in
             try await vm.console.waitForPrompt(timeout: .seconds(20))
             try vm.console.send("poweroff\r")
             _ = try await vm.qmp.waitForEvent("SHUTDOWN", matching: ["guest": true], timeout: .seconds(10))

@@ -25,7 +25,7 @@ struct ConsoleEarlyInputFunctionalTests {
     }
 
     @Test(.requiresVMM) func bundledVMM() async throws {
-        try await Self.typeBeforeBootThenEcho(guestOptions())
+        try await Self.typeBeforeBootThenEcho(MachineOptions.bundledGuest())
     }
 
     /// QEMU 7.2's q35, as the issue ran it: firmware first, then the guest.

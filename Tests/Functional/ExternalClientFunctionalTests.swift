@@ -75,10 +75,10 @@ asyncio.run(main(sys.argv[1]))
 struct ExternalClientFunctionalTests {
     @Test(.enabled(if: qemuQMPUnavailable == nil, Comment(rawValue: qemuQMPUnavailable ?? "")))
     func pythonQemuQMPClientDrivesTheVMM() async throws {
-        let dir = try temporarySocketDirectory()
+        let dir = try ArtifactDirectory.makeShortSocketDirectory()
         defer { try? FileManager.default.removeItem(atPath: dir) }
         let path = dir + "/qmp.sock"
-        try await Machine.with(guestOptions(arguments: ["-qmp", "unix:\(path),server=on,wait=off"], connectQMP: false)) { vm in
+        try await Machine.with(MachineOptions.bundledGuest(arguments: ["-qmp", "unix:\(path),server=on,wait=off"], connectQMP: false)) { vm in
             try await vm.console.waitForPrompt(timeout: .seconds(20))
             let python = try #require(VMMBinary.findExecutable("python3"))
             let result = try await runProcess(python, ["-c", qemuQMPScript, path])

@@ -78,7 +78,7 @@ extension SerializedNetworkSuites {
                 try await Self.expectSourceRecovered(source, ns: ns, fds: fds)
 
                 // And it can migrate again, unthrottled, to a fresh target.
-                var options = guestOptions(arguments: NetworkDeviceFunctionalTests.nicArguments(queues: 2, ifname: "tap1") + ["-incoming", "defer"])
+                var options = MachineOptions.bundledGuest(arguments: NetworkDeviceFunctionalTests.nicArguments(queues: 2, ifname: "tap1") + ["-incoming", "defer"])
                 options.name = "target2"
                 options.namespace = ns
                 try await withArtifacts { artifacts in

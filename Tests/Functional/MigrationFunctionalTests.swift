@@ -8,46 +8,41 @@ extension SerializedNetworkSuites {
     /// the first step of the seed's tapNewTapMigration.
     @Suite(.requiresKVM, .requiresGuestImage, .requiresVMM, .requiresNetworkNamespaces)
     struct MigrationFunctionalTests {
-        /// A source VMM on tap0 (the host side has 192.168.100.1/24) and an `-incoming defer`
-        /// target, both in a fresh namespace, with the source's eth0 at 192.168.100.2/24 when
-        /// `configureGuest`. `body` gets the unix URI to migrate over.
+        /// For the tests that give the two sides different NICs on purpose (mismatches,
+        /// failures): the TAPs, a source on `source` arguments and an `-incoming defer`
+        /// target on `target` arguments, in one namespace, built from TestKit's pieces. The
+        /// source's eth0 is 192.168.100.2/24 when `configureGuest`. Tests whose sides agree
+        /// use `MigrationPair.with(mode:)`.
         static func withMigrationPair(
             taps: [(name: String, queues: Int)], source sourceArguments: [String], target targetArguments: [String],
             configureGuest: Bool = true,
             _ body: (NetworkNamespace, Machine, Machine, String) async throws -> Void
         ) async throws {
+            let network = GuestNetwork(tap: taps[0].name, queues: taps[0].queues)
             try await NetworkNamespace.with { ns in
-                for tap in taps { _ = try await ns.createTap(tap.name, queues: tap.queues, multiQueue: true) }
-                try await ns.withRoute { route in
-                    try route.addAddress("192.168.100.1/24", to: taps[0].name)
-                    for tap in taps { try route.setLink(tap.name, up: true) }
+                try await network.createTap(in: ns)
+                for tap in taps.dropFirst() {
+                    var other = network
+                    other.queues = tap.queues
+                    try await other.createTap(in: ns, name: tap.name, address: false)
                 }
-                let socketDirectory = try temporarySocketDirectory()
-                defer { try? FileManager.default.removeItem(atPath: socketDirectory) }
                 try await withArtifacts { artifacts in
-                    var sourceOptions = guestOptions(arguments: sourceArguments)
-                    sourceOptions.name = "source"
+                    var sourceOptions = MachineOptions.bundledGuest(arguments: sourceArguments, name: "source")
                     sourceOptions.namespace = ns
-                    var targetOptions = guestOptions(arguments: targetArguments + ["-incoming", "defer"])
-                    targetOptions.name = "target"
+                    var targetOptions = MachineOptions.bundledGuest(arguments: targetArguments + ["-incoming", "defer"], name: "target")
                     targetOptions.namespace = ns
                     let source = try await Machine.launch(sourceOptions, in: artifacts)
                     let target = try await Machine.launch(targetOptions, in: artifacts)
                     try await source.console.waitForPrompt(timeout: .seconds(20))
-                    if configureGuest {
-                        try await source.console.run("ip addr add 192.168.100.2/24 dev eth0", failure: "no such device", timeout: .seconds(30))
-                        try await source.console.run("ip link set eth0 up")
-                    }
-                    try await body(ns, source, target, "unix:\(socketDirectory)/migration.sock")
+                    if configureGuest { try await source.guest.configureNetwork(address: network.guestCIDR) }
+                    try await body(ns, source, target, "unix:" + (try artifacts.socketPath("migration.sock")))
                 }
             }
         }
 
         /// The `events` capability, without which no MIGRATION event is sent.
         static func enableEvents(_ vms: Machine...) async throws {
-            for vm in vms {
-                try await vm.qmp.execute("migrate-set-capabilities", arguments: ["capabilities": [["capability": "events", "state": true]]])
-            }
+            for vm in vms { try await MigrationWaiter.enableEvents(on: vm) }
         }
 
         /// A migration target's NIC whose TAP queues come with the stream.
@@ -63,7 +58,7 @@ extension SerializedNetworkSuites {
                 target: NetworkDeviceFunctionalTests.nicArguments(queues: 2, ifname: "tap1")
             ) { ns, source, target, uri in
                     try await source.console.run("ping -c 1 -W 2 192.168.100.1", expect: "1 packets received", failure: "0 packets received", timeout: .seconds(20))
-                    let ticksBefore = try await readTicks(source.console)
+                    let ticksBefore = try await source.guest.ticks()
 
                     #expect(try await target.qmp.execute("query-status")["status"] == "inmigrate")
                     try await Self.enableEvents(source, target)
@@ -82,7 +77,7 @@ extension SerializedNetworkSuites {
 
                     try await target.qmp.execute("cont")
                     _ = try await target.qmp.waitForEvent("RESUME", timeout: .seconds(5))
-                    let ticksAfter = try await readTicksLater(target.console)
+                    let ticksAfter = try await target.guest.ticks(after: .milliseconds(100))
                     #expect(ticksAfter > ticksBefore, "guest RAM did not carry over: ticks \(ticksBefore) -> \(ticksAfter)")
                     // Like the seed's switch_network_to_tap2: the host address moves to the target's TAP.
                     try await ns.withRoute { route in
@@ -162,7 +157,7 @@ extension SerializedNetworkSuites {
                 source: NetworkDeviceFunctionalTests.nicArguments(queues: 1, ifname: "tap0"),
                 target: NetworkDeviceFunctionalTests.nicArguments(queues: 1, ifname: "tap1"), configureGuest: false
             ) { _, source, target, _ in
-                let ticksBefore = try await readTicks(source.console)
+                let ticksBefore = try await source.guest.ticks()
                 try await Self.enableEvents(source, target)
                 try await target.qmp.execute("migrate-incoming", arguments: ["channels": [[
                     "channel-type": "main", "addr": ["transport": "socket", "type": "inet", "host": "127.0.0.1", "port": "4444"],
@@ -170,7 +165,7 @@ extension SerializedNetworkSuites {
                 try await source.qmp.execute("migrate", arguments: ["uri": "tcp:127.0.0.1:4444"])
                 try await MigrationWaiter.waitForFinish(source: source.qmp, target: target.qmp, timeout: .seconds(30))
                 try await target.qmp.execute("cont")
-                #expect(try await readTicksLater(target.console) > ticksBefore)
+                #expect(try await target.guest.ticks(after: .milliseconds(100)) > ticksBefore)
             }
         }
 

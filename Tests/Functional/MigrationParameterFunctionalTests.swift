@@ -18,7 +18,7 @@ struct MigrationParameterFunctionalTests {
     }
 
     @Test func defaultsAsQueryMigrateParametersReportsThem() async throws {
-        try await Machine.with(guestOptions(startPaused: true)) { vm in
+        try await Machine.with(MachineOptions.bundledGuest(startPaused: true)) { vm in
             let parameters = try await vm.qmp.execute("query-migrate-parameters")
             // `local` is off until asked for, as in the series (an older peer knows nothing of it).
             #expect(parameters["local"] == false, "\(parameters.serialized)")
@@ -42,7 +42,7 @@ struct MigrationParameterFunctionalTests {
         ("max-bandwidth", JSON.int(-1), "Parameter 'max_bandwidth' expects an integer in the range of 0 to 9223372036854775807 bytes/second, not -1"),
     ])
     func outOfRangeValuesAreRefusedWhenSet(parameter: String, value: JSON, message: String) async throws {
-        try await Machine.with(guestOptions(startPaused: true)) { vm in
+        try await Machine.with(MachineOptions.bundledGuest(startPaused: true)) { vm in
             let qmp = try vm.qmp
             let before = try await qmp.execute("query-migrate-parameters")
             let error = await Self.refusal(qmp, "migrate-set-parameters", [parameter: value])
@@ -61,7 +61,7 @@ struct MigrationParameterFunctionalTests {
 
     /// The largest accepted values go through `migrate` without a trap.
     @Test func largestAcceptedValuesMigrateWithoutATrap() async throws {
-        try await Machine.with(guestOptions(startPaused: true)) { vm in
+        try await Machine.with(MachineOptions.bundledGuest(startPaused: true)) { vm in
             try await vm.qmp.execute("migrate-set-parameters", arguments: ["downtime-limit": 2_000_000, "max-bandwidth": .int(Int64.max)])
             try await vm.qmp.execute("migrate-set-capabilities", arguments: ["capabilities": [["capability": "events", "state": true]]])
             try await vm.qmp.execute("migrate", arguments: ["uri": "unix:/nonexistent/vmm-migration.sock"])
@@ -77,7 +77,7 @@ struct IncomingFDsOutsideMigrationFunctionalTests {
     static let message = "Peers wait for incoming, but it's not an incoming migration."
 
     @Test func netdevAddIsRefusedOnAMachineThatIsNotATarget() async throws {
-        try await Machine.with(guestOptions(startPaused: true)) { vm in
+        try await Machine.with(MachineOptions.bundledGuest(startPaused: true)) { vm in
             let error = await MigrationParameterFunctionalTests.refusal(try vm.qmp, "netdev_add", [
                 "type": "tap", "id": "netdev.1", "incoming-fds": true, "queues": 4, "script": "no", "downscript": "no",
             ])
@@ -103,7 +103,7 @@ struct IncomingFDsOutsideMigrationFunctionalTests {
 @Suite(.requiresKVM, .requiresGuestImage, .requiresVMM, .usesProcessResources)
 struct SeedDeviceAddFunctionalTests {
     @Test func seriesDeviceAddIsAcceptedAndItsNoEffectPropertiesAreLogged() async throws {
-        var options = guestOptions(startPaused: true, arguments: [
+        var options = MachineOptions.bundledGuest(startPaused: true, arguments: [
             "-d", "-machine", "q35", "-device", "pcie-pci-bridge,id=pci.1,bus=pcie.0", "-incoming", "defer",
         ])
         options.name = "target"

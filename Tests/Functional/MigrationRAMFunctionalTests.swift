@@ -54,7 +54,7 @@ struct MigrationRAMFunctionalTests {
             unlink(sourceRAM)
             unlink(targetRAM)
         }
-        let socketDirectory = try temporarySocketDirectory()
+        let socketDirectory = try ArtifactDirectory.makeShortSocketDirectory()
         defer { try? FileManager.default.removeItem(atPath: socketDirectory) }
         let uri = "unix:\(socketDirectory)/migration.sock"
         try await withArtifacts { artifacts in
@@ -63,16 +63,16 @@ struct MigrationRAMFunctionalTests {
                 #expect(FileManager.default.createFile(atPath: targetRAM, contents: Data(repeating: 0xFF, count: Self.ramSize)))
             case .earlierBoot:
                 // A guest boots on the file, leaves round 50 in its scribble area, and quits.
-                var earlier = guestOptions(arguments: Self.fileBackend(targetRAM))
+                var earlier = MachineOptions.bundledGuest(arguments: Self.fileBackend(targetRAM))
                 earlier.name = "earlier"
                 let vm = try await Machine.launch(earlier, in: artifacts)
                 try await vm.console.waitForPrompt(timeout: .seconds(20))
                 try await vm.console.run("scribble 50", expect: "scribble ok, round 50", timeout: .seconds(60))
                 #expect(await vm.shutdown() == .exited(0))
             }
-            var sourceOptions = guestOptions(arguments: Self.fileBackend(sourceRAM))
+            var sourceOptions = MachineOptions.bundledGuest(arguments: Self.fileBackend(sourceRAM))
             sourceOptions.name = "source"
-            var targetOptions = guestOptions(arguments: Self.fileBackend(targetRAM, share: leftover != .filledWithFFPrivate) + ["-incoming", "defer"])
+            var targetOptions = MachineOptions.bundledGuest(arguments: Self.fileBackend(targetRAM, share: leftover != .filledWithFFPrivate) + ["-incoming", "defer"])
             targetOptions.name = "target"
             let source = try await Machine.launch(sourceOptions, in: artifacts)
             let target = try await Machine.launch(targetOptions, in: artifacts)
@@ -104,13 +104,13 @@ struct MigrationRAMFunctionalTests {
     @Test func copyingRAMIntoTheSourcesOwnFileIsRefused() async throws {
         let ram = "/dev/shm/vmm-ram-same-\(getpid())"
         defer { unlink(ram) }
-        let socketDirectory = try temporarySocketDirectory()
+        let socketDirectory = try ArtifactDirectory.makeShortSocketDirectory()
         defer { try? FileManager.default.removeItem(atPath: socketDirectory) }
         let uri = "unix:\(socketDirectory)/migration.sock"
         try await withArtifacts { artifacts in
-            var sourceOptions = guestOptions(arguments: Self.fileBackend(ram))
+            var sourceOptions = MachineOptions.bundledGuest(arguments: Self.fileBackend(ram))
             sourceOptions.name = "source"
-            var targetOptions = guestOptions(arguments: Self.fileBackend(ram) + ["-incoming", "defer"])
+            var targetOptions = MachineOptions.bundledGuest(arguments: Self.fileBackend(ram) + ["-incoming", "defer"])
             targetOptions.name = "target"
             let source = try await Machine.launch(sourceOptions, in: artifacts)
             let target = try await Machine.launch(targetOptions, in: artifacts)

@@ -96,7 +96,7 @@ extension SerializedNetworkSuites {
                 }
                 try await prepare(first)
                 let fdsWhenRunning = openFileDescriptors(first.pid)
-                let ticksBefore = try await readTicks(first.console)
+                let ticksBefore = try await first.guest.ticks()
                 let pinger = try Pinger(namespace: ns, destination: "192.168.100.2", interval: .milliseconds(2))
                 try pinger.start()
                 try await pinger.waitForReplies(20, timeout: .seconds(10))
@@ -110,7 +110,7 @@ extension SerializedNetworkSuites {
                         if let next {
                             target = next
                         } else {
-                            var options = guestOptions(arguments: Pair.incomingTapArguments(queues) + memory + ["-incoming", "defer"])
+                            var options = MachineOptions.bundledGuest(arguments: Pair.incomingTapArguments(queues) + memory + ["-incoming", "defer"])
                             options.name = "hop\(hop)"
                             options.namespace = ns
                             target = try await Machine.launch(options, in: artifacts)
@@ -137,7 +137,7 @@ extension SerializedNetworkSuites {
                         let stats = try await current.console.run("stats")
                         Issue.record("lost \(report.lost) over ten hops (downtimes \(downtimes) us); guest stats: \(stats)\n\(report)")
                     }
-                    #expect(try await readTicksLater(current.console) > ticksBefore)
+                    #expect(try await current.guest.ticks(after: .milliseconds(100)) > ticksBefore)
                     try await current.console.run("ip addr", expect: "inet 192.168.100.2/24")
                     _ = await current.shutdown()
                 }

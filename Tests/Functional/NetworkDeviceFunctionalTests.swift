@@ -21,7 +21,7 @@ struct NetworkDeviceFunctionalTests {
     func opensEveryQueueOfAMultiQueueTap(queues: Int) async throws {
         try await NetworkNamespace.with { ns in
             _ = try await ns.createTap("tap0", queues: queues, multiQueue: true)
-            var options = guestOptions(arguments: Self.nicArguments(queues: queues))
+            var options = MachineOptions.bundledGuest(arguments: Self.nicArguments(queues: queues))
             options.namespace = ns
             try await Machine.with(options) { vm in
                 try await vm.console.waitForPrompt(timeout: .seconds(20))
@@ -44,7 +44,7 @@ struct NetworkDeviceFunctionalTests {
     @Test func netdevAndDeviceAddedOverQMPBeforeStartWithPassedFDs() async throws {
         try await NetworkNamespace.with { ns in
             _ = try await ns.createTap("tap0", queues: 2, multiQueue: true)
-            var options = guestOptions(startPaused: true)
+            var options = MachineOptions.bundledGuest(startPaused: true)
             options.namespace = ns
             try await Machine.with(options) { vm in
                 let queues = try await ns.run { try TapDevice.openQueues(name: "tap0", count: 2, multiQueue: true, vnetHeader: true) }

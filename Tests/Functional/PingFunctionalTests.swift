@@ -10,30 +10,10 @@ extension SerializedNetworkSuites {
         static let hostAddress = "192.168.100.1"
         static let guestAddress = "192.168.100.2"
 
-        /// Boots the guest on tap0 with `queues` pairs and brings eth0 up.
-        static func withNetworkedGuest(queues: Int, _ body: (NetworkNamespace, Machine) async throws -> Void) async throws {
-            try await NetworkNamespace.with { ns in
-                _ = try await ns.createTap("tap0", queues: queues, multiQueue: true)
-                try await ns.withRoute { route in
-                    try route.addAddress("\(hostAddress)/24", to: "tap0")
-                    try route.setLink("tap0", up: true)
-                }
-                var options = guestOptions(arguments: NetworkDeviceFunctionalTests.nicArguments(queues: queues))
-                options.namespace = ns
-                try await Machine.with(options) { vm in
-                    try await vm.console.waitForPrompt(timeout: .seconds(20))
-                    try await vm.console.run("ip addr add \(guestAddress)/24 dev eth0", failure: "no such device", timeout: .seconds(30))
-                    try await vm.console.run("ip link set eth0 up", timeout: .seconds(10))
-                    try await body(ns, vm)
-                    try await vm.qmp.execute("quit")
-                    _ = try await vm.wait(timeout: .seconds(10))
-                }
-            }
-        }
-
         @Test(arguments: [1, 4])
         func guestAndHostPingEachOtherWithoutLoss(queues: Int) async throws {
-            try await Self.withNetworkedGuest(queues: queues) { ns, vm in
+            try await NetworkedGuest.with(GuestNetwork(queues: queues)) { guest in
+                let (ns, vm) = (guest.namespace, guest.machine)
                 try await vm.console.run("ping -c 1 -W 2 \(Self.hostAddress)", expect: "1 packets received",
                                          failure: "0 packets received", timeout: .seconds(20))
                 let single = try Pinger(namespace: ns, destination: Self.guestAddress, interval: .milliseconds(100), count: 1)
@@ -52,7 +32,8 @@ extension SerializedNetworkSuites {
         }
 
         @Test func severalFlowsUseMoreThanOneReceiveQueue() async throws {
-            try await Self.withNetworkedGuest(queues: 4) { ns, vm in
+            try await NetworkedGuest.with(GuestNetwork(queues: 4)) { guest in
+                let (ns, vm) = (guest.namespace, guest.machine)
                 // The TAP steers by a hash of the addresses: pings from eight source addresses
                 // are eight flows, like the seed's `ping -I`.
                 let sources = (11...18).map { "192.168.100.\($0)" }

@@ -7,7 +7,7 @@ import Testing
 @Suite(.requiresKVM, .requiresGuestImage, .requiresVMM, .usesProcessResources)
 struct QMPFunctionalTests {
     @Test func stopAndContChangeStateEmitEventsAndReallyStopTheGuest() async throws {
-        try await Machine.with(guestOptions()) { vm in
+        try await Machine.with(MachineOptions.bundledGuest()) { vm in
             try await vm.console.waitForPrompt(timeout: .seconds(20))
             try await vm.qmp.execute("stop")
             _ = try await vm.qmp.waitForEvent("STOP", timeout: .seconds(5))
@@ -25,7 +25,7 @@ struct QMPFunctionalTests {
     }
 
     @Test func startPausedStaysInPrelaunchUntilCont() async throws {
-        try await Machine.with(guestOptions(startPaused: true)) { vm in
+        try await Machine.with(MachineOptions.bundledGuest(startPaused: true)) { vm in
             #expect(try await vm.qmp.execute("query-status") == ["status": "prelaunch", "singlestep": false, "running": false])
             try await vm.console.expectSilence(for: .milliseconds(500))
             try await vm.qmp.execute("cont")
@@ -36,7 +36,7 @@ struct QMPFunctionalTests {
     }
 
     @Test func quitSendsShutdownAndExitsZero() async throws {
-        try await Machine.with(guestOptions()) { vm in
+        try await Machine.with(MachineOptions.bundledGuest()) { vm in
             try await vm.console.waitForPrompt(timeout: .seconds(20))
             try await vm.qmp.execute("quit")
             let event = try await vm.qmp.waitForEvent("SHUTDOWN", timeout: .seconds(5))
@@ -46,7 +46,7 @@ struct QMPFunctionalTests {
     }
 
     @Test func malformedInputGetsErrorsAndTheConnectionStaysUsable() async throws {
-        try await Machine.with(guestOptions()) { vm in
+        try await Machine.with(MachineOptions.bundledGuest()) { vm in
             let qmp = try vm.qmp
             for bad in ["{\"execute\": }", "[1, 2, 3]", "{\"arguments\": {}}", "\"just a string\""] {
                 try qmp.sendRaw(bad + "\n")
@@ -61,7 +61,7 @@ struct QMPFunctionalTests {
     }
 
     @Test func versionAndCommandList() async throws {
-        try await Machine.with(guestOptions()) { vm in
+        try await Machine.with(MachineOptions.bundledGuest()) { vm in
             let version = try await vm.qmp.execute("query-version")
             #expect(version["qemu"]?["major"]?.intValue != nil)
             let commands = try await vm.qmp.execute("query-commands").arrayValue ?? []
@@ -71,10 +71,10 @@ struct QMPFunctionalTests {
     }
 
     @Test func serverSocketServesClientsOneAfterAnotherAndTogether() async throws {
-        let dir = try temporarySocketDirectory()
+        let dir = try ArtifactDirectory.makeShortSocketDirectory()
         defer { try? FileManager.default.removeItem(atPath: dir) }
         let path = dir + "/qmp.sock"
-        try await Machine.with(guestOptions(arguments: ["-qmp", "unix:\(path),server=on,wait=off"], connectQMP: false)) { vm in
+        try await Machine.with(MachineOptions.bundledGuest(arguments: ["-qmp", "unix:\(path),server=on,wait=off"], connectQMP: false)) { vm in
             try await vm.console.waitForPrompt(timeout: .seconds(20))
             for _ in 0..<3 {
                 let client = try await QMPClient.connect(path: path)

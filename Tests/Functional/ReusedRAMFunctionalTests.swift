@@ -46,7 +46,7 @@ extension SerializedNetworkSuites {
         }
 
         static func bootAndPing(ns: NetworkNamespace, ramPath: String, boot: Int) async throws {
-            var options = guestOptions(arguments: NetworkDeviceFunctionalTests.nicArguments(queues: 1) + [
+            var options = MachineOptions.bundledGuest(arguments: NetworkDeviceFunctionalTests.nicArguments(queues: 1) + [
                 "-object", "memory-backend-file,id=ram0,size=64M,mem-path=\(ramPath),share=on",
                 "-machine", "memory-backend=ram0",
             ])

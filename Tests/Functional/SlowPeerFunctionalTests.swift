@@ -82,10 +82,10 @@ func stderrText(_ vm: TestKit.Machine) -> String {
 @Suite(.requiresKVM, .requiresGuestImage, .requiresVMM, .usesProcessResources)
 struct SlowPeerFunctionalTests {
     @Test func aQMPClientThatNeverReadsStallsNobodyElse() async throws {
-        let dir = try temporarySocketDirectory()
+        let dir = try ArtifactDirectory.makeShortSocketDirectory()
         defer { try? FileManager.default.removeItem(atPath: dir) }
         let path = dir + "/qmp.sock"
-        try await Machine.with(guestOptions(arguments: ["-qmp", "unix:\(path),server=on,wait=off"])) { vm in
+        try await Machine.with(MachineOptions.bundledGuest(arguments: ["-qmp", "unix:\(path),server=on,wait=off"])) { vm in
             try await vm.console.waitForPrompt(timeout: .seconds(20))
             let hog = try RawPeer(path: path)
             // ~1 MB of replies, far more than the socket holds, and never read (yet).
@@ -104,10 +104,10 @@ struct SlowPeerFunctionalTests {
     }
 
     @Test func eventsToAClientThatNeverReadsStallNobodyElse() async throws {
-        let dir = try temporarySocketDirectory()
+        let dir = try ArtifactDirectory.makeShortSocketDirectory()
         defer { try? FileManager.default.removeItem(atPath: dir) }
         let path = dir + "/qmp.sock"
-        try await Machine.with(guestOptions(arguments: ["-qmp", "unix:\(path),server=on,wait=off"])) { vm in
+        try await Machine.with(MachineOptions.bundledGuest(arguments: ["-qmp", "unix:\(path),server=on,wait=off"])) { vm in
             try await vm.console.waitForPrompt(timeout: .seconds(20))
             let silent = try RawPeer(path: path)
             try silent.send(#"{"execute": "qmp_capabilities"}"#)
@@ -128,10 +128,10 @@ struct SlowPeerFunctionalTests {
     }
 
     @Test func aConsoleClientThatNeverReadsDoesNotBlockTheVCPU() async throws {
-        let dir = try temporarySocketDirectory()
+        let dir = try ArtifactDirectory.makeShortSocketDirectory()
         defer { try? FileManager.default.removeItem(atPath: dir) }
         let path = dir + "/console.sock"
-        var options = guestOptions(arguments: ["-serial", "unix:\(path),server=on,wait=off"])
+        var options = MachineOptions.bundledGuest(arguments: ["-serial", "unix:\(path),server=on,wait=off"])
         options.connectConsole = false
         try await Machine.with(options) { vm in
             try await waitForFile(path)
@@ -158,10 +158,10 @@ struct SlowPeerFunctionalTests {
 
     @Test(arguments: ["-qmp", "-serial"])
     func sigtermWhileWaitingForTheFirstClientExitsCleanly(option: String) async throws {
-        let dir = try temporarySocketDirectory()
+        let dir = try ArtifactDirectory.makeShortSocketDirectory()
         defer { try? FileManager.default.removeItem(atPath: dir) }
         let path = dir + "/wait.sock"
-        var options = guestOptions(arguments: [option, "unix:\(path),server=on,wait=on"], connectQMP: false)
+        var options = MachineOptions.bundledGuest(arguments: [option, "unix:\(path),server=on,wait=on"], connectQMP: false)
         options.connectConsole = false
         try await Machine.with(options) { vm in
             try await waitForFile(path)
@@ -172,7 +172,7 @@ struct SlowPeerFunctionalTests {
     }
 
     @Test func aDuplicateKeyIsAParseErrorAndRunsNothing() async throws {
-        try await Machine.with(guestOptions()) { vm in
+        try await Machine.with(MachineOptions.bundledGuest()) { vm in
             try vm.qmp.sendRaw(#"{"execute": "query-status", "execute": "stop"}"# + "\n")
             let reply = try await vm.qmp.readRawReply(timeout: .seconds(5))
             #expect(reply["error"]?["class"] == "GenericError")
@@ -182,7 +182,7 @@ struct SlowPeerFunctionalTests {
     }
 
     @Test func aMegabyteObjectWithManyKeysIsAnswered() async throws {
-        try await Machine.with(guestOptions()) { vm in
+        try await Machine.with(MachineOptions.bundledGuest()) { vm in
             var text = #"{"execute": "query-status", "arguments": {"#
             var n = 0
             while text.utf8.count < (1 << 20) - 64 {
@@ -235,12 +235,12 @@ struct StartupAndLimitsFunctionalTests {
     }
 
     @Test func runningOutOfFDsBacksOffAndRecovers() async throws {
-        let dir = try temporarySocketDirectory()
+        let dir = try ArtifactDirectory.makeShortSocketDirectory()
         defer { try? FileManager.default.removeItem(atPath: dir) }
         let path = dir + "/qmp.sock"
         let vmm = try VMMBinary.resolve()
         let prlimit = try #require(VMMBinary.findExecutable("prlimit"), "prlimit (util-linux) sets the child's fd limit")
-        var options = guestOptions(arguments: ["-qmp", "unix:\(path),server=on,wait=off"])
+        var options = MachineOptions.bundledGuest(arguments: ["-qmp", "unix:\(path),server=on,wait=off"])
         options.binary = VMMBinary(path: prlimit, defaultArguments: ["--nofile=40:40", vmm.path] + vmm.defaultArguments)
         try await Machine.with(options) { vm in
             try await vm.console.waitForPrompt(timeout: .seconds(20))
@@ -278,7 +278,7 @@ struct StartupAndLimitsFunctionalTests {
     }
 
     @Test func getfdRefusesNamesStartingWithADigit() async throws {
-        try await Machine.with(guestOptions()) { vm in
+        try await Machine.with(MachineOptions.bundledGuest()) { vm in
             var pair: [Int32] = [-1, -1]
             #expect(pipe(&pair) == 0)
             defer { pair.forEach { Glibc.close($0) } }
@@ -306,7 +306,7 @@ struct StartupAndLimitsFunctionalTests {
             (["id": "n1", "vnet_hdr": "on"], "Invalid parameter type for 'vnet_hdr', expected: boolean"),
             (["id": "n1", "fd": 3], "Invalid parameter type for 'fd', expected: string"),
         ]
-        try await Machine.with(guestOptions()) { vm in
+        try await Machine.with(MachineOptions.bundledGuest()) { vm in
             for (arguments, desc) in cases {
                 var args = arguments
                 args["type"] = "tap"

@@ -38,7 +38,7 @@ extension SerializedNetworkSuites {
                     try route.addAddress("\(hostAddress)/24", to: "tap0")
                     try route.setLink("tap0", up: true)
                 }
-                let socketDirectory = try temporarySocketDirectory()
+                let socketDirectory = try ArtifactDirectory.makeShortSocketDirectory()
                 defer { try? FileManager.default.removeItem(atPath: socketDirectory) }
                 let uri = "unix:\(socketDirectory)/migration.sock"
                 try await withArtifacts { artifacts in
@@ -50,7 +50,7 @@ extension SerializedNetworkSuites {
                     try await source.console.run("ip link set eth0 up")
                     try await onePingFromGuest(source)
                     try await onePingFromHost(ns)
-                    let ticksBefore = try await readTicks(source.console)
+                    let ticksBefore = try await source.guest.ticks()
 
                     let pinger = try Pinger(namespace: ns, destination: guestAddress, interval: .milliseconds(2))
                     try pinger.start()
@@ -81,7 +81,7 @@ extension SerializedNetworkSuites {
                     #expect(info["ram"]?["normal"]?.intValue == 0, "\(info.serialized)")
                     #expect(info["x-downtime-us"]?.intValue != nil, "\(info.serialized)")
 
-                    #expect(try await readTicksLater(target.console) > ticksBefore)
+                    #expect(try await target.guest.ticks(after: .milliseconds(100)) > ticksBefore)
                     try await target.console.run("ip addr", expect: "inet \(guestAddress)/24")
                     let nic = try await NetworkDeviceFunctionalTests.nicInfo(target.qmp, id: "vnet.1")
                     // The guest's queue-pair setting came along with the device state.
@@ -94,7 +94,7 @@ extension SerializedNetworkSuites {
         /// Both sides, as the seed starts them: -S, RAM in a shared file, the NIC added over QMP.
         static func launch(_ name: String, ns: NetworkNamespace, ramPath: String, incoming: Bool,
                            in artifacts: ArtifactDirectory) async throws -> Machine {
-            var options = guestOptions(startPaused: true, arguments: [
+            var options = MachineOptions.bundledGuest(startPaused: true, arguments: [
                 "-object", "memory-backend-file,id=ram0,size=128M,mem-path=\(ramPath),share=on",
                 "-machine", "memory-backend=ram0",
             ] + (incoming ? ["-incoming", "defer"] : []))
