@@ -3,7 +3,7 @@ import TestKit
 import Testing
 
 /// The bundled VMM boots the bundled guest to its shell, and the shell behaves.
-@Suite(.requiresKVM, .requiresGuestImage, .requiresVMM, .usesProcessResources)
+@Suite(.keepsArtifactsOnFailure, .timeLimit(.minutes(5)), .requiresKVM, .requiresGuestImage, .requiresVMM, .usesProcessResources)
 struct BootFunctionalTests {
     @Test func bootsToBannerAndPrompt() async throws {
         try await Machine.with(MachineOptions.bundledGuest()) { vm in

@@ -6,7 +6,7 @@ import Testing
 /// Enter, or a harness asking for a fresh prompt) must not stall the console: under
 /// QEMU's 16550 it did, and our UART model now behaves the same way, so both VMMs
 /// check the bundled guest here.
-@Suite(.requiresKVM, .requiresGuestImage, .usesProcessResources)
+@Suite(.keepsArtifactsOnFailure, .timeLimit(.minutes(5)), .requiresKVM, .requiresGuestImage, .usesProcessResources)
 struct ConsoleEarlyInputFunctionalTests {
     /// Types Enter while the machine is still stopped (`-S`), so the byte is waiting in
     /// the UART when the guest's first instruction runs; then expects a working shell.

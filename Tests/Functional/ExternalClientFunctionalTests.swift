@@ -71,7 +71,7 @@ async def main(path):
 asyncio.run(main(sys.argv[1]))
 """#
 
-@Suite(.requiresKVM, .requiresGuestImage, .requiresVMM, .usesProcessResources)
+@Suite(.keepsArtifactsOnFailure, .timeLimit(.minutes(5)), .requiresKVM, .requiresGuestImage, .requiresVMM, .usesProcessResources)
 struct ExternalClientFunctionalTests {
     @Test(.enabled(if: qemuQMPUnavailable == nil, Comment(rawValue: qemuQMPUnavailable ?? "")))
     func pythonQemuQMPClientDrivesTheVMM() async throws {

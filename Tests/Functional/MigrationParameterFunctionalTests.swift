@@ -5,7 +5,7 @@ import Testing
 
 /// Migration parameters over QMP, as a management tool sets them: the defaults, QEMU's
 /// range checks when a value is set, and that no accepted value can bring the VMM down.
-@Suite(.requiresKVM, .requiresGuestImage, .requiresVMM, .usesProcessResources)
+@Suite(.keepsArtifactsOnFailure, .timeLimit(.minutes(5)), .requiresKVM, .requiresGuestImage, .requiresVMM, .usesProcessResources)
 struct MigrationParameterFunctionalTests {
     /// The error text of a refused command, or nil when it succeeded.
     static func refusal(_ qmp: QMPClient, _ command: String, _ arguments: JSONObject) async -> String? {
@@ -72,7 +72,7 @@ struct MigrationParameterFunctionalTests {
 }
 
 /// A netdev that waits for its TAP from a migration only makes sense on a migration target.
-@Suite(.requiresKVM, .requiresGuestImage, .requiresVMM, .usesProcessResources)
+@Suite(.keepsArtifactsOnFailure, .timeLimit(.minutes(5)), .requiresKVM, .requiresGuestImage, .requiresVMM, .usesProcessResources)
 struct IncomingFDsOutsideMigrationFunctionalTests {
     static let message = "Peers wait for incoming, but it's not an incoming migration."
 
@@ -100,7 +100,7 @@ struct IncomingFDsOutsideMigrationFunctionalTests {
 /// netdev_add with incoming-fds, then its device_add with every property it passes, on
 /// the bus of a `-device pcie-pci-bridge` alias. Properties without effect here are
 /// accepted and said so at debug level.
-@Suite(.requiresKVM, .requiresGuestImage, .requiresVMM, .usesProcessResources)
+@Suite(.keepsArtifactsOnFailure, .timeLimit(.minutes(5)), .requiresKVM, .requiresGuestImage, .requiresVMM, .usesProcessResources)
 struct SeedDeviceAddFunctionalTests {
     @Test func seriesDeviceAddIsAcceptedAndItsNoEffectPropertiesAreLogged() async throws {
         var options = MachineOptions.bundledGuest(startPaused: true, arguments: [

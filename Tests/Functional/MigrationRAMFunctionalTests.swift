@@ -8,7 +8,7 @@ import Testing
 /// pages out, so the target must not keep what its file held there. Both sides map
 /// their own file with share=on, so the host can compare the two RAMs page by page once
 /// both are stopped: what a user of those files sees.
-@Suite(.requiresKVM, .requiresGuestImage, .requiresVMM, .usesProcessResources)
+@Suite(.keepsArtifactsOnFailure, .timeLimit(.minutes(5)), .requiresKVM, .requiresGuestImage, .requiresVMM, .usesProcessResources)
 struct MigrationRAMFunctionalTests {
     enum Leftover: String, CaseIterable, Sendable {
         case filledWithFF

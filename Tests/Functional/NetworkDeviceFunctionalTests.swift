@@ -4,7 +4,7 @@ import Testing
 
 /// The VMM's side of networking, observable without a guest driver: TAP queues opened,
 /// the NIC on the PCI bus, netdevs and devices added over QMP, bad netdevs refused.
-@Suite(.requiresKVM, .requiresGuestImage, .requiresVMM, .requiresNetworkNamespaces, .usesProcessResources)
+@Suite(.keepsArtifactsOnFailure, .timeLimit(.minutes(5)), .requiresKVM, .requiresGuestImage, .requiresVMM, .requiresNetworkNamespaces, .usesProcessResources)
 struct NetworkDeviceFunctionalTests {
     static func nicArguments(queues: Int, mq: Bool = true, ifname: String = "tap0") -> [String] {
         ["-netdev", "tap,id=n0,ifname=\(ifname),queues=\(queues),script=no,downscript=no",

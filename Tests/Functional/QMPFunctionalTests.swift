@@ -4,7 +4,7 @@ import TestKit
 import Testing
 
 /// The VMM's QMP server as a client sees it: run states, events, errors, several clients.
-@Suite(.requiresKVM, .requiresGuestImage, .requiresVMM, .usesProcessResources)
+@Suite(.keepsArtifactsOnFailure, .timeLimit(.minutes(5)), .requiresKVM, .requiresGuestImage, .requiresVMM, .usesProcessResources)
 struct QMPFunctionalTests {
     @Test func stopAndContChangeStateEmitEventsAndReallyStopTheGuest() async throws {
         try await Machine.with(MachineOptions.bundledGuest()) { vm in

@@ -5,4 +5,4 @@ import Testing
 /// two host cores cannot carry several such guests, their pingers and a pre-copy at
 /// once without losing packets to scheduling, which would make the loss checks measure
 /// the test runner instead of the VMM.
-@Suite(.serialized, .usesProcessResources, .keepsArtifactsOnFailure) enum SerializedNetworkSuites {}
+@Suite(.serialized, .usesProcessResources, .keepsArtifactsOnFailure, .timeLimit(.minutes(5))) enum SerializedNetworkSuites {}

@@ -79,7 +79,7 @@ func stderrText(_ vm: TestKit.Machine) -> String {
 
 /// Issue 8 §6: no write to a client or console blocks the event loop or the vCPU, and
 /// every wait watches for termination signals.
-@Suite(.requiresKVM, .requiresGuestImage, .requiresVMM, .usesProcessResources)
+@Suite(.keepsArtifactsOnFailure, .timeLimit(.minutes(5)), .requiresKVM, .requiresGuestImage, .requiresVMM, .usesProcessResources)
 struct SlowPeerFunctionalTests {
     @Test func aQMPClientThatNeverReadsStallsNobodyElse() async throws {
         let dir = try ArtifactDirectory.makeShortSocketDirectory()
@@ -215,7 +215,7 @@ func cpuTicks(of pid: pid_t) throws -> Int {
 }
 
 /// Issue 8 §7: start-up errors, running out of fds, and QMP argument checks as QEMU does them.
-@Suite(.requiresKVM, .requiresGuestImage, .requiresVMM, .usesProcessResources)
+@Suite(.keepsArtifactsOnFailure, .timeLimit(.minutes(5)), .requiresKVM, .requiresGuestImage, .requiresVMM, .usesProcessResources)
 struct StartupAndLimitsFunctionalTests {
     @Test(arguments: [
         (["-qmp", "unix:/nonexistent-dir/q.sock,server=on,wait=off"], "vmm: -qmp unix:/nonexistent-dir/q.sock: bind /nonexistent-dir/q.sock: No such file or directory"),
