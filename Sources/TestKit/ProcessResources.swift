@@ -1,3 +1,5 @@
+import Foundation
+import Glibc
 import Testing
 
 /// Swift Testing runs suites in parallel in one process. A test that checks this process
@@ -71,4 +73,45 @@ extension Trait where Self == ProcessResourcesTrait {
     /// For tests that compare this process's fds or threads before and after: no
     /// `.usesProcessResources` test runs meanwhile.
     public static var countsProcessResources: Self { ProcessResourcesTrait(exclusive: true) }
+}
+
+/// What a process holds, read from /proc: for leak checks across boots, migrations and
+/// hops (`#expect(after.fileDescriptors == before.fileDescriptors)`).
+public struct ProcessSnapshot: Sendable, Equatable, CustomStringConvertible {
+    public var pid: Int32
+    /// Entries in /proc/PID/fd.
+    public var fileDescriptors: Int
+    /// `Threads:` in /proc/PID/status.
+    public var threads: Int
+    /// `VmRSS:` in /proc/PID/status, in bytes.
+    public var residentBytes: Int
+
+    /// nil when the process is gone or /proc cannot be read.
+    public init?(pid: Int32) {
+        let base = "/proc/\(pid)"
+        guard let fds = try? FileManager.default.contentsOfDirectory(atPath: base + "/fd"),
+              let status = try? String(contentsOfFile: base + "/status", encoding: .utf8) else { return nil }
+        func field(_ name: String) -> Int? {
+            guard let line = status.split(separator: "\n").first(where: { $0.hasPrefix(name + ":") }) else { return nil }
+            return line.split(whereSeparator: { !$0.isNumber }).first.flatMap { Int($0) }
+        }
+        guard let threads = field("Threads"), let rss = field("VmRSS") else { return nil }
+        self.pid = pid
+        fileDescriptors = fds.count
+        self.threads = threads
+        residentBytes = rss * 1024
+    }
+
+    /// This test process.
+    public static func current() -> ProcessSnapshot? { ProcessSnapshot(pid: getpid()) }
+
+    /// `/proc/PID/fd` entries with what each points to, for failure messages.
+    public static func describeFileDescriptors(of pid: Int32) -> String {
+        let entries = (try? FileManager.default.contentsOfDirectory(atPath: "/proc/\(pid)/fd")) ?? []
+        return entries.sorted { (Int($0) ?? 0) < (Int($1) ?? 0) }.map { fd in
+            "\(fd)->\((try? FileManager.default.destinationOfSymbolicLink(atPath: "/proc/\(pid)/fd/\(fd)")) ?? "?")"
+        }.joined(separator: " ")
+    }
+
+    public var description: String { "pid \(pid): \(fileDescriptors) fds, \(threads) threads, \(residentBytes >> 10) KiB resident" }
 }

@@ -243,17 +243,10 @@ extension SerializedNetworkSuites {
 }
 
 /// Entries in /proc/PID/fd.
-func openFileDescriptors(_ pid: pid_t) -> Int {
-    (try? FileManager.default.contentsOfDirectory(atPath: "/proc/\(pid)/fd").count) ?? -1
-}
+func openFileDescriptors(_ pid: pid_t) -> Int { ProcessSnapshot(pid: pid)?.fileDescriptors ?? -1 }
 
 /// What each fd of `pid` points to, for failure messages.
-func describeFileDescriptors(_ pid: pid_t) -> String {
-    let entries = (try? FileManager.default.contentsOfDirectory(atPath: "/proc/\(pid)/fd")) ?? []
-    return entries.sorted { (Int($0) ?? 0) < (Int($1) ?? 0) }.map { fd in
-        "\(fd)->\((try? FileManager.default.destinationOfSymbolicLink(atPath: "/proc/\(pid)/fd/\(fd)")) ?? "?")"
-    }.joined(separator: " ")
-}
+func describeFileDescriptors(_ pid: pid_t) -> String { ProcessSnapshot.describeFileDescriptors(of: pid) }
 
 /// A listening unix socket for a fake migration peer (backlog 1).
 func listenOnUnixSocket(_ path: String) throws -> Int32 {

@@ -101,10 +101,19 @@ import Testing
         #expect(messages(["\"str\"\n", "42 ", "}"]) == ["\"str\"", "42", "}"])
     }
 
-    @Test func overlongMessageIsDroppedAndTheStreamRecovers() {
+    /// Clients like qemu.qmp send no newlines: the next message starts right where the
+    /// overlong one closed, and a string holding a bracket does not confuse the count.
+    @Test func overlongMessageIsDroppedAndTheNextOneFollowsAtOnce() {
         var splitter = JSONStreamSplitter()
-        let huge = "[" + String(repeating: "1,", count: JSONStreamSplitter.maxMessageLength)
-        #expect(splitter.feed(Array(huge.utf8)).contains(.tooLong))
+        let huge = #"{"execute": "x", "arguments": {"s": "]}\"}", "a": ["# + String(repeating: "1,", count: JSONStreamSplitter.maxMessageLength)
+        #expect(splitter.feed(Array(huge.utf8)) == [.tooLong])
+        #expect(splitter.feed(Array(#"1]}}{"execute": "y"}"#.utf8)) == [.message(Array(#"{"execute": "y"}"#.utf8))])
+    }
+
+    @Test func overlongMessageThatNeverClosesEndsAtANewline() {
+        var splitter = JSONStreamSplitter()
+        let huge = "[" + String(repeating: "[1,", count: JSONStreamSplitter.maxMessageLength / 2)
+        #expect(splitter.feed(Array(huge.utf8)) == [.tooLong])
         #expect(splitter.feed(Array("1,1]} still the same line\n{}".utf8)) == [.message(Array("{}".utf8))])
     }
 }

@@ -1,8 +1,10 @@
 /// Cuts a QMP byte stream into messages. QMP does not need newlines between messages
 /// (the `qemu.qmp` client sends none), so, like QEMU's JSON streamer, a message ends
 /// where its outermost object or array closes. A bare scalar at top level ends at the
-/// next whitespace; it still gets its error reply. After an overlong message the
-/// rest of its line is skipped, so the stream resynchronizes at the next newline.
+/// next whitespace; it still gets its error reply. An overlong message is dropped (one
+/// `tooLong`) while its structure is still followed, so the stream resumes right after
+/// its outermost object closes, as clients that send no newlines need; a newline also
+/// ends it, for input whose brackets never balance.
 public struct JSONStreamSplitter {
     public static let maxMessageLength = 1 << 20
 
@@ -16,19 +18,22 @@ public struct JSONStreamSplitter {
     private var depth = 0
     private var inString = false
     private var escaped = false
-    private var skippingToNewline = false
+    /// The current message went past `maxMessageLength`: follow its structure, keep none of it.
+    private var discarding = false
+    /// The current message has a byte (kept or discarded).
+    private var started = false
 
     public init() {}
 
     public mutating func feed(_ bytes: some Sequence<UInt8>) -> [Output] {
         var outputs: [Output] = []
         for byte in bytes {
-            if skippingToNewline {
-                if byte == UInt8(ascii: "\n") { skippingToNewline = false }
+            if discarding && byte == UInt8(ascii: "\n") {
+                finish(into: &outputs)
                 continue
             }
             if inString {
-                buffer.append(byte)
+                keep(byte)
                 if escaped {
                     escaped = false
                 } else if byte == UInt8(ascii: "\\") {
@@ -40,36 +45,49 @@ public struct JSONStreamSplitter {
                 switch byte {
                 case UInt8(ascii: " "), UInt8(ascii: "\t"), UInt8(ascii: "\r"), UInt8(ascii: "\n"):
                     if depth == 0 {
-                        if !buffer.isEmpty { outputs.append(.message(take())) }
+                        if started { finish(into: &outputs) }
                         continue
                     }
-                    buffer.append(byte)
+                    keep(byte)
                 case UInt8(ascii: "\""):
                     inString = true
-                    buffer.append(byte)
+                    keep(byte)
                 case UInt8(ascii: "{"), UInt8(ascii: "["):
                     depth += 1
-                    buffer.append(byte)
+                    keep(byte)
                 case UInt8(ascii: "}"), UInt8(ascii: "]"):
                     depth -= 1
-                    buffer.append(byte)
-                    if depth <= 0 { outputs.append(.message(take())) }
+                    keep(byte)
+                    if depth <= 0 { finish(into: &outputs) }
                 default:
-                    buffer.append(byte)
+                    keep(byte)
                 }
             }
             if buffer.count > Self.maxMessageLength {
-                _ = take()
-                skippingToNewline = true
+                buffer = []
+                discarding = true
                 outputs.append(.tooLong)
             }
         }
         return outputs
     }
 
+    private mutating func keep(_ byte: UInt8) {
+        started = true
+        if !discarding { buffer.append(byte) }
+    }
+
+    /// The current message ended: hand it out, unless it was overlong (already reported).
+    private mutating func finish(into outputs: inout [Output]) {
+        let message = take()
+        if !discarding { outputs.append(.message(message)) }
+        discarding = false
+    }
+
     private mutating func take() -> [UInt8] {
         defer {
             buffer = []
+            started = false
             depth = 0
             inString = false
             escaped = false
