@@ -84,18 +84,35 @@ final class ChildProcess: Sendable {
     /// Spawns `path` with `arguments` (argv[0] included). stdin is /dev/null; stdout and
     /// stderr are dup'ed from the given fds, which stay owned by the caller; every other
     /// fd is closed in the child.
+    /// Most fds `spawn` passes on (as 3, 4, ...).
+    static let maxPassedFDs = 64
+
+    /// `passing`: fds the child gets as 3, 4, ... in order (QEMU's `add_fd`); they stay
+    /// the caller's here.
     static func spawn(
-        path: String, arguments: [String], environment: [String: String], stdout: Int32, stderr: Int32
+        path: String, arguments: [String], environment: [String: String], stdout: Int32, stderr: Int32,
+        passing: [Int32] = []
     ) throws(SystemError) -> ChildProcess {
+        guard passing.count <= maxPassedFDs else { throw SystemError("pass \(passing.count) fds (at most \(maxPassedFDs))", code: EINVAL) }
         var actions = posix_spawn_file_actions_t()
         posix_spawn_file_actions_init(&actions)
         defer { posix_spawn_file_actions_destroy(&actions) }
         posix_spawn_file_actions_addopen(&actions, 0, "/dev/null", O_RDONLY, 0)
         posix_spawn_file_actions_adddup2(&actions, stdout, 1)
         posix_spawn_file_actions_adddup2(&actions, stderr, 2)
+        // Copies above every target number first (close-on-exec, so they vanish at exec):
+        // dup2 to 3, 4, ... must not overwrite a source that has not been copied yet.
+        var copies: [Int32] = []
+        defer { copies.forEach { closeDescriptor($0) } }
+        for fd in passing {
+            let copy = fcntl(fd, F_DUPFD_CLOEXEC, Int32(3 + maxPassedFDs))
+            guard copy >= 0 else { throw SystemError("pass fd \(fd) to \(path)") }
+            copies.append(copy)
+        }
+        for (index, copy) in copies.enumerated() { posix_spawn_file_actions_adddup2(&actions, copy, Int32(3 + index)) }
         // Parallel tests open fds all the time, not all close-on-exec; a VMM that inherits
         // another test's socket keeps it open and hangs that test.
-        if cl_spawn_can_close_from() != 0 { _ = cl_spawn_add_close_from(&actions, 3) }
+        if cl_spawn_can_close_from() != 0 { _ = cl_spawn_add_close_from(&actions, Int32(3 + passing.count)) }
 
         var attributes = posix_spawnattr_t()
         posix_spawnattr_init(&attributes)

@@ -35,6 +35,13 @@ public struct MachineOptions: Sendable {
     /// (`MachineError.outsideNamespaceScope`) unless this is set: the VMM would run in the
     /// host's namespace, create its TAPs there and never see the test's traffic.
     public var outsideNamespaceScope: Bool = false
+    /// fds the VMM inherits, as 3, 4, ... in this order (QEMU's `QEMUMachine.add_fd`), for
+    /// `-netdev tap,fd=3`, `vhostfd=4` or a pre-opened socket; `inheritedNumber(of:)` says
+    /// which. They stay the caller's: TestKit neither closes nor keeps them.
+    public var inheritedFDs: [Int32] = []
+
+    /// The number the VMM sees the `index`-th of `inheritedFDs` as.
+    public static func inheritedNumber(of index: Int) -> Int32 { Int32(3 + index) }
 
     public init(
         binary: VMMBinary? = nil, name: String? = nil, kernel: String? = nil, memory: String? = nil,
@@ -238,7 +245,8 @@ public final class Machine: Sendable {
             var environment = ProcessInfo.processInfo.environment
             environment.merge(options.environment) { $1 }
             process = try ChildProcess.spawn(
-                path: spawned[0], arguments: spawned, environment: environment, stdout: stdout, stderr: stderr)
+                path: spawned[0], arguments: spawned, environment: environment, stdout: stdout, stderr: stderr,
+                passing: options.inheritedFDs)
         } catch {
             removeSocketDirectory()
             throw MachineError.spawnFailed(binary.path, error)

@@ -73,6 +73,14 @@ public enum HostRequirement {
         return nil
     }()
 
+    /// In-kernel vhost-net: /dev/vhost-net opens read-write (`modprobe vhost_net` creates it).
+    public static func vhostNetUnavailable(path: String = "/dev/vhost-net") -> String? {
+        let fd = open(path, O_RDWR | O_CLOEXEC)
+        guard fd >= 0 else { return "\(path): \(SystemError.text(errno)) (kernel vhost-net; try modprobe vhost_net)" }
+        closeDescriptor(fd)
+        return nil
+    }
+
     public static func vmmMissing() -> String? {
         do {
             _ = try VMMBinary.resolve()
@@ -86,7 +94,7 @@ public enum HostRequirement {
 /// Strict mode: `TESTKIT_REQUIRE=kvm,netns,...` names requirements that must hold on this
 /// host. A test whose listed requirement is missing then fails with the reason instead of
 /// skipping, so that a CI run on a runner without /dev/kvm cannot pass by skipping
-/// everything. Keys: `root`, `netns`, `kvm`, `guest`, `vmm`, and a binary's name
+/// everything. Keys: `root`, `netns`, `kvm`, `vhost-net`, `guest`, `vmm`, and a binary's name
 /// (`qemu-system-x86_64`) for `.requiresBinary`; `all` makes every requirement strict.
 public enum StrictRequirements {
     public static let environmentKey = "TESTKIT_REQUIRE"
@@ -122,6 +130,9 @@ extension Trait where Self == ConditionTrait {
 
     /// /dev/kvm can be opened read-write.
     public static var requiresKVM: Self { condition("kvm", HostRequirement.kvmUnavailable()) }
+
+    /// /dev/vhost-net can be opened read-write (strict-mode key `vhost-net`).
+    public static var requiresVhostNet: Self { condition("vhost-net", HostRequirement.vhostNetUnavailable()) }
 
     /// An executable of this name on PATH, e.g. "qemu-system-x86_64".
     public static func requiresBinary(_ name: String) -> Self { condition(name, HostRequirement.binaryMissing(name)) }

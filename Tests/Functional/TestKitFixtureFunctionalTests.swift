@@ -1,3 +1,4 @@
+import Glibc
 import QMPWire
 import TestKit
 import Testing
@@ -74,6 +75,29 @@ extension SerializedNetworkSuites {
                     try await MigrationWaiter.waitForFinish(source: pair.source.qmp, target: pair.target.qmp, timeout: .seconds(1))
                 }
                 #expect("\(error.map { "\($0)" } ?? "")".contains("enable the events capability"))
+            }
+        }
+
+        /// A TAP queue the test opened reaches the VMM as fd 3 (`-netdev tap,fd=3`), as
+        /// QEMU's `add_fd` allows; the test still holds its own fd afterwards.
+        @Test func inheritedTapFDCarriesTheGuestsTraffic() async throws {
+            let network = GuestNetwork()
+            try await NetworkNamespace.with { ns in
+                try await network.createTap(in: ns)
+                let queues = try await ns.run { try TapDevice.openQueues(name: network.tap, count: 1, multiQueue: true) }
+                defer { queues.close() }
+                var options = MachineOptions.bundledGuest(arguments: [
+                    "-netdev", "tap,id=n0,fd=\(MachineOptions.inheritedNumber(of: 0))",
+                    "-device", "virtio-net-pci,netdev=n0,id=nic0,mac=\(network.guestMAC)",
+                ])
+                options.namespace = ns
+                options.inheritedFDs = queues.descriptors
+                try await Machine.with(options) { vm in
+                    try await vm.console.waitForPrompt(timeout: .seconds(20))
+                    try await vm.guest.configureNetwork(address: network.guestCIDR)
+                    #expect(try await vm.guest.ping(network.hostAddress).received == 1)
+                }
+                #expect(fcntl(queues.descriptors[0], F_GETFD) >= 0)
             }
         }
 

@@ -184,6 +184,8 @@ extension TestKitTests {
 
         @Test func requirementReasonsNameTheProblem() {
             #expect(HostRequirement.kvmUnavailable(path: "/nonexistent/kvm") == "/nonexistent/kvm: No such file or directory")
+            #expect(HostRequirement.vhostNetUnavailable(path: "/nonexistent/vhost-net")
+                    == "/nonexistent/vhost-net: No such file or directory (kernel vhost-net; try modprobe vhost_net)")
             #expect(HostRequirement.binaryMissing("no-such-binary-xyz") == "no-such-binary-xyz not found on PATH")
             #expect(HostRequirement.binaryMissing("sh") == nil)
             if let reason = HostRequirement.missingCapabilities() {

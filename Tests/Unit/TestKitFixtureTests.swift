@@ -1,3 +1,5 @@
+import Foundation
+import Glibc
 @testable import TestKit
 import Testing
 
@@ -43,5 +45,42 @@ import Testing
     @Test func errorNamesTheVariableTheKeyAndTheReason() {
         let error = RequirementNotMet(key: "kvm", reason: "/dev/kvm: No such file or directory")
         #expect("\(error)" == "TESTKIT_REQUIRE lists 'kvm', but: /dev/kvm: No such file or directory")
+    }
+}
+
+@Suite(.countsProcessResources) struct InheritedFDTests {
+    /// Passed fds arrive as 3, 4, ... in order, even when a source number is one of the
+    /// targets; nothing else above 2 is inherited; the caller's fds stay open.
+    @Test func childSeesPassedFDsInOrderAndNothingElse() async throws {
+        var pipes: [[Int32]] = []
+        for _ in 0..<3 {
+            var p: [Int32] = [-1, -1]
+            #expect(pipe(&p) == 0)
+            pipes.append(p)
+        }
+        defer { pipes.joined().forEach { close($0) } }
+        let passing = [pipes[2][1], pipes[0][1]]
+        let directory = try temporaryDirectory()
+        defer { try? FileManager.default.removeItem(atPath: directory) }
+        let output = directory + "/out"
+        let fd = open(output, O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0o644)
+        defer { close(fd) }
+        let script = "for f in /proc/self/fd/*; do echo \"${f##*/} $(readlink $f)\"; done"
+        let child = try ChildProcess.spawn(path: "/bin/sh", arguments: ["sh", "-c", script], environment: [:],
+                                           stdout: fd, stderr: fd, passing: passing)
+        defer { child.close() }
+        #expect(try await child.wait(timeout: .seconds(10)) == .exited(0))
+        let lines = try String(contentsOfFile: output, encoding: .utf8).split(separator: "\n")
+        let byNumber = Dictionary(lines.compactMap { line -> (Int, String)? in
+            let parts = line.split(separator: " ", maxSplits: 1)
+            guard parts.count == 2, let n = Int(parts[0]) else { return nil }
+            return (n, String(parts[1]))
+        }, uniquingKeysWith: { a, _ in a })
+        func pipeName(_ fd: Int32) -> String? { try? FileManager.default.destinationOfSymbolicLink(atPath: "/proc/self/fd/\(fd)") }
+        #expect(byNumber[3] == pipeName(pipes[2][1]), "\(byNumber)")
+        #expect(byNumber[4] == pipeName(pipes[0][1]), "\(byNumber)")
+        // 0-2, the two passed fds, and the directory fd the shell's glob reads.
+        #expect(byNumber.keys.filter { $0 > 4 }.count <= 1, "\(byNumber)")
+        #expect(passing.allSatisfy { fcntl($0, F_GETFD) >= 0 })
     }
 }
