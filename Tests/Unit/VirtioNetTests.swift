@@ -118,6 +118,25 @@ import Testing
         #expect(rig.nic.queueMaxSizes.count == 3)
     }
 
+    /// A queue enabled after DRIVER_OK skipped the layout check that activation does: with
+    /// its used ring over its available ring, the TX loop never ran out of chains (found
+    /// by fuzz-virtqueue, Tests/Fixtures/fuzz-crashes/virtqueue/). Now it is checked then.
+    @Test func queueEnabledAfterDriverOKGetsTheLayoutCheck() throws {
+        let rig = try Rig(vnetHeader: true, configure: false)
+        let needsReset = VirtioPCITransport.Status.needsReset
+        rig.bar(0x08, 0, 4); rig.bar(0x0C, UInt64(VirtioNet.Feature.mac), 4)
+        rig.bar(0x08, 1, 4); rig.bar(0x0C, 1, 4)
+        rig.bar(0x14, 1 | 2 | 8, 1)
+        rig.bar(0x14, 1 | 2 | 8 | 4, 1)
+        for (q, used) in [(0, rig.base(0) + 0x2000), (1, rig.base(1) + 0x1000)] {
+            rig.bar(0x16, UInt64(q), 2); rig.bar(0x18, 8, 2)
+            rig.bar(0x20, rig.base(q), 8); rig.bar(0x28, rig.base(q) + 0x1000, 8); rig.bar(0x30, used, 8)
+            rig.bar(0x1C, 1, 2)
+            // Queue 0 is laid out well; queue 1's used ring lies on its available ring.
+            #expect(rig.transport.status & needsReset == (q == 0 ? 0 : needsReset), "queue \(q)")
+        }
+    }
+
     @Test func tooSmallReceiveBufferNeedsReset() throws {
         let rig = try Rig(vnetHeader: true)
         try rig.post(queue: 0, slot: 0, address: 0x200000, length: 4, writable: true)
