@@ -12,7 +12,7 @@ import Logging
 /// action bytes (bit 7 set: a frame arrives on pair `action % 2`; else: the driver
 /// notifies queue `action % 5`), then guest RAM from address 0. Queue q's ring is at
 /// 0x400 * q (descriptors, available ring at +0x100, used ring at +0x200, 8 entries);
-/// buffers can be anywhere in the 1 MiB of RAM. The walker itself has its own target.
+/// buffers can be anywhere in the 16 MiB of RAM. The walker itself has its own target.
 @main enum FuzzVirtioNet {
     static func main() { runLibFuzzer(fuzz) }
 }
@@ -41,6 +41,10 @@ final class PairBackend: NetBackend, @unchecked Sendable {
     func attachQueues(count: Int) {}
 }
 
+/// Large enough that a chain can describe gigabytes (each segment up to all of RAM), as a
+/// real guest's can; mapped without reserve, so only what an input touches costs memory.
+let ramSize: UInt64 = 16 << 20
+
 let frame: [UInt8] = [UInt8](repeating: 0xFF, count: 6) + [0x52, 0x54, 0, 1, 2, 3, 0x08, 0x06] + Array(0..<46)
 
 @_cdecl("LLVMFuzzerTestOneInput")
@@ -48,8 +52,8 @@ public func fuzz(_ data: UnsafePointer<UInt8>?, _ size: Int) -> CInt {
     var input = FuzzInput(data, size)
     let vnetHeader = input.u8() & 1 != 0
     let actions = (0..<Int(input.u8() % 17)).map { _ in input.u8() }
-    let memory = try! GuestMemory(size: 1 << 20)
-    try! memory.write(input.rest().prefix(1 << 20), at: 0)
+    let memory = try! GuestMemory(size: ramSize)
+    try! memory.write(input.rest().prefix(Int(ramSize)), at: 0)
 
     let backend = PairBackend(queues: 2, vnetHeader: vnetHeader)
     let logger = Logger(label: "fuzz", factory: { _ in SwiftLogNoOpLogHandler() })

@@ -257,8 +257,12 @@ public final class VirtioNet: VirtioDeviceModel, @unchecked Sendable {
         let multiQueueNegotiated = transport.negotiatedFeatures & Feature.multiQueue != 0
         _ = transport.withQueue(controlQueueIndex) { queue in
             while let chain = try queue.popAvailable(from: memory) {
+                // Only the command's first bytes count (class, command, VQ_PAIRS_SET's u16); the
+                // readable part can describe terabytes (2^16 descriptors, each all of RAM).
                 var request: [UInt8] = []
-                for segment in chain.readable { request += try memory.read(at: segment.address, count: Int(segment.length)) }
+                for segment in chain.readable where request.count < 4 {
+                    request += try memory.read(at: segment.address, count: min(Int(segment.length), 4 - request.count))
+                }
                 guard let ack = chain.writable.first, request.count >= 2 else {
                     throw VirtqueueError(description: "control request without header or ack buffer")
                 }
