@@ -12,7 +12,7 @@ import Logging
 /// - 0: a whole stream as it arrives (a mutation almost always breaks a CRC, which tests the framing);
 /// - 1: a whole stream whose CRCs are recomputed first, so mutations reach the loaders;
 /// - 2: one section payload for the loader that the next byte picks (see `loaders`).
-/// Seeds are cut from a real migration (Tests/Fixtures/fuzz/migration/README.md).
+/// Seeds are cut from a real migration (docs/reliability.md says how it was captured).
 @main enum FuzzMigration {
     static func main() { runLibFuzzer(fuzz) }
 }
