@@ -83,6 +83,11 @@ public func fuzz(_ data: UnsafePointer<UInt8>?, _ size: Int) -> CInt {
             let pair = Int(action % 2)
             _ = frame.withUnsafeBytes { send(backend.peers[pair], $0.baseAddress, $0.count, 0) }
             nic.receive(pair: pair, wake: false)
+            // The event loop polls the TAP while the device wants input; a frame the device
+            // left there would make that poll return at once, forever.
+            var byte: UInt8 = 0
+            precondition(!nic.wantsInput(pair: pair) || recv(backend.queueFDs[pair], &byte, 1, Int32(MSG_PEEK)) < 0,
+                         "pair \(pair) wants input but left a frame in its backend")
         } else {
             nic.queueNotified(Int(action) % nic.queueMaxSizes.count)
         }

@@ -165,6 +165,30 @@ import Testing
         #expect(try rig.usedEntries(queue: control) == 1)
     }
 
+    /// An RX chain of more segments than readv takes (an indirect table of 1100 2-byte
+    /// buffers): readv failed for every frame, the frame stayed in the TAP and the device
+    /// still wanted input, so the event loop would poll the readable fd again at once,
+    /// forever. The chain now sets NEEDS_RESET (fuzz-virtio-net's RX invariant on
+    /// Tests/Fixtures/fuzz-crashes/virtio-net/rx-chain-over-iov-max).
+    @Test func receiveChainLongerThanOneReadNeedsReset() throws {
+        let rig = try Rig(vnetHeader: true)
+        let segments = 1100
+        for i in 0..<segments {
+            let desc = 0x10_0000 + 16 * UInt64(i)
+            try rig.memory.store(UInt64(0x20_0000 + 2 * i), at: desc)
+            try rig.memory.store(UInt32(2), at: desc + 8)
+            try rig.memory.store(Virtqueue.descriptorWrite | (i < segments - 1 ? Virtqueue.descriptorNext : 0), at: desc + 12)
+            try rig.memory.store(UInt16(i + 1), at: desc + 14)
+        }
+        try rig.post(queue: 0, slot: 0, address: 0x10_0000, length: UInt32(16 * segments), writable: false)
+        try rig.memory.store(Virtqueue.descriptorIndirect, at: rig.base(0) + 12)
+        var frame = Self.frame
+        _ = send(rig.backend.peer, &frame, frame.count, 0)
+        rig.nic.receive(pair: 0)
+        #expect(rig.transport.status & VirtioPCITransport.Status.needsReset != 0)
+        #expect(!rig.nic.wantsInput(pair: 0))
+    }
+
     @Test func tooSmallReceiveBufferNeedsReset() throws {
         let rig = try Rig(vnetHeader: true)
         try rig.post(queue: 0, slot: 0, address: 0x200000, length: 4, writable: true)
