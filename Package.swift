@@ -52,3 +52,21 @@ let package = Package(
         .testTarget(name: "Functional", dependencies: ["TestKit", "vmm"], exclude: ["Resources"]),
     ]
 )
+
+// libFuzzer targets (Fuzz/<name>/, run by `ci/fuzz`, results in docs/reliability.md). Their
+// `main` starts libFuzzer's driver, which exists only in binaries linked with
+// `-sanitize=fuzzer`, so they exist only when FUZZ=1: `ci/fuzz` sets it together with that
+// flag and its own scratch path (.build-fuzz). A plain `swift build`/`swift test` never sees them.
+if Context.environment["FUZZ"] == "1" {
+    package.targets += [
+        .target(name: "CFuzzDriver", path: "Fuzz/CFuzzDriver"),
+        .target(name: "FuzzSupport", dependencies: ["CFuzzDriver"], path: "Fuzz/FuzzSupport"),
+    ]
+    for name in ["qmp", "cli", "migration", "virtqueue", "virtio-net", "elf"] {
+        package.targets.append(.executableTarget(
+            name: "fuzz-\(name)",
+            dependencies: ["FuzzSupport", "VMMCore", "QMPWire"],
+            path: "Fuzz/\(name)"
+        ))
+    }
+}

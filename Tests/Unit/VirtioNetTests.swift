@@ -32,8 +32,8 @@ import Testing
         func base(_ q: Int) -> UInt64 { 0x10000 * UInt64(q + 1) }
 
         /// `configure`: run the driver's initialisation (false: a fresh device, e.g. a migration target).
-        init(vnetHeader: Bool, configure: Bool = true) throws {
-            memory = try GuestMemory(size: 4 << 20)
+        init(vnetHeader: Bool, configure: Bool = true, ram: GuestMemory? = nil) throws {
+            memory = try ram ?? GuestMemory(size: 4 << 20)
             backend = PairBackend(vnetHeader: vnetHeader)
             nic = VirtioNet(id: "nic0", mac: [0x52, 0x54, 0, 1, 2, 3], backend: backend, multiQueue: false, logger: .init(label: "t"))
             transport = VirtioPCITransport(name: "nic0", model: nic, memory: memory, logger: .init(label: "t"))
@@ -116,6 +116,77 @@ import Testing
         #expect(rig.nic.readConfig(offset: 8, size: 2) == 1)
         #expect(rig.nic.deviceFeatures & VirtioNet.Feature.multiQueue == 0)
         #expect(rig.nic.queueMaxSizes.count == 3)
+    }
+
+    /// A queue enabled after DRIVER_OK skipped the layout check that activation does: with
+    /// its used ring over its available ring, the TX loop never ran out of chains (found
+    /// by fuzz-virtqueue, Tests/Fixtures/fuzz-crashes/virtqueue/). Now it is checked then.
+    @Test func queueEnabledAfterDriverOKGetsTheLayoutCheck() throws {
+        let rig = try Rig(vnetHeader: true, configure: false)
+        let needsReset = VirtioPCITransport.Status.needsReset
+        rig.bar(0x08, 0, 4); rig.bar(0x0C, UInt64(VirtioNet.Feature.mac), 4)
+        rig.bar(0x08, 1, 4); rig.bar(0x0C, 1, 4)
+        rig.bar(0x14, 1 | 2 | 8, 1)
+        rig.bar(0x14, 1 | 2 | 8 | 4, 1)
+        for (q, used) in [(0, rig.base(0) + 0x2000), (1, rig.base(1) + 0x1000)] {
+            rig.bar(0x16, UInt64(q), 2); rig.bar(0x18, 8, 2)
+            rig.bar(0x20, rig.base(q), 8); rig.bar(0x28, rig.base(q) + 0x1000, 8); rig.bar(0x30, used, 8)
+            rig.bar(0x1C, 1, 2)
+            // Queue 0 is laid out well; queue 1's used ring lies on its available ring.
+            #expect(rig.transport.status & needsReset == (q == 0 ? 0 : needsReset), "queue \(q)")
+        }
+    }
+
+    /// The control queue copied every readable byte of a request, and one chain can
+    /// describe terabytes (2^16 descriptors, each all of RAM): out of memory (fuzz-virtio-net
+    /// on Tests/Fixtures/fuzz-crashes/virtio-net/ctrl-huge-request). Only the command is
+    /// read now. RAM past the command is unreadable here: file-backed RAM truncated under
+    /// its mapping, so touching it raises SIGBUS.
+    @Test func controlQueueReadsOnlyTheCommand() throws {
+        let path = "/dev/shm/vmm-unit-ctrl-\(getpid())"
+        defer { unlink(path) }
+        let rig = try Rig(vnetHeader: true, ram: try GuestMemory(size: 4 << 20, backing: .file(path: path), shared: true))
+        let control = 2
+        try rig.memory.write([0, 0, 1, 0], at: 0x40000)  // RX mode class: acknowledged with 0
+        let chain: [(UInt64, UInt32, UInt16)] = [(0x40000, 4, 1), (0x20_0000, 0x10_0000, 1), (0x40010, 1, 2)]
+        for (i, (address, length, flags)) in chain.enumerated() {
+            let desc = rig.base(control) + 16 * UInt64(i)
+            try rig.memory.store(address, at: desc)
+            try rig.memory.store(length, at: desc + 8)
+            try rig.memory.store(flags, at: desc + 12)
+            try rig.memory.store(UInt16(i + 1), at: desc + 14)
+        }
+        try rig.memory.store(UInt16(0), at: rig.base(control) + 0x1004)
+        try rig.memory.store(UInt16(1), at: rig.base(control) + 0x1002)
+        try rig.memory.store(UInt8(0xEE), at: 0x40010)
+        #expect(truncate(path, 1 << 20) == 0)
+        rig.nic.queueNotified(control)
+        #expect(try rig.memory.load(UInt8.self, at: 0x40010) == 0)
+        #expect(try rig.usedEntries(queue: control) == 1)
+    }
+
+    /// An RX chain of more segments than readv takes (an indirect table of 1100 2-byte
+    /// buffers): readv failed for every frame, the frame stayed in the TAP and the device
+    /// still wanted input, so the event loop would poll the readable fd again at once,
+    /// forever. The chain now sets NEEDS_RESET (fuzz-virtio-net's RX invariant on
+    /// Tests/Fixtures/fuzz-crashes/virtio-net/rx-chain-over-iov-max).
+    @Test func receiveChainLongerThanOneReadNeedsReset() throws {
+        let rig = try Rig(vnetHeader: true)
+        let segments = 1100
+        for i in 0..<segments {
+            let desc = 0x10_0000 + 16 * UInt64(i)
+            try rig.memory.store(UInt64(0x20_0000 + 2 * i), at: desc)
+            try rig.memory.store(UInt32(2), at: desc + 8)
+            try rig.memory.store(Virtqueue.descriptorWrite | (i < segments - 1 ? Virtqueue.descriptorNext : 0), at: desc + 12)
+            try rig.memory.store(UInt16(i + 1), at: desc + 14)
+        }
+        try rig.post(queue: 0, slot: 0, address: 0x10_0000, length: UInt32(16 * segments), writable: false)
+        try rig.memory.store(Virtqueue.descriptorIndirect, at: rig.base(0) + 12)
+        var frame = Self.frame
+        _ = send(rig.backend.peer, &frame, frame.count, 0)
+        rig.nic.receive(pair: 0)
+        #expect(rig.transport.status & VirtioPCITransport.Status.needsReset != 0)
+        #expect(!rig.nic.wantsInput(pair: 0))
     }
 
     @Test func tooSmallReceiveBufferNeedsReset() throws {

@@ -192,6 +192,9 @@ public final class VirtioNet: VirtioDeviceModel, @unchecked Sendable {
 
     // MARK: RX (event loop)
 
+    /// IOV_MAX on Linux: the most segments one readv fills.
+    static let maxReceiveSegments = 1024
+
     /// Fills the guest's RX buffers from TAP queue `pair`. `wake`: rouse a halted vCPU
     /// afterwards (not needed when the vCPU thread itself is receiving).
     func receive(pair: Int, wake: Bool = true) {
@@ -212,6 +215,11 @@ public final class VirtioNet: VirtioDeviceModel, @unchecked Sendable {
                     chain.writable, in: memory, splittingOff: headerInline ? 0 : TapBackend.vnetHeaderSize)
                 guard chain.writableLength >= TapBackend.vnetHeaderSize, !iov.isEmpty else {
                     throw VirtqueueError(description: "RX buffer of \(chain.writableLength) bytes cannot hold the \(TapBackend.vnetHeaderSize)-byte header and a frame")
+                }
+                // readv fails on more, for every frame: the frame would stay in the TAP, and
+                // the loop, still wanting input, would poll its fd again at once, forever.
+                guard iov.count <= Self.maxReceiveSegments else {
+                    throw VirtqueueError(description: "RX chain of \(iov.count) segments, more than the \(Self.maxReceiveSegments) one read can fill")
                 }
                 let n = readv(fd, iov, Int32(iov.count))
                 if n < 0 {
@@ -257,8 +265,12 @@ public final class VirtioNet: VirtioDeviceModel, @unchecked Sendable {
         let multiQueueNegotiated = transport.negotiatedFeatures & Feature.multiQueue != 0
         _ = transport.withQueue(controlQueueIndex) { queue in
             while let chain = try queue.popAvailable(from: memory) {
+                // Only the command's first bytes count (class, command, VQ_PAIRS_SET's u16); the
+                // readable part can describe terabytes (2^16 descriptors, each all of RAM).
                 var request: [UInt8] = []
-                for segment in chain.readable { request += try memory.read(at: segment.address, count: Int(segment.length)) }
+                for segment in chain.readable where request.count < 4 {
+                    request += try memory.read(at: segment.address, count: min(Int(segment.length), 4 - request.count))
+                }
                 guard let ack = chain.writable.first, request.count >= 2 else {
                     throw VirtqueueError(description: "control request without header or ack buffer")
                 }

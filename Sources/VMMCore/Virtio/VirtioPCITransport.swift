@@ -318,7 +318,19 @@ public final class VirtioPCITransport: PCIDevice {
         case 0x18:
             if layoutWritable { s.queues[q].size = UInt16(truncatingIfNeeded: value) }
         case 0x1A: if hasQueue { s.queueVectors[q] = UInt16(truncatingIfNeeded: value) }
-        case 0x1C: if hasQueue && value & 1 == 1 { s.queues[q].ready = true }
+        case 0x1C:
+            guard hasQueue, value & 1 == 1 else { break }
+            s.queues[q].ready = true
+            // Enabled after DRIVER_OK (the spec says before): checked now, as activation
+            // checks the queues enabled by then; a bad layout must never reach the device.
+            if s.status & Status.driverOK != 0 {
+                do {
+                    try s.queues[q].validateLayout(in: memory)
+                } catch {
+                    s.status |= Status.needsReset
+                    logger.error("\(name): queue \(q): \(error)")
+                }
+            }
         case 0x20 where layoutWritable: size == 8 ? (s.queues[q].descriptorTable = value) : setLow(&s.queues[q].descriptorTable)
         case 0x24 where layoutWritable: setHigh(&s.queues[q].descriptorTable)
         case 0x28 where layoutWritable: size == 8 ? (s.queues[q].driverArea = value) : setLow(&s.queues[q].driverArea)

@@ -84,7 +84,7 @@ public struct Virtqueue: Sendable {
     func availableIndex(_ memory: GuestMemory) throws -> UInt16 {
         let index: UInt16
         do {
-            index = try memory.load(UInt16.self, at: driverArea + 2)
+            index = try memory.load(UInt16.self, at: guestAddress(driverArea, plus: 2))
         } catch {
             throw VirtqueueError(description: "available ring at \(hex(driverArea)) is outside guest RAM")
         }
@@ -104,7 +104,7 @@ public struct Virtqueue: Sendable {
         let slot = UInt64(lastAvailable % size)
         let head: UInt16
         do {
-            head = try memory.load(UInt16.self, at: driverArea + 4 + 2 * slot)
+            head = try memory.load(UInt16.self, at: guestAddress(driverArea, plus: 4 + 2 * slot))
         } catch {
             throw VirtqueueError(description: "available ring entry \(slot) is outside guest RAM")
         }
@@ -128,15 +128,15 @@ public struct Virtqueue: Sendable {
             guard visited <= Int(tableSize) else {
                 throw VirtqueueError(description: "descriptor chain from head \(head) loops or is longer than \(tableSize)")
             }
-            let entry = table + 16 * UInt64(index)
             let address: UInt64, length: UInt32, flags: UInt16, next: UInt16
             do {
+                let entry = try guestAddress(table, plus: 16 * UInt64(index))
                 address = try memory.load(UInt64.self, at: entry)
                 length = try memory.load(UInt32.self, at: entry + 8)
                 flags = try memory.load(UInt16.self, at: entry + 12)
                 next = try memory.load(UInt16.self, at: entry + 14)
             } catch {
-                throw VirtqueueError(description: "descriptor \(index) at \(hex(entry)) is outside guest RAM")
+                throw VirtqueueError(description: "descriptor \(index) of the table at \(hex(table)) is outside guest RAM")
             }
             if flags & Self.descriptorIndirect != 0 {
                 guard !inIndirect else { throw VirtqueueError(description: "nested indirect descriptor table at \(hex(address))") }
@@ -173,14 +173,14 @@ public struct Virtqueue: Sendable {
     public mutating func pushUsed(head: UInt16, length: UInt32, to memory: GuestMemory) throws {
         let slot = UInt64(usedIndex % size)
         do {
-            try memory.store(UInt32(head), at: deviceArea + 4 + 8 * slot)
-            try memory.store(length, at: deviceArea + 8 + 8 * slot)
+            try memory.store(UInt32(head), at: guestAddress(deviceArea, plus: 4 + 8 * slot))
+            try memory.store(length, at: guestAddress(deviceArea, plus: 8 + 8 * slot))
             usedIndex &+= 1
             // Release: the entry (and the buffer bytes written before this call) must be
             // visible before the index that hands them over (virtio 1.x 2.7.8). x86 keeps
             // stores in order, but the compiler need not.
             atomicMemoryFence(ordering: .releasing)
-            try memory.store(usedIndex, at: deviceArea + 2)
+            try memory.store(usedIndex, at: guestAddress(deviceArea, plus: 2))
         } catch {
             throw VirtqueueError(description: "used ring at \(hex(deviceArea)) is outside guest RAM")
         }
@@ -204,5 +204,19 @@ public struct Virtqueue: Sendable {
                 throw VirtqueueError(description: "\(name) at \(hex(address))+\(length) is outside guest RAM")
             }
         }
+        // The device writes the used ring. Over the available ring, each returned chain
+        // would publish another available entry and the device would never run out of work.
+        let usedRing = deviceArea..<deviceArea + UInt64(areas[2].2)
+        for (name, address, length, _) in areas[..<2] where usedRing.overlaps(address..<address + UInt64(length)) {
+            throw VirtqueueError(description: "used ring at \(hex(deviceArea))+\(areas[2].2) overlaps the \(name) at \(hex(address))+\(length)")
+        }
     }
+}
+
+/// `base + offset` for a base the guest chose: past 2^64 is outside guest RAM like any
+/// other bad address (an error for the caller to report), not an arithmetic trap.
+private func guestAddress(_ base: UInt64, plus offset: UInt64) throws -> UInt64 {
+    let (address, overflow) = base.addingReportingOverflow(offset)
+    guard !overflow else { throw GuestMemoryError(description: "guest address \(hex(base)) + \(offset) is past 2^64") }
+    return address
 }

@@ -1,0 +1,7 @@
+#include "CFuzzDriver.h"
+
+int LLVMFuzzerRunDriver(int *argc, char ***argv, int (*test)(const uint8_t *data, size_t size));
+
+int fuzz_driver_run(int *argc, char ***argv, int (*test)(const uint8_t *data, size_t size)) {
+    return LLVMFuzzerRunDriver(argc, argv, test);
+}

@@ -1,0 +1,104 @@
+import FuzzSupport
+import Logging
+@testable import VMMCore
+
+/// The migration target's reader: stream header, section framing and CRCs, the
+/// configuration section (`MachineDescription`) and its comparison with this machine, RAM
+/// records, the shared-RAM section, the vCPU state, and each device's state loader (serial,
+/// PCI bus, virtio-net transport with its queues, virtio-net), in stream order, the way
+/// `Machine.receive` applies them. No KVM: the vCPU state is decoded, not restored.
+///
+/// The first input byte picks how the rest is read:
+/// - 0: a whole stream as it arrives (a mutation almost always breaks a CRC, which tests the framing);
+/// - 1: a whole stream whose CRCs are recomputed first, so mutations reach the loaders;
+/// - 2: one section payload for the loader that the next byte picks (see `loaders`).
+/// Seeds are cut from a real migration (docs/reliability.md says how it was captured).
+@main enum FuzzMigration {
+    static func main() { runLibFuzzer(fuzz) }
+}
+
+/// What the machine that captured the seed stream has, so the seeds load in full.
+final class TargetMachine {
+    static let ramSize: UInt64 = 128 << 20
+    let memory: GuestMemory
+    let serial = Serial16550(output: { _ in })
+    let pciBus: PCIBus
+    let nic: VirtioNet
+    let transport: VirtioPCITransport
+    let progress = MigrationState()
+
+    init() throws {
+        memory = try GuestMemory(size: Self.ramSize)
+        let logger = Logger(label: "fuzz", factory: { _ in SwiftLogNoOpLogHandler() })
+        nic = VirtioNet(id: "net0", mac: [0x52, 0x54, 0, 0x12, 0x34, 0x56], backend: TapBackend(id: "n0", incomingQueues: 2),
+                        multiQueue: true, logger: logger)
+        transport = VirtioPCITransport(name: "net0", model: nic, memory: memory, logger: logger)
+        nic.transport = transport
+        pciBus = try PCIBus()
+        try pciBus.plug(transport)
+    }
+
+    var description: MachineDescription {
+        MachineDescription(properties: ["ram-size": String(Self.ramSize), "vcpus": "1", "local": "off"], devices: [
+            .init(id: "serial0", type: "isa-serial", properties: [:]),
+            .init(id: "net0", type: "virtio-net-pci", properties: ["max_queue_pairs": "2", "mq": "on", "mac": "52:54:0:12:34:56", "local-migration": "on"]),
+        ])
+    }
+
+    /// One section, as `Machine.receive`/`loadDevice` dispatch it.
+    func load(_ section: MigrationStream.Section) throws {
+        switch section.kind {
+        case .configuration: try MachineDescription.decode(section.payload).check(target: description)
+        case .ram: try RAMTransfer.load(section.payload, into: memory, progress: progress)
+        case .sharedRAM: try SharedRAM.decode(section.payload).adopt(into: memory, fds: [])
+        case .vcpu: _ = try VCPUState.decode(section.payload)
+        case .device:
+            switch section.name {
+            case "serial0": try serial.load(section.payload)
+            case "pci0": try pciBus.load(section.payload)
+            case "net0/transport": try transport.load(section.payload)
+            case "net0/net": try nic.load(section.payload)
+            default: throw StreamError("state for device '\(section.name)', which this machine does not have")
+            }
+        case .switchover, .end: break
+        }
+    }
+}
+
+let loaders: [(MigrationStream.Kind, String)] = [
+    (.configuration, ""), (.ram, ""), (.sharedRAM, ""), (.vcpu, "cpu0"),
+    (.device, "serial0"), (.device, "pci0"), (.device, "net0/transport"), (.device, "net0/net"),
+]
+
+/// Recomputes each frame's CRC-32C in place, as far as the frame lengths hold.
+func fixingChecksums(_ stream: [UInt8]) -> [UInt8] {
+    var bytes = stream
+    var offset = MigrationStream.headerSize
+    while offset + 4 <= bytes.count {
+        let length = Int(bytes[offset]) | Int(bytes[offset + 1]) << 8 | Int(bytes[offset + 2]) << 16 | Int(bytes[offset + 3]) << 24
+        guard length >= 4, offset + 4 + length <= bytes.count else { break }
+        let crc = CRC32C.checksum(bytes[offset + 4..<offset + length])
+        for i in 0..<4 { bytes[offset + length + i] = UInt8(truncatingIfNeeded: crc >> (8 * i)) }
+        offset += 4 + length
+    }
+    return bytes
+}
+
+@_cdecl("LLVMFuzzerTestOneInput")
+public func fuzz(_ data: UnsafePointer<UInt8>?, _ size: Int) -> CInt {
+    var input = FuzzInput(data, size)
+    let mode = input.u8() % 3
+    let machine = try! TargetMachine()
+    if mode == 2 {
+        let (kind, name) = loaders[Int(input.u8()) % loaders.count]
+        try? machine.load(.init(kind: kind, name: name, payload: input.rest()))
+        return 0
+    }
+    var stream = input.rest()
+    if mode == 1 { stream = fixingChecksums(stream) }
+    guard let sections = try? MigrationStream.decodeAll(stream) else { return 0 }
+    for section in sections {
+        do { try machine.load(section) } catch { break }
+    }
+    return 0
+}
