@@ -1,3 +1,4 @@
+import Foundation
 import Testing
 @testable import VMMCore
 
@@ -5,7 +6,9 @@ import Testing
 /// Tests/Fixtures/fuzz-crashes/<target>/ and replayed the way that target reads them.
 @Suite struct FuzzRegressionTests {
     static func fixture(_ path: String) throws -> [UInt8] {
-        try readFile(packageRoot + "/Tests/Fixtures/fuzz-crashes/" + path)
+        let full = packageRoot + "/Tests/Fixtures/fuzz-crashes/" + path
+        guard let data = FileManager.default.contents(atPath: full) else { throw StreamError("cannot read \(full)") }
+        return [UInt8](data)
     }
 
     /// The virtqueue target's input: the queue registers (little-endian size, descriptor

@@ -18,12 +18,21 @@ public enum UnixSocket {
         return (addr, socklen_t(MemoryLayout<sockaddr_un>.size))
     }
 
-    /// Binds and listens; a stale socket file from an earlier run is replaced.
+    /// Binds and listens; a stale socket file from an earlier run is replaced. The file
+    /// appears under `path` only once the socket listens (bound under a temporary name,
+    /// then renamed): a client that waits for the file and connects at once would
+    /// otherwise meet ECONNREFUSED between bind and listen.
     public static func listen(path: String, backlog: Int32 = 8) throws -> Int32 {
-        var (addr, len) = try address(path)
+        _ = try address(path)
+        let temporary = path + ".\(getpid())~"
+        // A path too long for the temporary name is bound directly (with the short race).
+        let bindPath = (try? address(temporary)) != nil ? temporary : path
+        var (addr, len) = try address(bindPath)
         let fd = try syscallChecked("socket(AF_UNIX)") { socket(AF_UNIX, Int32(SOCK_STREAM.rawValue) | Int32(SOCK_CLOEXEC.rawValue), 0) }
-        var st = stat()
-        if lstat(path, &st) == 0 && (st.st_mode & S_IFMT) == S_IFSOCK { unlink(path) }
+        for stale in Set([bindPath, path]) {
+            var st = stat()
+            if lstat(stale, &st) == 0 && (st.st_mode & S_IFMT) == S_IFSOCK { unlink(stale) }
+        }
         let rc = withUnsafePointer(to: &addr) { $0.withMemoryRebound(to: sockaddr.self, capacity: 1) { bind(fd, $0, len) } }
         if rc < 0 {
             let e = errno
@@ -33,7 +42,14 @@ public enum UnixSocket {
         if Glibc.listen(fd, backlog) < 0 {
             let e = errno
             close(fd)
+            unlink(bindPath)
             throw SystemError("listen \(path)", errno: e)
+        }
+        if bindPath != path && rename(bindPath, path) < 0 {
+            let e = errno
+            close(fd)
+            unlink(bindPath)
+            throw SystemError("bind \(path)", errno: e)
         }
         return fd
     }
