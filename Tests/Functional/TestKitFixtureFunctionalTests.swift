@@ -109,6 +109,7 @@ extension SerializedNetworkSuites {
                 var options = MachineOptions.bundledGuest()
                 options.outsideNamespaceScope = true
                 try await Machine.with(options) { vm in
+                    try await vm.console.waitForPrompt(timeout: .seconds(20))
                     let ticks = try await vm.guest.ticks()
                     #expect(ticks < UInt64.max)
                 }
