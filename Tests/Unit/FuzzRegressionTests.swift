@@ -55,10 +55,11 @@ import Testing
     /// A segment memory size of 2^64 - 5 GiB: `PVHBoot.load` trapped converting it to Int.
     @Test(.disabled("fixed by guest-boot (f84e245)"))
     func elfSegmentMemorySizePastIntMax() throws {
-        let image = try ELFImage(bytes: Self.fixture("elf/segment-memsz-huge"))
+        let bytes = try Self.fixture("elf/segment-memsz-huge")
         let memory = try GuestMemory(size: 4 << 20)
-        #expect(throws: PVHBoot.LoadError.self) {
-            try PVHBoot.load(image, into: memory, commandLine: "", flags: 0)
+        // Refused by the parser or by the loader, whichever checks it: an error, not a trap.
+        #expect(throws: (any Error).self) {
+            try PVHBoot.load(try ELFImage(bytes: bytes), into: memory, commandLine: "", flags: 0)
         }
     }
 }
