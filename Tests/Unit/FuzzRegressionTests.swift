@@ -53,8 +53,7 @@ import Testing
     }
 
     /// A segment memory size of 2^64 - 5 GiB: `PVHBoot.load` trapped converting it to Int.
-    @Test(.disabled("fixed by guest-boot (f84e245)"))
-    func elfSegmentMemorySizePastIntMax() throws {
+    @Test func elfSegmentMemorySizePastIntMax() throws {
         let bytes = try Self.fixture("elf/segment-memsz-huge")
         let memory = try GuestMemory(size: 4 << 20)
         // Refused by the parser or by the loader, whichever checks it: an error, not a trap.
