@@ -48,10 +48,8 @@ public struct MigrationPair: Sendable {
     /// window runs from `migrate` to the `cont` reply.
     @discardableResult
     public func migrate(timeout: Duration = .seconds(30)) async throws -> MigrationResult {
-        try await target.qmp.execute("migrate-incoming", arguments: ["uri": .string(uri)])
         var freeze = FreezeWindow.begin()
-        try await source.qmp.execute("migrate", arguments: ["uri": .string(uri)])
-        let outcome = try await MigrationWaiter.waitForFinish(source: source, target: target, timeout: timeout)
+        let outcome = try await Self.migrate(from: source, to: target, uri: uri, timeout: timeout)
         if mode == .normal {
             try await namespace.moveHostAddress(network.hostCIDR, mac: network.hostMAC, from: network.tap, to: targetTap)
         }
@@ -63,6 +61,19 @@ public struct MigrationPair: Sendable {
             try? text.write(toFile: artifacts.numberedFile("migration", extension: "txt"), atomically: false, encoding: .utf8)
         }
         return MigrationResult(outcome: outcome, info: info, freeze: freeze)
+    }
+}
+
+extension MigrationPair {
+    /// One migration between any two machines: `migrate-incoming` on `target`, `migrate`
+    /// on `source`, then `MigrationWaiter.waitForFinish` on both (which throws, naming the
+    /// cause, unless both completed with the source in `postmigrate` and the target
+    /// `paused`). The target is not `cont`ed. For hops beyond a pair and hand-built peers.
+    @discardableResult
+    public static func migrate(from source: Machine, to target: Machine, uri: String, timeout: Duration = .seconds(30)) async throws -> MigrationOutcome {
+        try await target.qmp.execute("migrate-incoming", arguments: ["uri": .string(uri)])
+        try await source.qmp.execute("migrate", arguments: ["uri": .string(uri)])
+        return try await MigrationWaiter.waitForFinish(source: source, target: target, timeout: timeout)
     }
 }
 

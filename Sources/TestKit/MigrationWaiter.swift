@@ -18,6 +18,11 @@ public struct MigrationOutcome: Sendable, Equatable, CustomStringConvertible {
         self.targetRunState = targetRunState
     }
 
+    /// Both sides' end statuses and run states as pairs, `(source, target)`.
+    public init(ends: (source: String, target: String), runStates: (source: String, target: String)) {
+        self.init(sourceStatus: ends.source, targetStatus: ends.target, sourceRunState: runStates.source, targetRunState: runStates.target)
+    }
+
     /// `source: completed/postmigrate, target: completed/paused`.
     public var description: String {
         "source: \(sourceStatus)/\(sourceRunState), target: \(targetStatus)/\(targetRunState)"
@@ -86,12 +91,8 @@ public enum MigrationWaiter {
         let (sourceStatus, targetStatus) = try await (sourceEnd, targetEnd)
         async let sourceState = runState(of: source)
         async let targetState = runState(of: target)
-        let outcome = MigrationOutcome(
-            sourceStatus: sourceStatus, targetStatus: targetStatus,
-            sourceRunState: try await sourceState, targetRunState: try await targetState)
-        let expected = MigrationOutcome(
-            sourceStatus: expecting.source, targetStatus: expecting.target,
-            sourceRunState: runStates.source, targetRunState: runStates.target)
+        let outcome = MigrationOutcome(ends: (sourceStatus, targetStatus), runStates: (try await sourceState, try await targetState))
+        let expected = MigrationOutcome(ends: expecting, runStates: runStates)
         guard outcome != expected else { return outcome }
         let info = try? await source.execute("query-migrate", timeout: queryTimeout)
         var details: [String] = []
@@ -119,12 +120,8 @@ public enum MigrationWaiter {
         let (sourceStatus, targetStatus) = try await (sourceEnd, targetEnd)
         async let sourceState = runState(of: source)
         async let targetState = runState(of: target)
-        let outcome = MigrationOutcome(
-            sourceStatus: sourceStatus, targetStatus: targetStatus,
-            sourceRunState: try await sourceState, targetRunState: try await targetState)
-        let expected = MigrationOutcome(
-            sourceStatus: expecting.source, targetStatus: expecting.target,
-            sourceRunState: runStates.source, targetRunState: runStates.target)
+        let outcome = MigrationOutcome(ends: (sourceStatus, targetStatus), runStates: (try await sourceState, try await targetState))
+        let expected = MigrationOutcome(ends: expecting, runStates: runStates)
         guard outcome != expected else { return outcome }
         let info = try? await source.qmp.request("query-migrate", arguments: nil, timeout: queryTimeout, recordingFailure: false)
         var details: [String] = []

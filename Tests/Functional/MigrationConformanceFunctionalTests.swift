@@ -28,9 +28,7 @@ extension SerializedNetworkSuites {
                 target: Self.nic(ifname: "tap1", localMigration: false), configureGuest: false
             ) { _, source, target, uri in
                 try await Pair.enableEvents(source, target)
-                try await target.qmp.execute("migrate-incoming", arguments: ["uri": .string(uri)])
-                try await source.qmp.execute("migrate", arguments: ["uri": .string(uri)])
-                try await MigrationWaiter.waitForFinish(source: source.qmp, target: target.qmp, timeout: .seconds(30))
+                try await MigrationPair.migrate(from: source, to: target, uri: uri, timeout: .seconds(30))
                 try await target.qmp.execute("cont")
                 try await target.console.run("echo moved", expect: "moved")
             }

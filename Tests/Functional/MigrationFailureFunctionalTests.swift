@@ -85,9 +85,7 @@ extension SerializedNetworkSuites {
                     let second = try await Machine.launch(options, in: artifacts)
                     try await Pair.enableEvents(second)
                     try await source.qmp.execute("migrate-set-parameters", arguments: ["max-bandwidth": 0])
-                    try await second.qmp.execute("migrate-incoming", arguments: ["uri": .string(uri)])
-                    try await source.qmp.execute("migrate", arguments: ["uri": .string(uri)])
-                    try await MigrationWaiter.waitForFinish(source: source.qmp, target: second.qmp, timeout: .seconds(30))
+                    try await MigrationPair.migrate(from: source, to: second, uri: uri, timeout: .seconds(30))
                     try await second.qmp.execute("cont")
                     try await second.console.run("echo moved", expect: "moved")
                 }

@@ -78,9 +78,7 @@ struct MigrationRAMFunctionalTests {
             let target = try await Machine.launch(targetOptions, in: artifacts)
             try await source.console.waitForPrompt(timeout: .seconds(20))
             try await SerializedNetworkSuites.MigrationFunctionalTests.enableEvents(source, target)
-            try await target.qmp.execute("migrate-incoming", arguments: ["uri": .string(uri)])
-            try await source.qmp.execute("migrate", arguments: ["uri": .string(uri)])
-            try await MigrationWaiter.waitForFinish(source: source.qmp, target: target.qmp, timeout: .seconds(60))
+            try await MigrationPair.migrate(from: source, to: target, uri: uri, timeout: .seconds(60))
 
             if leftover == .filledWithFFPrivate {
                 let file = try Data(contentsOf: URL(fileURLWithPath: targetRAM))

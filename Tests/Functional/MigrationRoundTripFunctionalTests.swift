@@ -117,9 +117,7 @@ extension SerializedNetworkSuites {
                         }
                         next = nil
                         try await prepare(target)
-                        try await target.qmp.execute("migrate-incoming", arguments: ["uri": .string(uri)])
-                        try await current.qmp.execute("migrate", arguments: ["uri": .string(uri)])
-                        try await MigrationWaiter.waitForFinish(source: current.qmp, target: target.qmp, timeout: .seconds(30))
+                        try await MigrationPair.migrate(from: current, to: target, uri: uri, timeout: .seconds(30))
                         try await target.qmp.execute("cont")
                         let info = try await current.qmp.execute("query-migrate")
                         downtimes.append(info["x-downtime-us"]?.intValue ?? -1)
