@@ -36,7 +36,7 @@ public final class Machine: @unchecked Sendable {
     var netdevs: [String: NetBackend] = [:]
     var nics: [VirtioNet] = []
     /// fds named by QMP `getfd`, owned here until a netdev claims them.
-    var namedFDs: [String: Int32] = [:]
+    var namedFDs: [String: FileDescriptor] = [:]
     let dispatcher = QMPDispatcher()
     let qmp: QMPServer
     /// Created first, before any thread or endpoint, so every wait can watch it.
@@ -183,7 +183,6 @@ public final class Machine: @unchecked Sendable {
         for backend in serialBackends { backend.close() }
         closeIncomingListener()
         for nic in nics { nic.detach() }
-        for fd in namedFDs.values { close(fd) }
         namedFDs.removeAll()
         loop.unwatch(signals.fd)
         signals.close()

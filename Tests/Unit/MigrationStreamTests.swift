@@ -95,7 +95,9 @@ import Testing
 }
 
 @Suite struct ReceivedFDsTests {
-    func openFDs(_ n: Int) -> [Int32] { (0..<n).map { _ in open("/dev/null", O_RDONLY | O_CLOEXEC) } }
+    func openFDs(_ n: Int) -> [FileDescriptor] {
+        (0..<n).map { _ in FileDescriptor(adopting: open("/dev/null", O_RDONLY | O_CLOEXEC), label: "/dev/null") }
+    }
 
     /// Pipes whose write ends go into the table: a closed write end reads as EOF on its
     /// read end. Checking an fd *number* is racy here, since tests running in parallel
@@ -118,18 +120,68 @@ import Testing
         let table = ReceivedFDs()
         let ends = pipes(5)
         defer { ends.forEach { close($0.read) } }
-        table.append(ends.map(\.write))
+        table.append(ends.map { FileDescriptor(adopting: $0.write, label: "pipe") })
         let claimed = try table.claim(2, for: "device 'net0'")
-        #expect(claimed == ends.prefix(2).map(\.write))
+        #expect(claimed.map { $0.withRaw { $0 } } == ends.prefix(2).map(\.write))
         #expect(table.closeUnclaimed() == 3)
         #expect(ends.suffix(3).allSatisfy { writerClosed($0.read) })
         #expect(ends.prefix(2).allSatisfy { !writerClosed($0.read) })
-        claimed.forEach { close($0) }
     }
 
     @Test func claimingMoreThanArrivedNamesTheSection() {
         let table = ReceivedFDs()
         table.append(openFDs(1))
         #expect { try table.claim(4, for: "device 'net0'") } throws: { "\($0)".contains("device 'net0' claims 4") }
+    }
+}
+
+/// One owner per fd: `take` hands it on, the last owner's release closes it.
+@Suite struct FileDescriptorTests {
+    func pipe() -> (read: Int32, write: FileDescriptor) {
+        let (read, write) = ReceivedFDsTests().pipes(1)[0]
+        return (read, FileDescriptor(adopting: write, label: "pipe write end"))
+    }
+
+    @Test func releasingTheOwnerClosesTheFD() {
+        let read: Int32
+        do {
+            let (r, write) = pipe()
+            read = r
+            #expect(write.isOpen && !ReceivedFDsTests().writerClosed(read))
+        }
+        defer { close(read) }
+        #expect(ReceivedFDsTests().writerClosed(read))
+    }
+
+    @Test func takeMovesOwnershipAndEmptiesTheSource() {
+        let (read, write) = pipe()
+        defer { close(read) }
+        let taken = write.take(label: "moved")
+        #expect(!write.isOpen)
+        #expect(taken.isOpen && taken.label == "moved")
+        write.close()  // the old holder letting go closes nothing
+        #expect(!ReceivedFDsTests().writerClosed(read))
+        taken.close()
+        #expect(ReceivedFDsTests().writerClosed(read))
+    }
+
+    @Test func duplicateIsASecondOwner() throws {
+        let (read, write) = pipe()
+        defer { close(read) }
+        let copy = try write.duplicate(label: "copy")
+        write.close()
+        #expect(!ReceivedFDsTests().writerClosed(read))
+        copy.close()
+        #expect(ReceivedFDsTests().writerClosed(read))
+    }
+
+    /// What TapBackend.adopt used four hand-written closes for: fds that are not TAP
+    /// queues are refused, and closed with the refusal.
+    @Test func refusedTapQueuesAreClosed() {
+        let (read, write) = pipe()
+        defer { close(read) }
+        #expect { try TapBackend(id: "n1", adopting: [write], vnetHeader: nil) } throws: { "\($0)".contains("netdev n1: fd") && "\($0)".contains("is not a TAP queue") }
+        #expect(!write.isOpen)
+        #expect(ReceivedFDsTests().writerClosed(read))
     }
 }

@@ -8,18 +8,18 @@ import Testing
     final class PairBackend: NetBackend, @unchecked Sendable {
         let id = "fake"
         let ifname = "fake0"
-        let queueFDs: [Int32]
+        let queueFDs: [FileDescriptor]
         let peer: Int32
         let vnetHeader: Bool
         init(vnetHeader: Bool) {
             var fds: [Int32] = [0, 0]
             socketpair(AF_UNIX, Int32(SOCK_SEQPACKET.rawValue), 0, &fds)
             _ = fcntl(fds[0], F_SETFL, O_NONBLOCK)
-            queueFDs = [fds[0]]
+            queueFDs = [FileDescriptor(adopting: fds[0], label: "test queue")]
             peer = fds[1]
             self.vnetHeader = vnetHeader
         }
-        deinit { close(queueFDs[0]); close(peer) }
+        deinit { close(peer) }
         func attachQueues(count: Int) {}
     }
 

@@ -14,7 +14,9 @@ extension Machine {
         }
         if let fds = spec.fds {
             // The backend owns copies; the originals stay with whoever passed them.
-            netdevs[spec.id] = try TapBackend(id: spec.id, adopting: fds.map { dup($0) }, vnetHeader: spec.vnetHeader)
+            netdevs[spec.id] = try TapBackend(id: spec.id, adopting: try fds.enumerated().map { index, fd in
+                try FileDescriptor.duplicating(inherited: fd, label: TapBackend.queueLabel(spec.id, index))
+            }, vnetHeader: spec.vnetHeader)
         } else {
             netdevs[spec.id] = try TapBackend(id: spec.id, ifname: spec.ifname, queues: spec.queues, vnetHeader: spec.vnetHeader)
         }
@@ -66,7 +68,8 @@ extension Machine {
                     if Int32(name) != nil { return String(name) }
                     guard let fd = namedFDs[String(name)] else { throw QMPCommandError("File descriptor named '\(name)' has not been found") }
                     claimed.append(String(name))
-                    return String(fd)
+                    // The number is valid while namedFDs holds the fd: until the command ran.
+                    return fd.withRaw { String($0) }
                 }.joined(separator: ":")
             }
             parts.append("\(key)=\(text.split(separator: ",", omittingEmptySubsequences: false).joined(separator: ",,"))")
@@ -87,17 +90,14 @@ extension Machine {
             let name = args["fdname"]!.stringValue!
             // QEMU's rule (qmp_getfd): a name must not start with a digit, so it can never look like an fd number.
             guard !(name.utf8.first.map { (UInt8(ascii: "0")...UInt8(ascii: "9")).contains($0) } ?? false) else {
-                close(fd)
                 throw QMPCommandError("Parameter 'fdname' expects a name not starting with a digit")
             }
-            if let old = namedFDs[name] { close(old) }
-            namedFDs[name] = fd
+            namedFDs[name] = fd.take(label: "getfd '\(name)'")
             return [:]
         }
         d.register("closefd", arguments: ["fdname": .string], required: ["fdname"]) { [unowned self] args in
             let name = args["fdname"]!.stringValue!
-            guard let fd = namedFDs.removeValue(forKey: name) else { throw QMPCommandError("File descriptor named '\(name)' not found") }
-            close(fd)
+            guard namedFDs.removeValue(forKey: name) != nil else { throw QMPCommandError("File descriptor named '\(name)' not found") }
             return [:]
         }
         let netdevArgs = Dictionary(uniqueKeysWithValues: NetdevSpec.keys.map { ($0, Self.netdevArgumentTypes[$0] ?? .string) })
@@ -105,7 +105,7 @@ extension Machine {
             let (text, claimed) = try optionString(args["type"]?.stringValue ?? "", args, skip: ["type"], resolveFDs: true)
             // Parse errors become GenericError replies in the dispatcher, with their text.
             try addNetdev(try NetdevSpec.parse(text, option: "netdev_add"))
-            for name in claimed { if let fd = namedFDs.removeValue(forKey: name) { close(fd) } }
+            for name in claimed { namedFDs.removeValue(forKey: name) }
             return [:]
         }
         d.register("netdev_del", arguments: ["id": .string], required: ["id"]) { [unowned self] args in

@@ -43,9 +43,9 @@ extension Machine {
 
     /// vCPU and device sections (with the fds each one passes), taken while the vCPU
     /// is stopped.
-    func captureState() throws -> [(MigrationStream.Section, [Int32])] {
+    func captureState() throws -> [(MigrationStream.Section, [FileDescriptor])] {
         let vcpuState = try VCPUState.capture(vcpuRunner.vcpu, msrIndices: VCPUState.savableMSRs(hypervisor: hypervisor))
-        var sections: [(MigrationStream.Section, [Int32])] = [(.init(kind: .vcpu, name: "cpu0", payload: vcpuState.encode()), [])]
+        var sections: [(MigrationStream.Section, [FileDescriptor])] = [(.init(kind: .vcpu, name: "cpu0", payload: vcpuState.encode()), [])]
         sections.append((.init(kind: .device, name: "serial0", payload: serial.save()), []))
         sections.append((.init(kind: .device, name: "pci0", payload: pciBus.save()), []))
         let passing = nicsPassingTap
@@ -81,8 +81,7 @@ enum SharedRAM: Equatable {
         switch memory.backing {
         case .memfd: return .memfd(size: memory.size)
         case .file(let path):
-            var st = stat()
-            try syscallChecked("fstat RAM file \(path)") { fstat(memory.fd, &st) }
+            let st = try memory.backingStatus()
             return .file(path: path, device: UInt64(st.st_dev), inode: UInt64(st.st_ino), size: memory.size)
         }
     }
@@ -118,29 +117,21 @@ enum SharedRAM: Equatable {
     }
 
     /// Target side: makes `memory` the source's RAM, or explains why it cannot be.
-    func adopt(into memory: GuestMemory, fds: [Int32]) throws {
+    func adopt(into memory: GuestMemory, fds: [FileDescriptor]) throws {
         switch self {
         case .memfd(let size):
             guard fds.count == 1 else { throw StreamError("the shared RAM memfd did not arrive with its section") }
             guard case .memfd = memory.backing else {
-                close(fds[0])
                 throw StreamError("x-ignore-shared: the source passes its RAM as a memfd, but this machine's RAM is a file; use memory-backend-memfd on the target")
             }
             guard size == memory.size else {
-                close(fds[0])
                 throw StreamError("x-ignore-shared: the source's RAM is \(size) bytes, this machine's \(memory.size)")
             }
-            do {
-                try memory.adopt(sharedFD: fds[0], backing: .memfd)
-            } catch {
-                close(fds[0])
-                throw error
-            }
+            try memory.adopt(sharedFD: fds[0], backing: .memfd)
         case .file(let path, let device, let inode, _):
             let mine: String
             if case .file(let own) = memory.backing { mine = "file \(own)" } else { mine = "a memfd" }
-            var st = stat()
-            try syscallChecked("fstat RAM backing") { fstat(memory.fd, &st) }
+            let st = try memory.backingStatus()
             guard case .file = memory.backing, memory.shared, UInt64(st.st_dev) == device, UInt64(st.st_ino) == inode else {
                 throw StreamError("x-ignore-shared: the source skipped RAM because it maps \(path) shared, but this machine maps \(mine)\(memory.shared ? "" : " privately"); the target must map the same file with share=on")
             }

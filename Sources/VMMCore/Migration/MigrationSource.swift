@@ -130,7 +130,7 @@ extension Machine {
     /// or stays with the old TAP (normal) and the source takes none after the snapshot.
     /// (Stopping from the migration thread instead measured 0.5 ms slower here: the
     /// vCPU took longer to park.)
-    func stopForCompletion() throws -> [(MigrationStream.Section, [Int32])] {
+    func stopForCompletion() throws -> [(MigrationStream.Section, [FileDescriptor])] {
         try migration.checkCancelled()
         // The outage starts here, before the vCPU is even asked to stop, as QEMU counts it.
         migration.stopTime = monotonicNanoseconds()
@@ -195,11 +195,11 @@ extension Machine {
 /// captured state.
 final class GuestStopper: @unchecked Sendable {
     private unowned let machine: Machine
-    private let result = ConditionLock<Result<[(MigrationStream.Section, [Int32])], any Error>?>(nil)
+    private let result = ConditionLock<Result<[(MigrationStream.Section, [FileDescriptor])], any Error>?>(nil)
 
     init(machine: Machine) { self.machine = machine }
 
-    func stop() throws -> [(MigrationStream.Section, [Int32])] {
+    func stop() throws -> [(MigrationStream.Section, [FileDescriptor])] {
         machine.loop.post { [self] in
             let outcome = Result(catching: { try machine.stopForCompletion() })
             result.update { $0 = outcome }

@@ -139,17 +139,16 @@ public enum MigrationStream {
 /// File descriptors received on a migration channel, waiting for the sections that
 /// claim them. Owns every fd until it is claimed; `closeUnclaimed` closes the rest.
 public final class ReceivedFDs {
-    private var fds: [Int32] = []
+    private var fds: [FileDescriptor] = []
 
     public init() {}
-    deinit { closeUnclaimed() }
 
     public var count: Int { fds.count }
 
-    public func append(_ received: [Int32]) { fds += received }
+    public func append(_ received: [FileDescriptor]) { fds += received }
 
     /// Takes the next `count` fds for `section`; the caller owns them afterwards.
-    public func claim(_ count: Int, for section: String) throws -> [Int32] {
+    public func claim(_ count: Int, for section: String) throws -> [FileDescriptor] {
         guard count <= fds.count else {
             throw StreamError("\(section) claims \(count) file descriptor(s) but only \(fds.count) arrived")
         }
@@ -161,7 +160,7 @@ public final class ReceivedFDs {
     @discardableResult
     public func closeUnclaimed() -> Int {
         let n = fds.count
-        fds.forEach { close($0) }
+        fds.forEach { $0.close() }
         fds.removeAll()
         return n
     }

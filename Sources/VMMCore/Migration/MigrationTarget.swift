@@ -26,7 +26,7 @@ extension Machine {
         loop.watch(listener) { [unowned self] _ in
             guard let fd = UnixSocket.accept(listener) else { return }
             closeIncomingListener()
-            receiveMigration(on: MigrationChannel(fd: fd))
+            receiveMigration(on: MigrationChannel(socket: FileDescriptor(adopting: fd, label: "incoming migration connection")))
         }
     }
 
@@ -83,7 +83,6 @@ extension Machine {
             let section = try channel.receiveSection(pollFirst: switchingOver)
             let fds = try channel.received.claim(section.fdCount, for: section.label)
             if !(section.name.hasSuffix("/tap") || section.kind == .sharedRAM) && !fds.isEmpty {
-                fds.forEach { close($0) }
                 throw StreamError("\(section.label) carries \(fds.count) file descriptor(s) it has no use for")
             }
             switch section.kind {
@@ -126,12 +125,11 @@ extension Machine {
         }
     }
 
-    func loadDevice(_ section: MigrationStream.Section, fds: [Int32]) throws {
+    func loadDevice(_ section: MigrationStream.Section, fds: [FileDescriptor]) throws {
         if section.name == "serial0" { return try serial.load(section.payload) }
         if section.name == "pci0" { return try pciBus.load(section.payload) }
         let parts = section.name.split(separator: "/")
         guard parts.count == 2, let nic = nics.first(where: { $0.id == parts[0] }), let transport = nic.transport else {
-            fds.forEach { close($0) }
             throw StreamError("state for device '\(section.name)', which this machine does not have")
         }
         switch parts[1] {
@@ -139,23 +137,14 @@ extension Machine {
         case "net": try nic.load(section.payload)
         case "tap":
             var r = StreamReader(section.payload, context: "\(section.name)")
-            let queues: Int
-            let vnetHeader: Bool
-            do {
-                queues = Int(try r.u16("queue count"))
-                vnetHeader = try r.bool("vnet header")
-                try r.finish()
-            } catch {
-                fds.forEach { close($0) }
-                throw error
-            }
+            let queues = Int(try r.u16("queue count"))
+            let vnetHeader = try r.bool("vnet header")
+            try r.finish()
             guard let tap = nic.backend as? TapBackend, tap.queueFDs.isEmpty else {
-                fds.forEach { close($0) }
                 // The series' tap_pre_load wording, then what it means here.
                 throw StreamError("\(section.name): TAP is already initialized and cannot receive incoming fd: netdev '\(nic.backend.id)' was not created with incoming-fds=on")
             }
             guard queues == fds.count else {
-                fds.forEach { close($0) }
                 throw StreamError("\(section.name): the section announces \(queues) TAP queue(s) but carries \(fds.count) file descriptor(s)")
             }
             try tap.adopt(fds, vnetHeader: vnetHeader)

@@ -5,7 +5,7 @@ public protocol NetBackend: AnyObject, Sendable {
     var id: String { get }
     /// Host-side interface name, for queries and messages.
     var ifname: String { get }
-    var queueFDs: [Int32] { get }
+    var queueFDs: [FileDescriptor] { get }
     /// Queue pairs this backend serves (its fds may arrive later, with a migration).
     var queueCount: Int { get }
     /// Whether each frame on the fds starts with the 12-byte virtio-net header.

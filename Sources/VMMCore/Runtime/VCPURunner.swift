@@ -16,11 +16,12 @@ public final class VCPURunner: @unchecked Sendable {
     /// device input right on the vCPU thread (receiving a frame into the guest's ring)
     /// saves the hop through the event loop thread before the guest runs again.
     public struct HaltWakeSource: Sendable {
-        public let fd: Int32
+        /// Held here for as long as the vCPU may poll it.
+        public let fd: FileDescriptor
         public let wanted: @Sendable () -> Bool
         public let ready: @Sendable () -> Void
 
-        public init(fd: Int32, wanted: @escaping @Sendable () -> Bool, ready: @escaping @Sendable () -> Void) {
+        public init(fd: FileDescriptor, wanted: @escaping @Sendable () -> Bool, ready: @escaping @Sendable () -> Void) {
             self.fd = fd
             self.wanted = wanted
             self.ready = ready
@@ -111,8 +112,7 @@ public final class VCPURunner: @unchecked Sendable {
             halted.wait(timeoutMilliseconds: Self.idleTimeoutMilliseconds)
             return
         }
-        var fds = [pollfd(fd: halted.fd, events: Int16(POLLIN), revents: 0)]
-        fds += sources.map { pollfd(fd: $0.fd, events: Int16(POLLIN), revents: 0) }
+        var fds = [halted.fd.pollRequest()] + sources.map { $0.fd.pollRequest() }
         let spinUntil = monotonicNanoseconds() + haltPollNanoseconds
         var ready = poll(&fds, nfds_t(fds.count), 0)
         while ready == 0 && monotonicNanoseconds() < spinUntil {

@@ -86,9 +86,10 @@ public final class VirtioNet: VirtioDeviceModel, @unchecked Sendable {
         self.loop = loop
         wakeGuest = wake
         for (pair, fd) in backend.queueFDs.prefix(maxQueuePairs).enumerated() {
-            loop.watch(fd, interest: { [unowned self] in wantsInput(pair: pair) ? Int16(POLLIN) : 0 }) { [unowned self] _ in
+            // Unwatched in `detach`, while the backend still holds the fd.
+            fd.withRaw { fd in loop.watch(fd, interest: { [unowned self] in wantsInput(pair: pair) ? Int16(POLLIN) : 0 }) { [unowned self] _ in
                 receive(pair: pair)
-            }
+            } }
         }
     }
 
@@ -114,7 +115,7 @@ public final class VirtioNet: VirtioDeviceModel, @unchecked Sendable {
     }
 
     func detach() {
-        for fd in backend.queueFDs { loop?.unwatch(fd) }
+        for fd in backend.queueFDs { fd.withRaw { loop?.unwatch($0) } }
     }
 
     public func activate(features: UInt64) {
@@ -179,7 +180,7 @@ public final class VirtioNet: VirtioDeviceModel, @unchecked Sendable {
         _ = transport.withQueue(2 * pair + 1) { queue in
             while let chain = try queue.popAvailable(from: memory) {
                 let (iov, _) = try Self.iovecs(chain.readable, in: memory, splittingOff: headerToStrip)
-                let n = iov.isEmpty ? 0 : writev(fd, iov, Int32(iov.count))
+                let n = iov.isEmpty ? 0 : fd.withRaw { writev($0, iov, Int32(iov.count)) }
                 if n < 0 { dropped += 1 } else { sent += 1 }
                 try queue.pushUsed(head: chain.head, length: 0, to: memory)
             }
@@ -213,7 +214,7 @@ public final class VirtioNet: VirtioDeviceModel, @unchecked Sendable {
                 guard chain.writableLength >= TapBackend.vnetHeaderSize, !iov.isEmpty else {
                     throw VirtqueueError(description: "RX buffer of \(chain.writableLength) bytes cannot hold the \(TapBackend.vnetHeaderSize)-byte header and a frame")
                 }
-                let n = readv(fd, iov, Int32(iov.count))
+                let n = fd.withRaw { readv($0, iov, Int32(iov.count)) }
                 if n < 0 {
                     // Nothing to read: give the chain back untouched for the next packet.
                     queue.lastAvailable &-= 1
