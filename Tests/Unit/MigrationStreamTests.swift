@@ -7,7 +7,7 @@ import Testing
         .init(kind: .configuration, payload: MachineDescription(properties: ["ram-size": "134217728"], devices: []).encode()),
         .init(kind: .ram, payload: [UInt8](repeating: 0xAB, count: 5000)),
         .init(kind: .vcpu, name: "cpu0", payload: Array(0..<200)),
-        .init(kind: .device, name: "net0", payload: [1, 2, 3], fdCount: 4),
+        .init(kind: .device, name: "net0", payload: [1, 2, 3], fdNames: ["netdev/n1/tap.0", "netdev/n1/tap.1"]),
         .init(kind: .end),
     ]
 
@@ -38,12 +38,14 @@ import Testing
         }
     }
 
-    @Test func foreignStreamsAreNamed() {
+    @Test func foreignStreamsAreNamed() throws {
         let qemu = Array("QEVM".utf8) + [0, 0, 0, 3] + [UInt8](repeating: 0, count: 16)
         #expect { try MigrationStream.checkHeader(qemu) } throws: { "\($0)".contains("QEMU migration stream") }
         var skew = MigrationStream.header()
         skew[8] = 9
-        #expect { try MigrationStream.checkHeader(skew) } throws: { "\($0)".contains("version 9") }
+        #expect { try MigrationStream.checkHeader(skew) } throws: { "\($0)" == "migration stream version 9 is not supported (this VMM reads 2...3)" }
+        skew[8] = 2
+        #expect(try MigrationStream.checkHeader(skew) == 2)
         #expect { try MigrationStream.checkHeader(Array("GET / HTTP/1.1\r\n".utf8)) } throws: { "\($0)".contains("not a swift-vmm") }
     }
 
@@ -116,22 +118,29 @@ import Testing
         return read(readEnd, &byte, 1) == 0
     }
 
-    @Test func claimsInOrderAndClosesTheRest() throws {
+    @Test func bindsInArrivalOrderClaimsByNameAndClosesTheRest() throws {
         let table = ReceivedFDs()
         let ends = pipes(5)
         defer { ends.forEach { close($0.read) } }
         table.append(ends.map { FileDescriptor(adopting: $0.write, label: "pipe") })
-        let claimed = try table.claim(2, for: "device 'net0'")
-        #expect(claimed.map { $0.withRaw { $0 } } == ends.prefix(2).map(\.write))
-        #expect(table.closeUnclaimed() == 3)
-        #expect(ends.suffix(3).allSatisfy { writerClosed($0.read) })
-        #expect(ends.prefix(2).allSatisfy { !writerClosed($0.read) })
+        try table.bind(["netdev/n1/tap.0", "netdev/n1/tap.1"], for: "device 'net0'")
+        try table.bind(["machine/ram"], for: "shared RAM")
+        let second = try table.claim("netdev/n1/tap.1", by: "netdev 'n1'")
+        #expect(second.withRaw { $0 } == ends[1].write)
+        // Unclaimed (bound or never named) are closed and named.
+        #expect(table.closeUnclaimed() == ["netdev/n1/tap.0", "machine/ram", "unnamed", "unnamed"])
+        #expect([0, 2, 3, 4].allSatisfy { writerClosed(ends[$0].read) })
+        #expect(!writerClosed(ends[1].read))
     }
 
-    @Test func claimingMoreThanArrivedNamesTheSection() {
+    @Test func bindingAndClaimingErrorsNameSectionAndFD() throws {
         let table = ReceivedFDs()
-        table.append(openFDs(1))
-        #expect { try table.claim(4, for: "device 'net0'") } throws: { "\($0)".contains("device 'net0' claims 4") }
+        table.append(openFDs(2))
+        #expect { try table.bind(["a", "b", "c"], for: "device 'net0'") } throws: { "\($0)" == "device 'net0' names 3 file descriptor(s) but only 2 arrived" }
+        #expect { try table.bind(["a", "a"], for: "device 'net0'") } throws: { "\($0)" == "device 'net0' names file descriptor a a second time" }
+        #expect { try table.claim("netdev/n1/tap.3", by: "netdev 'n1'") } throws: {
+            "\($0)" == "netdev 'n1' expects netdev/n1/tap.3, which the stream did not carry"
+        }
     }
 }
 

@@ -49,75 +49,91 @@ import Testing
         #expect(nic.id == "net0")
         #expect(nic.properties["max_queue_pairs"] == String(fixture.queuePairs))
 
-        let target = try FixtureTarget(description)
-        let fdClaims = try target.load(sections)
-        #expect(fdClaims == (try Self.recordedFDClaims(fixture)))
-        #expect(target.loaded == ["cpu0", "serial0", "pci0", "net0"])
+        let target = try FixtureTarget(description, recordedFDs: try Self.recordedFDClaims(fixture))
+        try target.load(sections)
+        #expect(target.received.closeUnclaimed() == [], "every fd the source passed was claimed")
         #expect(target.ramPages > 0 || fixture.local)
         // The guest had booted: the NIC is live, with every pair it asked for.
         #expect(target.transport.status & VirtioPCITransport.Status.driverOK != 0)
         #expect(target.nic.queuePairsInUse == fixture.queuePairs)
         #expect(target.transport.negotiatedFeatures & VirtioPCITransport.featureVersion1 != 0)
+        // Local: the TAP queues came as fds and went to the netdev; the RAM memfd replaced RAM.
+        #expect(target.backend.adopted == (fixture.local ? fixture.queuePairs : 0))
     }
 }
 
-/// The devices an incoming machine builds from the configuration section (one NIC on an
-/// `incoming-fds=on` TAP stand-in, whose queues are not opened), loading sections as
-/// `Machine.receive` does. Returns which sections claimed how many fds.
+/// The devices an incoming machine builds from the configuration section, loaded by
+/// the target's own code (`IncomingSections`, and `LegacyStreamV2` for v2 streams). The
+/// NIC's netdev is a stand-in for an `incoming-fds=on` TAP; the fds the source passed
+/// (not storable) are stand-ins too: a memfd of the RAM's size, /dev/null for TAP queues.
 final class FixtureTarget {
+    /// The target's netdev: with `incoming` an `incoming-fds=on` one, which takes any fds
+    /// (the real one checks they are TAPs); else one that opened its own TAP.
+    final class IncomingBackend: NetBackend, @unchecked Sendable {
+        let id = "n0"
+        let ifname = ""
+        let queueCount: Int
+        private(set) var queueFDs: [FileDescriptor] = []
+        let vnetHeader = true
+        let incoming: Bool
+        var adopted: Int { queueFDs.count }
+        init(queues: Int, incoming: Bool) {
+            queueCount = queues
+            self.incoming = incoming
+        }
+        func attachQueues(count: Int) {}
+        var awaitsIncomingQueues: Bool { incoming && queueFDs.isEmpty }
+        func adoptIncoming(_ fds: [FileDescriptor], vnetHeader: Bool) throws { queueFDs = fds }
+    }
+
     let memory: GuestMemory
     let serial = Serial16550(output: { _ in })
     let pciBus: PCIBus
+    let backend: IncomingBackend
     let nic: VirtioNet
     let transport: VirtioPCITransport
-    private(set) var loaded: Set<String> = []
+    let received = ReceivedFDs()
     private(set) var ramPages = 0
 
-    init(_ description: MachineDescription) throws {
-        memory = try GuestMemory(size: UInt64(try #require(description.properties["ram-size"].flatMap { UInt64($0) })))
+    init(_ description: MachineDescription, recordedFDs: [String: Int]) throws {
+        let size = try #require(description.properties["ram-size"].flatMap { UInt64($0) })
+        memory = try GuestMemory(size: size, shared: description.properties["local"] == "on")
         let device = try #require(description.devices.first { $0.type == "virtio-net-pci" })
         let pairs = try #require(device.properties["max_queue_pairs"].flatMap { Int($0) })
-        let backend = TapBackend(id: "n0", incomingQueues: pairs)
+        backend = IncomingBackend(queues: pairs, incoming: device.properties["local-migration"] == "on")
         let mac = try #require(device.properties["mac"]).split(separator: ":").compactMap { UInt8($0, radix: 16) }
         nic = VirtioNet(id: device.id, mac: mac, backend: backend, multiQueue: device.properties["mq"] == "on", logger: .init(label: "fixture"))
+        nic.localMigration = device.properties["local-migration"] == "on"
         transport = VirtioPCITransport(name: device.id, model: nic, memory: memory, logger: .init(label: "fixture"))
         nic.transport = transport
         pciBus = try PCIBus()
         try pciBus.plug(transport)
+        // The fds arrive before the sections that name them, in the source's order.
+        if let ram = recordedFDs["kind 5"] {
+            for _ in 0..<ram { received.append([try GuestMemory(size: size, shared: true).fd.duplicate()]) }
+        }
+        for (section, count) in recordedFDs where section != "kind 5" {
+            received.append((0..<count).map { _ in FileDescriptor(adopting: open("/dev/null", O_RDONLY | O_CLOEXEC), label: "\(section) stand-in") })
+        }
     }
 
-    func load(_ sections: [MigrationStream.Section]) throws -> [String: Int] {
-        var claims: [String: Int] = [:]
-        let progress = MigrationState()
-        for section in sections.dropFirst() {
-            if section.fdCount > 0 { claims[section.name.isEmpty ? "kind \(section.kind.rawValue)" : section.name] = section.fdCount }
-            switch section.kind {
-            case .ram:
-                try RAMTransfer.load(section.payload, into: memory, progress: progress)
-                ramPages += 1
-            case .sharedRAM:
-                #expect(try SharedRAM.decode(section.payload) == .memfd(size: memory.size))
-            case .vcpu:
-                _ = try VCPUState.decode(section.payload)
-                loaded.insert(section.name)
-            case .device:
-                switch section.name {
-                case "serial0": try serial.load(section.payload)
-                case "pci0": try pciBus.load(section.payload)
-                case "\(nic.id)/transport": try transport.load(section.payload)
-                case "\(nic.id)/net": try nic.load(section.payload)
-                case "\(nic.id)/tap":
-                    var r = StreamReader(section.payload, context: section.name)
-                    #expect(Int(try r.u16("queue count")) == section.fdCount)
-                    _ = try r.bool("vnet header")
-                    try r.finish()
-                default: throw StreamError("unexpected section \(section.label)")
+    func load(_ sections: [MigrationStream.Section]) throws {
+        var legacy = LegacyStreamV2(netdevOf: [nic.id: backend.id])
+        var loader = IncomingSections(devices: [serial, pciBus, transport], memory: memory, sourceRAMFile: nil, fds: received,
+                                      progress: MigrationState())
+        // One at a time, as they arrive: v2 TAP fds are bound when their section comes.
+        for arrived in sections.dropFirst() {
+            for section in try legacy.translate(arrived, received: received) {
+                switch section.kind {
+                case .vcpu:
+                    _ = try VCPUState.decode(section.payload)
+                    loader.loaded.insert(section.name)
+                case .switchover: break
+                default:
+                    if section.kind == .ram { ramPages += 1 }
+                    try loader.load(section)
                 }
-                loaded.insert(String(section.name.split(separator: "/")[0]))
-            case .switchover, .end: break
-            case .configuration: throw StreamError("a second configuration section")
             }
         }
-        return claims
     }
 }

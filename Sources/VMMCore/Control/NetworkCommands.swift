@@ -25,29 +25,26 @@ extension Machine {
 
     func addNIC(_ spec: DeviceSpec) throws {
         guard let backend = netdevs[spec.netdev] else { throw QMPCommandError("Property 'netdev' can't find value '\(spec.netdev)'") }
-        guard !nics.contains(where: { $0.backend === backend }) else {
+        guard netdevUsers[spec.netdev] == nil else {
             throw QMPCommandError("Property 'netdev' can't take value '\(spec.netdev)', it's in use")
         }
-        let id = spec.id ?? "net\(nics.count)"
-        guard !nics.contains(where: { $0.id == id }) else { throw QMPCommandError("Duplicate device ID '\(id)'") }
+        let nicCount = netdevUsers.count
+        let id = spec.id ?? "net\(nicCount)"
+        guard !devices.contains(where: { $0.id == id }) else { throw QMPCommandError("Duplicate device ID '\(id)'") }
         if let bus = spec.bus, !DeviceSpec.rootBuses.contains(bus), !config.pciBridges.contains(bus) {
             throw QMPCommandError("Bus '\(bus)' not found")
         }
-        let mac = spec.mac ?? [0x52, 0x54, 0x00, 0x12, 0x34, UInt8(truncatingIfNeeded: 0x56 + nics.count)]
+        let mac = spec.mac ?? [0x52, 0x54, 0x00, 0x12, 0x34, UInt8(truncatingIfNeeded: 0x56 + nicCount)]
         let nic = VirtioNet(id: id, mac: mac, backend: backend, multiQueue: spec.multiQueue, logger: logger)
         nic.localMigration = spec.localMigration
+        nic.host = DeviceHost(loop: loop, wakeGuest: { [vcpuRunner] in vcpuRunner.wake() },
+                              addHaltWakeSources: { [vcpuRunner] in vcpuRunner.addHaltWakeSources($0) })
         let transport = VirtioPCITransport(name: id, model: nic, memory: memory, logger: logger)
         nic.transport = transport
         try pciBus.plug(transport)
-        nics.append(nic)
+        devices.append(transport)
+        netdevUsers[spec.netdev] = id
         for note in spec.notes(msixVectors: transport.msixVectors) { logger.debug("\(id): \(note)") }
-    }
-
-    /// Starts a NIC's RX polling; a NIC whose TAP comes with a migration waits for it.
-    func attach(_ nic: VirtioNet) {
-        guard !nic.isAttached, !nic.backend.queueFDs.isEmpty else { return }
-        nic.attach(to: loop) { [vcpuRunner] in vcpuRunner.wake() }
-        vcpuRunner.addHaltWakeSources(nic.haltWakeSources)
     }
 
     /// QMP arguments as a QEMU option string, so QMP and the command line share one parser.
@@ -110,8 +107,8 @@ extension Machine {
         }
         d.register("netdev_del", arguments: ["id": .string], required: ["id"]) { [unowned self] args in
             let id = args["id"]!.stringValue!
-            guard let backend = netdevs[id] else { throw QMPCommandError("Device '\(id)' not found") }
-            guard !nics.contains(where: { $0.backend === backend }) else { throw QMPCommandError("Device '\(id)' is in use by a NIC") }
+            guard netdevs[id] != nil else { throw QMPCommandError("Device '\(id)' not found") }
+            guard netdevUsers[id] == nil else { throw QMPCommandError("Device '\(id)' is in use by a NIC") }
             netdevs[id] = nil
             return [:]
         }
@@ -123,11 +120,11 @@ extension Machine {
             }
             let (text, _) = try optionString(args["driver"]?.stringValue ?? "", args, skip: ["driver"], resolveFDs: false)
             try addNIC(try DeviceSpec.parse(text, option: "device_add"))
-            attach(nics[nics.count - 1])
+            if runState != .inmigrate { try devices[devices.count - 1].resume() }
             return [:]
         }
         d.register("query-pci") { [unowned self] _ in
-            let devices: [JSON] = pciBus.devices.map { slot, device in
+            let entries: [JSON] = pciBus.devices.map { slot, device in
                 let config = device.configSpace
                 var regions: [JSON] = []
                 for index in 0..<6 {
@@ -149,18 +146,11 @@ extension Machine {
                     "qdev_id": .string(device.name),
                     "regions": .array(regions),
                 ]
-                if let transport = device as? VirtioPCITransport, let nic = transport.model as? VirtioNet {
-                    let stats = nic.statistics
-                    entry["x-virtio-net"] = [
-                        "netdev": .string(nic.backend.id), "ifname": .string(nic.backend.ifname),
-                        "max-queue-pairs": .int(Int64(nic.maxQueuePairs)), "queue-pairs": .int(Int64(nic.queuePairsInUse)),
-                        "queues": .int(Int64(nic.queueMaxSizes.count)), "status": .int(Int64(transport.status)),
-                        "rx-packets": .array(stats.rx.map { .int(Int64($0)) }), "tx-packets": .array(stats.tx.map { .int(Int64($0)) }),
-                    ]
-                }
+                let info = self.devices.first(where: { $0.id == device.name })?.queryInfo ?? [:]
+                for (key, value) in info.pairs { entry[key] = value }
                 return .object(entry)
             }
-            return [["bus": 0, "devices": .array(devices)]]
+            return [["bus": 0, "devices": .array(entries)]]
         }
     }
 }

@@ -45,9 +45,11 @@ public final class MigrationChannel: @unchecked Sendable {
         }
     }
 
-    public func send(_ section: MigrationStream.Section, fds: [FileDescriptor] = []) throws {
-        precondition(section.fdCount == fds.count)
-        try send(MigrationStream.encode(section), fds: fds)
+    /// `section` with `fds` (named in the frame, in this order).
+    public func send(_ section: MigrationStream.Section, fds: [NamedFD] = []) throws {
+        var section = section
+        section.fdNames = fds.map(\.name)
+        try send(MigrationStream.encode(section), fds: fds.map(\.fd))
     }
 
     /// Exactly `count` bytes, read straight into the result (never past it, so no
@@ -92,8 +94,8 @@ public final class MigrationChannel: @unchecked Sendable {
         return bytes
     }
 
-    public func receiveSection(pollFirst: Bool = false) throws -> MigrationStream.Section {
+    public func receiveSection(version: UInt32 = MigrationStream.version, pollFirst: Bool = false) throws -> MigrationStream.Section {
         let length = try MigrationStream.frameLength(try receive(4, what: "a section length", pollFirst: pollFirst))
-        return try MigrationStream.decode(frame: try receive(length, what: "a \(length)-byte section"))
+        return try MigrationStream.decode(frame: try receive(length, what: "a \(length)-byte section"), version: version)
     }
 }

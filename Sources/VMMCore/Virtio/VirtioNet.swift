@@ -1,6 +1,7 @@
 import CLinux
 import Glibc
 import Logging
+import QMPWire
 import Synchronization
 
 /// virtio-net (virtio 1.x, 5.1) over a TAP backend: queue pair i uses TAP queue i.
@@ -78,16 +79,19 @@ public final class VirtioNet: VirtioDeviceModel, @unchecked Sendable {
 
     public func writeConfig(offset: Int, size: Int, value: UInt32) {}
 
-    /// Starts RX polling on `loop`; `wake` rouses a halted vCPU after RX.
+    /// Where RX polling runs once the device is resumed; set when the machine plugs it.
+    var host: DeviceHost?
     private(set) var isAttached = false
 
-    func attach(to loop: EventLoop, wake: @escaping @Sendable () -> Void) {
+    /// Starts RX polling on the host's loop and lets a halted vCPU receive.
+    private func attach(to host: DeviceHost) {
         isAttached = true
-        self.loop = loop
-        wakeGuest = wake
+        loop = host.loop
+        wakeGuest = host.wakeGuest
+        host.addHaltWakeSources(haltWakeSources)
         for (pair, fd) in backend.queueFDs.prefix(maxQueuePairs).enumerated() {
-            // Unwatched in `detach`, while the backend still holds the fd.
-            fd.withRaw { fd in loop.watch(fd, interest: { [unowned self] in wantsInput(pair: pair) ? Int16(POLLIN) : 0 }) { [unowned self] _ in
+            // Unwatched in `shutdown`, while the backend still holds the fd.
+            fd.withRaw { fd in host.loop.watch(fd, interest: { [unowned self] in wantsInput(pair: pair) ? Int16(POLLIN) : 0 }) { [unowned self] _ in
                 receive(pair: pair)
             } }
         }
@@ -99,10 +103,46 @@ public final class VirtioNet: VirtioDeviceModel, @unchecked Sendable {
         !receiveSuspended.load(ordering: .relaxed) && pair < activePairs.load(ordering: .relaxed) && rxHasBuffers.withLock { $0[pair] }
     }
 
-    /// Stops (or restarts) reading the TAP queues; frames wait in the TAP meanwhile.
-    public func suspendReceive(_ suspended: Bool) {
-        receiveSuspended.store(suspended, ordering: .releasing)
+    // MARK: lifecycle
+
+    /// Stops reading the TAP queues; frames wait in the TAP meanwhile.
+    public func pause() throws {
+        receiveSuspended.store(true, ordering: .releasing)
         loop?.poke()
+    }
+
+    /// Reads the TAP queues (again); a TAP whose queues came with a migration is
+    /// watched from here on.
+    public func resume() throws {
+        if !isAttached, let host, !backend.queueFDs.isEmpty { attach(to: host) }
+        receiveSuspended.store(false, ordering: .releasing)
+        loop?.poke()
+    }
+
+    public func shutdown() {
+        for fd in backend.queueFDs { fd.withRaw { loop?.unwatch($0) } }
+    }
+
+    public func configuration(_ context: HandoverContext) -> MachineDescription.Device? {
+        var properties = [
+            "max_queue_pairs": String(maxQueuePairs), "mq": multiQueue ? "on" : "off",
+            "mac": mac.map { String($0, radix: 16) }.joined(separator: ":"),
+        ]
+        // As in the series, `local-migration` only matters together with `local`: both
+        // on moves the TAP. With `local` off it changes nothing, and a peer may not
+        // have the property at all (the review expects it off towards older peers).
+        if context.mode == .local { properties["local-migration"] = localMigration ? "on" : "off" }
+        return .init(id: id, type: "virtio-net-pci", properties: properties)
+    }
+
+    public func queryInfo(status: UInt8) -> JSONObject? {
+        let stats = statistics
+        return ["x-virtio-net": [
+            "netdev": .string(backend.id), "ifname": .string(backend.ifname),
+            "max-queue-pairs": .int(Int64(maxQueuePairs)), "queue-pairs": .int(Int64(queuePairsInUse)),
+            "queues": .int(Int64(queueMaxSizes.count)), "status": .int(Int64(status)),
+            "rx-packets": .array(stats.rx.map { .int(Int64($0)) }), "tx-packets": .array(stats.tx.map { .int(Int64($0)) }),
+        ]]
     }
 
     /// The TAP queues for a halted vCPU to wait on and receive from directly.
@@ -112,10 +152,6 @@ public final class VirtioNet: VirtioDeviceModel, @unchecked Sendable {
                 receive(pair: pair, wake: false)
             }
         }
-    }
-
-    func detach() {
-        for fd in backend.queueFDs { fd.withRaw { loop?.unwatch($0) } }
     }
 
     public func activate(features: UInt64) {
@@ -281,24 +317,95 @@ public final class VirtioNet: VirtioDeviceModel, @unchecked Sendable {
         loop?.poke()
     }
 
-    /// The device state beyond the transport: how many queue pairs the guest enabled.
-    public func save() -> [UInt8] {
-        var w = StreamWriter()
-        w.u16(UInt16(activePairs.load(ordering: .relaxed)))
-        return w.bytes
+    // MARK: state
+
+    /// How the backend's queues travel with the state (local migration): TAP queues,
+    /// each as fd `netdev/<netdev>/tap.<i>`, named by the source's netdev id.
+    public struct DatapathDescriptor: Sendable, Equatable {
+        public static let kindTapQueues: UInt8 = 1
+        public var kind: UInt8
+        public var netdev: String
+        public var queuePairs: UInt16
+        public var vnetHeader: Bool
+
+        public func fdName(queue: Int) -> String { "netdev/\(netdev)/tap.\(queue)" }
     }
 
-    /// Restores saved state after the transport's; a running device resumes polling.
-    public func load(_ bytes: [UInt8]) throws {
-        var r = StreamReader(bytes, context: "\(id) state")
-        let pairs = Int(try r.u16("active queue pairs"))
-        try r.finish()
+    /// The device state beyond the transport: how many queue pairs the guest enabled,
+    /// and the TAP queues if they are handed over.
+    public struct SavedState: VersionedState {
+        public static let version: UInt16 = 1
+        public var activePairs: UInt16
+        public var handover: DatapathDescriptor?
+
+        public func encode(into w: inout StreamWriter) {
+            w.u16(activePairs)
+            w.bool(handover != nil)
+            if let handover {
+                w.u8(handover.kind)
+                w.string(handover.netdev)
+                w.u16(handover.queuePairs)
+                w.bool(handover.vnetHeader)
+            }
+        }
+
+        public init(decoding r: inout StreamReader, version: UInt16) throws {
+            activePairs = try r.u16("active queue pairs")
+            guard try r.bool("datapath handed over") else { return }
+            let kind = try r.u8("datapath kind")
+            guard kind == DatapathDescriptor.kindTapQueues else { throw StreamError("datapath kind \(kind) is not known to this build") }
+            handover = DatapathDescriptor(kind: kind, netdev: try r.string("netdev"), queuePairs: try r.u16("queue count"),
+                                          vnetHeader: try r.bool("vnet header"))
+        }
+
+        init(activePairs: UInt16, handover: DatapathDescriptor?) {
+            self.activePairs = activePairs
+            self.handover = handover
+        }
+    }
+
+    /// Whether `context` moves the TAP queues: `local` on and this device's opt-in.
+    func handsOverQueues(_ context: HandoverContext) -> Bool { context.mode == .local && localMigration }
+
+    public func handedOverFDs(_ context: HandoverContext) -> [NamedFD] {
+        guard handsOverQueues(context) else { return [] }
+        let descriptor = DatapathDescriptor(kind: DatapathDescriptor.kindTapQueues, netdev: backend.id, queuePairs: 0, vnetHeader: false)
+        return backend.queueFDs.enumerated().map { NamedFD(name: descriptor.fdName(queue: $0), fd: $1) }
+    }
+
+    public func modelState(_ context: HandoverContext) -> [UInt8] {
+        let handover = handsOverQueues(context)
+            ? DatapathDescriptor(kind: DatapathDescriptor.kindTapQueues, netdev: backend.id,
+                                 queuePairs: UInt16(backend.queueFDs.count), vnetHeader: backend.vnetHeader)
+            : nil
+        return SavedState(activePairs: UInt16(activePairs.load(ordering: .relaxed)), handover: handover).encoded()
+    }
+
+    /// Restores saved state (the transport validated its own first); adopts the TAP
+    /// queues that came along, last.
+    public func loadModelState(_ bytes: [UInt8], fds: ReceivedFDs) throws {
+        let saved = try SavedState.decode(bytes, owner: id)
+        let pairs = Int(saved.activePairs)
         guard pairs <= maxQueuePairs else {
             throw StreamError("\(id): source had \(pairs) queue pairs active, this device has max_queue_pairs \(maxQueuePairs)")
+        }
+        if let handover = saved.handover {
+            guard backend.awaitsIncomingQueues else {
+                // The series' tap_pre_load wording, then what it means here.
+                throw StreamError("\(id): TAP is already initialized and cannot receive incoming fd: netdev '\(backend.id)' was not created with incoming-fds=on")
+            }
+            let queues = try (0..<Int(handover.queuePairs)).map { try fds.claim(handover.fdName(queue: $0), by: "netdev '\(backend.id)'") }
+            try backend.adoptIncoming(queues, vnetHeader: handover.vnetHeader)
         }
         setActivePairs(pairs)
         rxHasBuffers.withLock { $0 = $0.map { _ in pairs > 0 } }
         loop?.poke()
+    }
+
+    public func checkReadyToRun() throws {
+        if backend.awaitsIncomingQueues {
+            throw StreamError("netdev '\(backend.id)' (incoming-fds=on) received no TAP queues: is migration parameter 'local' on at the source, and local-migration on for \(id)?")
+        }
     }
 
     /// Per-queue packet counts, for queries.

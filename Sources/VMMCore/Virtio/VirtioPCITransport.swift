@@ -1,4 +1,5 @@
 import Logging
+import QMPWire
 import Synchronization
 
 /// What a virtio device type (net, ...) provides to the PCI transport.
@@ -17,11 +18,41 @@ public protocol VirtioDeviceModel: AnyObject, Sendable {
     func queueNotified(_ index: Int)
     /// The driver reset the device; stop using its queues.
     func reset()
+
+    // The model's half of the device lifecycle; the transport forwards to it, so one
+    // virtio function is one device and one section.
+    func configuration(_ context: HandoverContext) -> MachineDescription.Device?
+    func pause() throws
+    func resume() throws
+    /// The model's own state, as its versioned bytes (inside the transport's section).
+    func modelState(_ context: HandoverContext) -> [UInt8]
+    /// Validates and commits the model's state; fds are claimed by name.
+    func loadModelState(_ bytes: [UInt8], fds: ReceivedFDs) throws
+    func handedOverFDs(_ context: HandoverContext) -> [NamedFD]
+    func checkReadyToRun() throws
+    /// The model's entry in query-pci, given the device status.
+    func queryInfo(status: UInt8) -> JSONObject?
+    func shutdown()
+}
+
+extension VirtioDeviceModel {
+    public func configuration(_ context: HandoverContext) -> MachineDescription.Device? { nil }
+    public func pause() throws {}
+    public func resume() throws {}
+    /// A model without state of its own saves nothing and accepts nothing.
+    public func modelState(_ context: HandoverContext) -> [UInt8] { [] }
+    public func loadModelState(_ bytes: [UInt8], fds: ReceivedFDs) throws {
+        guard bytes.isEmpty else { throw StreamError("this device model keeps no state, but the stream has \(bytes.count) bytes for it") }
+    }
+    public func handedOverFDs(_ context: HandoverContext) -> [NamedFD] { [] }
+    public func checkReadyToRun() throws {}
+    public func queryInfo(status: UInt8) -> JSONObject? { nil }
+    public func shutdown() {}
 }
 
 /// Virtio over PCI, modern interface only (virtio 1.x, 4.1): one 32 KiB memory BAR
 /// holding the common, ISR, device and notify structures and the MSI-X table.
-public final class VirtioPCITransport: PCIDevice {
+public final class VirtioPCITransport: PCIDevice, StatefulDevice {
     public static let featureVersion1: UInt64 = 1 << 32
 
     static let barSize: UInt32 = 0x8000
@@ -123,64 +154,124 @@ public final class VirtioPCITransport: PCIDevice {
         return result
     }
 
-    // MARK: migration
+    // MARK: lifecycle and migration
 
-    /// Transport state (PCI config space, negotiation, queues, MSI-X) for the stream.
-    public func save() -> [UInt8] {
-        state.withLock { s in
-            var w = StreamWriter()
-            w.raw(s.config.bytes)
-            w.u32(s.deviceFeatureSelect)
-            w.u32(s.driverFeatureSelect)
-            w.u64(s.driverFeatures)
-            w.u8(s.status)
-            w.u8(s.configGeneration)
-            w.u16(s.queueSelect)
-            w.u16(s.msixConfigVector)
-            w.u16(UInt16(s.queues.count))
-            for (queue, vector) in zip(s.queues, s.queueVectors) {
-                queue.save(to: &w)
+    /// Transport state (PCI config space, negotiation, queues, MSI-X) and the model's own
+    /// versioned bytes. Version 1 is stream v2's `<nic>/transport` payload followed by
+    /// the model blob (LegacyStreamV2 relies on that).
+    public struct SavedState: VersionedState {
+        public static let version: UInt16 = 1
+        public var config: [UInt8]
+        public var deviceFeatureSelect: UInt32
+        public var driverFeatureSelect: UInt32
+        public var driverFeatures: UInt64
+        public var status: UInt8
+        public var configGeneration: UInt8
+        public var queueSelect: UInt16
+        public var msixConfigVector: UInt16
+        public var queues: [Virtqueue.State]
+        public var queueVectors: [UInt16]
+        public var msixTable: [UInt8]
+        public var model: [UInt8]
+
+        public func encode(into w: inout StreamWriter) {
+            w.raw(config)
+            w.u32(deviceFeatureSelect)
+            w.u32(driverFeatureSelect)
+            w.u64(driverFeatures)
+            w.u8(status)
+            w.u8(configGeneration)
+            w.u16(queueSelect)
+            w.u16(msixConfigVector)
+            w.u16(UInt16(queues.count))
+            for (queue, vector) in zip(queues, queueVectors) {
+                queue.encode(into: &w)
                 w.u16(vector)
             }
-            w.blob(s.msixTable)
-            return w.bytes
+            w.blob(msixTable)
+            w.blob(model)
+        }
+
+        public init(decoding r: inout StreamReader, version: UInt16) throws {
+            config = try r.raw(PCIConfigSpace.size, "configuration space")
+            deviceFeatureSelect = try r.u32("device feature select")
+            driverFeatureSelect = try r.u32("driver feature select")
+            driverFeatures = try r.u64("driver features")
+            status = try r.u8("device status")
+            configGeneration = try r.u8("config generation")
+            queueSelect = try r.u16("queue select")
+            msixConfigVector = try r.u16("config vector")
+            let count = Int(try r.u16("queue count"))
+            queues = []
+            queueVectors = []
+            for _ in 0..<count {
+                queues.append(try Virtqueue.State(decoding: &r))
+                queueVectors.append(try r.u16("queue vector"))
+            }
+            msixTable = try r.blob("MSI-X table", limit: 16 * 2048)
+            model = try r.blob("device model state", limit: 1 << 20)
+        }
+
+        init(_ s: State, model: [UInt8]) {
+            config = s.config.bytes
+            deviceFeatureSelect = s.deviceFeatureSelect
+            driverFeatureSelect = s.driverFeatureSelect
+            driverFeatures = s.driverFeatures
+            status = s.status
+            configGeneration = s.configGeneration
+            queueSelect = s.queueSelect
+            msixConfigVector = s.msixConfigVector
+            queues = s.queues.map(\.state)
+            queueVectors = s.queueVectors
+            msixTable = s.msixTable
+            self.model = model
         }
     }
 
-    /// Restores saved transport state; the queue count must match this device's, and
-    /// enabled queues must lie in this machine's RAM.
-    public func load(_ bytes: [UInt8]) throws {
-        var r = StreamReader(bytes, context: "\(name) transport state")
+    public var id: String { name }
+
+    public func save(_ context: HandoverContext) -> SavedState {
+        let transport = state.withLock { $0 }
+        return SavedState(transport, model: model.modelState(context))
+    }
+
+    /// The queue count must match this device's, enabled queues must lie in this
+    /// machine's RAM, and only config bits a guest could write are taken.
+    public func load(_ saved: SavedState, fds: ReceivedFDs) throws {
         var s = state.withLock { $0 }
-        let config = try r.raw(PCIConfigSpace.size, "configuration space")
-        s.deviceFeatureSelect = try r.u32("device feature select")
-        s.driverFeatureSelect = try r.u32("driver feature select")
-        s.driverFeatures = try r.u64("driver features")
         let offered = model.deviceFeatures | Self.featureVersion1
-        guard s.driverFeatures & ~offered == 0 else {
-            throw StreamError("\(name): source negotiated features \(hex(s.driverFeatures)) that this device does not offer (\(hex(offered)))")
+        guard saved.driverFeatures & ~offered == 0 else {
+            throw StreamError("\(name): source negotiated features \(hex(saved.driverFeatures)) that this device does not offer (\(hex(offered)))")
         }
-        s.status = try r.u8("device status")
-        s.configGeneration = try r.u8("config generation")
-        s.queueSelect = try r.u16("queue select")
-        s.msixConfigVector = try r.u16("config vector")
-        let count = Int(try r.u16("queue count"))
-        guard count == s.queues.count else {
-            throw StreamError("\(name): source has \(count) virtqueues, this device has \(s.queues.count)")
+        guard saved.queues.count == s.queues.count else {
+            throw StreamError("\(name): source has \(saved.queues.count) virtqueues, this device has \(s.queues.count)")
         }
-        for i in 0..<count {
-            try s.queues[i].load(from: &r)
-            s.queueVectors[i] = try r.u16("queue vector")
-            if s.queues[i].ready { try s.queues[i].validateLayout(in: memory) }
+        guard saved.msixTable.count == s.msixTable.count else {
+            throw StreamError("\(name): MSI-X table of \(saved.msixTable.count) bytes, expected \(s.msixTable.count)")
         }
-        let table = try r.blob("MSI-X table", limit: s.msixTable.count)
-        guard table.count == s.msixTable.count else { throw StreamError("\(name): MSI-X table of \(table.count) bytes, expected \(s.msixTable.count)") }
-        s.msixTable = table
-        try r.finish()
-        // Only what a guest could have written: identity, BAR sizes and capabilities stay ours.
-        for offset in 0..<PCIConfigSpace.size { s.config.bytes[offset] = (s.config.bytes[offset] & ~s.config.writeMask[offset]) | (config[offset] & s.config.writeMask[offset]) }
+        s.queues = try zip(saved.queues, s.queues).map { try Virtqueue(validating: $0, maxSize: $1.maxSize, memory: memory) }
+        s.deviceFeatureSelect = saved.deviceFeatureSelect
+        s.driverFeatureSelect = saved.driverFeatureSelect
+        s.driverFeatures = saved.driverFeatures
+        s.status = saved.status
+        s.configGeneration = saved.configGeneration
+        s.queueSelect = saved.queueSelect
+        s.msixConfigVector = saved.msixConfigVector
+        s.queueVectors = saved.queueVectors
+        s.msixTable = saved.msixTable
+        s.config = s.config.merging(guestWritable: saved.config)
+        // The model last: its fds are claimed only once everything else is known good.
+        try model.loadModelState(saved.model, fds: fds)
         state.withLock { $0 = s }
     }
+
+    public func configuration(_ context: HandoverContext) -> MachineDescription.Device? { model.configuration(context) }
+    public func pause() throws { try model.pause() }
+    public func resume() throws { try model.resume() }
+    public func handedOverFDs(_ context: HandoverContext) -> [NamedFD] { model.handedOverFDs(context) }
+    public func checkReadyToRun() throws { try model.checkReadyToRun() }
+    public var queryInfo: JSONObject? { model.queryInfo(status: status) }
+    public func shutdown() { model.shutdown() }
 
     // MARK: BAR access
 
