@@ -27,12 +27,14 @@ import Testing
         try source.memory.write([UInt8](repeating: 0, count: 12) + VirtioNetTests.frame, at: 0x100000)
         try source.post(queue: 1, slot: 0, address: 0x100000, length: UInt32(12 + VirtioNetTests.frame.count), writable: false)
         source.bar(0x3000 + 4, 1, 2)
+        try source.transport.pause()
         let state = source.transport.save(.init(mode: .normal))
 
         // The target: same RAM contents (shared memory or copied), fresh devices.
         let target = try VirtioNetTests.Rig(vnetHeader: true, configure: false)
         try target.memory.write(try source.memory.read(at: 0, count: 1 << 20), at: 0)
         try target.transport.load(state, fds: ReceivedFDs())
+        try target.transport.resume()
         #expect(target.transport.status == source.transport.status)
         #expect(target.transport.negotiatedFeatures == source.transport.negotiatedFeatures)
         #expect(target.transport.configSpace.barAddress(0) == source.transport.configSpace.barAddress(0))
@@ -46,6 +48,7 @@ import Testing
 
     @Test func loadRefusesStateThatDoesNotFit() throws {
         let source = try VirtioNetTests.Rig(vnetHeader: true)
+        try source.transport.pause()
         let state = source.transport.save(.init(mode: .normal))
         let target = try VirtioNetTests.Rig(vnetHeader: true, configure: false)
         let payload = state.encoded()
@@ -67,7 +70,9 @@ import Testing
     /// A state from a newer build is refused by name, with both versions (issue 11 §2).
     @Test func newerStateVersionIsRefusedNamingDeviceAndVersions() throws {
         let target = try VirtioNetTests.Rig(vnetHeader: true, configure: false)
-        var payload = try VirtioNetTests.Rig(vnetHeader: true).transport.saveSection(.init(mode: .normal)).payload
+        let source = try VirtioNetTests.Rig(vnetHeader: true)
+        try source.transport.pause()
+        var payload = source.transport.saveSection(.init(mode: .normal)).payload
         payload[0] = 2
         #expect { try target.transport.loadSection(payload, fds: ReceivedFDs()) } throws: {
             "\($0)" == "nic0: state version 2 is newer than this build reads (1...1); update the target"

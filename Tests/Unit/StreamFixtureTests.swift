@@ -102,10 +102,11 @@ final class FixtureTarget {
         let pairs = try #require(device.properties["max_queue_pairs"].flatMap { Int($0) })
         backend = IncomingBackend(queues: pairs, incoming: device.properties["local-migration"] == "on")
         let mac = try #require(device.properties["mac"]).split(separator: ":").compactMap { UInt8($0, radix: 16) }
-        nic = VirtioNet(id: device.id, mac: mac, backend: backend, multiQueue: device.properties["mq"] == "on", logger: .init(label: "fixture"))
+        let multiQueue = device.properties["mq"] == "on"
+        nic = VirtioNet(id: device.id, mac: mac, datapath: UserspaceTapDatapath(queues: backend, pairs: VirtioNet.queuePairs(multiQueue: multiQueue, netdev: backend)),
+                        multiQueue: multiQueue, logger: .init(label: "fixture"))
         nic.localMigration = device.properties["local-migration"] == "on"
         transport = VirtioPCITransport(name: device.id, model: nic, memory: memory, logger: .init(label: "fixture"))
-        nic.transport = transport
         pciBus = try PCIBus()
         try pciBus.plug(transport)
         // The fds arrive before the sections that name them, in the source's order.

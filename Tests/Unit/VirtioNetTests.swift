@@ -26,6 +26,7 @@ import Testing
     struct Rig {
         let memory: GuestMemory
         let nic: VirtioNet
+        let datapath: UserspaceTapDatapath
         let transport: VirtioPCITransport
         let backend: PairBackend
         // Queue q's rings: descriptors at 0x10000 * (q+1), avail +0x1000, used +0x2000.
@@ -35,9 +36,9 @@ import Testing
         init(vnetHeader: Bool, configure: Bool = true) throws {
             memory = try GuestMemory(size: 4 << 20)
             backend = PairBackend(vnetHeader: vnetHeader)
-            nic = VirtioNet(id: "nic0", mac: [0x52, 0x54, 0, 1, 2, 3], backend: backend, multiQueue: false, logger: .init(label: "t"))
+            datapath = UserspaceTapDatapath(queues: backend, pairs: 1)
+            nic = VirtioNet(id: "nic0", mac: [0x52, 0x54, 0, 1, 2, 3], datapath: datapath, multiQueue: false, logger: .init(label: "t"))
             transport = VirtioPCITransport(name: "nic0", model: nic, memory: memory, logger: .init(label: "t"))
-            nic.transport = transport
             transport.configWrite(offset: 0x10, size: 4, value: 0xE000_0000)
             transport.configWrite(offset: 0x04, size: 2, value: 0x6)
             guard configure else { return }
@@ -94,17 +95,17 @@ import Testing
         rig.bar(0x3000, 0, 2)
         let sent = vnetHeader ? [UInt8](repeating: 0, count: 12) + Self.frame : Self.frame
         #expect(send(rig.backend.peer, sent, sent.count, 0) == sent.count)
-        rig.nic.receive(pair: 0)
+        rig.datapath.receive(pair: 0)
         #expect(try rig.usedEntries(queue: 0) == 1)
         #expect(try rig.memory.load(UInt32.self, at: rig.base(0) + 0x2008) == UInt32(12 + Self.frame.count))
         #expect(try rig.memory.read(at: 0x200000 + 12, count: Self.frame.count) == Self.frame)
         #expect(try rig.memory.load(UInt16.self, at: 0x200000 + 10) == (vnetHeader ? 0 : 1))
         // No more buffers: the next frame waits in the socket instead of being dropped.
         #expect(send(rig.backend.peer, sent, sent.count, 0) == sent.count)
-        rig.nic.receive(pair: 0)
+        rig.datapath.receive(pair: 0)
         #expect(try rig.usedEntries(queue: 0) == 1)
         try rig.post(queue: 0, slot: 1, address: 0x201000, length: 1526 + 12, writable: true)
-        rig.nic.receive(pair: 0)
+        rig.datapath.receive(pair: 0)
         #expect(try rig.usedEntries(queue: 0) == 2)
         #expect(rig.nic.statistics.rx == [2])
     }
@@ -123,7 +124,41 @@ import Testing
         try rig.post(queue: 0, slot: 0, address: 0x200000, length: 4, writable: true)
         var frame = Self.frame
         _ = send(rig.backend.peer, &frame, frame.count, 0)
-        rig.nic.receive(pair: 0)
+        rig.datapath.receive(pair: 0)
         #expect(rig.transport.status & VirtioPCITransport.Status.needsReset != 0)
+    }
+}
+
+/// The datapath owns the RX/TX rings while the device runs and gives them back, with
+/// their progress, when it is paused or reset (issue 9's handover).
+@Suite struct DatapathHandoverTests {
+    @Test func pauseReturnsTheRingsWithProgressAndResumeHandsThemOverAgain() throws {
+        let rig = try VirtioNetTests.Rig(vnetHeader: true)
+        try rig.memory.write([UInt8](repeating: 0, count: 12) + VirtioNetTests.frame, at: 0x100000)
+        try rig.post(queue: 1, slot: 0, address: 0x100000, length: UInt32(12 + VirtioNetTests.frame.count), writable: false)
+        rig.bar(0x3000 + 4, 1, 2)
+        try rig.transport.pause()
+        // Paused: the datapath holds nothing, a notify moves nothing, the progress is saved.
+        #expect(rig.datapath.stop().isEmpty)
+        try rig.post(queue: 1, slot: 1, address: 0x100000, length: UInt32(12 + VirtioNetTests.frame.count), writable: false)
+        rig.bar(0x3000 + 4, 1, 2)
+        #expect(try rig.usedEntries(queue: 1) == 1)
+        let saved = rig.transport.save(.init(mode: .normal))
+        #expect(saved.queues[1].lastAvailable == 1 && saved.queues[1].usedIndex == 1)
+        // Resumed: the ring continues where it stopped.
+        try rig.transport.resume()
+        rig.bar(0x3000 + 4, 1, 2)
+        #expect(try rig.usedEntries(queue: 1) == 2)
+        #expect(rig.nic.statistics.tx == [2])
+        let info = try #require(rig.transport.queryInfo?["x-virtio-net"])
+        #expect(info["datapath"] == "userspace")
+    }
+
+    @Test func resetTakesTheRingsBack() throws {
+        let rig = try VirtioNetTests.Rig(vnetHeader: true)
+        rig.bar(0x14, 0, 1)
+        #expect(rig.datapath.stop().isEmpty)
+        #expect(rig.transport.status == 0)
+        #expect(rig.nic.queuePairsInUse == 0)
     }
 }

@@ -35,12 +35,12 @@ extension Machine {
             throw QMPCommandError("Bus '\(bus)' not found")
         }
         let mac = spec.mac ?? [0x52, 0x54, 0x00, 0x12, 0x34, UInt8(truncatingIfNeeded: 0x56 + nicCount)]
-        let nic = VirtioNet(id: id, mac: mac, backend: backend, multiQueue: spec.multiQueue, logger: logger)
+        let datapath = UserspaceTapDatapath(queues: backend, pairs: VirtioNet.queuePairs(multiQueue: spec.multiQueue, netdev: backend))
+        let nic = VirtioNet(id: id, mac: mac, datapath: datapath, multiQueue: spec.multiQueue, logger: logger)
         nic.localMigration = spec.localMigration
         nic.host = DeviceHost(loop: loop, wakeGuest: { [vcpuRunner] in vcpuRunner.wake() },
                               addHaltWakeSources: { [vcpuRunner] in vcpuRunner.addHaltWakeSources($0) })
         let transport = VirtioPCITransport(name: id, model: nic, memory: memory, logger: logger)
-        nic.transport = transport
         try pciBus.plug(transport)
         devices.append(transport)
         netdevUsers[spec.netdev] = id

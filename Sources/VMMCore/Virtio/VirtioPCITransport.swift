@@ -12,11 +12,15 @@ public protocol VirtioDeviceModel: AnyObject, Sendable {
     var queueMaxSizes: [UInt16] { get }
     func readConfig(offset: Int, size: Int) -> UInt32
     func writeConfig(offset: Int, size: Int, value: UInt32)
-    /// The driver set DRIVER_OK with these negotiated features.
-    func activate(features: UInt64)
+    /// The device runs: the driver set DRIVER_OK with these features (or a paused device
+    /// resumes). The model owns the ready `queues` (by index) until `deactivate`.
+    func activate(features: UInt64, queues: [Int: Virtqueue], context: DatapathContext)
+    /// Stops every queue and gives them back with their progress; after return nothing
+    /// writes guest RAM.
+    func deactivate() -> [Int: Virtqueue]
     /// The driver notified queue `index` (vCPU thread, transport lock not held).
     func queueNotified(_ index: Int)
-    /// The driver reset the device; stop using its queues.
+    /// The driver reset the device (after `deactivate`): back to its initial state.
     func reset()
 
     // The model's half of the device lifecycle; the transport forwards to it, so one
@@ -86,6 +90,10 @@ public final class VirtioPCITransport: PCIDevice, StatefulDevice {
         var queueVectors: [UInt16]
         var msixTable: [UInt8]
         var errorLogged = false
+        /// The model runs the queues (DRIVER_OK, not paused); `queues` holds their layout
+        /// for register reads, and their progress only once they came back.
+        var modelHoldsQueues = false
+        var paused = false
     }
 
     public let name: String
@@ -131,27 +139,35 @@ public final class VirtioPCITransport: PCIDevice, StatefulDevice {
         state.withLock { _ = $0.config.write(offset: offset, size: size, value: value) }
     }
 
-    /// Runs `body` on queue `index` under the transport lock; any error marks the device
-    /// NEEDS_RESET (logged once) and the queue is not touched again until reset.
-    public func withQueue<R>(_ index: Int, _ body: (inout Virtqueue) throws -> R) -> R? {
-        var failure: String?
-        let result: R? = state.withLock { s in
-            guard index < s.queues.count, s.status & Status.driverOK != 0, s.status & Status.needsReset == 0,
-                  s.queues[index].ready else { return nil }
-            do {
-                return try body(&s.queues[index])
-            } catch {
-                s.status |= Status.needsReset
-                s.configGeneration &+= 1
-                if !s.errorLogged {
-                    s.errorLogged = true
-                    failure = "queue \(index): \(error)"
-                }
-                return nil
-            }
+    /// A queue the model runs failed: NEEDS_RESET, logged once, until the driver resets.
+    func ringFailed(_ index: Int, _ message: String) {
+        let first = state.withLock { s -> Bool in
+            s.status |= Status.needsReset
+            s.configGeneration &+= 1
+            defer { s.errorLogged = true }
+            return !s.errorLogged
         }
-        if let failure { logger.error("\(name): device needs reset: \(failure)") }
-        return result
+        if first { logger.error("\(name): device needs reset: queue \(index): \(message)") }
+    }
+
+    /// Hands the ready queues to the model if the device should run and does not yet.
+    private func activateModel() {
+        let handover = state.withLock { s -> (UInt64, [Int: Virtqueue])? in
+            guard !s.paused, !s.modelHoldsQueues, s.status & Status.driverOK != 0, s.status & Status.needsReset == 0 else { return nil }
+            s.modelHoldsQueues = true
+            var ready: [Int: Virtqueue] = [:]
+            for (index, queue) in s.queues.enumerated() where queue.ready { ready[index] = queue }
+            return (s.driverFeatures, ready)
+        }
+        guard let (features, queues) = handover else { return }
+        let context = DatapathContext(memory: memory, ringFailed: { [weak self] in self?.ringFailed($0, $1) })
+        model.activate(features: features, queues: queues, context: context)
+    }
+
+    /// Takes the queues back from the model, with their progress.
+    private func deactivateModel() -> [Int: Virtqueue] {
+        guard state.withLock({ s in defer { s.modelHoldsQueues = false }; return s.modelHoldsQueues }) else { return [:] }
+        return model.deactivate()
     }
 
     // MARK: lifecycle and migration
@@ -230,8 +246,10 @@ public final class VirtioPCITransport: PCIDevice, StatefulDevice {
 
     public var id: String { name }
 
+    /// Paused only: the queues' progress is then the transport's again.
     public func save(_ context: HandoverContext) -> SavedState {
         let transport = state.withLock { $0 }
+        assert(!transport.modelHoldsQueues, "\(name): saved while its queues run")
         return SavedState(transport, model: model.modelState(context))
     }
 
@@ -266,8 +284,18 @@ public final class VirtioPCITransport: PCIDevice, StatefulDevice {
     }
 
     public func configuration(_ context: HandoverContext) -> MachineDescription.Device? { model.configuration(context) }
-    public func pause() throws { try model.pause() }
-    public func resume() throws { try model.resume() }
+    public func pause() throws {
+        state.withLock { $0.paused = true }
+        let returned = deactivateModel()
+        state.withLock { s in for (index, queue) in returned where index < s.queues.count { s.queues[index] = queue } }
+        try model.pause()
+    }
+
+    public func resume() throws {
+        state.withLock { $0.paused = false }
+        try model.resume()
+        activateModel()
+    }
     public func handedOverFDs(_ context: HandoverContext) -> [NamedFD] { model.handedOverFDs(context) }
     public func checkReadyToRun() throws { try model.checkReadyToRun() }
     public var queryInfo: JSONObject? { model.queryInfo(status: status) }
@@ -307,9 +335,18 @@ public final class VirtioPCITransport: PCIDevice, StatefulDevice {
             switch effect {
             case .none: break
             case .reset:
+                _ = deactivateModel()
+                state.withLock { s in
+                    s.status = 0
+                    s.driverFeatures = 0
+                    s.queueSelect = 0
+                    s.errorLogged = false
+                    for i in s.queues.indices { s.queues[i].reset() }
+                    s.queueVectors = s.queueVectors.map { _ in 0xFFFF }
+                }
                 model.reset()
-            case .activate(let features):
-                model.activate(features: features)
+            case .activate:
+                activateModel()
             }
         case Self.notifyOffset..<Self.notifyOffset + UInt64(model.queueMaxSizes.count) * UInt64(Self.notifyMultiplier):
             model.queueNotified(Int((offset - Self.notifyOffset) / UInt64(Self.notifyMultiplier)))
@@ -374,15 +411,7 @@ public final class VirtioPCITransport: PCIDevice, StatefulDevice {
         case 0x10: s.msixConfigVector = UInt16(truncatingIfNeeded: value)
         case 0x14:
             let newStatus = UInt8(truncatingIfNeeded: value)
-            if newStatus == 0 {
-                s.status = 0
-                s.driverFeatures = 0
-                s.queueSelect = 0
-                s.errorLogged = false
-                for i in s.queues.indices { s.queues[i].reset() }
-                s.queueVectors = s.queueVectors.map { _ in 0xFFFF }
-                return .reset
-            }
+            if newStatus == 0 { return .reset }  // after the model gave its queues back
             var accepted = newStatus
             if newStatus & Status.featuresOK != 0 && s.status & Status.featuresOK == 0 {
                 let offered = model.deviceFeatures | Self.featureVersion1
