@@ -14,11 +14,11 @@ import Testing
         var testDescription: String { name }
     }
 
-    static let fixtures = [
-        Fixture(name: "v2-normal-1queue", queuePairs: 1, local: false),
-        Fixture(name: "v2-local-tap-fds", queuePairs: 1, local: true),
-        Fixture(name: "v2-normal-4queues", queuePairs: 4, local: false),
-    ]
+    static let fixtures = ["v2", "v3"].flatMap { version in [
+        Fixture(name: "\(version)-normal-1queue", queuePairs: 1, local: false),
+        Fixture(name: "\(version)-local-tap-fds", queuePairs: 1, local: true),
+        Fixture(name: "\(version)-normal-4queues", queuePairs: 4, local: false),
+    ] }
 
     static func bytes(_ fixture: Fixture) throws -> [UInt8] {
         Array(try Data(contentsOf: URL(fileURLWithPath: "\(packageRoot)/Tests/Fixtures/streams/\(fixture.name).stream")))
@@ -39,7 +39,10 @@ import Testing
     }
 
     @Test(arguments: fixtures) func capturedStreamLoads(_ fixture: Fixture) throws {
-        let sections = try MigrationStream.decodeAll(try Self.bytes(fixture))
+        let bytes = try Self.bytes(fixture)
+        let version = try MigrationStream.checkHeader(bytes)
+        #expect("v\(version)" == fixture.name.prefix(2))
+        let sections = try MigrationStream.decodeAll(bytes)
         let configuration = try #require(sections.first)
         #expect(configuration.kind == .configuration)
         let description = try MachineDescription.decode(configuration.payload)
@@ -50,7 +53,7 @@ import Testing
         #expect(nic.properties["max_queue_pairs"] == String(fixture.queuePairs))
 
         let target = try FixtureTarget(description, recordedFDs: try Self.recordedFDClaims(fixture))
-        try target.load(sections)
+        try target.load(sections, version: version)
         #expect(target.received.closeUnclaimed() == [], "every fd the source passed was claimed")
         #expect(target.ramPages > 0 || fixture.local)
         // The guest had booted: the NIC is live, with every pair it asked for.
@@ -118,13 +121,13 @@ final class FixtureTarget {
         }
     }
 
-    func load(_ sections: [MigrationStream.Section]) throws {
-        var legacy = LegacyStreamV2(netdevOf: [nic.id: backend.id])
+    func load(_ sections: [MigrationStream.Section], version: UInt32) throws {
+        var legacy = version == 2 ? LegacyStreamV2(netdevOf: [nic.id: backend.id]) : nil
         var loader = IncomingSections(devices: [serial, pciBus, transport], memory: memory, sourceRAMFile: nil, fds: received,
                                       progress: MigrationState())
         // One at a time, as they arrive: v2 TAP fds are bound when their section comes.
         for arrived in sections.dropFirst() {
-            for section in try legacy.translate(arrived, received: received) {
+            for section in try legacy?.translate(arrived, received: received) ?? [arrived] {
                 switch section.kind {
                 case .vcpu:
                     _ = try VCPUState.decode(section.payload)

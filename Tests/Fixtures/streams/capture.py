@@ -3,6 +3,8 @@
 
 usage (root, from the repository root, after `swift build`):
     Tests/Fixtures/streams/capture.py NAME [--queues N] [--local]
+NAME starts with the stream version the build writes (v2-..., v3-...); keep every
+version's fixtures: a unit test loads them all with the current code.
 Boots the bundled guest (64M) with one virtio-net NIC on a TAP in a scratch network
 namespace, waits for its prompt, migrates it to a unix socket this script listens on
 (standing in for the target: it answers the switch-over and end sections) and writes
@@ -72,6 +74,7 @@ try:
                     for fd in fds: os.close(fd)
             data.extend(msg)
     need(12); off = 12; claims = []
+    version = struct.unpack_from("<I", data, 8)[0]
     while True:
         need(off + 4)
         length = struct.unpack_from("<I", data, off)[0]
@@ -80,13 +83,16 @@ try:
         name_len = struct.unpack_from("<I", data, off + 5)[0]
         name = data[off + 9: off + 9 + name_len].decode()
         fd_count = struct.unpack_from("<H", data, off + 9 + name_len)[0]
-        if fd_count: claims.append({"kind": kind, "section": name, "fds": fd_count})
+        names, at = [], off + 11 + name_len  # v3: the fds' names follow their count
+        for _ in range(fd_count if version >= 3 else 0):
+            n = struct.unpack_from("<I", data, at)[0]; names.append(data[at + 4: at + 4 + n].decode()); at += 4 + n
+        if fd_count: claims.append({"kind": kind, "section": name, "fds": fd_count, **({"names": names} if names else {})})
         off += 4 + length
         if kind == 6: conn.sendall(b"\x05")
         if kind == 0xFF: conn.sendall(b"\x06"); break
     open(f"{here}/{args.name}.stream", "wb").write(bytes(data))
     json.dump({"received": fds_received, "claims": claims}, open(f"{here}/{args.name}.fds.json", "w"), indent=1)
-    print(f"{args.name}: {len(data)} bytes, {fds_received} fd(s): {claims}")
+    print(f"{args.name}: stream v{version}, {len(data)} bytes, {fds_received} fd(s): {claims}")
     qmp("quit")
 finally:
     if proc:
