@@ -24,9 +24,7 @@ import Testing
 
     @Test func virtioNetQueuesAndNegotiationRoundTrip() throws {
         let source = try VirtioNetTests.Rig(vnetHeader: true)
-        try source.memory.write([UInt8](repeating: 0, count: 12) + VirtioNetTests.frame, at: 0x100000)
-        try source.post(queue: 1, slot: 0, address: 0x100000, length: UInt32(12 + VirtioNetTests.frame.count), writable: false)
-        source.bar(0x3000 + 4, 1, 2)
+        try source.transmitFrame(slot: 0)
         try source.transport.pause()
         let state = source.transport.save(.init(mode: .normal))
 
@@ -39,8 +37,7 @@ import Testing
         #expect(target.transport.negotiatedFeatures == source.transport.negotiatedFeatures)
         #expect(target.transport.configSpace.barAddress(0) == source.transport.configSpace.barAddress(0))
         // The target continues where the source stopped: the next frame uses slot 1.
-        try target.post(queue: 1, slot: 1, address: 0x100000, length: UInt32(12 + VirtioNetTests.frame.count), writable: false)
-        target.bar(0x3000 + 4, 1, 2)
+        try target.transmitFrame(slot: 1)
         #expect(try target.usedEntries(queue: 1) == 2)
         var buffer = [UInt8](repeating: 0, count: 2048)
         #expect(recv(target.backend.peer, &buffer, buffer.count, Int32(MSG_DONTWAIT)) == 12 + VirtioNetTests.frame.count)

@@ -70,6 +70,13 @@ import Testing
         }
 
         func usedEntries(queue q: Int) throws -> UInt16 { try memory.load(UInt16.self, at: base(q) + 0x2002) }
+
+        /// The guest sends `VirtioNetTests.frame` (with a zero header) from TX slot `slot`.
+        func transmitFrame(slot: UInt16) throws {
+            try memory.write([UInt8](repeating: 0, count: 12) + VirtioNetTests.frame, at: 0x100000)
+            try post(queue: 1, slot: slot, address: 0x100000, length: UInt32(12 + VirtioNetTests.frame.count), writable: false)
+            bar(0x3000 + 4, 1, 2)
+        }
     }
 
     static let frame: [UInt8] = [UInt8](repeating: 0xFF, count: 6) + [0x52, 0x54, 0, 1, 2, 3, 0x08, 0x06] + Array(0..<46)
@@ -134,14 +141,11 @@ import Testing
 @Suite struct DatapathHandoverTests {
     @Test func pauseReturnsTheRingsWithProgressAndResumeHandsThemOverAgain() throws {
         let rig = try VirtioNetTests.Rig(vnetHeader: true)
-        try rig.memory.write([UInt8](repeating: 0, count: 12) + VirtioNetTests.frame, at: 0x100000)
-        try rig.post(queue: 1, slot: 0, address: 0x100000, length: UInt32(12 + VirtioNetTests.frame.count), writable: false)
-        rig.bar(0x3000 + 4, 1, 2)
+        try rig.transmitFrame(slot: 0)
         try rig.transport.pause()
         // Paused: the datapath holds nothing, a notify moves nothing, the progress is saved.
         #expect(rig.datapath.stop().isEmpty)
-        try rig.post(queue: 1, slot: 1, address: 0x100000, length: UInt32(12 + VirtioNetTests.frame.count), writable: false)
-        rig.bar(0x3000 + 4, 1, 2)
+        try rig.transmitFrame(slot: 1)
         #expect(try rig.usedEntries(queue: 1) == 1)
         let saved = rig.transport.save(.init(mode: .normal))
         #expect(saved.queues[1].lastAvailable == 1 && saved.queues[1].usedIndex == 1)
