@@ -23,14 +23,12 @@ import Testing
         func attachQueues(count: Int) {}
     }
 
-    struct Rig {
+    struct Rig: DriverRig {
         let memory: GuestMemory
         let nic: VirtioNet
         let datapath: UserspaceTapDatapath
         let transport: VirtioPCITransport
         let backend: PairBackend
-        // Queue q's rings: descriptors at 0x10000 * (q+1), avail +0x1000, used +0x2000.
-        func base(_ q: Int) -> UInt64 { 0x10000 * UInt64(q + 1) }
 
         /// `configure`: run the driver's initialisation (false: a fresh device, e.g. a migration target).
         init(vnetHeader: Bool, configure: Bool = true) throws {
@@ -39,43 +37,8 @@ import Testing
             datapath = UserspaceTapDatapath(queues: backend, pairs: 1)
             nic = VirtioNet(id: "nic0", mac: [0x52, 0x54, 0, 1, 2, 3], datapath: datapath, multiQueue: false, logger: .init(label: "t"))
             transport = VirtioPCITransport(name: "nic0", model: nic, memory: memory, logger: .init(label: "t"))
-            transport.configWrite(offset: 0x10, size: 4, value: 0xE000_0000)
-            transport.configWrite(offset: 0x04, size: 2, value: 0x6)
-            guard configure else { return }
-            bar(0x08, 0, 4); bar(0x0C, UInt64(VirtioNet.Feature.mac), 4)
-            bar(0x08, 1, 4); bar(0x0C, 1, 4)
-            bar(0x14, 1 | 2 | 8, 1)
-            for q in 0..<3 {
-                bar(0x16, UInt64(q), 2); bar(0x18, 8, 2)
-                bar(0x20, base(q), 8); bar(0x28, base(q) + 0x1000, 8); bar(0x30, base(q) + 0x2000, 8)
-                bar(0x1C, 1, 2)
-            }
-            bar(0x14, 1 | 2 | 8 | 4, 1)
-        }
-
-        func bar(_ offset: UInt64, _ value: UInt64, _ size: Int) {
-            var v = value.littleEndian
-            withUnsafeBytes(of: &v) { transport.barWrite(0, offset: offset, from: UnsafeRawBufferPointer(rebasing: $0[0..<size])) }
-        }
-
-        /// Posts one single-descriptor buffer at `address` on queue `q`.
-        func post(queue q: Int, slot: UInt16, address: UInt64, length: UInt32, writable: Bool) throws {
-            let desc = base(q) + 16 * UInt64(slot)
-            try memory.store(address, at: desc)
-            try memory.store(length, at: desc + 8)
-            try memory.store(writable ? Virtqueue.descriptorWrite : 0, at: desc + 12)
-            let availIdx = try memory.load(UInt16.self, at: base(q) + 0x1002)
-            try memory.store(slot, at: base(q) + 0x1004 + 2 * UInt64(availIdx % 8))
-            try memory.store(availIdx &+ 1, at: base(q) + 0x1002)
-        }
-
-        func usedEntries(queue q: Int) throws -> UInt16 { try memory.load(UInt16.self, at: base(q) + 0x2002) }
-
-        /// The guest sends `VirtioNetTests.frame` (with a zero header) from TX slot `slot`.
-        func transmitFrame(slot: UInt16) throws {
-            try memory.write([UInt8](repeating: 0, count: 12) + VirtioNetTests.frame, at: 0x100000)
-            try post(queue: 1, slot: slot, address: 0x100000, length: UInt32(12 + VirtioNetTests.frame.count), writable: false)
-            bar(0x3000 + 4, 1, 2)
+            placeBAR()
+            if configure { self.configure() }
         }
     }
 
@@ -164,5 +127,59 @@ import Testing
         #expect(rig.datapath.stop().isEmpty)
         #expect(rig.transport.status == 0)
         #expect(rig.nic.queuePairsInUse == 0)
+    }
+}
+
+/// A virtio-net device driven through its BAR like a guest driver would.
+protocol DriverRig {
+    var memory: GuestMemory { get }
+    var transport: VirtioPCITransport { get }
+}
+
+extension DriverRig {
+    // Queue q's rings: descriptors at 0x10000 * (q+1), avail +0x1000, used +0x2000.
+    func base(_ q: Int) -> UInt64 { 0x10000 * UInt64(q + 1) }
+
+    func placeBAR() {
+        transport.configWrite(offset: 0x10, size: 4, value: 0xE000_0000)
+        transport.configWrite(offset: 0x04, size: 2, value: 0x6)
+    }
+
+    /// The driver's initialisation: features, three queues of 8, DRIVER_OK.
+    func configure() {
+        bar(0x08, 0, 4); bar(0x0C, UInt64(VirtioNet.Feature.mac), 4)
+        bar(0x08, 1, 4); bar(0x0C, 1, 4)
+        bar(0x14, 1 | 2 | 8, 1)
+        for q in 0..<3 {
+            bar(0x16, UInt64(q), 2); bar(0x18, 8, 2)
+            bar(0x20, base(q), 8); bar(0x28, base(q) + 0x1000, 8); bar(0x30, base(q) + 0x2000, 8)
+            bar(0x1C, 1, 2)
+        }
+        bar(0x14, 1 | 2 | 8 | 4, 1)
+    }
+
+    func bar(_ offset: UInt64, _ value: UInt64, _ size: Int) {
+        var v = value.littleEndian
+        withUnsafeBytes(of: &v) { transport.barWrite(0, offset: offset, from: UnsafeRawBufferPointer(rebasing: $0[0..<size])) }
+    }
+
+    /// Posts one single-descriptor buffer at `address` on queue `q`.
+    func post(queue q: Int, slot: UInt16, address: UInt64, length: UInt32, writable: Bool) throws {
+        let desc = base(q) + 16 * UInt64(slot)
+        try memory.store(address, at: desc)
+        try memory.store(length, at: desc + 8)
+        try memory.store(writable ? Virtqueue.descriptorWrite : 0, at: desc + 12)
+        let availIdx = try memory.load(UInt16.self, at: base(q) + 0x1002)
+        try memory.store(slot, at: base(q) + 0x1004 + 2 * UInt64(availIdx % 8))
+        try memory.store(availIdx &+ 1, at: base(q) + 0x1002)
+    }
+
+    func usedEntries(queue q: Int) throws -> UInt16 { try memory.load(UInt16.self, at: base(q) + 0x2002) }
+
+    /// The guest sends `VirtioNetTests.frame` (with a zero header) from TX slot `slot`.
+    func transmitFrame(slot: UInt16) throws {
+        try memory.write([UInt8](repeating: 0, count: 12) + VirtioNetTests.frame, at: 0x100000)
+        try post(queue: 1, slot: slot, address: 0x100000, length: UInt32(12 + VirtioNetTests.frame.count), writable: false)
+        bar(0x3000 + 4, 1, 2)
     }
 }

@@ -1,3 +1,4 @@
+import CLinux
 import Glibc
 import QMPWire
 
@@ -39,8 +40,13 @@ extension Machine {
         let nic = VirtioNet(id: id, mac: mac, datapath: datapath, multiQueue: spec.multiQueue, logger: logger)
         nic.localMigration = spec.localMigration
         nic.host = DeviceHost(loop: loop, wakeGuest: { [vcpuRunner] in vcpuRunner.wake() },
-                              addHaltWakeSources: { [vcpuRunner] in vcpuRunner.addHaltWakeSources($0) })
-        let transport = VirtioPCITransport(name: id, model: nic, memory: memory, logger: logger)
+                              setHaltWakeSources: { [vcpuRunner] in vcpuRunner.setHaltWakeSources(owner: $0, $1) })
+        // Doorbells for a datapath that takes notifies as eventfds: KVM signals them with no
+        // exit, any write size where KVM allows it (QEMU's modern notify region does the same).
+        let ioeventfds = spec.ioeventfd && hypervisor.checkExtension(CL_KVM_CAP_IOEVENTFD) > 0
+            ? (host: vm as any IOEventFDHost, length: UInt32(hypervisor.checkExtension(CL_KVM_CAP_IOEVENTFD_ANY_LENGTH) > 0 ? 0 : 2))
+            : nil
+        let transport = VirtioPCITransport(name: id, model: nic, memory: memory, logger: logger, ioeventfds: ioeventfds)
         try pciBus.plug(transport)
         devices.append(transport)
         netdevUsers[spec.netdev] = id

@@ -122,5 +122,6 @@ extension MachineDevice {
 public struct DeviceHost: Sendable {
     public let loop: EventLoop
     public let wakeGuest: @Sendable () -> Void
-    public let addHaltWakeSources: @Sendable ([VCPURunner.HaltWakeSource]) -> Void
+    /// Replaces the sources `owner` registered before.
+    public let setHaltWakeSources: @Sendable (_ owner: String, [VCPURunner.HaltWakeSource]) -> Void
 }

@@ -50,6 +50,7 @@ public final class UserspaceTapDatapath: NetDatapath, @unchecked Sendable {
     public var netdevID: String { queues.id }
     public var ifname: String { queues.ifname }
     public var kind: DatapathKind { .userspace }
+    public var notification: DatapathNotification { .inline }
     public var vnetHeader: Bool { queues.vnetHeader }
 
     // MARK: host side
@@ -59,7 +60,7 @@ public final class UserspaceTapDatapath: NetDatapath, @unchecked Sendable {
     public func attach(to host: DeviceHost) {
         guard self.host == nil, !queues.queueFDs.isEmpty else { return }
         self.host = host
-        host.addHaltWakeSources(haltWakeSources)
+        host.setHaltWakeSources("netdev \(queues.id)", haltWakeSources)
         for (pair, fd) in queues.queueFDs.prefix(queuePairs).enumerated() {
             // Unwatched in `detach`, while the backend still holds the fd.
             fd.withRaw { fd in
@@ -101,10 +102,10 @@ public final class UserspaceTapDatapath: NetDatapath, @unchecked Sendable {
 
     // MARK: rings
 
-    public func start(_ handed: [Int: Virtqueue], activePairs pairs: Int, context: DatapathContext) {
+    public func start(_ handed: [Int: RingHandoff], activePairs pairs: Int, context: DatapathContext) {
         failed.store(false, ordering: .relaxed)
-        for (index, queue) in handed where index < rings.count {
-            rings[index].ring.withLock { $0 = Ring(queue: queue, context: context) }
+        for (index, ring) in handed where index < rings.count {
+            rings[index].ring.withLock { $0 = Ring(queue: ring.queue, context: context) }
         }
         rxHasBuffers.withLock { $0 = $0.indices.map { handed[2 * $0] != nil } }
         setActivePairs(pairs)

@@ -41,7 +41,8 @@ public final class VCPURunner: @unchecked Sendable {
     private let control = ConditionLock(Control())
     private let stopRequested = Atomic<Bool>(true)
     private let halted = EventFD.orFatal()
-    private let haltSources = Mutex<[HaltWakeSource]>([])
+    /// By owner, so a device that restarts replaces its sources instead of adding more.
+    private let haltSources = Mutex<[String: [HaltWakeSource]]>([:])
     private var thread: OSThread?
     private let threadID = Atomic<Int32>(0)
     /// Called on the vCPU thread when the guest cannot go on (triple fault, KVM error).
@@ -93,8 +94,9 @@ public final class VCPURunner: @unchecked Sendable {
     /// Wakes a vCPU sleeping in HLT so the guest polls its devices again.
     public func wake() { halted.signal() }
 
-    public func addHaltWakeSources(_ sources: [HaltWakeSource]) {
-        haltSources.withLock { $0 += sources }
+    /// `owner`'s sources from now on (none: `[]`).
+    public func setHaltWakeSources(owner: String, _ sources: [HaltWakeSource]) {
+        haltSources.withLock { $0[owner] = sources.isEmpty ? nil : sources }
     }
 
     /// How long a halted vCPU with wake sources polls them before it sleeps
@@ -107,7 +109,7 @@ public final class VCPURunner: @unchecked Sendable {
 
     /// Sleeps until kicked, a wake source is ready (then handles it) or the idle timer ends.
     private func waitWhileHalted() {
-        let sources = haltSources.withLock { $0 }.filter { $0.wanted() }
+        let sources = haltSources.withLock { $0.values.flatMap { $0 } }.filter { $0.wanted() }
         guard !sources.isEmpty else {
             halted.wait(timeoutMilliseconds: Self.idleTimeoutMilliseconds)
             return

@@ -87,27 +87,54 @@ public final class VirtioNet: VirtioDeviceModel, @unchecked Sendable {
         return .init(id: id, type: "virtio-net-pci", properties: properties)
     }
 
-    public func queryInfo(status: UInt8) -> JSONObject? {
+    public func queryInfo(status: UInt8, notifyExits: [UInt64]) -> JSONObject? {
         let stats = statistics
         return ["x-virtio-net": [
             "netdev": .string(datapath.netdevID), "ifname": .string(datapath.ifname), "datapath": .string(datapath.kind.rawValue),
             "max-queue-pairs": .int(Int64(maxQueuePairs)), "queue-pairs": .int(Int64(queuePairsInUse)),
             "queues": .int(Int64(queueMaxSizes.count)), "status": .int(Int64(status)),
             "rx-packets": .array(stats.rx.map { .int(Int64($0)) }), "tx-packets": .array(stats.tx.map { .int(Int64($0)) }),
+            "notify-exits": .array(notifyExits.map { .int(Int64($0)) }),
         ]]
     }
 
     /// Keeps the control queue and hands the pairs' rings to the datapath. A device
     /// activated afresh uses one pair; one resumed (or loaded) keeps its count.
+    /// With a datapath that takes eventfds, each of its rings gets a kick (the guest's
+    /// notifies, as a doorbell) and a call (which wakes a halted vCPU); they are made
+    /// here, per activation, since 256 pairs' worth up front would pass the fd limit.
     public func activate(features: UInt64, queues: [Int: Virtqueue], context: DatapathContext) {
         if activePairs.load(ordering: .relaxed) == 0 { activePairs.store(1, ordering: .relaxed) }
         control.withLock { c in c = queues[controlQueueIndex].map { ($0, features, context) } }
-        datapath.start(queues.filter { $0.key < controlQueueIndex }, activePairs: activePairs.load(ordering: .relaxed), context: context)
+        var rings: [Int: RingHandoff] = [:]
+        do {
+            for (index, queue) in queues where index < controlQueueIndex {
+                let eventFDs = datapath.notification == .eventFDs
+                rings[index] = RingHandoff(queue: queue, kick: eventFDs ? try EventFD(label: "\(id) kick \(index)") : nil,
+                                           call: eventFDs ? try EventFD(label: "\(id) call \(index)") : nil)
+            }
+        } catch {
+            context.ringFailed(0, "cannot create the rings' eventfds: \(error)")
+            return
+        }
+        for (index, ring) in rings { if let kick = ring.kick { context.attachDoorbell(index, kick) } }
+        let calls = rings.values.compactMap(\.call)
+        host?.setHaltWakeSources("\(id) calls", calls.map { call in
+            VCPURunner.HaltWakeSource(fd: call.fd, wanted: { true }, ready: { call.drain() })
+        })
+        datapath.start(rings, activePairs: activePairs.load(ordering: .relaxed), context: context)
+        // Work the guest posted while the rings were stopped: a ring starts on a kick.
+        for ring in rings.values { ring.kick?.signal() }
     }
 
     public func deactivate() -> [Int: Virtqueue] {
         var queues = datapath.stop()
-        if let ctrl = control.withLock({ c -> Virtqueue? in defer { c = nil }; return c?.queue }) { queues[controlQueueIndex] = ctrl }
+        let context = control.withLock { c -> DatapathContext? in defer { c = nil }; return c?.context }
+        if datapath.notification == .eventFDs {
+            context?.detachDoorbells()
+            host?.setHaltWakeSources("\(id) calls", [])
+        }
+        if let ctrl = control.withLock({ c -> Virtqueue? in c?.queue }) { queues[controlQueueIndex] = ctrl }
         return queues
     }
 

@@ -34,8 +34,9 @@ public protocol VirtioDeviceModel: AnyObject, Sendable {
     func loadModelState(_ bytes: [UInt8], fds: ReceivedFDs) throws
     func handedOverFDs(_ context: HandoverContext) -> [NamedFD]
     func checkReadyToRun() throws
-    /// The model's entry in query-pci, given the device status.
-    func queryInfo(status: UInt8) -> JSONObject?
+    /// The model's entries in query-pci, given the device status and the guest notifies
+    /// per queue that exited to the VMM.
+    func queryInfo(status: UInt8, notifyExits: [UInt64]) -> JSONObject?
     func shutdown()
 }
 
@@ -50,9 +51,17 @@ extension VirtioDeviceModel {
     }
     public func handedOverFDs(_ context: HandoverContext) -> [NamedFD] { [] }
     public func checkReadyToRun() throws {}
-    public func queryInfo(status: UInt8) -> JSONObject? { nil }
+    public func queryInfo(status: UInt8, notifyExits: [UInt64]) -> JSONObject? { nil }
     public func shutdown() {}
 }
+
+/// Where doorbells are registered so a guest notify signals an eventfd inside KVM: the VM.
+public protocol IOEventFDHost: Sendable {
+    func attachIOEventFD(_ eventFD: EventFD, mmio address: UInt64, length: UInt32) throws -> IOEventFDRegistration
+    func detach(_ registration: IOEventFDRegistration)
+}
+
+extension VirtualMachine: IOEventFDHost {}
 
 /// Virtio over PCI, modern interface only (virtio 1.x, 4.1): one 32 KiB memory BAR
 /// holding the common, ISR, device and notify structures and the MSI-X table.
@@ -103,8 +112,23 @@ public final class VirtioPCITransport: PCIDevice, StatefulDevice {
     private let state: Mutex<State>
     let msixVectors: Int
 
-    public init(name: String, model: VirtioDeviceModel, memory: GuestMemory, logger: Logger) {
+    /// A queue whose notifies go to a kick eventfd (a datapath with `.eventFDs`):
+    /// registered with KVM when it can be, relayed from the notify exit otherwise.
+    struct Doorbell {
+        let kick: EventFD
+        var registration: IOEventFDRegistration?
+    }
+    /// Given by the machine unless `ioeventfd=off`; the registration length (0 = any).
+    let ioeventfds: (host: any IOEventFDHost, length: UInt32)?
+    private let doorbells = Mutex<[Int: Doorbell]>([:])
+    /// Per queue: guest notifies that reached the VMM (exits), relayed or handled.
+    private let notifyExits: Mutex<[UInt64]>
+    private let ioeventfdFailureLogged = Atomic<Bool>(false)
+
+    public init(name: String, model: VirtioDeviceModel, memory: GuestMemory, logger: Logger,
+                ioeventfds: (host: any IOEventFDHost, length: UInt32)? = nil) {
         self.name = name
+        self.ioeventfds = ioeventfds
         self.model = model
         self.memory = memory
         self.logger = logger
@@ -125,6 +149,7 @@ public final class VirtioPCITransport: PCIDevice, StatefulDevice {
         // MSI-X: stored so a guest can program it; this host cannot deliver interrupts.
         config.addCapability(id: 0x11, body: le16(UInt16(msixVectors - 1)) + le32(UInt32(Self.msixTableOffset)) + le32(UInt32(Self.msixPBAOffset)),
                              writableBody: [0x00, 0xC0])
+        notifyExits = Mutex(Array(repeating: 0, count: queueCount))
         state = Mutex(State(config: config, queues: model.queueMaxSizes.map { Virtqueue(maxSize: $0) },
                             queueVectors: Array(repeating: 0xFFFF, count: queueCount),
                             msixTable: [UInt8](repeating: 0, count: 16 * msixVectors)))
@@ -137,6 +162,47 @@ public final class VirtioPCITransport: PCIDevice, StatefulDevice {
     public func configRead(offset: Int, size: Int) -> UInt32 { state.withLock { $0.config.read(offset: offset, size: size) } }
     public func configWrite(offset: Int, size: Int, value: UInt32) {
         state.withLock { _ = $0.config.write(offset: offset, size: size, value: value) }
+        // The command register (memory decoding) or BAR0 moved the notify addresses.
+        if offset < 0x06 && offset + size > 0x04 || offset < 0x14 && offset + size > 0x10 { reregisterDoorbells() }
+    }
+
+    // MARK: doorbells
+
+    /// Guest notifies of `queue` signal `kick` from now on, instead of reaching the model.
+    public func attachDoorbell(queue: Int, kick: EventFD) {
+        let registration = register(kick, queue: queue)
+        doorbells.withLock { $0[queue] = Doorbell(kick: kick, registration: registration) }
+    }
+
+    public func detachDoorbells() {
+        let removed = doorbells.withLock { d in defer { d = [:] }; return d }
+        for registration in removed.values.compactMap(\.registration) { ioeventfds?.host.detach(registration) }
+    }
+
+    /// Notifies of each queue that exited to the VMM so far.
+    public var notifyExitCounts: [UInt64] { notifyExits.withLock { $0 } }
+
+    private func register(_ kick: EventFD, queue: Int) -> IOEventFDRegistration? {
+        let config = configSpace
+        guard let (host, length) = ioeventfds, config.read(offset: 0x04, size: 2) & 0x2 != 0, let base = config.barAddress(0) else {
+            return nil
+        }
+        do {
+            return try host.attachIOEventFD(kick, mmio: base + Self.notifyOffset + UInt64(Self.notifyMultiplier) * UInt64(queue), length: length)
+        } catch {
+            // Relaying works everywhere; only slower.
+            if !ioeventfdFailureLogged.exchange(true, ordering: .relaxed) { logger.warning("\(name): \(error); relaying guest notifies instead") }
+            return nil
+        }
+    }
+
+    private func reregisterDoorbells() {
+        let current = doorbells.withLock { $0 }
+        guard !current.isEmpty else { return }
+        for registration in current.values.compactMap(\.registration) { ioeventfds?.host.detach(registration) }
+        var renewed: [Int: Doorbell] = [:]
+        for (queue, bell) in current { renewed[queue] = Doorbell(kick: bell.kick, registration: register(bell.kick, queue: queue)) }
+        doorbells.withLock { $0 = renewed }
     }
 
     /// A queue the model runs failed: NEEDS_RESET, logged once, until the driver resets.
@@ -160,7 +226,9 @@ public final class VirtioPCITransport: PCIDevice, StatefulDevice {
             return (s.driverFeatures, ready)
         }
         guard let (features, queues) = handover else { return }
-        let context = DatapathContext(memory: memory, ringFailed: { [weak self] in self?.ringFailed($0, $1) })
+        let context = DatapathContext(memory: memory, ringFailed: { [weak self] in self?.ringFailed($0, $1) },
+                                      attachDoorbell: { [weak self] in self?.attachDoorbell(queue: $0, kick: $1) },
+                                      detachDoorbells: { [weak self] in self?.detachDoorbells() })
         model.activate(features: features, queues: queues, context: context)
     }
 
@@ -298,7 +366,7 @@ public final class VirtioPCITransport: PCIDevice, StatefulDevice {
     }
     public func handedOverFDs(_ context: HandoverContext) -> [NamedFD] { model.handedOverFDs(context) }
     public func checkReadyToRun() throws { try model.checkReadyToRun() }
-    public var queryInfo: JSONObject? { model.queryInfo(status: status) }
+    public var queryInfo: JSONObject? { model.queryInfo(status: status, notifyExits: notifyExitCounts) }
     public func shutdown() { model.shutdown() }
 
     // MARK: BAR access
@@ -349,7 +417,13 @@ public final class VirtioPCITransport: PCIDevice, StatefulDevice {
                 activateModel()
             }
         case Self.notifyOffset..<Self.notifyOffset + UInt64(model.queueMaxSizes.count) * UInt64(Self.notifyMultiplier):
-            model.queueNotified(Int((offset - Self.notifyOffset) / UInt64(Self.notifyMultiplier)))
+            let queue = Int((offset - Self.notifyOffset) / UInt64(Self.notifyMultiplier))
+            notifyExits.withLock { $0[queue] += 1 }
+            if let kick = doorbells.withLock({ $0[queue]?.kick }) {
+                kick.signal()
+            } else {
+                model.queueNotified(queue)
+            }
         case Self.deviceOffset..<Self.deviceOffset + 0x100:
             model.writeConfig(offset: Int(offset - Self.deviceOffset), size: data.count, value: UInt32(truncatingIfNeeded: value))
         case Self.msixTableOffset..<Self.msixTableOffset + UInt64(16 * msixVectors):
