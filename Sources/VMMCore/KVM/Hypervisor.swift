@@ -3,7 +3,7 @@ import Glibc
 
 /// The open /dev/kvm: the system-level ioctls (API version, capabilities, CPUID).
 public final class Hypervisor {
-    public let fd: Int32
+    let fd: Int32
     public let vcpuMmapSize: Int
 
     public init(path: String = "/dev/kvm") throws {

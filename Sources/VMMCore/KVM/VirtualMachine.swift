@@ -4,7 +4,7 @@ import Glibc
 /// A KVM VM file descriptor: memory slots, dirty log and vCPU creation. Its ioctls are
 /// safe from any thread (KVM serialises slot updates), hence Sendable.
 public final class VirtualMachine: @unchecked Sendable {
-    public let fd: Int32
+    let fd: Int32
     let vcpuMmapSize: Int
 
     init(fd: Int32, vcpuMmapSize: Int) {
