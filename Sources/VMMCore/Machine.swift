@@ -34,9 +34,13 @@ public final class Machine: @unchecked Sendable {
     let vcpuRunner: VCPURunner
     let pciBus: PCIBus
     var netdevs: [String: NetBackend] = [:]
-    var nics: [VirtioNet] = []
+    /// Every device in plug order (serial0, pci0, then PCI functions): the machine and
+    /// the migration code reach devices only through this list.
+    var devices: [any MachineDevice] = []
+    /// Netdev id → the id of the device using it.
+    var netdevUsers: [String: String] = [:]
     /// fds named by QMP `getfd`, owned here until a netdev claims them.
-    var namedFDs: [String: Int32] = [:]
+    var namedFDs: [String: FileDescriptor] = [:]
     let dispatcher = QMPDispatcher()
     let qmp: QMPServer
     /// Created first, before any thread or endpoint, so every wait can watch it.
@@ -102,6 +106,7 @@ public final class Machine: @unchecked Sendable {
         runState = config.incoming != nil ? .inmigrate : (config.startPaused ? .prelaunch : .running)
         exitHandler.machine = self
         exitHandler.loop = loop
+        devices = [serial, pciBus]
         for netdev in config.netdevs { try addNetdev(netdev) }
         for device in config.devices { try addNIC(device) }
         registerCommands()
@@ -165,7 +170,9 @@ public final class Machine: @unchecked Sendable {
                 return accepted
             }
         }
-        for nic in nics { attach(nic) }
+        // A migration target's devices stay paused until `cont`: it must not take frames
+        // from a TAP before it has the state they belong after.
+        if runState != .inmigrate { resumeDevices() }
         try vcpuRunner.start()
         if runState == .running { vcpuRunner.resume() }
         if let incoming = config.incoming, incoming != "defer" {
@@ -182,8 +189,7 @@ public final class Machine: @unchecked Sendable {
         qmp.close()
         for backend in serialBackends { backend.close() }
         closeIncomingListener()
-        for nic in nics { nic.detach() }
-        for fd in namedFDs.values { close(fd) }
+        for device in devices { device.shutdown() }
         namedFDs.removeAll()
         loop.unwatch(signals.fd)
         signals.close()
@@ -216,7 +222,7 @@ public final class Machine: @unchecked Sendable {
         case .running: return
         case .prelaunch, .paused:
             runState = .running
-            for nic in nics { nic.suspendReceive(false) }  // an incoming migration's NICs wait for this
+            resumeDevices()  // an incoming migration's devices wait for this
             vcpuRunner.resume()
             qmp.emit("RESUME")
         case .shutdown, .internalError:
@@ -227,6 +233,13 @@ public final class Machine: @unchecked Sendable {
             throw QMPCommandError("Migration is finishing; wait for it")
         case .postmigrate:
             throw QMPCommandError("The guest now runs in the migration target; this VMM must not resume it")
+        }
+    }
+
+    /// Resumes every device; one that cannot is logged and the others still run.
+    func resumeDevices() {
+        for device in devices {
+            do { try device.resume() } catch { logger.error("\(device.id): cannot resume: \(error)") }
         }
     }
 

@@ -92,7 +92,7 @@ extension SerializedNetworkSuites {
         /// hangs up when the state starts (the vCPU section), or, in local mode, when the
         /// section carrying the TAP queue fds arrives. The source must resume its guest
         /// (STOP, then RESUME), read its TAP again and hold the fds it held.
-        @Test(arguments: [(false, "cpu0"), (true, "nic0/tap")])
+        @Test(arguments: [(false, "cpu0"), (true, "nic0")])
         func failureAfterTheStopResumesTheSourceAndItsTap(local: Bool, hangUpAt: String) async throws {
             try await Failure.withSingleTapPair { ns, source, _, uri, fds in
                 if local { try await source.qmp.execute("migrate-set-parameters", arguments: ["local": true]) }

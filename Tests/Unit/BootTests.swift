@@ -217,7 +217,7 @@ let packageRoot: String = {
         let memory = try GuestMemory(size: 1 << 20, backing: .memfd, shared: true)
         try memory.write([1, 2, 3], at: 0x200)
         var buffer = [UInt8](repeating: 0, count: 3)
-        #expect(pread(memory.fd, &buffer, 3, 0x200) == 3)
+        #expect(memory.fd.withRaw { pread($0, &buffer, 3, 0x200) } == 3)
         #expect(buffer == [1, 2, 3])
     }
 

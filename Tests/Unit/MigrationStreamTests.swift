@@ -7,7 +7,7 @@ import Testing
         .init(kind: .configuration, payload: MachineDescription(properties: ["ram-size": "134217728"], devices: []).encode()),
         .init(kind: .ram, payload: [UInt8](repeating: 0xAB, count: 5000)),
         .init(kind: .vcpu, name: "cpu0", payload: Array(0..<200)),
-        .init(kind: .device, name: "net0", payload: [1, 2, 3], fdCount: 4),
+        .init(kind: .device, name: "net0", payload: [1, 2, 3], fdNames: ["netdev/n1/tap.0", "netdev/n1/tap.1"]),
         .init(kind: .end),
     ]
 
@@ -38,12 +38,14 @@ import Testing
         }
     }
 
-    @Test func foreignStreamsAreNamed() {
+    @Test func foreignStreamsAreNamed() throws {
         let qemu = Array("QEVM".utf8) + [0, 0, 0, 3] + [UInt8](repeating: 0, count: 16)
         #expect { try MigrationStream.checkHeader(qemu) } throws: { "\($0)".contains("QEMU migration stream") }
         var skew = MigrationStream.header()
         skew[8] = 9
-        #expect { try MigrationStream.checkHeader(skew) } throws: { "\($0)".contains("version 9") }
+        #expect { try MigrationStream.checkHeader(skew) } throws: { "\($0)" == "migration stream version 9 is not supported (this VMM reads 2...3)" }
+        skew[8] = 2
+        #expect(try MigrationStream.checkHeader(skew) == 2)
         #expect { try MigrationStream.checkHeader(Array("GET / HTTP/1.1\r\n".utf8)) } throws: { "\($0)".contains("not a swift-vmm") }
     }
 
@@ -95,7 +97,9 @@ import Testing
 }
 
 @Suite struct ReceivedFDsTests {
-    func openFDs(_ n: Int) -> [Int32] { (0..<n).map { _ in open("/dev/null", O_RDONLY | O_CLOEXEC) } }
+    func openFDs(_ n: Int) -> [FileDescriptor] {
+        (0..<n).map { _ in FileDescriptor(adopting: open("/dev/null", O_RDONLY | O_CLOEXEC), label: "/dev/null") }
+    }
 
     /// Pipes whose write ends go into the table: a closed write end reads as EOF on its
     /// read end. Checking an fd *number* is racy here, since tests running in parallel
@@ -114,22 +118,79 @@ import Testing
         return read(readEnd, &byte, 1) == 0
     }
 
-    @Test func claimsInOrderAndClosesTheRest() throws {
+    @Test func bindsInArrivalOrderClaimsByNameAndClosesTheRest() throws {
         let table = ReceivedFDs()
         let ends = pipes(5)
         defer { ends.forEach { close($0.read) } }
-        table.append(ends.map(\.write))
-        let claimed = try table.claim(2, for: "device 'net0'")
-        #expect(claimed == ends.prefix(2).map(\.write))
-        #expect(table.closeUnclaimed() == 3)
-        #expect(ends.suffix(3).allSatisfy { writerClosed($0.read) })
-        #expect(ends.prefix(2).allSatisfy { !writerClosed($0.read) })
-        claimed.forEach { close($0) }
+        table.append(ends.map { FileDescriptor(adopting: $0.write, label: "pipe") })
+        try table.bind(["netdev/n1/tap.0", "netdev/n1/tap.1"], for: "device 'net0'")
+        try table.bind(["machine/ram"], for: "shared RAM")
+        let second = try table.claim("netdev/n1/tap.1", by: "netdev 'n1'")
+        #expect(second.withRaw { $0 } == ends[1].write)
+        // Unclaimed (bound or never named) are closed and named.
+        #expect(table.closeUnclaimed() == ["netdev/n1/tap.0", "machine/ram", "unnamed", "unnamed"])
+        #expect([0, 2, 3, 4].allSatisfy { writerClosed(ends[$0].read) })
+        #expect(!writerClosed(ends[1].read))
     }
 
-    @Test func claimingMoreThanArrivedNamesTheSection() {
+    @Test func bindingAndClaimingErrorsNameSectionAndFD() throws {
         let table = ReceivedFDs()
-        table.append(openFDs(1))
-        #expect { try table.claim(4, for: "device 'net0'") } throws: { "\($0)".contains("device 'net0' claims 4") }
+        table.append(openFDs(2))
+        #expect { try table.bind(["a", "b", "c"], for: "device 'net0'") } throws: { "\($0)" == "device 'net0' names 3 file descriptor(s) but only 2 arrived" }
+        #expect { try table.bind(["a", "a"], for: "device 'net0'") } throws: { "\($0)" == "device 'net0' names file descriptor a a second time" }
+        #expect { try table.claim("netdev/n1/tap.3", by: "netdev 'n1'") } throws: {
+            "\($0)" == "netdev 'n1' expects netdev/n1/tap.3, which the stream did not carry"
+        }
+    }
+}
+
+/// One owner per fd: `take` hands it on, the last owner's release closes it.
+@Suite struct FileDescriptorTests {
+    func pipe() -> (read: Int32, write: FileDescriptor) {
+        let (read, write) = ReceivedFDsTests().pipes(1)[0]
+        return (read, FileDescriptor(adopting: write, label: "pipe write end"))
+    }
+
+    @Test func releasingTheOwnerClosesTheFD() {
+        let read: Int32
+        do {
+            let (r, write) = pipe()
+            read = r
+            #expect(write.isOpen && !ReceivedFDsTests().writerClosed(read))
+        }
+        defer { close(read) }
+        #expect(ReceivedFDsTests().writerClosed(read))
+    }
+
+    @Test func takeMovesOwnershipAndEmptiesTheSource() {
+        let (read, write) = pipe()
+        defer { close(read) }
+        let taken = write.take(label: "moved")
+        #expect(!write.isOpen)
+        #expect(taken.isOpen && taken.label == "moved")
+        write.close()  // the old holder letting go closes nothing
+        #expect(!ReceivedFDsTests().writerClosed(read))
+        taken.close()
+        #expect(ReceivedFDsTests().writerClosed(read))
+    }
+
+    @Test func duplicateIsASecondOwner() throws {
+        let (read, write) = pipe()
+        defer { close(read) }
+        let copy = try write.duplicate(label: "copy")
+        write.close()
+        #expect(!ReceivedFDsTests().writerClosed(read))
+        copy.close()
+        #expect(ReceivedFDsTests().writerClosed(read))
+    }
+
+    /// What TapBackend.adopt used four hand-written closes for: fds that are not TAP
+    /// queues are refused, and closed with the refusal.
+    @Test func refusedTapQueuesAreClosed() {
+        let (read, write) = pipe()
+        defer { close(read) }
+        #expect { try TapBackend(id: "n1", adopting: [write], vnetHeader: nil) } throws: { "\($0)".contains("netdev n1: fd") && "\($0)".contains("is not a TAP queue") }
+        #expect(!write.isOpen)
+        #expect(ReceivedFDsTests().writerClosed(read))
     }
 }

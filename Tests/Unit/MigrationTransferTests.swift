@@ -87,6 +87,13 @@ import Testing
         #expect(throws: StreamError.self) { try RAMTransfer.load(truncated.bytes, into: memory, progress: MigrationState()) }
     }
 
+    static func received(ramFD: FileDescriptor) throws -> ReceivedFDs {
+        let table = ReceivedFDs()
+        table.append([ramFD])
+        try table.bind([SharedRAM.memfdName], for: "shared RAM")
+        return table
+    }
+
     @Test func sharedRAMSectionsRoundTripAndAdoptTheMemfd() throws {
         let file = SharedRAM.file(path: "/dev/shm/x", device: 1, inode: 2, size: 1 << 20)
         #expect(try SharedRAM.decode(file.encode()) == file)
@@ -96,17 +103,17 @@ import Testing
         let source = try GuestMemory(size: 1 << 20, shared: true)
         try source.store(UInt64(0xFEED), at: 0x8000)
         let target = try GuestMemory(size: 1 << 20, shared: false)
-        try SharedRAM.memfd(size: 1 << 20).adopt(into: target, fds: [dup(source.fd)])
+        try SharedRAM.memfd(size: 1 << 20).adopt(into: target, fds: try Self.received(ramFD: source.fd.duplicate()))
         #expect(try target.load(UInt64.self, at: 0x8000) == 0xFEED)
         try target.store(UInt64(1), at: 0x9000)
         #expect(try source.load(UInt64.self, at: 0x9000) == 1)
 
         let small = try GuestMemory(size: 2 << 20)
-        #expect { try SharedRAM.memfd(size: 1 << 20).adopt(into: small, fds: [dup(source.fd)]) } throws: {
+        #expect { try SharedRAM.memfd(size: 1 << 20).adopt(into: small, fds: try Self.received(ramFD: source.fd.duplicate())) } throws: {
             "\($0)".contains("1048576 bytes, this machine's 2097152")
         }
         // A file the target does not map is refused, never a silently zeroed guest.
-        #expect { try file.adopt(into: target, fds: []) } throws: { "\($0)".contains("the target must map the same file") }
+        #expect { try file.adopt(into: target, fds: ReceivedFDs()) } throws: { "\($0)".contains("the target must map the same file") }
     }
 
     @Test func sharedRAMExtentsSkipHoles() throws {
@@ -133,8 +140,8 @@ import Testing
                          _ pass: @escaping @Sendable (RAMTransfer) throws -> Void) throws -> MigrationState {
         var pair: [Int32] = [-1, -1]
         #expect(socketpair(AF_UNIX, Int32(SOCK_STREAM.rawValue), 0, &pair) == 0)
-        let sending = MigrationChannel(fd: pair[0])
-        let receiving = MigrationChannel(fd: pair[1])
+        let sending = MigrationChannel(socket: FileDescriptor(adopting: pair[0], label: "sending end"))
+        let receiving = MigrationChannel(socket: FileDescriptor(adopting: pair[1], label: "receiving end"))
         let progress = MigrationState()
         let transfer = RAMTransfer(memory: source, channel: sending, progress: progress, maxBandwidth: 0,
                                    logger: Logger(label: "test"))

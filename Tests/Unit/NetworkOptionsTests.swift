@@ -116,7 +116,12 @@ import Testing
         var queueMaxSizes: [UInt16] { [16, 16] }
         func readConfig(offset: Int, size: Int) -> UInt32 { offset == 0 ? 0xAB : 0 }
         func writeConfig(offset: Int, size: Int, value: UInt32) {}
-        func activate(features: UInt64) { activated = features }
+        var held: [Int: Virtqueue] = [:]
+        func activate(features: UInt64, queues: [Int: Virtqueue], context: DatapathContext) {
+            activated = features
+            held = queues
+        }
+        func deactivate() -> [Int: Virtqueue] { defer { held = [:] }; return held }
         func queueNotified(_ index: Int) { notified.append(index) }
         func reset() { resets += 1 }
     }

@@ -8,67 +8,38 @@ import Testing
     final class PairBackend: NetBackend, @unchecked Sendable {
         let id = "fake"
         let ifname = "fake0"
-        let queueFDs: [Int32]
+        let queueFDs: [FileDescriptor]
         let peer: Int32
         let vnetHeader: Bool
         init(vnetHeader: Bool) {
             var fds: [Int32] = [0, 0]
             socketpair(AF_UNIX, Int32(SOCK_SEQPACKET.rawValue), 0, &fds)
             _ = fcntl(fds[0], F_SETFL, O_NONBLOCK)
-            queueFDs = [fds[0]]
+            queueFDs = [FileDescriptor(adopting: fds[0], label: "test queue")]
             peer = fds[1]
             self.vnetHeader = vnetHeader
         }
-        deinit { close(queueFDs[0]); close(peer) }
+        deinit { close(peer) }
         func attachQueues(count: Int) {}
     }
 
-    struct Rig {
+    struct Rig: DriverRig {
         let memory: GuestMemory
         let nic: VirtioNet
+        let datapath: UserspaceTapDatapath
         let transport: VirtioPCITransport
         let backend: PairBackend
-        // Queue q's rings: descriptors at 0x10000 * (q+1), avail +0x1000, used +0x2000.
-        func base(_ q: Int) -> UInt64 { 0x10000 * UInt64(q + 1) }
 
         /// `configure`: run the driver's initialisation (false: a fresh device, e.g. a migration target).
         init(vnetHeader: Bool, configure: Bool = true, ram: GuestMemory? = nil) throws {
             memory = try ram ?? GuestMemory(size: 4 << 20)
             backend = PairBackend(vnetHeader: vnetHeader)
-            nic = VirtioNet(id: "nic0", mac: [0x52, 0x54, 0, 1, 2, 3], backend: backend, multiQueue: false, logger: .init(label: "t"))
+            datapath = UserspaceTapDatapath(queues: backend, pairs: 1)
+            nic = VirtioNet(id: "nic0", mac: [0x52, 0x54, 0, 1, 2, 3], datapath: datapath, multiQueue: false, logger: .init(label: "t"))
             transport = VirtioPCITransport(name: "nic0", model: nic, memory: memory, logger: .init(label: "t"))
-            nic.transport = transport
-            transport.configWrite(offset: 0x10, size: 4, value: 0xE000_0000)
-            transport.configWrite(offset: 0x04, size: 2, value: 0x6)
-            guard configure else { return }
-            bar(0x08, 0, 4); bar(0x0C, UInt64(VirtioNet.Feature.mac), 4)
-            bar(0x08, 1, 4); bar(0x0C, 1, 4)
-            bar(0x14, 1 | 2 | 8, 1)
-            for q in 0..<3 {
-                bar(0x16, UInt64(q), 2); bar(0x18, 8, 2)
-                bar(0x20, base(q), 8); bar(0x28, base(q) + 0x1000, 8); bar(0x30, base(q) + 0x2000, 8)
-                bar(0x1C, 1, 2)
-            }
-            bar(0x14, 1 | 2 | 8 | 4, 1)
+            placeBAR()
+            if configure { self.configure() }
         }
-
-        func bar(_ offset: UInt64, _ value: UInt64, _ size: Int) {
-            var v = value.littleEndian
-            withUnsafeBytes(of: &v) { transport.barWrite(0, offset: offset, from: UnsafeRawBufferPointer(rebasing: $0[0..<size])) }
-        }
-
-        /// Posts one single-descriptor buffer at `address` on queue `q`.
-        func post(queue q: Int, slot: UInt16, address: UInt64, length: UInt32, writable: Bool) throws {
-            let desc = base(q) + 16 * UInt64(slot)
-            try memory.store(address, at: desc)
-            try memory.store(length, at: desc + 8)
-            try memory.store(writable ? Virtqueue.descriptorWrite : 0, at: desc + 12)
-            let availIdx = try memory.load(UInt16.self, at: base(q) + 0x1002)
-            try memory.store(slot, at: base(q) + 0x1004 + 2 * UInt64(availIdx % 8))
-            try memory.store(availIdx &+ 1, at: base(q) + 0x1002)
-        }
-
-        func usedEntries(queue q: Int) throws -> UInt16 { try memory.load(UInt16.self, at: base(q) + 0x2002) }
     }
 
     static let frame: [UInt8] = [UInt8](repeating: 0xFF, count: 6) + [0x52, 0x54, 0, 1, 2, 3, 0x08, 0x06] + Array(0..<46)
@@ -94,17 +65,17 @@ import Testing
         rig.bar(0x3000, 0, 2)
         let sent = vnetHeader ? [UInt8](repeating: 0, count: 12) + Self.frame : Self.frame
         #expect(send(rig.backend.peer, sent, sent.count, 0) == sent.count)
-        rig.nic.receive(pair: 0)
+        rig.datapath.receive(pair: 0)
         #expect(try rig.usedEntries(queue: 0) == 1)
         #expect(try rig.memory.load(UInt32.self, at: rig.base(0) + 0x2008) == UInt32(12 + Self.frame.count))
         #expect(try rig.memory.read(at: 0x200000 + 12, count: Self.frame.count) == Self.frame)
         #expect(try rig.memory.load(UInt16.self, at: 0x200000 + 10) == (vnetHeader ? 0 : 1))
         // No more buffers: the next frame waits in the socket instead of being dropped.
         #expect(send(rig.backend.peer, sent, sent.count, 0) == sent.count)
-        rig.nic.receive(pair: 0)
+        rig.datapath.receive(pair: 0)
         #expect(try rig.usedEntries(queue: 0) == 1)
         try rig.post(queue: 0, slot: 1, address: 0x201000, length: 1526 + 12, writable: true)
-        rig.nic.receive(pair: 0)
+        rig.datapath.receive(pair: 0)
         #expect(try rig.usedEntries(queue: 0) == 2)
         #expect(rig.nic.statistics.rx == [2])
     }
@@ -184,9 +155,9 @@ import Testing
         try rig.memory.store(Virtqueue.descriptorIndirect, at: rig.base(0) + 12)
         var frame = Self.frame
         _ = send(rig.backend.peer, &frame, frame.count, 0)
-        rig.nic.receive(pair: 0)
+        rig.datapath.receive(pair: 0)
         #expect(rig.transport.status & VirtioPCITransport.Status.needsReset != 0)
-        #expect(!rig.nic.wantsInput(pair: 0))
+        #expect(!rig.datapath.wantsInput(pair: 0))
     }
 
     @Test func tooSmallReceiveBufferNeedsReset() throws {
@@ -194,7 +165,92 @@ import Testing
         try rig.post(queue: 0, slot: 0, address: 0x200000, length: 4, writable: true)
         var frame = Self.frame
         _ = send(rig.backend.peer, &frame, frame.count, 0)
-        rig.nic.receive(pair: 0)
+        rig.datapath.receive(pair: 0)
         #expect(rig.transport.status & VirtioPCITransport.Status.needsReset != 0)
+    }
+}
+
+/// The datapath owns the RX/TX rings while the device runs and gives them back, with
+/// their progress, when it is paused or reset (issue 9's handover).
+@Suite struct DatapathHandoverTests {
+    @Test func pauseReturnsTheRingsWithProgressAndResumeHandsThemOverAgain() throws {
+        let rig = try VirtioNetTests.Rig(vnetHeader: true)
+        try rig.transmitFrame(slot: 0)
+        try rig.transport.pause()
+        // Paused: the datapath holds nothing, a notify moves nothing, the progress is saved.
+        #expect(rig.datapath.stop().isEmpty)
+        try rig.transmitFrame(slot: 1)
+        #expect(try rig.usedEntries(queue: 1) == 1)
+        let saved = rig.transport.save(.init(mode: .normal))
+        #expect(saved.queues[1].lastAvailable == 1 && saved.queues[1].usedIndex == 1)
+        // Resumed: the ring continues where it stopped.
+        try rig.transport.resume()
+        rig.bar(0x3000 + 4, 1, 2)
+        #expect(try rig.usedEntries(queue: 1) == 2)
+        #expect(rig.nic.statistics.tx == [2])
+        let info = try #require(rig.transport.queryInfo?["x-virtio-net"])
+        #expect(info["datapath"] == "userspace")
+    }
+
+    @Test func resetTakesTheRingsBack() throws {
+        let rig = try VirtioNetTests.Rig(vnetHeader: true)
+        rig.bar(0x14, 0, 1)
+        #expect(rig.datapath.stop().isEmpty)
+        #expect(rig.transport.status == 0)
+        #expect(rig.nic.queuePairsInUse == 0)
+    }
+}
+
+/// A virtio-net device driven through its BAR like a guest driver would.
+protocol DriverRig {
+    var memory: GuestMemory { get }
+    var transport: VirtioPCITransport { get }
+}
+
+extension DriverRig {
+    // Queue q's rings: descriptors at 0x10000 * (q+1), avail +0x1000, used +0x2000.
+    func base(_ q: Int) -> UInt64 { 0x10000 * UInt64(q + 1) }
+
+    func placeBAR() {
+        transport.configWrite(offset: 0x10, size: 4, value: 0xE000_0000)
+        transport.configWrite(offset: 0x04, size: 2, value: 0x6)
+    }
+
+    /// The driver's initialisation: features, three queues of 8, DRIVER_OK.
+    func configure() {
+        bar(0x08, 0, 4); bar(0x0C, UInt64(VirtioNet.Feature.mac), 4)
+        bar(0x08, 1, 4); bar(0x0C, 1, 4)
+        bar(0x14, 1 | 2 | 8, 1)
+        for q in 0..<3 {
+            bar(0x16, UInt64(q), 2); bar(0x18, 8, 2)
+            bar(0x20, base(q), 8); bar(0x28, base(q) + 0x1000, 8); bar(0x30, base(q) + 0x2000, 8)
+            bar(0x1C, 1, 2)
+        }
+        bar(0x14, 1 | 2 | 8 | 4, 1)
+    }
+
+    func bar(_ offset: UInt64, _ value: UInt64, _ size: Int) {
+        var v = value.littleEndian
+        withUnsafeBytes(of: &v) { transport.barWrite(0, offset: offset, from: UnsafeRawBufferPointer(rebasing: $0[0..<size])) }
+    }
+
+    /// Posts one single-descriptor buffer at `address` on queue `q`.
+    func post(queue q: Int, slot: UInt16, address: UInt64, length: UInt32, writable: Bool) throws {
+        let desc = base(q) + 16 * UInt64(slot)
+        try memory.store(address, at: desc)
+        try memory.store(length, at: desc + 8)
+        try memory.store(writable ? Virtqueue.descriptorWrite : 0, at: desc + 12)
+        let availIdx = try memory.load(UInt16.self, at: base(q) + 0x1002)
+        try memory.store(slot, at: base(q) + 0x1004 + 2 * UInt64(availIdx % 8))
+        try memory.store(availIdx &+ 1, at: base(q) + 0x1002)
+    }
+
+    func usedEntries(queue q: Int) throws -> UInt16 { try memory.load(UInt16.self, at: base(q) + 0x2002) }
+
+    /// The guest sends `VirtioNetTests.frame` (with a zero header) from TX slot `slot`.
+    func transmitFrame(slot: UInt16) throws {
+        try memory.write([UInt8](repeating: 0, count: 12) + VirtioNetTests.frame, at: 0x100000)
+        try post(queue: 1, slot: slot, address: 0x100000, length: UInt32(12 + VirtioNetTests.frame.count), writable: false)
+        bar(0x3000 + 4, 1, 2)
     }
 }

@@ -54,10 +54,14 @@ static const unsigned long CL_KVM_SET_SREGS = KVM_SET_SREGS;
 static const unsigned long CL_KVM_SET_CPUID2 = KVM_SET_CPUID2;
 static const unsigned long CL_KVM_GET_DIRTY_LOG = KVM_GET_DIRTY_LOG;
 static const unsigned long CL_KVM_GET_TSC_KHZ = KVM_GET_TSC_KHZ;
+static const unsigned long CL_KVM_IOEVENTFD = KVM_IOEVENTFD;
+static const unsigned int CL_KVM_IOEVENTFD_FLAG_DEASSIGN = KVM_IOEVENTFD_FLAG_DEASSIGN;
 
 static const int CL_KVM_CAP_USER_MEMORY = KVM_CAP_USER_MEMORY;
 static const int CL_KVM_CAP_IMMEDIATE_EXIT = KVM_CAP_IMMEDIATE_EXIT;
 static const int CL_KVM_CAP_EXT_CPUID = KVM_CAP_EXT_CPUID;
+static const int CL_KVM_CAP_IOEVENTFD = KVM_CAP_IOEVENTFD;
+static const int CL_KVM_CAP_IOEVENTFD_ANY_LENGTH = KVM_CAP_IOEVENTFD_ANY_LENGTH;
 
 static const unsigned int CL_KVM_EXIT_UNKNOWN = KVM_EXIT_UNKNOWN;
 static const unsigned int CL_KVM_EXIT_IO = KVM_EXIT_IO;

@@ -104,7 +104,12 @@ public struct DeviceSpec: Sendable, Equatable {
     public var disableLegacy: String?
     public var addr: String?
 
-    static let keys: Set<String> = ["driver", "id", "netdev", "mac", "mq", "vectors", "romfile", "addr", "bus", "local-migration", "disable-legacy"]
+    /// `ioeventfd=on|off` (QEMU's spelling, default on): a datapath that takes guest
+    /// notifies as eventfds gets them from KVM (KVM_IOEVENTFD) with no exit to the VMM;
+    /// off: every notify exits and the VMM relays it.
+    public var ioeventfd = true
+
+    static let keys: Set<String> = ["driver", "id", "netdev", "mac", "mq", "vectors", "romfile", "addr", "bus", "local-migration", "disable-legacy", "ioeventfd"]
     static let rootBuses: Set<String> = ["pcie.0", "pci.0"]
 
     /// Why each property given that this machine cannot honour changes nothing.
@@ -130,6 +135,7 @@ public struct DeviceSpec: Sendable, Equatable {
         let netdev = try list.required("netdev", in: value)
         var spec = DeviceSpec(id: list["id"], netdev: netdev, mac: nil, multiQueue: try list.bool("mq", default: false))
         spec.localMigration = try list.bool("local-migration", default: true)
+        spec.ioeventfd = try list.bool("ioeventfd", default: true)
         spec.bus = list["bus"]
         spec.romfile = list["romfile"]
         spec.addr = list["addr"]

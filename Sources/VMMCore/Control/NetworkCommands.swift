@@ -1,3 +1,4 @@
+import CLinux
 import Glibc
 import QMPWire
 
@@ -14,7 +15,9 @@ extension Machine {
         }
         if let fds = spec.fds {
             // The backend owns copies; the originals stay with whoever passed them.
-            netdevs[spec.id] = try TapBackend(id: spec.id, adopting: fds.map { dup($0) }, vnetHeader: spec.vnetHeader)
+            netdevs[spec.id] = try TapBackend(id: spec.id, adopting: try fds.enumerated().map { index, fd in
+                try FileDescriptor.duplicating(inherited: fd, label: TapBackend.queueLabel(spec.id, index))
+            }, vnetHeader: spec.vnetHeader)
         } else {
             netdevs[spec.id] = try TapBackend(id: spec.id, ifname: spec.ifname, queues: spec.queues, vnetHeader: spec.vnetHeader)
         }
@@ -23,29 +26,31 @@ extension Machine {
 
     func addNIC(_ spec: DeviceSpec) throws {
         guard let backend = netdevs[spec.netdev] else { throw QMPCommandError("Property 'netdev' can't find value '\(spec.netdev)'") }
-        guard !nics.contains(where: { $0.backend === backend }) else {
+        guard netdevUsers[spec.netdev] == nil else {
             throw QMPCommandError("Property 'netdev' can't take value '\(spec.netdev)', it's in use")
         }
-        let id = spec.id ?? "net\(nics.count)"
-        guard !nics.contains(where: { $0.id == id }) else { throw QMPCommandError("Duplicate device ID '\(id)'") }
+        let nicCount = netdevUsers.count
+        let id = spec.id ?? "net\(nicCount)"
+        guard !devices.contains(where: { $0.id == id }) else { throw QMPCommandError("Duplicate device ID '\(id)'") }
         if let bus = spec.bus, !DeviceSpec.rootBuses.contains(bus), !config.pciBridges.contains(bus) {
             throw QMPCommandError("Bus '\(bus)' not found")
         }
-        let mac = spec.mac ?? [0x52, 0x54, 0x00, 0x12, 0x34, UInt8(truncatingIfNeeded: 0x56 + nics.count)]
-        let nic = VirtioNet(id: id, mac: mac, backend: backend, multiQueue: spec.multiQueue, logger: logger)
+        let mac = spec.mac ?? [0x52, 0x54, 0x00, 0x12, 0x34, UInt8(truncatingIfNeeded: 0x56 + nicCount)]
+        let datapath = UserspaceTapDatapath(queues: backend, pairs: VirtioNet.queuePairs(multiQueue: spec.multiQueue, netdev: backend))
+        let nic = VirtioNet(id: id, mac: mac, datapath: datapath, multiQueue: spec.multiQueue, logger: logger)
         nic.localMigration = spec.localMigration
-        let transport = VirtioPCITransport(name: id, model: nic, memory: memory, logger: logger)
-        nic.transport = transport
+        nic.host = DeviceHost(loop: loop, wakeGuest: { [vcpuRunner] in vcpuRunner.wake() },
+                              setHaltWakeSources: { [vcpuRunner] in vcpuRunner.setHaltWakeSources(owner: $0, $1) })
+        // Doorbells for a datapath that takes notifies as eventfds: KVM signals them with no
+        // exit, any write size where KVM allows it (QEMU's modern notify region does the same).
+        let ioeventfds = spec.ioeventfd && hypervisor.checkExtension(CL_KVM_CAP_IOEVENTFD) > 0
+            ? (host: vm as any IOEventFDHost, length: UInt32(hypervisor.checkExtension(CL_KVM_CAP_IOEVENTFD_ANY_LENGTH) > 0 ? 0 : 2))
+            : nil
+        let transport = VirtioPCITransport(name: id, model: nic, memory: memory, logger: logger, ioeventfds: ioeventfds)
         try pciBus.plug(transport)
-        nics.append(nic)
+        devices.append(transport)
+        netdevUsers[spec.netdev] = id
         for note in spec.notes(msixVectors: transport.msixVectors) { logger.debug("\(id): \(note)") }
-    }
-
-    /// Starts a NIC's RX polling; a NIC whose TAP comes with a migration waits for it.
-    func attach(_ nic: VirtioNet) {
-        guard !nic.isAttached, !nic.backend.queueFDs.isEmpty else { return }
-        nic.attach(to: loop) { [vcpuRunner] in vcpuRunner.wake() }
-        vcpuRunner.addHaltWakeSources(nic.haltWakeSources)
     }
 
     /// QMP arguments as a QEMU option string, so QMP and the command line share one parser.
@@ -66,7 +71,8 @@ extension Machine {
                     if Int32(name) != nil { return String(name) }
                     guard let fd = namedFDs[String(name)] else { throw QMPCommandError("File descriptor named '\(name)' has not been found") }
                     claimed.append(String(name))
-                    return String(fd)
+                    // The number is valid while namedFDs holds the fd: until the command ran.
+                    return fd.withRaw { String($0) }
                 }.joined(separator: ":")
             }
             parts.append("\(key)=\(text.split(separator: ",", omittingEmptySubsequences: false).joined(separator: ",,"))")
@@ -87,17 +93,14 @@ extension Machine {
             let name = args["fdname"]!.stringValue!
             // QEMU's rule (qmp_getfd): a name must not start with a digit, so it can never look like an fd number.
             guard !(name.utf8.first.map { (UInt8(ascii: "0")...UInt8(ascii: "9")).contains($0) } ?? false) else {
-                close(fd)
                 throw QMPCommandError("Parameter 'fdname' expects a name not starting with a digit")
             }
-            if let old = namedFDs[name] { close(old) }
-            namedFDs[name] = fd
+            namedFDs[name] = fd.take(label: "getfd '\(name)'")
             return [:]
         }
         d.register("closefd", arguments: ["fdname": .string], required: ["fdname"]) { [unowned self] args in
             let name = args["fdname"]!.stringValue!
-            guard let fd = namedFDs.removeValue(forKey: name) else { throw QMPCommandError("File descriptor named '\(name)' not found") }
-            close(fd)
+            guard namedFDs.removeValue(forKey: name) != nil else { throw QMPCommandError("File descriptor named '\(name)' not found") }
             return [:]
         }
         let netdevArgs = Dictionary(uniqueKeysWithValues: NetdevSpec.keys.map { ($0, Self.netdevArgumentTypes[$0] ?? .string) })
@@ -105,13 +108,13 @@ extension Machine {
             let (text, claimed) = try optionString(args["type"]?.stringValue ?? "", args, skip: ["type"], resolveFDs: true)
             // Parse errors become GenericError replies in the dispatcher, with their text.
             try addNetdev(try NetdevSpec.parse(text, option: "netdev_add"))
-            for name in claimed { if let fd = namedFDs.removeValue(forKey: name) { close(fd) } }
+            for name in claimed { namedFDs.removeValue(forKey: name) }
             return [:]
         }
         d.register("netdev_del", arguments: ["id": .string], required: ["id"]) { [unowned self] args in
             let id = args["id"]!.stringValue!
-            guard let backend = netdevs[id] else { throw QMPCommandError("Device '\(id)' not found") }
-            guard !nics.contains(where: { $0.backend === backend }) else { throw QMPCommandError("Device '\(id)' is in use by a NIC") }
+            guard netdevs[id] != nil else { throw QMPCommandError("Device '\(id)' not found") }
+            guard netdevUsers[id] == nil else { throw QMPCommandError("Device '\(id)' is in use by a NIC") }
             netdevs[id] = nil
             return [:]
         }
@@ -123,11 +126,11 @@ extension Machine {
             }
             let (text, _) = try optionString(args["driver"]?.stringValue ?? "", args, skip: ["driver"], resolveFDs: false)
             try addNIC(try DeviceSpec.parse(text, option: "device_add"))
-            attach(nics[nics.count - 1])
+            if runState != .inmigrate { try devices[devices.count - 1].resume() }
             return [:]
         }
         d.register("query-pci") { [unowned self] _ in
-            let devices: [JSON] = pciBus.devices.map { slot, device in
+            let entries: [JSON] = pciBus.devices.map { slot, device in
                 let config = device.configSpace
                 var regions: [JSON] = []
                 for index in 0..<6 {
@@ -149,18 +152,11 @@ extension Machine {
                     "qdev_id": .string(device.name),
                     "regions": .array(regions),
                 ]
-                if let transport = device as? VirtioPCITransport, let nic = transport.model as? VirtioNet {
-                    let stats = nic.statistics
-                    entry["x-virtio-net"] = [
-                        "netdev": .string(nic.backend.id), "ifname": .string(nic.backend.ifname),
-                        "max-queue-pairs": .int(Int64(nic.maxQueuePairs)), "queue-pairs": .int(Int64(nic.queuePairsInUse)),
-                        "queues": .int(Int64(nic.queueMaxSizes.count)), "status": .int(Int64(transport.status)),
-                        "rx-packets": .array(stats.rx.map { .int(Int64($0)) }), "tx-packets": .array(stats.tx.map { .int(Int64($0)) }),
-                    ]
-                }
+                let info = self.devices.first(where: { $0.id == device.name })?.queryInfo ?? [:]
+                for (key, value) in info.pairs { entry[key] = value }
                 return .object(entry)
             }
-            return [["bus": 0, "devices": .array(devices)]]
+            return [["bus": 0, "devices": .array(entries)]]
         }
     }
 }

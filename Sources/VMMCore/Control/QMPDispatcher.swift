@@ -17,18 +17,18 @@ public struct QMPCommandError: Error, CustomStringConvertible, Sendable {
 /// File descriptors that arrived (SCM_RIGHTS) with a QMP message. A command such as
 /// `getfd` claims them; whatever is left unclaimed is closed after the command ran.
 public final class QMPRequestContext {
-    private var fds: [Int32]
+    private var fds: [FileDescriptor]
 
-    public init(fds: [Int32] = []) { self.fds = fds }
+    public init(fds: [FileDescriptor] = []) { self.fds = fds }
 
     /// The most recently received fd, now owned by the caller.
-    public func takeFD() -> Int32? { fds.popLast() }
+    public func takeFD() -> FileDescriptor? { fds.popLast() }
 
     /// Closes what no command claimed; returns how many that were.
     @discardableResult
     public func closeUnclaimed() -> Int {
         let count = fds.count
-        for fd in fds { close(fd) }
+        fds.forEach { $0.close() }
         fds.removeAll()
         return count
     }

@@ -23,7 +23,7 @@ public final class QMPServer {
         let name: String
         var splitter = JSONStreamSplitter()
         /// fds received (SCM_RIGHTS) and not yet handed to a command.
-        var pendingFDs: [Int32] = []
+        var pendingFDs: [FileDescriptor] = []
         var negotiated = false
         var output: OutputBuffer
         /// The client closed its side (e.g. `socat` after its last command): it still
@@ -109,7 +109,7 @@ public final class QMPServer {
         var fds = [Int32](repeating: -1, count: 16)
         var fdCount: Int32 = 0
         let n = chunk.withUnsafeMutableBytes { cl_recv_with_fds(connection.fd, $0.baseAddress, $0.count, &fds, 16, &fdCount) }
-        connection.pendingFDs += fds.prefix(Int(fdCount))
+        connection.pendingFDs += fds.prefix(Int(fdCount)).map { FileDescriptor(adopting: $0, label: "fd received on QMP") }
         if n == -Int(EINTR) || n == -Int(EAGAIN) { return }
         if n == 0 && !connection.output.isEmpty {
             connection.inputClosed = true
@@ -166,7 +166,7 @@ public final class QMPServer {
 
     private func drop(_ connection: Connection) {
         guard connections.removeValue(forKey: connection.fd) != nil else { return }
-        connection.pendingFDs.forEach { Glibc.close($0) }
+        connection.pendingFDs.forEach { $0.close() }
         connection.pendingFDs = []
         connection.output.removeAll()
         loop.unwatch(connection.fd)

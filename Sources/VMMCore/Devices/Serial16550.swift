@@ -4,7 +4,12 @@ import Synchronization
 /// I/O thread feeds console input, so all state sits behind one lock. No interrupt
 /// line is wired (this host's KVM cannot deliver them); the guest polls LSR, and IIR
 /// still reports what a real chip would.
-public final class Serial16550: PortIODevice {
+public final class Serial16550: PortIODevice, StatefulDevice {
+    public var id: String { "serial0" }
+    public func configuration(_ context: HandoverContext) -> MachineDescription.Device? {
+        .init(id: id, type: "isa-serial", properties: [:])
+    }
+
     public static let com1: UInt16 = 0x3F8
     /// Console input the VMM holds for the guest; beyond this the I/O thread stops reading
     /// its input fd, so a fast sender is slowed down instead of losing bytes.
@@ -98,29 +103,52 @@ public final class Serial16550: PortIODevice {
     }
 
     /// Register state and pending input, for the migration stream.
-    public func save() -> [UInt8] {
-        state.withLock { s in
-            var w = StreamWriter()
-            for register in [s.ier, s.lcr, s.mcr, s.scr, s.dll, s.dlm, s.fcr] { w.u8(register) }
-            w.bool(s.thrInterruptPending)
-            w.blob(s.fifo + s.backlog[s.backlogHead...])
-            return w.bytes
+    public struct SavedState: VersionedState {
+        public static let version: UInt16 = 1
+        public var ier, lcr, mcr, scr, dll, dlm, fcr: UInt8
+        public var thrInterruptPending: Bool
+        /// The FIFO and the backlog behind it, in order.
+        public var input: [UInt8]
+
+        public func encode(into w: inout StreamWriter) {
+            for register in [ier, lcr, mcr, scr, dll, dlm, fcr] { w.u8(register) }
+            w.bool(thrInterruptPending)
+            w.blob(input)
+        }
+
+        public init(decoding r: inout StreamReader, version: UInt16) throws {
+            ier = try r.u8("IER")
+            lcr = try r.u8("LCR")
+            mcr = try r.u8("MCR")
+            scr = try r.u8("SCR")
+            dll = try r.u8("DLL")
+            dlm = try r.u8("DLM")
+            fcr = try r.u8("FCR")
+            thrInterruptPending = try r.bool("THRE pending")
+            input = try r.blob("input", limit: Serial16550.inputCapacity)
+        }
+
+        init(_ s: State) {
+            (ier, lcr, mcr, scr, dll, dlm, fcr) = (s.ier, s.lcr, s.mcr, s.scr, s.dll, s.dlm, s.fcr)
+            thrInterruptPending = s.thrInterruptPending
+            input = s.fifo + s.backlog[s.backlogHead...]
         }
     }
 
-    public func load(_ bytes: [UInt8]) throws {
-        var r = StreamReader(bytes, context: "serial state")
+    public func save(_ context: HandoverContext = .init(mode: .normal)) -> SavedState { state.withLock { SavedState($0) } }
+
+    /// Only bits a guest can set survive, as a register write would leave them.
+    public func load(_ saved: SavedState, fds: ReceivedFDs = ReceivedFDs()) throws {
         var s = State()
-        s.ier = try r.u8("IER") & 0x0F
-        s.lcr = try r.u8("LCR")
-        s.mcr = try r.u8("MCR") & 0x1F
-        s.scr = try r.u8("SCR")
-        s.dll = try r.u8("DLL")
-        s.dlm = try r.u8("DLM")
-        s.fcr = try r.u8("FCR") & 0xC9
-        s.thrInterruptPending = try r.bool("THRE pending")
-        s.backlog = try r.blob("input", limit: Self.inputCapacity)
-        try r.finish()
+        s.ier = saved.ier & 0x0F
+        s.lcr = saved.lcr
+        s.mcr = saved.mcr & 0x1F
+        s.scr = saved.scr
+        s.dll = saved.dll
+        s.dlm = saved.dlm
+        s.fcr = saved.fcr & 0xC9
+        s.thrInterruptPending = saved.thrInterruptPending
+        s.backlog = saved.input
         s.deliver()
         state.withLock { $0 = s }
     }

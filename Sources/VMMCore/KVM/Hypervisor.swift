@@ -3,7 +3,7 @@ import Glibc
 
 /// The open /dev/kvm: the system-level ioctls (API version, capabilities, CPUID).
 public final class Hypervisor {
-    public let fd: Int32
+    let fd: Int32
     public let vcpuMmapSize: Int
 
     public init(path: String = "/dev/kvm") throws {
@@ -29,6 +29,11 @@ public final class Hypervisor {
     deinit { close(fd) }
 
     /// The CPUID leaves KVM can virtualize on this host, as a KVM_SET_CPUID2-ready buffer.
+    /// KVM_CHECK_EXTENSION: 0 when `capability` is missing, else its value.
+    public func checkExtension(_ capability: Int32) -> Int32 {
+        max(0, cl_ioctl_val(fd, CL_KVM_CHECK_EXTENSION, UInt(capability)))
+    }
+
     public func supportedCPUID() throws -> CPUIDTable {
         var capacity = 128
         while true {

@@ -19,7 +19,7 @@ public enum VCPUExit {
 /// One vCPU: its fd and the mmapped `kvm_run` page. Used by a single thread, except
 /// `requestImmediateExit`, which another thread sets before kicking this one.
 public final class VCPU: @unchecked Sendable {
-    public let fd: Int32
+    let fd: Int32
     public let id: UInt32
     private let runPage: UnsafeMutablePointer<kvm_run>
     private let mmapSize: Int

@@ -4,7 +4,7 @@ import Glibc
 /// A KVM VM file descriptor: memory slots, dirty log and vCPU creation. Its ioctls are
 /// safe from any thread (KVM serialises slot updates), hence Sendable.
 public final class VirtualMachine: @unchecked Sendable {
-    public let fd: Int32
+    let fd: Int32
     let vcpuMmapSize: Int
 
     init(fd: Int32, vcpuMmapSize: Int) {
@@ -50,6 +50,33 @@ public final class VirtualMachine: @unchecked Sendable {
         }
     }
 
+    // MARK: ioeventfd
+
+    /// A guest write to `address` (of `length` bytes, 0 = any) signals `eventFD` inside
+    /// KVM, without an exit to the VMM; the registration holds the eventfd until detached.
+    public func attachIOEventFD(_ eventFD: EventFD, mmio address: UInt64, length: UInt32) throws -> IOEventFDRegistration {
+        let registration = IOEventFDRegistration(eventFD: eventFD, address: address, length: length)
+        try ioeventfd(registration, deassign: false)
+        return registration
+    }
+
+    public func detach(_ registration: IOEventFDRegistration) {
+        do { try ioeventfd(registration, deassign: true) } catch {}  // only fails if it was not attached
+    }
+
+    private func ioeventfd(_ r: IOEventFDRegistration, deassign: Bool) throws {
+        try r.eventFD.fd.withRaw { eventfd in
+            var request = kvm_ioeventfd()
+            request.addr = r.address
+            request.len = r.length
+            request.fd = eventfd
+            request.flags = deassign ? CL_KVM_IOEVENTFD_FLAG_DEASSIGN : 0
+            try syscallChecked("KVM_IOEVENTFD \(deassign ? "deassign " : "")\(hex(r.address)) length \(r.length)") {
+                cl_ioctl_ptr(fd, CL_KVM_IOEVENTFD, &request)
+            }
+        }
+    }
+
     public func createVCPU(id: UInt32) throws -> VCPU {
         let vcpufd = try syscallRetrying("KVM_CREATE_VCPU \(id)") { cl_ioctl_val(fd, CL_KVM_CREATE_VCPU, UInt(id)) }
         do {
@@ -59,4 +86,11 @@ public final class VirtualMachine: @unchecked Sendable {
             throw error
         }
     }
+}
+
+/// A guest address whose writes signal an eventfd inside KVM.
+public struct IOEventFDRegistration: Sendable {
+    public let eventFD: EventFD
+    public let address: UInt64
+    public let length: UInt32
 }

@@ -32,7 +32,7 @@ public final class GuestMemory: @unchecked Sendable {
     public private(set) var backing: MemoryBacking
     public private(set) var shared: Bool
     /// The memfd or file descriptor behind the RAM; owned and closed by this object.
-    public private(set) var fd: Int32
+    public private(set) var fd: FileDescriptor
     public let regions: [GuestRAMRegion]
     /// Pages written by the VMM (not the guest) since the migration code last looked.
     public let deviceDirty: DirtyBitmap
@@ -42,14 +42,16 @@ public final class GuestMemory: @unchecked Sendable {
         guard size >= 1 << 20, size % 4096 == 0 else {
             throw GuestMemoryError(description: "RAM size \(size) must be a multiple of 4 KiB and at least 1 MiB")
         }
-        let fd: Int32
+        let file: FileDescriptor
         switch backing {
         case .memfd:
-            fd = try syscallChecked("memfd_create \(name)") { cl_memfd_create(name, CL_MFD_CLOEXEC) }
+            file = FileDescriptor(adopting: try syscallChecked("memfd_create \(name)") { cl_memfd_create(name, CL_MFD_CLOEXEC) },
+                                  label: "guest RAM memfd")
         case .file(let path):
-            fd = try syscallRetrying("open mem-path \(path)") { cl_open(path, O_RDWR | O_CREAT | O_CLOEXEC, 0o600) }
+            file = FileDescriptor(adopting: try syscallRetrying("open mem-path \(path)") { cl_open(path, O_RDWR | O_CREAT | O_CLOEXEC, 0o600) },
+                                  label: "guest RAM file \(path)")
         }
-        do {
+        host = try file.withRaw { fd in
             var st = stat()
             try syscallChecked("fstat RAM backing") { fstat(fd, &st) }
             let capacity = GuestMemory.hostCapacity(fd: fd, backing: backing, shared: shared, st: st)
@@ -63,12 +65,9 @@ public final class GuestMemory: @unchecked Sendable {
             guard let p = mmap(nil, Int(size), PROT_READ | PROT_WRITE, flags | MAP_NORESERVE, fd, 0), p != MAP_FAILED else {
                 throw SystemError("mmap \(size) bytes of guest RAM")
             }
-            host = p
-        } catch {
-            close(fd)
-            throw error
+            return p
         }
-        self.fd = fd
+        fd = file
         self.size = size
         self.backing = backing
         self.shared = shared
@@ -76,10 +75,7 @@ public final class GuestMemory: @unchecked Sendable {
         deviceDirty = DirtyBitmap(bytes: size)
     }
 
-    deinit {
-        munmap(host, Int(size))
-        close(fd)
-    }
+    deinit { munmap(host, Int(size)) }
 
     /// How much RAM this host can give the guest, checked up front as QEMU's "cannot set up
     /// guest memory" is: pages are only allocated at first touch, so a guest larger than
@@ -150,6 +146,10 @@ public final class GuestMemory: @unchecked Sendable {
     /// private mapping keeps the guest's writes out of the file.
     public func dataExtents(in range: Range<UInt64>) -> [Range<UInt64>]? {
         guard shared else { return nil }
+        return fd.withRaw { fd in Self.dataExtents(of: fd, in: range) }
+    }
+
+    private static func dataExtents(of fd: Int32, in range: Range<UInt64>) -> [Range<UInt64>]? {
         var extents: [Range<UInt64>] = []
         var offset = range.lowerBound
         while offset < range.upperBound {
@@ -170,19 +170,29 @@ public final class GuestMemory: @unchecked Sendable {
         return extents
     }
 
+    /// `fstat` of the memfd or file behind the RAM (its identity, its size).
+    public func backingStatus() throws -> stat {
+        var st = stat()
+        try fd.withRaw { raw in try syscallChecked("fstat RAM backing") { fstat(raw, &st) } }
+        return st
+    }
+
     /// Replaces the RAM's backing with `newFD`, mapped shared at the same host address,
     /// so KVM's memory slots and every device keep their pointers. For a migration
     /// target that adopts the source's memfd before its vCPU ever ran.
-    public func adopt(sharedFD newFD: Int32, backing newBacking: MemoryBacking) throws {
-        var st = stat()
-        try syscallChecked("fstat received RAM fd") { fstat(newFD, &st) }
-        guard UInt64(st.st_size) >= size else {
-            throw GuestMemoryError(description: "the received RAM is \(st.st_size) bytes, this machine has \(size)")
+    /// Takes `newFD` (closed with this memory, or at once on failure).
+    public func adopt(sharedFD newFD: FileDescriptor, backing newBacking: MemoryBacking) throws {
+        let newFD = newFD.take()
+        try newFD.withRaw { raw in
+            var st = stat()
+            try syscallChecked("fstat received RAM fd") { fstat(raw, &st) }
+            guard UInt64(st.st_size) >= size else {
+                throw GuestMemoryError(description: "the received RAM is \(st.st_size) bytes, this machine has \(size)")
+            }
+            guard let p = mmap(host, Int(size), PROT_READ | PROT_WRITE, MAP_SHARED | MAP_FIXED, raw, 0), p != MAP_FAILED else {
+                throw SystemError("mmap the received RAM over this machine's")
+            }
         }
-        guard let p = mmap(host, Int(size), PROT_READ | PROT_WRITE, MAP_SHARED | MAP_FIXED, newFD, 0), p != MAP_FAILED else {
-            throw SystemError("mmap the received RAM over this machine's")
-        }
-        close(fd)
         fd = newFD
         backing = newBacking
         shared = true

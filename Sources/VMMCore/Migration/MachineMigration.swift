@@ -12,18 +12,8 @@ extension Machine {
 
     /// What must agree between source and target before any state is loaded.
     func machineDescription() -> MachineDescription {
-        var devices = [MachineDescription.Device(id: "serial0", type: "isa-serial", properties: [:])]
-        for nic in nics {
-            var properties = [
-                "max_queue_pairs": String(nic.maxQueuePairs), "mq": nic.multiQueue ? "on" : "off",
-                "mac": nic.mac.map { String($0, radix: 16) }.joined(separator: ":"),
-            ]
-            // As in the series, `local-migration` only matters together with `local`: both
-            // on moves the TAP. With `local` off it changes nothing, and a peer may not
-            // have the property at all (the review expects it off towards older peers).
-            if isLocalMigration { properties["local-migration"] = nic.localMigration ? "on" : "off" }
-            devices.append(.init(id: nic.id, type: "virtio-net-pci", properties: properties))
-        }
+        let context = handoverContext
+        let devices = devices.compactMap { $0.configuration(context) }
         var properties = ["ram-size": String(memory.size), "vcpus": "1", "local": isLocalMigration ? "on" : "off"]
         if let file = memory.fileIdentity { properties["ram-file"] = file }
         return MachineDescription(properties: properties, devices: devices)
@@ -31,8 +21,7 @@ extension Machine {
 
     var isLocalMigration: Bool { migration.parameters["local"]?.boolValue == true }
 
-    /// NICs whose TAP queues travel in the stream: `local` on and the device's opt-in.
-    var nicsPassingTap: [VirtioNet] { isLocalMigration ? nics.filter { $0.localMigration } : [] }
+    var handoverContext: HandoverContext { HandoverContext(mode: isLocalMigration ? .local : .normal) }
 
     func setMigrationStatus(_ status: MigrationState.Status) {
         migration.status = status
@@ -43,25 +32,13 @@ extension Machine {
 
     /// vCPU and device sections (with the fds each one passes), taken while the vCPU
     /// is stopped.
-    func captureState() throws -> [(MigrationStream.Section, [Int32])] {
+    func captureState() throws -> [(MigrationStream.Section, [NamedFD])] {
         let vcpuState = try VCPUState.capture(vcpuRunner.vcpu, msrIndices: VCPUState.savableMSRs(hypervisor: hypervisor))
-        var sections: [(MigrationStream.Section, [Int32])] = [(.init(kind: .vcpu, name: "cpu0", payload: vcpuState.encode()), [])]
-        sections.append((.init(kind: .device, name: "serial0", payload: serial.save()), []))
-        sections.append((.init(kind: .device, name: "pci0", payload: pciBus.save()), []))
-        let passing = nicsPassingTap
-        for nic in nics {
-            guard let transport = nic.transport else { continue }
-            sections.append((.init(kind: .device, name: "\(nic.id)/transport", payload: transport.save()), []))
-            sections.append((.init(kind: .device, name: "\(nic.id)/net", payload: nic.save()), []))
-            if passing.contains(where: { $0 === nic }) {
-                let fds = nic.backend.queueFDs
-                var w = StreamWriter()
-                w.u16(UInt16(fds.count))
-                w.bool(nic.backend.vnetHeader)
-                sections.append((.init(kind: .device, name: "\(nic.id)/tap", payload: w.bytes, fdCount: fds.count), fds))
-            }
+        let context = handoverContext
+        return [(.init(kind: .vcpu, name: "cpu0", payload: vcpuState.encode()), [])] + devices.map { device in
+            let (payload, fds) = device.saveSection(context)
+            return (.init(kind: .device, name: device.id, payload: payload), fds)
         }
-        return sections
     }
 }
 
@@ -74,6 +51,8 @@ enum SharedRAM: Equatable {
 
     static let kindMemfd: UInt8 = 1
     static let kindFile: UInt8 = 2
+    /// The stream-wide name of the RAM memfd.
+    static let memfdName = "machine/ram"
 
     /// The section for `memory` if its RAM may be skipped, nil if pages must be sent.
     static func describing(_ memory: GuestMemory) throws -> SharedRAM? {
@@ -81,8 +60,7 @@ enum SharedRAM: Equatable {
         switch memory.backing {
         case .memfd: return .memfd(size: memory.size)
         case .file(let path):
-            var st = stat()
-            try syscallChecked("fstat RAM file \(path)") { fstat(memory.fd, &st) }
+            let st = try memory.backingStatus()
             return .file(path: path, device: UInt64(st.st_dev), inode: UInt64(st.st_ino), size: memory.size)
         }
     }
@@ -118,29 +96,21 @@ enum SharedRAM: Equatable {
     }
 
     /// Target side: makes `memory` the source's RAM, or explains why it cannot be.
-    func adopt(into memory: GuestMemory, fds: [Int32]) throws {
+    func adopt(into memory: GuestMemory, fds: ReceivedFDs) throws {
         switch self {
         case .memfd(let size):
-            guard fds.count == 1 else { throw StreamError("the shared RAM memfd did not arrive with its section") }
+            let memfd = try fds.claim(Self.memfdName, by: "x-ignore-shared")
             guard case .memfd = memory.backing else {
-                close(fds[0])
                 throw StreamError("x-ignore-shared: the source passes its RAM as a memfd, but this machine's RAM is a file; use memory-backend-memfd on the target")
             }
             guard size == memory.size else {
-                close(fds[0])
                 throw StreamError("x-ignore-shared: the source's RAM is \(size) bytes, this machine's \(memory.size)")
             }
-            do {
-                try memory.adopt(sharedFD: fds[0], backing: .memfd)
-            } catch {
-                close(fds[0])
-                throw error
-            }
+            try memory.adopt(sharedFD: memfd, backing: .memfd)
         case .file(let path, let device, let inode, _):
             let mine: String
             if case .file(let own) = memory.backing { mine = "file \(own)" } else { mine = "a memfd" }
-            var st = stat()
-            try syscallChecked("fstat RAM backing") { fstat(memory.fd, &st) }
+            let st = try memory.backingStatus()
             guard case .file = memory.backing, memory.shared, UInt64(st.st_dev) == device, UInt64(st.st_ino) == inode else {
                 throw StreamError("x-ignore-shared: the source skipped RAM because it maps \(path) shared, but this machine maps \(mine)\(memory.shared ? "" : " privately"); the target must map the same file with share=on")
             }

@@ -5,29 +5,35 @@ import Glibc
 /// thread with blocking I/O. Sends sections with their fds; receives sections and
 /// collects every fd that arrives into `received`.
 public final class MigrationChannel: @unchecked Sendable {
-    public let fd: Int32
+    let socket: FileDescriptor
     public let received = ReceivedFDs()
     /// How long a receive polls before it blocks.
     static let spinNanoseconds: Int64 = 2_000_000
 
-    /// Takes ownership of `fd`.
-    public init(fd: Int32) { self.fd = fd }
-    deinit { close(fd) }
+    /// Takes ownership of `socket`.
+    public init(socket: FileDescriptor) { self.socket = socket.take() }
 
     public static func connect(uri: MigrationURI) throws -> MigrationChannel {
         switch uri {
-        case .unix(let path): MigrationChannel(fd: try UnixSocket.connect(path: path))
-        case .tcp(let host, let port): MigrationChannel(fd: try TCPSocket.connect(host: host, port: port))
+        case .unix(let path):
+            MigrationChannel(socket: FileDescriptor(adopting: try UnixSocket.connect(path: path), label: "migration channel to \(uri)"))
+        case .tcp(let host, let port):
+            MigrationChannel(socket: FileDescriptor(adopting: try TCPSocket.connect(host: host, port: port), label: "migration channel to \(uri)"))
         }
     }
 
     /// Unblocks a transfer thread stuck in send or receive (migrate_cancel).
-    public func abort() { shutdown(fd, Int32(SHUT_RDWR)) }
+    public func abort() { socket.withRaw { _ = shutdown($0, Int32(SHUT_RDWR)) } }
 
-    public func send(_ bytes: [UInt8], fds: [Int32] = []) throws {
+    /// `fds` stay their owners'; the peer receives copies.
+    public func send(_ bytes: [UInt8], fds: [FileDescriptor] = []) throws {
+        try socket.withRaw { try send(bytes, fds: fds, on: $0) }
+    }
+
+    private func send(_ bytes: [UInt8], fds: [FileDescriptor], on fd: Int32) throws {
         var offset = 0
         if !fds.isEmpty {
-            let n = bytes.withUnsafeBytes { cl_send_with_fds(fd, $0.baseAddress, $0.count, fds, Int32(fds.count)) }
+            let n = fds.withRaw { raw in bytes.withUnsafeBytes { cl_send_with_fds(fd, $0.baseAddress, $0.count, raw, Int32(raw.count)) } }
             if n == -Int(EOPNOTSUPP) {
                 throw SystemError("migration channel: this channel cannot carry file descriptors (only a unix socket can)", errno: Int32(-n))
             }
@@ -39,14 +45,20 @@ public final class MigrationChannel: @unchecked Sendable {
         }
     }
 
-    public func send(_ section: MigrationStream.Section, fds: [Int32] = []) throws {
-        precondition(section.fdCount == fds.count)
-        try send(MigrationStream.encode(section), fds: fds)
+    /// `section` with `fds` (named in the frame, in this order).
+    public func send(_ section: MigrationStream.Section, fds: [NamedFD] = []) throws {
+        var section = section
+        section.fdNames = fds.map(\.name)
+        try send(MigrationStream.encode(section), fds: fds.map(\.fd))
     }
 
     /// Exactly `count` bytes, read straight into the result (never past it, so no
     /// buffering is needed); fds that come along are kept in `received`.
     public func receive(_ count: Int, what: String, pollFirst: Bool = false) throws -> [UInt8] {
+        try socket.withRaw { try receive(count, what: what, pollFirst: pollFirst, on: $0) }
+    }
+
+    private func receive(_ count: Int, what: String, pollFirst: Bool, on fd: Int32) throws -> [UInt8] {
         var fds = [Int32](repeating: -1, count: 64)
         var failure: StreamError?
         // Poll before sleeping where the wait is short and every microsecond is downtime
@@ -59,7 +71,7 @@ public final class MigrationChannel: @unchecked Sendable {
                 var fdCount: Int32 = 0
                 let flags = spinUntil > 0 ? CL_MSG_DONTWAIT : 0
                 let n = cl_recv_with_fds_flags(fd, buffer.baseAddress! + offset, count - offset, &fds, 64, &fdCount, flags)
-                received.append(Array(fds.prefix(Int(fdCount))))
+                received.append(fds.prefix(Int(fdCount)).map { FileDescriptor(adopting: $0, label: "received migration fd") })
                 if n == -Int(EAGAIN) {
                     if monotonicNanoseconds() >= spinUntil { spinUntil = 0 }
                     // Two cores: the peer's threads, which we wait for, may need this one.
@@ -82,8 +94,8 @@ public final class MigrationChannel: @unchecked Sendable {
         return bytes
     }
 
-    public func receiveSection(pollFirst: Bool = false) throws -> MigrationStream.Section {
+    public func receiveSection(version: UInt32 = MigrationStream.version, pollFirst: Bool = false) throws -> MigrationStream.Section {
         let length = try MigrationStream.frameLength(try receive(4, what: "a section length", pollFirst: pollFirst))
-        return try MigrationStream.decode(frame: try receive(length, what: "a \(length)-byte section"))
+        return try MigrationStream.decode(frame: try receive(length, what: "a \(length)-byte section"), version: version)
     }
 }

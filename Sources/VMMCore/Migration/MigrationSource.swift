@@ -90,8 +90,8 @@ extension Machine {
         try channel.send(.init(kind: .configuration, payload: plan.configuration))
         var dirty: [UInt64]?
         if let sharedRAM = plan.sharedRAM {
-            let fds = sharedRAM == .memfd(size: memory.size) ? [memory.fd] : []
-            try channel.send(.init(kind: .sharedRAM, payload: sharedRAM.encode(), fdCount: fds.count), fds: fds)
+            let fds = sharedRAM == .memfd(size: memory.size) ? [NamedFD(name: SharedRAM.memfdName, fd: memory.fd)] : []
+            try channel.send(.init(kind: .sharedRAM, payload: sharedRAM.encode()), fds: fds)
         } else if plan.live {
             dirty = try transfer.precopy(vm: vm, downtimeLimit: plan.downtimeLimit)
         }
@@ -130,7 +130,7 @@ extension Machine {
     /// or stays with the old TAP (normal) and the source takes none after the snapshot.
     /// (Stopping from the migration thread instead measured 0.5 ms slower here: the
     /// vCPU took longer to park.)
-    func stopForCompletion() throws -> [(MigrationStream.Section, [Int32])] {
+    func stopForCompletion() throws -> [(MigrationStream.Section, [NamedFD])] {
         try migration.checkCancelled()
         // The outage starts here, before the vCPU is even asked to stop, as QEMU counts it.
         migration.stopTime = monotonicNanoseconds()
@@ -143,7 +143,7 @@ extension Machine {
         } else {
             runState = .finishMigrate
         }
-        for nic in nics { nic.suspendReceive(true) }
+        for device in devices { try device.pause() }
         migration.mark("vcpu stopped")
         setMigrationStatus(.device)
         let sections = try captureState()
@@ -181,7 +181,7 @@ extension Machine {
         }
         if migration.stopTime > 0 {
             runState = migration.runStateBefore
-            for nic in nics { nic.suspendReceive(false) }
+            resumeDevices()
         }
         setMigrationStatus(cancelled ? .cancelled : .failed)
         if migration.stopTime > 0 && runState == .running {
@@ -195,11 +195,11 @@ extension Machine {
 /// captured state.
 final class GuestStopper: @unchecked Sendable {
     private unowned let machine: Machine
-    private let result = ConditionLock<Result<[(MigrationStream.Section, [Int32])], any Error>?>(nil)
+    private let result = ConditionLock<Result<[(MigrationStream.Section, [NamedFD])], any Error>?>(nil)
 
     init(machine: Machine) { self.machine = machine }
 
-    func stop() throws -> [(MigrationStream.Section, [Int32])] {
+    func stop() throws -> [(MigrationStream.Section, [NamedFD])] {
         machine.loop.post { [self] in
             let outcome = Result(catching: { try machine.stopForCompletion() })
             result.update { $0 = outcome }

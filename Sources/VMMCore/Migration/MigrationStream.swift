@@ -1,12 +1,15 @@
 import Glibc
 
 /// The migration stream: a header, then self-describing sections, each framed with its
-/// length and a CRC, each naming how many of the file descriptors received so far
-/// (SCM_RIGHTS on a unix channel) it claims; an end section closes it.
+/// length and a CRC, each naming the file descriptors (SCM_RIGHTS on a unix channel)
+/// that arrived with it; an end section closes it.
 public enum MigrationStream {
     public static let magic: [UInt8] = Array("SVMMIGR".utf8) + [0]
     /// 2: CRC-32C frames, zero-page RAM records, the shared-RAM section.
-    public static let version: UInt32 = 2
+    /// 3: fds by name; one section per device, each state with its own version.
+    public static let version: UInt32 = 3
+    /// Streams this build reads: v2 through `LegacyStreamV2`.
+    public static let readableVersions: ClosedRange<UInt32> = 2...3
     public static let headerSize = 12
     /// Larger frames are refused before any allocation: a corrupted length cannot make
     /// the target allocate gigabytes.
@@ -30,14 +33,15 @@ public enum MigrationStream {
         /// Which device or vCPU, e.g. "net0", "cpu0"; empty for machine-wide sections.
         public var name: String
         public var payload: [UInt8]
-        /// How many of the received fds this section takes, in arrival order.
-        public var fdCount: Int
+        /// The names of the fds that arrived with this section, in arrival order (v2
+        /// streams: as many empty names, which `LegacyStreamV2` fills in).
+        public var fdNames: [String]
 
-        public init(kind: Kind, name: String = "", payload: [UInt8] = [], fdCount: Int = 0) {
+        public init(kind: Kind, name: String = "", payload: [UInt8] = [], fdNames: [String] = []) {
             self.kind = kind
             self.name = name
             self.payload = payload
-            self.fdCount = fdCount
+            self.fdNames = fdNames
         }
 
         public var label: String { name.isEmpty ? "\(kind)" : "\(kind) '\(name)'" }
@@ -50,8 +54,10 @@ public enum MigrationStream {
         return w.bytes
     }
 
-    /// Checks the first bytes; the error tells a QEMU stream or a version skew apart.
-    public static func checkHeader(_ bytes: [UInt8]) throws {
+    /// Checks the first bytes and returns the stream's version; the error tells a QEMU
+    /// stream or a version skew apart.
+    @discardableResult
+    public static func checkHeader(_ bytes: [UInt8]) throws -> UInt32 {
         guard bytes.count >= headerSize else {
             throw StreamError("migration stream header truncated: \(bytes.count) of \(headerSize) bytes")
         }
@@ -63,7 +69,10 @@ public enum MigrationStream {
         }
         var r = StreamReader(Array(bytes[8..<12]), context: "migration stream header")
         let v = try r.u32("version")
-        guard v == version else { throw StreamError("migration stream version \(v) is not supported (this VMM speaks \(version))") }
+        guard readableVersions.contains(v) else {
+            throw StreamError("migration stream version \(v) is not supported (this VMM reads \(readableVersions.lowerBound)...\(readableVersions.upperBound))")
+        }
+        return v
     }
 
     /// One section as it goes on the wire: a u32 frame length, then the frame. Built in
@@ -73,7 +82,8 @@ public enum MigrationStream {
         w.u32(0)
         w.u8(section.kind.rawValue)
         w.string(section.name)
-        w.u16(UInt16(section.fdCount))
+        w.u16(UInt16(section.fdNames.count))
+        for name in section.fdNames { w.string(name) }
         w.blob(section.payload)
         let crc = w.bytes.withUnsafeBytes { CRC32C.checksum(UnsafeRawBufferPointer(rebasing: $0[4...])) }
         w.u32(crc)
@@ -91,8 +101,9 @@ public enum MigrationStream {
         return length
     }
 
-    /// Decodes one frame (without its length prefix), verifying the CRC first.
-    public static func decode(frame: [UInt8]) throws -> Section {
+    /// Decodes one frame (without its length prefix) of a stream of `version`,
+    /// verifying the CRC first.
+    public static func decode(frame: [UInt8], version: UInt32 = version) throws -> Section {
         guard frame.count >= 4 else { throw StreamError("section frame of \(frame.count) bytes is too short") }
         let body = frame.dropLast(4)
         var crcReader = StreamReader(Array(frame.suffix(4)), context: "section frame")
@@ -106,15 +117,18 @@ public enum MigrationStream {
         guard let kind = Kind(rawValue: rawKind) else { throw StreamError("unknown section kind \(rawKind)") }
         let name = try r.string("name")
         let fdCount = Int(try r.u16("fd count"))
+        let fdNames = version == 2
+            ? Array(repeating: "", count: fdCount)
+            : try (0..<fdCount).map { _ in try r.string("fd name") }
         let payload = try r.blob("payload", limit: maxFrameLength)
         try r.finish()
-        return Section(kind: kind, name: name, payload: payload, fdCount: fdCount)
+        return Section(kind: kind, name: name, payload: payload, fdNames: fdNames)
     }
 
     /// Splits a whole stream held in memory (tests, files) into sections; the end
     /// section must be last.
     public static func decodeAll(_ bytes: [UInt8]) throws -> [Section] {
-        try checkHeader(bytes)
+        let version = try checkHeader(bytes)
         var offset = headerSize
         var sections: [Section] = []
         while true {
@@ -125,7 +139,7 @@ public enum MigrationStream {
             guard offset + 4 + length <= bytes.count else {
                 throw StreamError("migration stream truncated inside a section: need \(length) bytes, have \(bytes.count - offset - 4)")
             }
-            let section = try decode(frame: Array(bytes[offset + 4..<offset + 4 + length]))
+            let section = try decode(frame: Array(bytes[offset + 4..<offset + 4 + length]), version: version)
             offset += 4 + length
             sections.append(section)
             if section.kind == .end {
@@ -136,33 +150,48 @@ public enum MigrationStream {
     }
 }
 
-/// File descriptors received on a migration channel, waiting for the sections that
-/// claim them. Owns every fd until it is claimed; `closeUnclaimed` closes the rest.
+/// File descriptors received on a migration channel. Each section binds the fds that
+/// arrived with it to the names it lists; a device claims its fds by name. Owns every fd
+/// until it is claimed; `closeUnclaimed` closes the rest and names them.
 public final class ReceivedFDs {
-    private var fds: [Int32] = []
+    /// Arrived, not yet bound to a name, in arrival order.
+    private var unbound: [FileDescriptor] = []
+    private var bound: [(name: String, fd: FileDescriptor)] = []
 
     public init() {}
-    deinit { closeUnclaimed() }
 
-    public var count: Int { fds.count }
+    public var count: Int { unbound.count + bound.count }
 
-    public func append(_ received: [Int32]) { fds += received }
+    public func append(_ received: [FileDescriptor]) { unbound += received }
 
-    /// Takes the next `count` fds for `section`; the caller owns them afterwards.
-    public func claim(_ count: Int, for section: String) throws -> [Int32] {
-        guard count <= fds.count else {
-            throw StreamError("\(section) claims \(count) file descriptor(s) but only \(fds.count) arrived")
+    /// Binds the next fds, in arrival order, to `names` (from `section`'s frame).
+    public func bind(_ names: [String], for section: String) throws {
+        guard names.count <= unbound.count else {
+            throw StreamError("\(section) names \(names.count) file descriptor(s) but only \(unbound.count) arrived")
         }
-        defer { fds.removeFirst(count) }
-        return Array(fds.prefix(count))
+        for name in names {
+            guard !bound.contains(where: { $0.name == name }) else { throw StreamError("\(section) names file descriptor \(name) a second time") }
+            bound.append((name, unbound.removeFirst().take(label: "received \(name)")))
+        }
     }
 
-    /// Closes what no section claimed; returns how many that were.
+    /// The fd named `name`, now owned by the caller (`claimant`, for the message).
+    public func claim(_ name: String, by claimant: String) throws -> FileDescriptor {
+        guard let index = bound.firstIndex(where: { $0.name == name }) else {
+            throw StreamError("\(claimant) expects \(name), which the stream did not carry")
+        }
+        return bound.remove(at: index).fd
+    }
+
+    /// Closes what no device claimed; returns the names (an fd no section named counts
+    /// as "unnamed").
     @discardableResult
-    public func closeUnclaimed() -> Int {
-        let n = fds.count
-        fds.forEach { close($0) }
-        fds.removeAll()
-        return n
+    public func closeUnclaimed() -> [String] {
+        let names = bound.map(\.name) + unbound.map { _ in "unnamed" }
+        bound.forEach { $0.fd.close() }
+        unbound.forEach { $0.close() }
+        bound.removeAll()
+        unbound.removeAll()
+        return names
     }
 }

@@ -26,7 +26,7 @@ extension Machine {
         loop.watch(listener) { [unowned self] _ in
             guard let fd = UnixSocket.accept(listener) else { return }
             closeIncomingListener()
-            receiveMigration(on: MigrationChannel(fd: fd))
+            receiveMigration(on: MigrationChannel(socket: FileDescriptor(adopting: fd, label: "incoming migration connection")))
         }
     }
 
@@ -52,12 +52,15 @@ extension Machine {
                     try receive(over: channel, expecting: own)
                     // Checked before acknowledging: the source must not report success for this.
                     let unclaimed = channel.received.closeUnclaimed()
-                    if unclaimed > 0 { throw StreamError("received \(unclaimed) file descriptor(s) that no section claimed") }
+                    if !unclaimed.isEmpty {
+                        throw StreamError("received \(unclaimed.count) file descriptor(s) that no section claimed: \(unclaimed.joined(separator: ", "))")
+                    }
                     try channel.send([Self.acknowledgement])
                     migration.mark("acknowledged")
                 } catch {
                     let unclaimed = channel.received.closeUnclaimed()
-                    failure = unclaimed > 0 ? "\(error) (closed \(unclaimed) received file descriptor(s) no section claimed)" : "\(error)"
+                    failure = unclaimed.isEmpty ? "\(error)"
+                        : "\(error) (closed \(unclaimed.count) received file descriptor(s) no device claimed: \(unclaimed.joined(separator: ", ")))"
                 }
                 let result = failure
                 loop.post { [self] in finishIncoming(error: result) }
@@ -69,97 +72,38 @@ extension Machine {
 
     /// Runs on the migration thread; the vCPU has never run, so loading is race-free.
     func receive(over channel: MigrationChannel, expecting own: MachineDescription) throws {
-        try MigrationStream.checkHeader(try channel.receive(MigrationStream.headerSize, what: "the stream header"))
-        let first = try channel.receiveSection()
+        let version = try MigrationStream.checkHeader(try channel.receive(MigrationStream.headerSize, what: "the stream header"))
+        let first = try channel.receiveSection(version: version)
         guard first.kind == .configuration else { throw StreamError("the stream starts with \(first.label), not the configuration") }
         let sourceDescription = try MachineDescription.decode(first.payload)
         try sourceDescription.check(target: own)
         migration.mark("configuration checked")
-        var loaded: Set<String> = []
-        var ramArrived = false
-        var ramEmptied = false
+        var legacy = version == 2 ? LegacyStreamV2(netdevOf: Dictionary(uniqueKeysWithValues: netdevUsers.map { ($1, $0) })) : nil
+        var loader = IncomingSections(devices: devices, memory: memory, sourceRAMFile: sourceDescription.properties["ram-file"],
+                                      fds: channel.received, progress: migration)
         var switchingOver = false
         while true {
-            let section = try channel.receiveSection(pollFirst: switchingOver)
-            let fds = try channel.received.claim(section.fdCount, for: section.label)
-            if !(section.name.hasSuffix("/tap") || section.kind == .sharedRAM) && !fds.isEmpty {
-                fds.forEach { close($0) }
-                throw StreamError("\(section.label) carries \(fds.count) file descriptor(s) it has no use for")
-            }
-            switch section.kind {
-            case .end:
-                migration.mark("end arrived")
-                // Never start a guest without its memory or with a NIC that has no backend.
-                guard ramArrived else { throw StreamError("the stream carried no guest RAM") }
-                let missing = ["cpu0", "serial0", "pci0"].filter { !loaded.contains($0) }
-                guard missing.isEmpty else { throw StreamError("the stream ended without \(missing.joined(separator: ", "))") }
-                for nic in nics where nic.backend.queueFDs.isEmpty {
-                    throw StreamError("netdev '\(nic.backend.id)' (incoming-fds=on) received no TAP queues: is migration parameter 'local' on at the source, and local-migration on for \(nic.id)?")
+            let received = try channel.receiveSection(version: version, pollFirst: switchingOver)
+            for section in try legacy?.translate(received, received: channel.received) ?? [received] {
+                switch section.kind {
+                case .vcpu:
+                    migration.mark("vcpu state arrived")
+                    guard section.name == "cpu0" else { throw StreamError("state for vCPU '\(section.name)', this machine has cpu0 only") }
+                    try channel.received.bind(section.fdNames, for: section.label)
+                    try VCPUState.decode(section.payload).restore(into: vcpuRunner.vcpu)
+                    loader.loaded.insert("cpu0")
+                case .switchover:
+                    try channel.send([Self.readyToSwitchOver])
+                    migration.mark("ready to switch over")
+                    switchingOver = true
+                case .end:
+                    migration.mark("end arrived")
+                    try loader.load(section)
+                    return
+                default:
+                    try loader.load(section)
                 }
-                return
-            case .ram:
-                // The source leaves zero pages out: whatever this RAM held must go first.
-                if !ramEmptied {
-                    try memory.emptyForCopy(sourceRAMFile: sourceDescription.properties["ram-file"])
-                    ramEmptied = true
-                }
-                try RAMTransfer.load(section.payload, into: memory, progress: migration)
-                ramArrived = true
-            case .sharedRAM:
-                try SharedRAM.decode(section.payload).adopt(into: memory, fds: fds)
-                ramArrived = true
-            case .vcpu:
-                migration.mark("vcpu state arrived")
-                guard section.name == "cpu0" else { throw StreamError("state for vCPU '\(section.name)', this machine has cpu0 only") }
-                try VCPUState.decode(section.payload).restore(into: vcpuRunner.vcpu)
-                loaded.insert("cpu0")
-            case .device:
-                try loadDevice(section, fds: fds)
-                loaded.insert(section.name)
-            case .switchover:
-                try channel.send([Self.readyToSwitchOver])
-                migration.mark("ready to switch over")
-                switchingOver = true
-            case .configuration:
-                throw StreamError("a second configuration section")
             }
-        }
-    }
-
-    func loadDevice(_ section: MigrationStream.Section, fds: [Int32]) throws {
-        if section.name == "serial0" { return try serial.load(section.payload) }
-        if section.name == "pci0" { return try pciBus.load(section.payload) }
-        let parts = section.name.split(separator: "/")
-        guard parts.count == 2, let nic = nics.first(where: { $0.id == parts[0] }), let transport = nic.transport else {
-            fds.forEach { close($0) }
-            throw StreamError("state for device '\(section.name)', which this machine does not have")
-        }
-        switch parts[1] {
-        case "transport": try transport.load(section.payload)
-        case "net": try nic.load(section.payload)
-        case "tap":
-            var r = StreamReader(section.payload, context: "\(section.name)")
-            let queues: Int
-            let vnetHeader: Bool
-            do {
-                queues = Int(try r.u16("queue count"))
-                vnetHeader = try r.bool("vnet header")
-                try r.finish()
-            } catch {
-                fds.forEach { close($0) }
-                throw error
-            }
-            guard let tap = nic.backend as? TapBackend, tap.queueFDs.isEmpty else {
-                fds.forEach { close($0) }
-                // The series' tap_pre_load wording, then what it means here.
-                throw StreamError("\(section.name): TAP is already initialized and cannot receive incoming fd: netdev '\(nic.backend.id)' was not created with incoming-fds=on")
-            }
-            guard queues == fds.count else {
-                fds.forEach { close($0) }
-                throw StreamError("\(section.name): the section announces \(queues) TAP queue(s) but carries \(fds.count) file descriptor(s)")
-            }
-            try tap.adopt(fds, vnetHeader: vnetHeader)
-        default: throw StreamError("unknown state '\(section.name)'")
         }
     }
 
@@ -178,11 +122,65 @@ extension Machine {
         }
         // Like QEMU, a paused target leaves frames in the TAP until `cont`: reading them
         // now would only fill the guest's ring, on the cores the switch-over still needs.
-        for nic in nics {
-            nic.suspendReceive(true)
-            attach(nic)
-        }
+        // Its devices were never resumed; `cont` does that.
         setMigrationStatus(.completed)
         runState = .paused
+    }
+}
+
+/// The target's loading of every section but the vCPU's, into the devices and RAM of a
+/// machine that never ran: what `Machine.receive` uses, and what the stream fixtures
+/// are checked with (no KVM needed).
+struct IncomingSections {
+    let devices: [any MachineDevice]
+    let memory: GuestMemory
+    let sourceRAMFile: String?
+    let fds: ReceivedFDs
+    let progress: MigrationState
+    /// Ids of the devices (and the vCPU) whose state arrived.
+    var loaded: Set<String> = []
+    var ramArrived = false
+    var ramEmptied = false
+
+    init(devices: [any MachineDevice], memory: GuestMemory, sourceRAMFile: String?, fds: ReceivedFDs, progress: MigrationState) {
+        self.devices = devices
+        self.memory = memory
+        self.sourceRAMFile = sourceRAMFile
+        self.fds = fds
+        self.progress = progress
+    }
+
+    mutating func load(_ section: MigrationStream.Section) throws {
+        // Any section may carry fds; whatever no device claims is reported at the end.
+        try fds.bind(section.fdNames, for: section.label)
+        switch section.kind {
+        case .ram:
+            // The source leaves zero pages out: whatever this RAM held must go first.
+            if !ramEmptied {
+                try memory.emptyForCopy(sourceRAMFile: sourceRAMFile)
+                ramEmptied = true
+            }
+            try RAMTransfer.load(section.payload, into: memory, progress: progress)
+            ramArrived = true
+        case .sharedRAM:
+            try SharedRAM.decode(section.payload).adopt(into: memory, fds: fds)
+            ramArrived = true
+        case .device:
+            guard let device = devices.first(where: { $0.id == section.name }) else {
+                throw StreamError("state for device '\(section.name)', which this machine does not have")
+            }
+            try device.loadSection(section.payload, fds: fds)
+            loaded.insert(device.id)
+        case .end:
+            // Never start a guest without its memory, a device's state, or a NIC's backend.
+            guard ramArrived else { throw StreamError("the stream carried no guest RAM") }
+            let missing = (["cpu0"] + devices.map(\.id)).filter { !loaded.contains($0) }
+            guard missing.isEmpty else { throw StreamError("the stream ended without state for \(missing.joined(separator: ", "))") }
+            for device in devices { try device.checkReadyToRun() }
+        case .configuration:
+            throw StreamError("a second configuration section")
+        case .vcpu, .switchover:
+            throw StreamError("\(section.label) is the machine's to load")
+        }
     }
 }

@@ -179,9 +179,7 @@ struct RAMTransfer {
 extension GuestMemory {
     /// "device:inode" of the file behind this RAM, nil for a memfd.
     var fileIdentity: String? {
-        guard case .file = backing else { return nil }
-        var st = stat()
-        guard fstat(fd, &st) == 0 else { return nil }
+        guard case .file = backing, let st = try? backingStatus() else { return nil }
         return "\(st.st_dev):\(st.st_ino)"
     }
 
@@ -200,7 +198,7 @@ extension GuestMemory {
         if let sourceRAMFile, sourceRAMFile == fileIdentity {
             throw StreamError("the source copies its RAM into \(path), the file this machine maps shared too: turn on x-ignore-shared on both sides to keep the RAM where it is, or give the target its own file")
         }
-        if cl_punch_hole(fd, 0, off_t(size)) != 0 {
+        if fd.withRaw({ cl_punch_hole($0, 0, off_t(size)) }) != 0 {
             // A filesystem without hole punching: write the zeros.
             UnsafeMutableRawBufferPointer(start: host, count: Int(size)).initializeMemory(as: UInt8.self, repeating: 0)
         }
@@ -208,7 +206,7 @@ extension GuestMemory {
 
     /// Whether the backing file has any data extent (SEEK_DATA); true when that cannot be told.
     private func fileHasData() -> Bool {
-        if lseek(fd, 0, CL_SEEK_DATA) >= 0 { return true }
+        if fd.withRaw({ lseek($0, 0, CL_SEEK_DATA) }) >= 0 { return true }
         return errno != ENXIO
     }
 }

@@ -5,17 +5,28 @@ public protocol NetBackend: AnyObject, Sendable {
     var id: String { get }
     /// Host-side interface name, for queries and messages.
     var ifname: String { get }
-    var queueFDs: [Int32] { get }
+    var queueFDs: [FileDescriptor] { get }
     /// Queue pairs this backend serves (its fds may arrive later, with a migration).
     var queueCount: Int { get }
     /// Whether each frame on the fds starts with the 12-byte virtio-net header.
     var vnetHeader: Bool { get }
     /// Only the first `count` queues should receive traffic.
     func attachQueues(count: Int)
+    /// `incoming-fds=on` and the queues have not come yet.
+    var awaitsIncomingQueues: Bool { get }
+    /// Takes over the queues a local migration passed in (closed on failure).
+    func adoptIncoming(_ fds: [FileDescriptor], vnetHeader: Bool) throws
 }
 
 extension NetBackend {
     public var queueCount: Int { queueFDs.count }
+    public var awaitsIncomingQueues: Bool { false }
+    public func adoptIncoming(_ fds: [FileDescriptor], vnetHeader: Bool) throws {
+        throw StreamError("netdev '\(id)' cannot take queues from a migration")
+    }
 }
 
-extension TapBackend: NetBackend {}
+extension TapBackend: NetBackend {
+    public var awaitsIncomingQueues: Bool { queueFDs.isEmpty }
+    public func adoptIncoming(_ fds: [FileDescriptor], vnetHeader: Bool) throws { try adopt(fds, vnetHeader: vnetHeader) }
+}

@@ -15,7 +15,7 @@ public protocol PCIDevice: AnyObject, Sendable {
 /// PCI bus 0 behind configuration mechanism #1 (ports 0xCF8 address, 0xCFC-0xCFF data),
 /// with a host bridge in slot 0. It also decodes MMIO exits to device BARs from the
 /// addresses currently programmed, so a guest may move a BAR at any time.
-public final class PCIBus: PortIODevice {
+public final class PCIBus: PortIODevice, StatefulDevice {
     public static let configAddressPort: UInt16 = 0xCF8
     /// Where the VMM places 32-bit memory BARs (inside the hole below 4 GiB).
     public static let mmioWindow: ClosedRange<UInt64> = 0xE000_0000...0xFDFF_FFFF
@@ -58,17 +58,22 @@ public final class PCIBus: PortIODevice {
 
     /// The CONFIG_ADDRESS latch: a guest stopped between writing 0xCF8 and reading
     /// 0xCFC must find it again on the migration target.
-    public func save() -> [UInt8] {
-        var w = StreamWriter()
-        w.u32(address.load(ordering: .relaxed))
-        return w.bytes
+    public struct SavedState: VersionedState {
+        public static let version: UInt16 = 1
+        public var configAddress: UInt32
+        public func encode(into w: inout StreamWriter) { w.u32(configAddress) }
+        public init(decoding r: inout StreamReader, version: UInt16) throws { configAddress = try r.u32("CONFIG_ADDRESS") }
+        init(configAddress: UInt32) { self.configAddress = configAddress }
     }
 
-    public func load(_ bytes: [UInt8]) throws {
-        var r = StreamReader(bytes, context: "PCI bus state")
-        let latch = try r.u32("CONFIG_ADDRESS")
-        try r.finish()
-        address.store(latch & 0x80FF_FFFC, ordering: .relaxed)
+    public var id: String { "pci0" }
+
+    public func save(_ context: HandoverContext = .init(mode: .normal)) -> SavedState {
+        SavedState(configAddress: address.load(ordering: .relaxed))
+    }
+
+    public func load(_ saved: SavedState, fds: ReceivedFDs = ReceivedFDs()) throws {
+        address.store(saved.configAddress & 0x80FF_FFFC, ordering: .relaxed)
     }
 
     public var devices: [(slot: Int, device: PCIDevice)] {

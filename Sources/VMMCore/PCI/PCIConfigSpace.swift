@@ -127,4 +127,14 @@ public struct PCIConfigSpace: Sendable {
         nextCapabilityOffset = (offset + 2 + body.count + 3) & ~3
         return offset
     }
+
+    /// This space with the bits a guest may write taken from `saved` (a migrated
+    /// space): identity, BAR sizes and capabilities stay this device's.
+    func merging(guestWritable saved: [UInt8]) -> PCIConfigSpace {
+        var merged = self
+        for offset in 0..<min(Self.size, saved.count) {
+            merged.bytes[offset] = (bytes[offset] & ~writeMask[offset]) | (saved[offset] & writeMask[offset])
+        }
+        return merged
+    }
 }

@@ -49,7 +49,7 @@ public final class EventLoop: @unchecked Sendable {
 
     public func run() -> Int32 {
         while exitStatus == nil {
-            var fds = [pollfd(fd: wakeup.fd, events: Int16(POLLIN), revents: 0)]
+            var fds = [wakeup.fd.pollRequest()]
             for (fd, source) in sources {
                 let events = source.interest()
                 if events != 0 { fds.append(pollfd(fd: fd, events: events, revents: 0)) }

@@ -16,11 +16,12 @@ public final class VCPURunner: @unchecked Sendable {
     /// device input right on the vCPU thread (receiving a frame into the guest's ring)
     /// saves the hop through the event loop thread before the guest runs again.
     public struct HaltWakeSource: Sendable {
-        public let fd: Int32
+        /// Held here for as long as the vCPU may poll it.
+        public let fd: FileDescriptor
         public let wanted: @Sendable () -> Bool
         public let ready: @Sendable () -> Void
 
-        public init(fd: Int32, wanted: @escaping @Sendable () -> Bool, ready: @escaping @Sendable () -> Void) {
+        public init(fd: FileDescriptor, wanted: @escaping @Sendable () -> Bool, ready: @escaping @Sendable () -> Void) {
             self.fd = fd
             self.wanted = wanted
             self.ready = ready
@@ -40,7 +41,8 @@ public final class VCPURunner: @unchecked Sendable {
     private let control = ConditionLock(Control())
     private let stopRequested = Atomic<Bool>(true)
     private let halted = EventFD.orFatal()
-    private let haltSources = Mutex<[HaltWakeSource]>([])
+    /// By owner, so a device that restarts replaces its sources instead of adding more.
+    private let haltSources = Mutex<[String: [HaltWakeSource]]>([:])
     private var thread: OSThread?
     private let threadID = Atomic<Int32>(0)
     /// Called on the vCPU thread when the guest cannot go on (triple fault, KVM error).
@@ -92,8 +94,9 @@ public final class VCPURunner: @unchecked Sendable {
     /// Wakes a vCPU sleeping in HLT so the guest polls its devices again.
     public func wake() { halted.signal() }
 
-    public func addHaltWakeSources(_ sources: [HaltWakeSource]) {
-        haltSources.withLock { $0 += sources }
+    /// `owner`'s sources from now on (none: `[]`).
+    public func setHaltWakeSources(owner: String, _ sources: [HaltWakeSource]) {
+        haltSources.withLock { $0[owner] = sources.isEmpty ? nil : sources }
     }
 
     /// How long a halted vCPU with wake sources polls them before it sleeps
@@ -106,13 +109,12 @@ public final class VCPURunner: @unchecked Sendable {
 
     /// Sleeps until kicked, a wake source is ready (then handles it) or the idle timer ends.
     private func waitWhileHalted() {
-        let sources = haltSources.withLock { $0 }.filter { $0.wanted() }
+        let sources = haltSources.withLock { $0.values.flatMap { $0 } }.filter { $0.wanted() }
         guard !sources.isEmpty else {
             halted.wait(timeoutMilliseconds: Self.idleTimeoutMilliseconds)
             return
         }
-        var fds = [pollfd(fd: halted.fd, events: Int16(POLLIN), revents: 0)]
-        fds += sources.map { pollfd(fd: $0.fd, events: Int16(POLLIN), revents: 0) }
+        var fds = [halted.fd.pollRequest()] + sources.map { $0.fd.pollRequest() }
         let spinUntil = monotonicNanoseconds() + haltPollNanoseconds
         var ready = poll(&fds, nfds_t(fds.count), 0)
         while ready == 0 && monotonicNanoseconds() < spinUntil {

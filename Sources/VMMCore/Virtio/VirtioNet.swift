@@ -1,13 +1,11 @@
-import CLinux
-import Glibc
 import Logging
+import QMPWire
 import Synchronization
 
-/// virtio-net (virtio 1.x, 5.1) over a TAP backend: queue pair i uses TAP queue i.
-/// TX runs on the vCPU thread when the guest notifies; RX runs on the event loop when
-/// a TAP queue is readable and its RX queue has buffers. Nothing raises interrupts
-/// (this host cannot deliver them): the guest polls its used rings, and the VMM wakes
-/// a halted vCPU after it delivered packets.
+/// virtio-net (virtio 1.x, 5.1): config space (MAC, status, queue pairs, MTU), feature
+/// negotiation, the control queue (on the vCPU thread) and the number of queue pairs in
+/// use. Its RX/TX rings run in a `NetDatapath`, which gets them when the driver
+/// activates the device and gives them back when it is reset or paused.
 public final class VirtioNet: VirtioDeviceModel, @unchecked Sendable {
     public enum Feature {
         public static let mac: UInt64 = 1 << 5
@@ -25,37 +23,26 @@ public final class VirtioNet: VirtioDeviceModel, @unchecked Sendable {
     public let multiQueue: Bool
     /// Device property `local-migration`.
     public var localMigration = true
-    /// Set from finish-migrate on: the source must not take frames the target should get.
-    private let receiveSuspended = Atomic<Bool>(false)
-    let backend: NetBackend
+    let datapath: any NetDatapath
     let logger: Logger
-    /// Set after the transport exists (it needs this model first).
-    weak var transport: VirtioPCITransport?
-    private var loop: EventLoop?
-    private var wakeGuest: (@Sendable () -> Void)?
-
-    struct Counters {
-        var rxPackets: [UInt64]
-        var txPackets: [UInt64]
-        var txDropped: UInt64 = 0
-        var rxDropped: UInt64 = 0
-    }
+    /// Where the datapath watches its fds; set when the machine plugs the device.
+    var host: DeviceHost?
 
     private let activePairs = Atomic<Int>(0)
-    /// Per RX queue: the guest has posted buffers we have not filled (so poll its TAP fd).
-    private let rxHasBuffers: Mutex<[Bool]>
-    let counters: Mutex<Counters>
+    /// The control queue while the device is active, and what it needs then.
+    private let control = Mutex<(queue: Virtqueue, features: UInt64, context: DatapathContext)?>(nil)
 
-    public init(id: String, mac: [UInt8], backend: NetBackend, multiQueue: Bool, logger: Logger) {
+    public init(id: String, mac: [UInt8], datapath: any NetDatapath, multiQueue: Bool, logger: Logger) {
         self.id = id
         self.mac = mac
-        self.backend = backend
+        self.datapath = datapath
         self.multiQueue = multiQueue
         self.logger = logger
-        maxQueuePairs = multiQueue ? backend.queueCount : 1
-        rxHasBuffers = Mutex(Array(repeating: false, count: maxQueuePairs))
-        counters = Mutex(Counters(rxPackets: Array(repeating: 0, count: maxQueuePairs), txPackets: Array(repeating: 0, count: maxQueuePairs)))
+        maxQueuePairs = datapath.queuePairs
     }
+
+    /// Pairs a device on `netdev` offers: all of the netdev's queues with `mq=on`, else one.
+    public static func queuePairs(multiQueue: Bool, netdev: NetBackend) -> Int { multiQueue ? netdev.queueCount : 1 }
 
     public var deviceType: UInt16 { 1 }
     public var pciClass: UInt32 { 0x02_00_00 }
@@ -78,178 +65,88 @@ public final class VirtioNet: VirtioDeviceModel, @unchecked Sendable {
 
     public func writeConfig(offset: Int, size: Int, value: UInt32) {}
 
-    /// Starts RX polling on `loop`; `wake` rouses a halted vCPU after RX.
-    private(set) var isAttached = false
+    // MARK: lifecycle
 
-    func attach(to loop: EventLoop, wake: @escaping @Sendable () -> Void) {
-        isAttached = true
-        self.loop = loop
-        wakeGuest = wake
-        for (pair, fd) in backend.queueFDs.prefix(maxQueuePairs).enumerated() {
-            loop.watch(fd, interest: { [unowned self] in wantsInput(pair: pair) ? Int16(POLLIN) : 0 }) { [unowned self] _ in
-                receive(pair: pair)
+    /// Lets the datapath watch its fds (loop thread); a netdev whose fds come with a
+    /// migration is attached once they did.
+    public func resume() throws {
+        if let host { datapath.attach(to: host) }
+    }
+
+    public func shutdown() { datapath.detach() }
+
+    public func configuration(_ context: HandoverContext) -> MachineDescription.Device? {
+        var properties = [
+            "max_queue_pairs": String(maxQueuePairs), "mq": multiQueue ? "on" : "off",
+            "mac": mac.map { String($0, radix: 16) }.joined(separator: ":"),
+        ]
+        // As in the series, `local-migration` only matters together with `local`: both
+        // on moves the TAP. With `local` off it changes nothing, and a peer may not
+        // have the property at all (the review expects it off towards older peers).
+        if context.mode == .local { properties["local-migration"] = localMigration ? "on" : "off" }
+        return .init(id: id, type: "virtio-net-pci", properties: properties)
+    }
+
+    public func queryInfo(status: UInt8, notifyExits: [UInt64]) -> JSONObject? {
+        let stats = statistics
+        return ["x-virtio-net": [
+            "netdev": .string(datapath.netdevID), "ifname": .string(datapath.ifname), "datapath": .string(datapath.kind.rawValue),
+            "max-queue-pairs": .int(Int64(maxQueuePairs)), "queue-pairs": .int(Int64(queuePairsInUse)),
+            "queues": .int(Int64(queueMaxSizes.count)), "status": .int(Int64(status)),
+            "rx-packets": .array(stats.rx.map { .int(Int64($0)) }), "tx-packets": .array(stats.tx.map { .int(Int64($0)) }),
+            "notify-exits": .array(notifyExits.map { .int(Int64($0)) }),
+        ]]
+    }
+
+    /// Keeps the control queue and hands the pairs' rings to the datapath. A device
+    /// activated afresh uses one pair; one resumed (or loaded) keeps its count.
+    /// With a datapath that takes eventfds, each of its rings gets a kick (the guest's
+    /// notifies, as a doorbell) and a call (which wakes a halted vCPU); they are made
+    /// here, per activation, since 256 pairs' worth up front would pass the fd limit.
+    public func activate(features: UInt64, queues: [Int: Virtqueue], context: DatapathContext) {
+        if activePairs.load(ordering: .relaxed) == 0 { activePairs.store(1, ordering: .relaxed) }
+        control.withLock { c in c = queues[controlQueueIndex].map { ($0, features, context) } }
+        var rings: [Int: RingHandoff] = [:]
+        do {
+            for (index, queue) in queues where index < controlQueueIndex {
+                let eventFDs = datapath.notification == .eventFDs
+                rings[index] = RingHandoff(queue: queue, kick: eventFDs ? try EventFD(label: "\(id) kick \(index)") : nil,
+                                           call: eventFDs ? try EventFD(label: "\(id) call \(index)") : nil)
             }
+        } catch {
+            context.ringFailed(0, "cannot create the rings' eventfds: \(error)")
+            return
         }
+        for (index, ring) in rings { if let kick = ring.kick { context.attachDoorbell(index, kick) } }
+        let calls = rings.values.compactMap(\.call)
+        host?.setHaltWakeSources("\(id) calls", calls.map { call in
+            VCPURunner.HaltWakeSource(fd: call.fd, wanted: { true }, ready: { call.drain() })
+        })
+        datapath.start(rings, activePairs: activePairs.load(ordering: .relaxed), context: context)
+        // Work the guest posted while the rings were stopped: a ring starts on a kick.
+        for ring in rings.values { ring.kick?.signal() }
     }
 
-    /// Whether pair `pair`'s TAP queue should be read now: the pair is in use and the
-    /// guest has posted receive buffers.
-    func wantsInput(pair: Int) -> Bool {
-        !receiveSuspended.load(ordering: .relaxed) && pair < activePairs.load(ordering: .relaxed) && rxHasBuffers.withLock { $0[pair] }
-    }
-
-    /// Stops (or restarts) reading the TAP queues; frames wait in the TAP meanwhile.
-    public func suspendReceive(_ suspended: Bool) {
-        receiveSuspended.store(suspended, ordering: .releasing)
-        loop?.poke()
-    }
-
-    /// The TAP queues for a halted vCPU to wait on and receive from directly.
-    var haltWakeSources: [VCPURunner.HaltWakeSource] {
-        backend.queueFDs.prefix(maxQueuePairs).enumerated().map { pair, fd in
-            VCPURunner.HaltWakeSource(fd: fd, wanted: { [unowned self] in wantsInput(pair: pair) }) { [unowned self] in
-                receive(pair: pair, wake: false)
-            }
+    public func deactivate() -> [Int: Virtqueue] {
+        var queues = datapath.stop()
+        let context = control.withLock { c -> DatapathContext? in defer { c = nil }; return c?.context }
+        if datapath.notification == .eventFDs {
+            context?.detachDoorbells()
+            host?.setHaltWakeSources("\(id) calls", [])
         }
-    }
-
-    func detach() {
-        for fd in backend.queueFDs { loop?.unwatch(fd) }
-    }
-
-    public func activate(features: UInt64) {
-        setActivePairs(1)
-        rxHasBuffers.withLock { $0 = $0.map { _ in true } }
-        loop?.poke()
+        if let ctrl = control.withLock({ c -> Virtqueue? in c?.queue }) { queues[controlQueueIndex] = ctrl }
+        return queues
     }
 
     public func reset() {
         activePairs.store(0, ordering: .relaxed)
-        rxHasBuffers.withLock { $0 = $0.map { _ in false } }
-        loop?.poke()
-    }
-
-    private func setActivePairs(_ count: Int) {
-        activePairs.store(count, ordering: .relaxed)
-        backend.attachQueues(count: count)
     }
 
     public func queueNotified(_ index: Int) {
         if index == controlQueueIndex {
             processControlQueue()
-        } else if index % 2 == 1 {
-            transmit(pair: index / 2)
-        } else if index / 2 < maxQueuePairs {
-            // New RX buffers: let the loop poll this pair's TAP queue again.
-            rxHasBuffers.withLock { $0[index / 2] = true }
-            loop?.poke()
-        }
-    }
-
-    /// A chain's buffers as iovecs for readv/writev, with its first `header` bytes split
-    /// off: the virtio-net header, when the TAP works without one.
-    static func iovecs(_ segments: [Virtqueue.Segment], in memory: GuestMemory, splittingOff header: Int) throws
-        -> (iov: [iovec], header: [UnsafeMutableRawBufferPointer])
-    {
-        var iov: [iovec] = []
-        var headerSlices: [UnsafeMutableRawBufferPointer] = []
-        var skip = header
-        for segment in segments {
-            var buffer = try memory.slice(at: segment.address, count: Int(segment.length))
-            if skip > 0 {
-                let cut = min(skip, buffer.count)
-                headerSlices.append(UnsafeMutableRawBufferPointer(rebasing: buffer[..<cut]))
-                buffer = UnsafeMutableRawBufferPointer(rebasing: buffer[cut...])
-                skip -= cut
-            }
-            if buffer.count > 0 { iov.append(iovec(iov_base: buffer.baseAddress, iov_len: buffer.count)) }
-        }
-        return (iov, headerSlices)
-    }
-
-    // MARK: TX (vCPU thread)
-
-    private func transmit(pair: Int) {
-        guard let transport, pair < activePairs.load(ordering: .relaxed) else { return }
-        let fd = backend.queueFDs[pair]
-        let memory = transport.memory
-        let headerToStrip = backend.vnetHeader ? 0 : TapBackend.vnetHeaderSize
-        var sent: UInt64 = 0
-        var dropped: UInt64 = 0
-        _ = transport.withQueue(2 * pair + 1) { queue in
-            while let chain = try queue.popAvailable(from: memory) {
-                let (iov, _) = try Self.iovecs(chain.readable, in: memory, splittingOff: headerToStrip)
-                let n = iov.isEmpty ? 0 : writev(fd, iov, Int32(iov.count))
-                if n < 0 { dropped += 1 } else { sent += 1 }
-                try queue.pushUsed(head: chain.head, length: 0, to: memory)
-            }
-        }
-        counters.withLock { c in
-            c.txPackets[pair] += sent
-            c.txDropped += dropped
-        }
-    }
-
-    // MARK: RX (event loop)
-
-    /// IOV_MAX on Linux: the most segments one readv fills.
-    static let maxReceiveSegments = 1024
-
-    /// Fills the guest's RX buffers from TAP queue `pair`. `wake`: rouse a halted vCPU
-    /// afterwards (not needed when the vCPU thread itself is receiving).
-    func receive(pair: Int, wake: Bool = true) {
-        guard let transport else { return }
-        let fd = backend.queueFDs[pair]
-        let memory = transport.memory
-        let headerInline = backend.vnetHeader
-        var delivered: UInt64 = 0
-        let outcome: Bool? = transport.withQueue(2 * pair) { queue in
-            // Checked here, not only in the poll interest: the loop runs posted work (a
-            // migration's stop and state capture) between its poll and the fd handlers. Under
-            // the queue lock, which the capture also takes, a frame is either in the snapshot
-            // or still in the TAP, never in RAM the target does not account for.
-            guard !receiveSuspended.load(ordering: .acquiring) else { return true }
-            while true {
-                guard let chain = try queue.popAvailable(from: memory) else { return false }
-                let (iov, headerSlices) = try Self.iovecs(
-                    chain.writable, in: memory, splittingOff: headerInline ? 0 : TapBackend.vnetHeaderSize)
-                guard chain.writableLength >= TapBackend.vnetHeaderSize, !iov.isEmpty else {
-                    throw VirtqueueError(description: "RX buffer of \(chain.writableLength) bytes cannot hold the \(TapBackend.vnetHeaderSize)-byte header and a frame")
-                }
-                // readv fails on more, for every frame: the frame would stay in the TAP, and
-                // the loop, still wanting input, would poll its fd again at once, forever.
-                guard iov.count <= Self.maxReceiveSegments else {
-                    throw VirtqueueError(description: "RX chain of \(iov.count) segments, more than the \(Self.maxReceiveSegments) one read can fill")
-                }
-                let n = readv(fd, iov, Int32(iov.count))
-                if n < 0 {
-                    // Nothing to read: give the chain back untouched for the next packet.
-                    queue.lastAvailable &-= 1
-                    return true
-                }
-                for slice in headerSlices {
-                    slice.initializeMemory(as: UInt8.self, repeating: 0)
-                    memory.markDirty(slice)
-                }
-                for v in iov { memory.markDirty(UnsafeMutableRawBufferPointer(start: v.iov_base, count: v.iov_len)) }
-                if !headerInline, let first = headerSlices.first, first.count >= 12 {
-                    first.storeBytes(of: UInt16(1).littleEndian, toByteOffset: 10, as: UInt16.self)  // num_buffers
-                }
-                try queue.pushUsed(head: chain.head, length: UInt32(n + (headerInline ? 0 : TapBackend.vnetHeaderSize)), to: memory)
-                delivered += 1
-            }
-        }
-        if outcome != true {
-            // Out of buffers (or the queue is unusable): stop polling until the guest posts
-            // more. Re-check after clearing: a notify that raced with us set the flag first.
-            rxHasBuffers.withLock { $0[pair] = false }
-            if transport.withQueue(2 * pair, { try $0.hasAvailable(in: memory) }) == true {
-                rxHasBuffers.withLock { $0[pair] = true }
-            }
-        }
-        if delivered > 0 {
-            counters.withLock { $0.rxPackets[pair] += delivered }
-            if wake { wakeGuest?() }
+        } else if index < controlQueueIndex {
+            datapath.notified(index)
         }
     }
 
@@ -259,60 +156,134 @@ public final class VirtioNet: VirtioDeviceModel, @unchecked Sendable {
     static let controlMQPairsSet: UInt8 = 0
 
     private func processControlQueue() {
-        guard let transport else { return }
-        let memory = transport.memory
-        // Read before taking the queue: the transport lock is not reentrant.
-        let multiQueueNegotiated = transport.negotiatedFeatures & Feature.multiQueue != 0
-        _ = transport.withQueue(controlQueueIndex) { queue in
-            while let chain = try queue.popAvailable(from: memory) {
-                // Only the command's first bytes count (class, command, VQ_PAIRS_SET's u16); the
-                // readable part can describe terabytes (2^16 descriptors, each all of RAM).
-                var request: [UInt8] = []
-                for segment in chain.readable where request.count < 4 {
-                    request += try memory.read(at: segment.address, count: min(Int(segment.length), 4 - request.count))
-                }
-                guard let ack = chain.writable.first, request.count >= 2 else {
-                    throw VirtqueueError(description: "control request without header or ack buffer")
-                }
-                var status: UInt8 = 1
-                if request[0] == Self.controlClassMQ && request[1] == Self.controlMQPairsSet && request.count >= 4 {
-                    let pairs = Int(UInt16(request[2]) | UInt16(request[3]) << 8)
-                    if pairs >= 1 && pairs <= maxQueuePairs && multiQueueNegotiated {
-                        setActivePairs(pairs)
-                        status = 0
-                        logger.debug("\(id): \(pairs) queue pairs active")
+        var failure: (DatapathContext, String)?
+        control.withLock { c in
+            guard var active = c else { return }
+            defer { c = active }
+            let memory = active.context.memory
+            let multiQueueNegotiated = active.features & Feature.multiQueue != 0
+            do {
+                while let chain = try active.queue.popAvailable(from: memory) {
+                    // Only the command's first bytes count (class, command, VQ_PAIRS_SET's u16); the
+                    // readable part can describe terabytes (2^16 descriptors, each all of RAM).
+                    var request: [UInt8] = []
+                    for segment in chain.readable where request.count < 4 {
+                        request += try memory.read(at: segment.address, count: min(Int(segment.length), 4 - request.count))
                     }
-                } else if request[0] == 0 {
-                    status = 0  // RX mode (promiscuous, all-multicast): a TAP delivers everything anyway.
+                    guard let ack = chain.writable.first, request.count >= 2 else {
+                        throw VirtqueueError(description: "control request without header or ack buffer")
+                    }
+                    var status: UInt8 = 1
+                    if request[0] == Self.controlClassMQ && request[1] == Self.controlMQPairsSet && request.count >= 4 {
+                        let pairs = Int(UInt16(request[2]) | UInt16(request[3]) << 8)
+                        if pairs >= 1 && pairs <= maxQueuePairs && multiQueueNegotiated {
+                            activePairs.store(pairs, ordering: .relaxed)
+                            datapath.setActivePairs(pairs)
+                            status = 0
+                            logger.debug("\(id): \(pairs) queue pairs active")
+                        }
+                    } else if request[0] == 0 {
+                        status = 0  // RX mode (promiscuous, all-multicast): a TAP delivers everything anyway.
+                    }
+                    try memory.store(status, at: ack.address)
+                    try active.queue.pushUsed(head: chain.head, length: 1, to: memory)
                 }
-                try memory.store(status, at: ack.address)
-                try queue.pushUsed(head: chain.head, length: 1, to: memory)
+            } catch {
+                failure = (active.context, "\(error)")
             }
         }
-        loop?.poke()
+        if let (context, message) = failure { context.ringFailed(controlQueueIndex, message) }
     }
 
-    /// The device state beyond the transport: how many queue pairs the guest enabled.
-    public func save() -> [UInt8] {
-        var w = StreamWriter()
-        w.u16(UInt16(activePairs.load(ordering: .relaxed)))
-        return w.bytes
+    // MARK: state
+
+    /// How the backend's queues travel with the state (local migration): TAP queues,
+    /// each as fd `netdev/<netdev>/tap.<i>`, named by the source's netdev id.
+    public struct DatapathDescriptor: Sendable, Equatable {
+        public static let kindTapQueues: UInt8 = 1
+        public var kind: UInt8
+        public var netdev: String
+        public var queuePairs: UInt16
+        public var vnetHeader: Bool
+
+        public func fdName(queue: Int) -> String { "netdev/\(netdev)/tap.\(queue)" }
     }
 
-    /// Restores saved state after the transport's; a running device resumes polling.
-    public func load(_ bytes: [UInt8]) throws {
-        var r = StreamReader(bytes, context: "\(id) state")
-        let pairs = Int(try r.u16("active queue pairs"))
-        try r.finish()
+    /// The device state beyond the transport: how many queue pairs the guest enabled,
+    /// and the TAP queues if they are handed over.
+    public struct SavedState: VersionedState {
+        public static let version: UInt16 = 1
+        public var activePairs: UInt16
+        public var handover: DatapathDescriptor?
+
+        public func encode(into w: inout StreamWriter) {
+            w.u16(activePairs)
+            w.bool(handover != nil)
+            if let handover {
+                w.u8(handover.kind)
+                w.string(handover.netdev)
+                w.u16(handover.queuePairs)
+                w.bool(handover.vnetHeader)
+            }
+        }
+
+        public init(decoding r: inout StreamReader, version: UInt16) throws {
+            activePairs = try r.u16("active queue pairs")
+            guard try r.bool("datapath handed over") else { return }
+            let kind = try r.u8("datapath kind")
+            guard kind == DatapathDescriptor.kindTapQueues else { throw StreamError("datapath kind \(kind) is not known to this build") }
+            handover = DatapathDescriptor(kind: kind, netdev: try r.string("netdev"), queuePairs: try r.u16("queue count"),
+                                          vnetHeader: try r.bool("vnet header"))
+        }
+
+        init(activePairs: UInt16, handover: DatapathDescriptor?) {
+            self.activePairs = activePairs
+            self.handover = handover
+        }
+    }
+
+    /// Whether `context` moves the TAP queues: `local` on and this device's opt-in.
+    func handsOverQueues(_ context: HandoverContext) -> Bool { context.mode == .local && localMigration }
+
+    public func handedOverFDs(_ context: HandoverContext) -> [NamedFD] {
+        handsOverQueues(context) ? datapath.handedOverFDs() : []
+    }
+
+    public func modelState(_ context: HandoverContext) -> [UInt8] {
+        let handover = handsOverQueues(context)
+            ? DatapathDescriptor(kind: DatapathDescriptor.kindTapQueues, netdev: datapath.netdevID,
+                                 queuePairs: UInt16(datapath.handedOverFDs().count), vnetHeader: datapath.vnetHeader)
+            : nil
+        return SavedState(activePairs: UInt16(activePairs.load(ordering: .relaxed)), handover: handover).encoded()
+    }
+
+    /// Restores saved state (the transport validated its own first); adopts the TAP
+    /// queues that came along, last.
+    public func loadModelState(_ bytes: [UInt8], fds: ReceivedFDs) throws {
+        let saved = try SavedState.decode(bytes, owner: id)
+        let pairs = Int(saved.activePairs)
         guard pairs <= maxQueuePairs else {
             throw StreamError("\(id): source had \(pairs) queue pairs active, this device has max_queue_pairs \(maxQueuePairs)")
         }
-        setActivePairs(pairs)
-        rxHasBuffers.withLock { $0 = $0.map { _ in pairs > 0 } }
-        loop?.poke()
+        if let handover = saved.handover {
+            guard datapath.awaitsIncomingFDs else {
+                // The series' tap_pre_load wording, then what it means here.
+                throw StreamError("\(id): TAP is already initialized and cannot receive incoming fd: netdev '\(datapath.netdevID)' was not created with incoming-fds=on")
+            }
+            let queues = try (0..<Int(handover.queuePairs)).map { try fds.claim(handover.fdName(queue: $0), by: "netdev '\(datapath.netdevID)'") }
+            try datapath.adoptIncoming(queues, vnetHeader: handover.vnetHeader)
+        }
+        // The rings start with the device (`activate`), using this many pairs.
+        activePairs.store(pairs, ordering: .relaxed)
+    }
+
+    public func checkReadyToRun() throws {
+        if datapath.awaitsIncomingFDs {
+            throw StreamError("netdev '\(datapath.netdevID)' (incoming-fds=on) received no TAP queues: is migration parameter 'local' on at the source, and local-migration on for \(id)?")
+        }
     }
 
     /// Per-queue packet counts, for queries.
-    public var statistics: (rx: [UInt64], tx: [UInt64]) { counters.withLock { ($0.rxPackets, $0.txPackets) } }
+    public var statistics: (rx: [UInt64], tx: [UInt64]) { datapath.statistics }
     public var queuePairsInUse: Int { activePairs.load(ordering: .relaxed) }
 }

@@ -1,4 +1,5 @@
 import Logging
+import QMPWire
 import Synchronization
 
 /// What a virtio device type (net, ...) provides to the PCI transport.
@@ -11,17 +12,60 @@ public protocol VirtioDeviceModel: AnyObject, Sendable {
     var queueMaxSizes: [UInt16] { get }
     func readConfig(offset: Int, size: Int) -> UInt32
     func writeConfig(offset: Int, size: Int, value: UInt32)
-    /// The driver set DRIVER_OK with these negotiated features.
-    func activate(features: UInt64)
+    /// The device runs: the driver set DRIVER_OK with these features (or a paused device
+    /// resumes). The model owns the ready `queues` (by index) until `deactivate`.
+    func activate(features: UInt64, queues: [Int: Virtqueue], context: DatapathContext)
+    /// Stops every queue and gives them back with their progress; after return nothing
+    /// writes guest RAM.
+    func deactivate() -> [Int: Virtqueue]
     /// The driver notified queue `index` (vCPU thread, transport lock not held).
     func queueNotified(_ index: Int)
-    /// The driver reset the device; stop using its queues.
+    /// The driver reset the device (after `deactivate`): back to its initial state.
     func reset()
+
+    // The model's half of the device lifecycle; the transport forwards to it, so one
+    // virtio function is one device and one section.
+    func configuration(_ context: HandoverContext) -> MachineDescription.Device?
+    func pause() throws
+    func resume() throws
+    /// The model's own state, as its versioned bytes (inside the transport's section).
+    func modelState(_ context: HandoverContext) -> [UInt8]
+    /// Validates and commits the model's state; fds are claimed by name.
+    func loadModelState(_ bytes: [UInt8], fds: ReceivedFDs) throws
+    func handedOverFDs(_ context: HandoverContext) -> [NamedFD]
+    func checkReadyToRun() throws
+    /// The model's entries in query-pci, given the device status and the guest notifies
+    /// per queue that exited to the VMM.
+    func queryInfo(status: UInt8, notifyExits: [UInt64]) -> JSONObject?
+    func shutdown()
 }
+
+extension VirtioDeviceModel {
+    public func configuration(_ context: HandoverContext) -> MachineDescription.Device? { nil }
+    public func pause() throws {}
+    public func resume() throws {}
+    /// A model without state of its own saves nothing and accepts nothing.
+    public func modelState(_ context: HandoverContext) -> [UInt8] { [] }
+    public func loadModelState(_ bytes: [UInt8], fds: ReceivedFDs) throws {
+        guard bytes.isEmpty else { throw StreamError("this device model keeps no state, but the stream has \(bytes.count) bytes for it") }
+    }
+    public func handedOverFDs(_ context: HandoverContext) -> [NamedFD] { [] }
+    public func checkReadyToRun() throws {}
+    public func queryInfo(status: UInt8, notifyExits: [UInt64]) -> JSONObject? { nil }
+    public func shutdown() {}
+}
+
+/// Where doorbells are registered so a guest notify signals an eventfd inside KVM: the VM.
+public protocol IOEventFDHost: Sendable {
+    func attachIOEventFD(_ eventFD: EventFD, mmio address: UInt64, length: UInt32) throws -> IOEventFDRegistration
+    func detach(_ registration: IOEventFDRegistration)
+}
+
+extension VirtualMachine: IOEventFDHost {}
 
 /// Virtio over PCI, modern interface only (virtio 1.x, 4.1): one 32 KiB memory BAR
 /// holding the common, ISR, device and notify structures and the MSI-X table.
-public final class VirtioPCITransport: PCIDevice {
+public final class VirtioPCITransport: PCIDevice, StatefulDevice {
     public static let featureVersion1: UInt64 = 1 << 32
 
     static let barSize: UInt32 = 0x8000
@@ -55,6 +99,10 @@ public final class VirtioPCITransport: PCIDevice {
         var queueVectors: [UInt16]
         var msixTable: [UInt8]
         var errorLogged = false
+        /// The model runs the queues (DRIVER_OK, not paused); `queues` holds their layout
+        /// for register reads, and their progress only once they came back.
+        var modelHoldsQueues = false
+        var paused = false
     }
 
     public let name: String
@@ -64,8 +112,23 @@ public final class VirtioPCITransport: PCIDevice {
     private let state: Mutex<State>
     let msixVectors: Int
 
-    public init(name: String, model: VirtioDeviceModel, memory: GuestMemory, logger: Logger) {
+    /// A queue whose notifies go to a kick eventfd (a datapath with `.eventFDs`):
+    /// registered with KVM when it can be, relayed from the notify exit otherwise.
+    struct Doorbell {
+        let kick: EventFD
+        var registration: IOEventFDRegistration?
+    }
+    /// Given by the machine unless `ioeventfd=off`; the registration length (0 = any).
+    let ioeventfds: (host: any IOEventFDHost, length: UInt32)?
+    private let doorbells = Mutex<[Int: Doorbell]>([:])
+    /// Per queue: guest notifies that reached the VMM (exits), relayed or handled.
+    private let notifyExits: Mutex<[UInt64]>
+    private let ioeventfdFailureLogged = Atomic<Bool>(false)
+
+    public init(name: String, model: VirtioDeviceModel, memory: GuestMemory, logger: Logger,
+                ioeventfds: (host: any IOEventFDHost, length: UInt32)? = nil) {
         self.name = name
+        self.ioeventfds = ioeventfds
         self.model = model
         self.memory = memory
         self.logger = logger
@@ -86,6 +149,7 @@ public final class VirtioPCITransport: PCIDevice {
         // MSI-X: stored so a guest can program it; this host cannot deliver interrupts.
         config.addCapability(id: 0x11, body: le16(UInt16(msixVectors - 1)) + le32(UInt32(Self.msixTableOffset)) + le32(UInt32(Self.msixPBAOffset)),
                              writableBody: [0x00, 0xC0])
+        notifyExits = Mutex(Array(repeating: 0, count: queueCount))
         state = Mutex(State(config: config, queues: model.queueMaxSizes.map { Virtqueue(maxSize: $0) },
                             queueVectors: Array(repeating: 0xFFFF, count: queueCount),
                             msixTable: [UInt8](repeating: 0, count: 16 * msixVectors)))
@@ -98,89 +162,212 @@ public final class VirtioPCITransport: PCIDevice {
     public func configRead(offset: Int, size: Int) -> UInt32 { state.withLock { $0.config.read(offset: offset, size: size) } }
     public func configWrite(offset: Int, size: Int, value: UInt32) {
         state.withLock { _ = $0.config.write(offset: offset, size: size, value: value) }
+        // The command register (memory decoding) or BAR0 moved the notify addresses.
+        if offset < 0x06 && offset + size > 0x04 || offset < 0x14 && offset + size > 0x10 { reregisterDoorbells() }
     }
 
-    /// Runs `body` on queue `index` under the transport lock; any error marks the device
-    /// NEEDS_RESET (logged once) and the queue is not touched again until reset.
-    public func withQueue<R>(_ index: Int, _ body: (inout Virtqueue) throws -> R) -> R? {
-        var failure: String?
-        let result: R? = state.withLock { s in
-            guard index < s.queues.count, s.status & Status.driverOK != 0, s.status & Status.needsReset == 0,
-                  s.queues[index].ready else { return nil }
-            do {
-                return try body(&s.queues[index])
-            } catch {
-                s.status |= Status.needsReset
-                s.configGeneration &+= 1
-                if !s.errorLogged {
-                    s.errorLogged = true
-                    failure = "queue \(index): \(error)"
-                }
-                return nil
-            }
+    // MARK: doorbells
+
+    /// Guest notifies of `queue` signal `kick` from now on, instead of reaching the model.
+    public func attachDoorbell(queue: Int, kick: EventFD) {
+        let registration = register(kick, queue: queue)
+        doorbells.withLock { $0[queue] = Doorbell(kick: kick, registration: registration) }
+    }
+
+    public func detachDoorbells() {
+        let removed = doorbells.withLock { d in defer { d = [:] }; return d }
+        for registration in removed.values.compactMap(\.registration) { ioeventfds?.host.detach(registration) }
+    }
+
+    /// Notifies of each queue that exited to the VMM so far.
+    public var notifyExitCounts: [UInt64] { notifyExits.withLock { $0 } }
+
+    private func register(_ kick: EventFD, queue: Int) -> IOEventFDRegistration? {
+        let config = configSpace
+        guard let (host, length) = ioeventfds, config.read(offset: 0x04, size: 2) & 0x2 != 0, let base = config.barAddress(0) else {
+            return nil
         }
-        if let failure { logger.error("\(name): device needs reset: \(failure)") }
-        return result
+        do {
+            return try host.attachIOEventFD(kick, mmio: base + Self.notifyOffset + UInt64(Self.notifyMultiplier) * UInt64(queue), length: length)
+        } catch {
+            // Relaying works everywhere; only slower.
+            if !ioeventfdFailureLogged.exchange(true, ordering: .relaxed) { logger.warning("\(name): \(error); relaying guest notifies instead") }
+            return nil
+        }
     }
 
-    // MARK: migration
+    private func reregisterDoorbells() {
+        let current = doorbells.withLock { $0 }
+        guard !current.isEmpty else { return }
+        for registration in current.values.compactMap(\.registration) { ioeventfds?.host.detach(registration) }
+        var renewed: [Int: Doorbell] = [:]
+        for (queue, bell) in current { renewed[queue] = Doorbell(kick: bell.kick, registration: register(bell.kick, queue: queue)) }
+        doorbells.withLock { $0 = renewed }
+    }
 
-    /// Transport state (PCI config space, negotiation, queues, MSI-X) for the stream.
-    public func save() -> [UInt8] {
-        state.withLock { s in
-            var w = StreamWriter()
-            w.raw(s.config.bytes)
-            w.u32(s.deviceFeatureSelect)
-            w.u32(s.driverFeatureSelect)
-            w.u64(s.driverFeatures)
-            w.u8(s.status)
-            w.u8(s.configGeneration)
-            w.u16(s.queueSelect)
-            w.u16(s.msixConfigVector)
-            w.u16(UInt16(s.queues.count))
-            for (queue, vector) in zip(s.queues, s.queueVectors) {
-                queue.save(to: &w)
+    /// A queue the model runs failed: NEEDS_RESET, logged once, until the driver resets.
+    func ringFailed(_ index: Int, _ message: String) {
+        let first = state.withLock { s -> Bool in
+            s.status |= Status.needsReset
+            s.configGeneration &+= 1
+            defer { s.errorLogged = true }
+            return !s.errorLogged
+        }
+        if first { logger.error("\(name): device needs reset: queue \(index): \(message)") }
+    }
+
+    /// Hands the ready queues to the model if the device should run and does not yet.
+    private func activateModel() {
+        let handover = state.withLock { s -> (UInt64, [Int: Virtqueue])? in
+            guard !s.paused, !s.modelHoldsQueues, s.status & Status.driverOK != 0, s.status & Status.needsReset == 0 else { return nil }
+            s.modelHoldsQueues = true
+            var ready: [Int: Virtqueue] = [:]
+            for (index, queue) in s.queues.enumerated() where queue.ready { ready[index] = queue }
+            return (s.driverFeatures, ready)
+        }
+        guard let (features, queues) = handover else { return }
+        let context = DatapathContext(memory: memory, ringFailed: { [weak self] in self?.ringFailed($0, $1) },
+                                      attachDoorbell: { [weak self] in self?.attachDoorbell(queue: $0, kick: $1) },
+                                      detachDoorbells: { [weak self] in self?.detachDoorbells() })
+        model.activate(features: features, queues: queues, context: context)
+    }
+
+    /// Takes the queues back from the model, with their progress.
+    private func deactivateModel() -> [Int: Virtqueue] {
+        guard state.withLock({ s in defer { s.modelHoldsQueues = false }; return s.modelHoldsQueues }) else { return [:] }
+        return model.deactivate()
+    }
+
+    // MARK: lifecycle and migration
+
+    /// Transport state (PCI config space, negotiation, queues, MSI-X) and the model's own
+    /// versioned bytes. Version 1 is stream v2's `<nic>/transport` payload followed by
+    /// the model blob (LegacyStreamV2 relies on that).
+    public struct SavedState: VersionedState {
+        public static let version: UInt16 = 1
+        public var config: [UInt8]
+        public var deviceFeatureSelect: UInt32
+        public var driverFeatureSelect: UInt32
+        public var driverFeatures: UInt64
+        public var status: UInt8
+        public var configGeneration: UInt8
+        public var queueSelect: UInt16
+        public var msixConfigVector: UInt16
+        public var queues: [Virtqueue.State]
+        public var queueVectors: [UInt16]
+        public var msixTable: [UInt8]
+        public var model: [UInt8]
+
+        public func encode(into w: inout StreamWriter) {
+            w.raw(config)
+            w.u32(deviceFeatureSelect)
+            w.u32(driverFeatureSelect)
+            w.u64(driverFeatures)
+            w.u8(status)
+            w.u8(configGeneration)
+            w.u16(queueSelect)
+            w.u16(msixConfigVector)
+            w.u16(UInt16(queues.count))
+            for (queue, vector) in zip(queues, queueVectors) {
+                queue.encode(into: &w)
                 w.u16(vector)
             }
-            w.blob(s.msixTable)
-            return w.bytes
+            w.blob(msixTable)
+            w.blob(model)
+        }
+
+        public init(decoding r: inout StreamReader, version: UInt16) throws {
+            config = try r.raw(PCIConfigSpace.size, "configuration space")
+            deviceFeatureSelect = try r.u32("device feature select")
+            driverFeatureSelect = try r.u32("driver feature select")
+            driverFeatures = try r.u64("driver features")
+            status = try r.u8("device status")
+            configGeneration = try r.u8("config generation")
+            queueSelect = try r.u16("queue select")
+            msixConfigVector = try r.u16("config vector")
+            let count = Int(try r.u16("queue count"))
+            queues = []
+            queueVectors = []
+            for _ in 0..<count {
+                queues.append(try Virtqueue.State(decoding: &r))
+                queueVectors.append(try r.u16("queue vector"))
+            }
+            msixTable = try r.blob("MSI-X table", limit: 16 * 2048)
+            model = try r.blob("device model state", limit: 1 << 20)
+        }
+
+        init(_ s: State, model: [UInt8]) {
+            config = s.config.bytes
+            deviceFeatureSelect = s.deviceFeatureSelect
+            driverFeatureSelect = s.driverFeatureSelect
+            driverFeatures = s.driverFeatures
+            status = s.status
+            configGeneration = s.configGeneration
+            queueSelect = s.queueSelect
+            msixConfigVector = s.msixConfigVector
+            queues = s.queues.map(\.state)
+            queueVectors = s.queueVectors
+            msixTable = s.msixTable
+            self.model = model
         }
     }
 
-    /// Restores saved transport state; the queue count must match this device's, and
-    /// enabled queues must lie in this machine's RAM.
-    public func load(_ bytes: [UInt8]) throws {
-        var r = StreamReader(bytes, context: "\(name) transport state")
+    public var id: String { name }
+
+    /// Paused only: the queues' progress is then the transport's again.
+    public func save(_ context: HandoverContext) -> SavedState {
+        let transport = state.withLock { $0 }
+        assert(!transport.modelHoldsQueues, "\(name): saved while its queues run")
+        return SavedState(transport, model: model.modelState(context))
+    }
+
+    /// The queue count must match this device's, enabled queues must lie in this
+    /// machine's RAM, and only config bits a guest could write are taken.
+    public func load(_ saved: SavedState, fds: ReceivedFDs) throws {
         var s = state.withLock { $0 }
-        let config = try r.raw(PCIConfigSpace.size, "configuration space")
-        s.deviceFeatureSelect = try r.u32("device feature select")
-        s.driverFeatureSelect = try r.u32("driver feature select")
-        s.driverFeatures = try r.u64("driver features")
         let offered = model.deviceFeatures | Self.featureVersion1
-        guard s.driverFeatures & ~offered == 0 else {
-            throw StreamError("\(name): source negotiated features \(hex(s.driverFeatures)) that this device does not offer (\(hex(offered)))")
+        guard saved.driverFeatures & ~offered == 0 else {
+            throw StreamError("\(name): source negotiated features \(hex(saved.driverFeatures)) that this device does not offer (\(hex(offered)))")
         }
-        s.status = try r.u8("device status")
-        s.configGeneration = try r.u8("config generation")
-        s.queueSelect = try r.u16("queue select")
-        s.msixConfigVector = try r.u16("config vector")
-        let count = Int(try r.u16("queue count"))
-        guard count == s.queues.count else {
-            throw StreamError("\(name): source has \(count) virtqueues, this device has \(s.queues.count)")
+        guard saved.queues.count == s.queues.count else {
+            throw StreamError("\(name): source has \(saved.queues.count) virtqueues, this device has \(s.queues.count)")
         }
-        for i in 0..<count {
-            try s.queues[i].load(from: &r)
-            s.queueVectors[i] = try r.u16("queue vector")
-            if s.queues[i].ready { try s.queues[i].validateLayout(in: memory) }
+        guard saved.msixTable.count == s.msixTable.count else {
+            throw StreamError("\(name): MSI-X table of \(saved.msixTable.count) bytes, expected \(s.msixTable.count)")
         }
-        let table = try r.blob("MSI-X table", limit: s.msixTable.count)
-        guard table.count == s.msixTable.count else { throw StreamError("\(name): MSI-X table of \(table.count) bytes, expected \(s.msixTable.count)") }
-        s.msixTable = table
-        try r.finish()
-        // Only what a guest could have written: identity, BAR sizes and capabilities stay ours.
-        for offset in 0..<PCIConfigSpace.size { s.config.bytes[offset] = (s.config.bytes[offset] & ~s.config.writeMask[offset]) | (config[offset] & s.config.writeMask[offset]) }
+        s.queues = try zip(saved.queues, s.queues).map { try Virtqueue(validating: $0, maxSize: $1.maxSize, memory: memory) }
+        s.deviceFeatureSelect = saved.deviceFeatureSelect
+        s.driverFeatureSelect = saved.driverFeatureSelect
+        s.driverFeatures = saved.driverFeatures
+        s.status = saved.status
+        s.configGeneration = saved.configGeneration
+        s.queueSelect = saved.queueSelect
+        s.msixConfigVector = saved.msixConfigVector
+        s.queueVectors = saved.queueVectors
+        s.msixTable = saved.msixTable
+        s.config = s.config.merging(guestWritable: saved.config)
+        // The model last: its fds are claimed only once everything else is known good.
+        try model.loadModelState(saved.model, fds: fds)
         state.withLock { $0 = s }
     }
+
+    public func configuration(_ context: HandoverContext) -> MachineDescription.Device? { model.configuration(context) }
+    public func pause() throws {
+        state.withLock { $0.paused = true }
+        let returned = deactivateModel()
+        state.withLock { s in for (index, queue) in returned where index < s.queues.count { s.queues[index] = queue } }
+        try model.pause()
+    }
+
+    public func resume() throws {
+        state.withLock { $0.paused = false }
+        try model.resume()
+        activateModel()
+    }
+    public func handedOverFDs(_ context: HandoverContext) -> [NamedFD] { model.handedOverFDs(context) }
+    public func checkReadyToRun() throws { try model.checkReadyToRun() }
+    public var queryInfo: JSONObject? { model.queryInfo(status: status, notifyExits: notifyExitCounts) }
+    public func shutdown() { model.shutdown() }
 
     // MARK: BAR access
 
@@ -216,12 +403,27 @@ public final class VirtioPCITransport: PCIDevice {
             switch effect {
             case .none: break
             case .reset:
+                _ = deactivateModel()
+                state.withLock { s in
+                    s.status = 0
+                    s.driverFeatures = 0
+                    s.queueSelect = 0
+                    s.errorLogged = false
+                    for i in s.queues.indices { s.queues[i].reset() }
+                    s.queueVectors = s.queueVectors.map { _ in 0xFFFF }
+                }
                 model.reset()
-            case .activate(let features):
-                model.activate(features: features)
+            case .activate:
+                activateModel()
             }
         case Self.notifyOffset..<Self.notifyOffset + UInt64(model.queueMaxSizes.count) * UInt64(Self.notifyMultiplier):
-            model.queueNotified(Int((offset - Self.notifyOffset) / UInt64(Self.notifyMultiplier)))
+            let queue = Int((offset - Self.notifyOffset) / UInt64(Self.notifyMultiplier))
+            notifyExits.withLock { $0[queue] += 1 }
+            if let kick = doorbells.withLock({ $0[queue]?.kick }) {
+                kick.signal()
+            } else {
+                model.queueNotified(queue)
+            }
         case Self.deviceOffset..<Self.deviceOffset + 0x100:
             model.writeConfig(offset: Int(offset - Self.deviceOffset), size: data.count, value: UInt32(truncatingIfNeeded: value))
         case Self.msixTableOffset..<Self.msixTableOffset + UInt64(16 * msixVectors):
@@ -283,15 +485,7 @@ public final class VirtioPCITransport: PCIDevice {
         case 0x10: s.msixConfigVector = UInt16(truncatingIfNeeded: value)
         case 0x14:
             let newStatus = UInt8(truncatingIfNeeded: value)
-            if newStatus == 0 {
-                s.status = 0
-                s.driverFeatures = 0
-                s.queueSelect = 0
-                s.errorLogged = false
-                for i in s.queues.indices { s.queues[i].reset() }
-                s.queueVectors = s.queueVectors.map { _ in 0xFFFF }
-                return .reset
-            }
+            if newStatus == 0 { return .reset }  // after the model gave its queues back
             var accepted = newStatus
             if newStatus & Status.featuresOK != 0 && s.status & Status.featuresOK == 0 {
                 let offered = model.deviceFeatures | Self.featureVersion1

@@ -49,28 +49,62 @@ public struct Virtqueue: Sendable {
         self = Virtqueue(maxSize: maxSize)
     }
 
-    /// Everything the device side knows about the queue; the rings themselves are in guest RAM.
-    public func save(to w: inout StreamWriter) {
-        w.u16(size)
-        w.bool(ready)
-        w.u64(descriptorTable)
-        w.u64(driverArea)
-        w.u64(deviceArea)
-        w.u16(lastAvailable)
-        w.u16(usedIndex)
+    /// Everything the device side knows about the queue, as saved: untrusted until
+    /// `init(validating:)` (the rings themselves are in guest RAM).
+    public struct State: Sendable, Equatable {
+        public var size: UInt16
+        public var ready: Bool
+        public var descriptorTable: UInt64
+        public var driverArea: UInt64
+        public var deviceArea: UInt64
+        public var lastAvailable: UInt16
+        public var usedIndex: UInt16
+
+        public init(size: UInt16, ready: Bool, descriptorTable: UInt64, driverArea: UInt64, deviceArea: UInt64,
+                    lastAvailable: UInt16, usedIndex: UInt16) {
+            (self.size, self.ready, self.descriptorTable, self.driverArea, self.deviceArea) = (size, ready, descriptorTable, driverArea, deviceArea)
+            (self.lastAvailable, self.usedIndex) = (lastAvailable, usedIndex)
+        }
+
+        public func encode(into w: inout StreamWriter) {
+            w.u16(size)
+            w.bool(ready)
+            w.u64(descriptorTable)
+            w.u64(driverArea)
+            w.u64(deviceArea)
+            w.u16(lastAvailable)
+            w.u16(usedIndex)
+        }
+
+        public init(decoding r: inout StreamReader) throws {
+            size = try r.u16("queue size")
+            ready = try r.bool("queue ready")
+            descriptorTable = try r.u64("descriptor table")
+            driverArea = try r.u64("driver area")
+            deviceArea = try r.u64("device area")
+            lastAvailable = try r.u16("last available index")
+            usedIndex = try r.u16("used index")
+        }
     }
 
-    /// Restores a saved queue; the size must fit this device's maximum.
-    public mutating func load(from r: inout StreamReader) throws {
-        let size = try r.u16("queue size")
-        guard size <= maxSize else { throw StreamError("queue size \(size) exceeds this device's maximum \(maxSize)") }
-        self.size = size
-        ready = try r.bool("queue ready")
-        descriptorTable = try r.u64("descriptor table")
-        driverArea = try r.u64("driver area")
-        deviceArea = try r.u64("device area")
-        lastAvailable = try r.u16("last available index")
-        usedIndex = try r.u16("used index")
+    public var state: State {
+        State(size: size, ready: ready, descriptorTable: descriptorTable, driverArea: driverArea, deviceArea: deviceArea,
+              lastAvailable: lastAvailable, usedIndex: usedIndex)
+    }
+
+    /// A saved queue becomes a live one only through here (rust-vmm's `QueueState` →
+    /// `Queue`): the size fits this device, and an enabled queue's rings lie in `memory`.
+    public init(validating saved: State, maxSize: UInt16, memory: GuestMemory) throws {
+        guard saved.size <= maxSize else { throw StreamError("queue size \(saved.size) exceeds this device's maximum \(maxSize)") }
+        self.init(maxSize: maxSize)
+        size = saved.size
+        ready = saved.ready
+        descriptorTable = saved.descriptorTable
+        driverArea = saved.driverArea
+        deviceArea = saved.deviceArea
+        lastAvailable = saved.lastAvailable
+        usedIndex = saved.usedIndex
+        if ready { try validateLayout(in: memory) }
     }
 
     /// Whether the driver has made buffers available that the device has not taken.

@@ -1,0 +1,66 @@
+/// Which implementation moves a virtio-net device's frames (`query-pci` reports it).
+public enum DatapathKind: String, Sendable {
+    case userspace
+}
+
+/// How guest notifies reach a datapath and how it tells the guest about used buffers.
+public enum DatapathNotification: Sendable {
+    /// The notify exit calls `notified` on the vCPU thread; the datapath wakes the vCPU.
+    case inline
+    /// Each ring has a kick eventfd (KVM signals it on the guest's notify, or the VMM
+    /// relays the exit) and a call eventfd the datapath signals after publishing used
+    /// buffers, which wakes a halted vCPU.
+    case eventFDs
+}
+
+/// A ring as the device hands it to the datapath.
+public struct RingHandoff: Sendable {
+    /// Layout (validated when the driver enabled it) and progress.
+    public var queue: Virtqueue
+    /// `.eventFDs` only.
+    public let kick: EventFD?
+    public let call: EventFD?
+}
+
+/// What a datapath needs from the device it serves while its rings run.
+public struct DatapathContext: Sendable {
+    public let memory: GuestMemory
+    /// A ring failed (a bad descriptor, a ring outside RAM): the device needs a reset.
+    public let ringFailed: @Sendable (_ index: Int, _ message: String) -> Void
+    /// The transport sends ring `index`'s notifies to the kick eventfd (`.eventFDs`).
+    public let attachDoorbell: @Sendable (_ index: Int, _ kick: EventFD) -> Void
+    public let detachDoorbells: @Sendable () -> Void
+}
+
+/// Moves frames between a virtio-net device's RX/TX rings and the host. The device
+/// keeps config space, features, the control queue and the queue-pair count; the
+/// datapath owns the RX (2p) and TX (2p+1) rings between `start` and `stop`, as
+/// Firecracker's and cloud-hypervisor's `activate`/`reset` hand queues over and back.
+public protocol NetDatapath: AnyObject, Sendable {
+    var netdevID: String { get }
+    var ifname: String { get }
+    var kind: DatapathKind { get }
+    var notification: DatapathNotification { get }
+    /// Queue pairs the netdev serves.
+    var queuePairs: Int { get }
+    /// Watches its host fds on the host's loop once it has them (loop thread; idempotent).
+    func attach(to host: DeviceHost)
+    func detach()
+    /// Takes the rings (by virtqueue index) and runs them.
+    func start(_ rings: [Int: RingHandoff], activePairs: Int, context: DatapathContext)
+    /// Stops every ring and returns them with their progress; after return nothing
+    /// writes guest RAM and host input waits where it is (in the TAP).
+    func stop() -> [Int: Virtqueue]
+    /// The guest changed the number of queue pairs in use (VQ_PAIRS_SET).
+    func setActivePairs(_ pairs: Int)
+    /// The guest notified ring `index` (vCPU thread; `.inline` only).
+    func notified(_ index: Int)
+    /// Per pair: frames received and sent.
+    var statistics: (rx: [UInt64], tx: [UInt64]) { get }
+    /// The host fds a local migration hands over, under their stream names.
+    func handedOverFDs() -> [NamedFD]
+    var vnetHeader: Bool { get }
+    /// `incoming-fds=on` and the fds have not come yet.
+    var awaitsIncomingFDs: Bool { get }
+    func adoptIncoming(_ fds: [FileDescriptor], vnetHeader: Bool) throws
+}

@@ -1,0 +1,102 @@
+#!/usr/bin/env python3
+"""Captures a migration stream of the current format from a real vmm, for the fixtures here.
+
+usage (root, from the repository root, after `swift build`):
+    Tests/Fixtures/streams/capture.py NAME [--queues N] [--local]
+NAME starts with the stream version the build writes (v2-..., v3-...); keep every
+version's fixtures: a unit test loads them all with the current code.
+Boots the bundled guest (64M) with one virtio-net NIC on a TAP in a scratch network
+namespace, waits for its prompt, migrates it to a unix socket this script listens on
+(standing in for the target: it answers the switch-over and end sections) and writes
+NAME.stream plus NAME.fds.json: which sections claimed how many fds (fds cannot be
+stored; the loader test binds stand-ins for them). --local: migration parameter
+`local`, `x-ignore-shared` and a shared memfd, so TAP queues and RAM travel as fds.
+"""
+import argparse, array, json, os, socket, struct, subprocess, sys, tempfile, time
+
+ap = argparse.ArgumentParser()
+ap.add_argument("name"); ap.add_argument("--queues", type=int, default=1); ap.add_argument("--local", action="store_true")
+args = ap.parse_args()
+here = os.path.dirname(os.path.abspath(__file__))
+tmp = tempfile.mkdtemp(prefix="svmm-capture-")
+ns = f"svmm-capture-{os.getpid()}"
+subprocess.run(["ip", "netns", "add", ns], check=True)
+proc = None
+try:
+    mq = ["multi_queue"] if args.queues > 1 else []
+    subprocess.run(["ip", "-n", ns, "tuntap", "add", "dev", "tap0", "mode", "tap"] + mq, check=True)
+    subprocess.run(["ip", "-n", ns, "link", "set", "tap0", "up"], check=True)
+    console, qmp_path, mig = f"{tmp}/console", f"{tmp}/qmp.sock", f"{tmp}/mig.sock"
+    ram = ["-object", "memory-backend-memfd,id=m0,size=64M,share=on", "-machine", "memory-backend=m0"] if args.local else []
+    cmd = ["ip", "netns", "exec", ns, ".build/debug/vmm", "-m", "64M", "-kernel", "assets/guest/guest.elf", *ram,
+           "-serial", f"unix:{console},server=on,wait=off", "-qmp", f"unix:{qmp_path},server=on,wait=off",
+           "-netdev", f"tap,id=n0,ifname=tap0,queues={args.queues},script=no,downscript=no",
+           "-device", f"virtio-net-pci,netdev=n0,id=net0,mac=52:54:00:12:34:56,mq={'on' if args.queues > 1 else 'off'}"]
+    proc = subprocess.Popen(cmd)
+    deadline = time.time() + 60
+    while not os.path.exists(console) or not os.path.exists(qmp_path):
+        if time.time() > deadline or proc.poll() is not None: raise SystemExit("the VMM did not start")
+        time.sleep(0.1)
+    tty = socket.socket(socket.AF_UNIX); tty.connect(console); tty.settimeout(60); transcript = b""
+    def until(text):
+        global transcript
+        while text.encode() not in transcript: transcript += tty.recv(4096)
+        transcript = transcript[transcript.index(text.encode()) + len(text):]
+    tty.sendall(b"\r"); until("# ")
+    # The guest's driver sets the NIC up (DRIVER_OK, all queue pairs) with these.
+    for line in ["ip addr add 10.0.0.2/24 dev eth0", "ip link set eth0 up"]:
+        tty.sendall(line.encode() + b"\r"); until(line); until("# ")
+    q = socket.socket(socket.AF_UNIX); q.connect(qmp_path); qf = q.makefile("rw")
+    def qmp(cmd, **arguments):
+        qf.write(json.dumps({"execute": cmd, "arguments": arguments}) + "\n"); qf.flush()
+        while True:
+            reply = json.loads(qf.readline())
+            if "return" in reply or "error" in reply:
+                if "error" in reply: raise SystemExit(f"{cmd}: {reply['error']}")
+                return reply["return"]
+    qf.readline(); qmp("qmp_capabilities")
+    if args.local:
+        qmp("migrate-set-capabilities", capabilities=[{"capability": "x-ignore-shared", "state": True}])
+        qmp("migrate-set-parameters", local=True)
+    srv = socket.socket(socket.AF_UNIX); srv.bind(mig); srv.listen(1)
+    qmp("migrate", uri=f"unix:{mig}")
+    conn, _ = srv.accept()
+    data, fds_received = bytearray(), 0
+    def need(n):
+        global fds_received
+        while len(data) < n:
+            msg, anc, _, _ = conn.recvmsg(1 << 20, socket.CMSG_SPACE(64 * 4))
+            if not msg: raise SystemExit(f"EOF after {len(data)} bytes")
+            for level, kind, payload in anc:
+                if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
+                    fds = array.array("i"); fds.frombytes(payload[:len(payload) - len(payload) % 4])
+                    fds_received += len(fds)
+                    for fd in fds: os.close(fd)
+            data.extend(msg)
+    need(12); off = 12; claims = []
+    version = struct.unpack_from("<I", data, 8)[0]
+    while True:
+        need(off + 4)
+        length = struct.unpack_from("<I", data, off)[0]
+        need(off + 4 + length)
+        kind = data[off + 4]
+        name_len = struct.unpack_from("<I", data, off + 5)[0]
+        name = data[off + 9: off + 9 + name_len].decode()
+        fd_count = struct.unpack_from("<H", data, off + 9 + name_len)[0]
+        names, at = [], off + 11 + name_len  # v3: the fds' names follow their count
+        for _ in range(fd_count if version >= 3 else 0):
+            n = struct.unpack_from("<I", data, at)[0]; names.append(data[at + 4: at + 4 + n].decode()); at += 4 + n
+        if fd_count: claims.append({"kind": kind, "section": name, "fds": fd_count, **({"names": names} if names else {})})
+        off += 4 + length
+        if kind == 6: conn.sendall(b"\x05")
+        if kind == 0xFF: conn.sendall(b"\x06"); break
+    open(f"{here}/{args.name}.stream", "wb").write(bytes(data))
+    json.dump({"received": fds_received, "claims": claims}, open(f"{here}/{args.name}.fds.json", "w"), indent=1)
+    print(f"{args.name}: stream v{version}, {len(data)} bytes, {fds_received} fd(s): {claims}")
+    qmp("quit")
+finally:
+    if proc:
+        try: proc.wait(10)
+        except subprocess.TimeoutExpired: proc.kill(); proc.wait()
+    subprocess.run(["ip", "netns", "del", ns])
+    subprocess.run(["rm", "-rf", tmp])
