@@ -23,19 +23,25 @@ final class TargetMachine {
     let memory: GuestMemory
     let serial = Serial16550(output: { _ in })
     let pciBus: PCIBus
+    let backend = TapBackend(id: "n0", incomingQueues: 2)
     let nic: VirtioNet
     let transport: VirtioPCITransport
-    let progress = MigrationState()
+    let received = ReceivedFDs()
+    var sections: IncomingSections
+    /// v2 streams (the committed seeds) go through the target's own translation.
+    var legacy: LegacyStreamV2?
 
-    init() throws {
+    init(streamVersion: UInt32) throws {
         memory = try GuestMemory(size: Self.ramSize)
         let logger = Logger(label: "fuzz", factory: { _ in SwiftLogNoOpLogHandler() })
-        nic = VirtioNet(id: "net0", mac: [0x52, 0x54, 0, 0x12, 0x34, 0x56], backend: TapBackend(id: "n0", incomingQueues: 2),
+        nic = VirtioNet(id: "net0", mac: [0x52, 0x54, 0, 0x12, 0x34, 0x56], datapath: UserspaceTapDatapath(queues: backend, pairs: 2),
                         multiQueue: true, logger: logger)
         transport = VirtioPCITransport(name: "net0", model: nic, memory: memory, logger: logger)
-        nic.transport = transport
         pciBus = try PCIBus()
         try pciBus.plug(transport)
+        sections = IncomingSections(devices: [serial, pciBus, transport], memory: memory, sourceRAMFile: nil, fds: received,
+                                    progress: MigrationState())
+        legacy = streamVersion == 2 ? LegacyStreamV2(netdevOf: [nic.id: backend.id]) : nil
     }
 
     var description: MachineDescription {
@@ -45,29 +51,23 @@ final class TargetMachine {
         ])
     }
 
-    /// One section, as `Machine.receive`/`loadDevice` dispatch it.
-    func load(_ section: MigrationStream.Section) throws {
-        switch section.kind {
-        case .configuration: try MachineDescription.decode(section.payload).check(target: description)
-        case .ram: try RAMTransfer.load(section.payload, into: memory, progress: progress)
-        case .sharedRAM: try SharedRAM.decode(section.payload).adopt(into: memory, fds: [])
-        case .vcpu: _ = try VCPUState.decode(section.payload)
-        case .device:
-            switch section.name {
-            case "serial0": try serial.load(section.payload)
-            case "pci0": try pciBus.load(section.payload)
-            case "net0/transport": try transport.load(section.payload)
-            case "net0/net": try nic.load(section.payload)
-            default: throw StreamError("state for device '\(section.name)', which this machine does not have")
+    /// One section as it arrives, dispatched as the target's receive loop does.
+    func load(_ arrived: MigrationStream.Section) throws {
+        for section in try legacy?.translate(arrived, received: received) ?? [arrived] {
+            switch section.kind {
+            case .configuration: try MachineDescription.decode(section.payload).check(target: description)
+            case .vcpu: _ = try VCPUState.decode(section.payload)
+            case .switchover: break
+            default: try sections.load(section)
             }
-        case .switchover, .end: break
         }
     }
 }
 
+/// Mode 2's loaders: one section payload each, as this build's (v3) sections name them.
 let loaders: [(MigrationStream.Kind, String)] = [
     (.configuration, ""), (.ram, ""), (.sharedRAM, ""), (.vcpu, "cpu0"),
-    (.device, "serial0"), (.device, "pci0"), (.device, "net0/transport"), (.device, "net0/net"),
+    (.device, "serial0"), (.device, "pci0"), (.device, "net0"),
 ]
 
 /// Recomputes each frame's CRC-32C in place, as far as the frame lengths hold.
@@ -88,15 +88,16 @@ func fixingChecksums(_ stream: [UInt8]) -> [UInt8] {
 public func fuzz(_ data: UnsafePointer<UInt8>?, _ size: Int) -> CInt {
     var input = FuzzInput(data, size)
     let mode = input.u8() % 3
-    let machine = try! TargetMachine()
     if mode == 2 {
+        let machine = try! TargetMachine(streamVersion: MigrationStream.version)
         let (kind, name) = loaders[Int(input.u8()) % loaders.count]
         try? machine.load(.init(kind: kind, name: name, payload: input.rest()))
         return 0
     }
     var stream = input.rest()
     if mode == 1 { stream = fixingChecksums(stream) }
-    guard let sections = try? MigrationStream.decodeAll(stream) else { return 0 }
+    guard let version = try? MigrationStream.checkHeader(stream), let sections = try? MigrationStream.decodeAll(stream) else { return 0 }
+    let machine = try! TargetMachine(streamVersion: version)
     for section in sections {
         do { try machine.load(section) } catch { break }
     }

@@ -20,16 +20,16 @@ import Logging
 final class PairBackend: NetBackend, @unchecked Sendable {
     let id = "n0"
     let ifname = "fuzz0"
-    let queueFDs: [Int32]
+    let queueFDs: [FileDescriptor]
     let peers: [Int32]
     let vnetHeader: Bool
 
     init(queues: Int, vnetHeader: Bool) {
-        var ours: [Int32] = [], theirs: [Int32] = []
+        var ours: [FileDescriptor] = [], theirs: [Int32] = []
         for _ in 0..<queues {
             var fds: [Int32] = [-1, -1]
             precondition(socketpair(AF_UNIX, Int32(SOCK_SEQPACKET.rawValue) | Int32(SOCK_NONBLOCK.rawValue), 0, &fds) == 0)
-            ours.append(fds[0])
+            ours.append(FileDescriptor(adopting: fds[0], label: "fuzz queue"))
             theirs.append(fds[1])
         }
         queueFDs = ours
@@ -37,7 +37,7 @@ final class PairBackend: NetBackend, @unchecked Sendable {
         self.vnetHeader = vnetHeader
     }
 
-    deinit { (queueFDs + peers).forEach { close($0) } }
+    deinit { peers.forEach { close($0) } }
     func attachQueues(count: Int) {}
 }
 
@@ -57,9 +57,9 @@ public func fuzz(_ data: UnsafePointer<UInt8>?, _ size: Int) -> CInt {
 
     let backend = PairBackend(queues: 2, vnetHeader: vnetHeader)
     let logger = Logger(label: "fuzz", factory: { _ in SwiftLogNoOpLogHandler() })
-    let nic = VirtioNet(id: "net0", mac: [0x52, 0x54, 0, 0x12, 0x34, 0x56], backend: backend, multiQueue: true, logger: logger)
+    let datapath = UserspaceTapDatapath(queues: backend, pairs: 2)
+    let nic = VirtioNet(id: "net0", mac: [0x52, 0x54, 0, 0x12, 0x34, 0x56], datapath: datapath, multiQueue: true, logger: logger)
     let transport = VirtioPCITransport(name: "net0", model: nic, memory: memory, logger: logger)
-    nic.transport = transport
     func common(_ offset: UInt64, _ value: UInt64, _ size: Int) {
         var v = value.littleEndian
         withUnsafeBytes(of: &v) { transport.barWrite(0, offset: offset, from: UnsafeRawBufferPointer(rebasing: $0[0..<size])) }
@@ -82,11 +82,11 @@ public func fuzz(_ data: UnsafePointer<UInt8>?, _ size: Int) -> CInt {
         if action & 0x80 != 0 {
             let pair = Int(action % 2)
             _ = frame.withUnsafeBytes { send(backend.peers[pair], $0.baseAddress, $0.count, 0) }
-            nic.receive(pair: pair, wake: false)
+            datapath.receive(pair: pair, wake: false)
             // The event loop polls the TAP while the device wants input; a frame the device
             // left there would make that poll return at once, forever.
             var byte: UInt8 = 0
-            precondition(!nic.wantsInput(pair: pair) || recv(backend.queueFDs[pair], &byte, 1, Int32(MSG_PEEK)) < 0,
+            precondition(!datapath.wantsInput(pair: pair) || backend.queueFDs[pair].withRaw { recv($0, &byte, 1, Int32(MSG_PEEK)) } < 0,
                          "pair \(pair) wants input but left a frame in its backend")
         } else {
             nic.queueNotified(Int(action) % nic.queueMaxSizes.count)
