@@ -30,8 +30,11 @@ final class LoopbackDatapath: NetDatapath, @unchecked Sendable {
     func notified(_ index: Int) { inlineNotifies.add(1, ordering: .relaxed) }
 
     func start(_ rings: [Int: RingHandoff], activePairs: Int, context: DatapathContext) {
+        // The rings first: a thread that ran before they were stored found none and ended
+        // (seen once on a loaded machine).
+        running.withLock { $0 = (rings, context, nil) }
         let thread = try! OSThread(name: "loopback") { [self] in serve() }
-        running.withLock { $0 = (rings, context, thread) }
+        running.withLock { $0.thread = thread }
     }
 
     func stop() -> [Int: Virtqueue] {
