@@ -50,6 +50,48 @@ struct MigrationChannelFunctionalTests {
         }
     }
 
+    /// `"type": "fd"`: the target listens on a socket it inherited (a management tool
+    /// that bound it first, so the path exists before the VMM runs).
+    @Test func mainChannelOnAnInheritedListeningSocket() async throws {
+        try await withArtifacts { artifacts in
+            let path = try artifacts.socketPath("main.sock")
+            let listener = try Self.listen(path)
+            defer { close(listener) }
+            let source = try await Machine.launch(.bundledGuest(name: "source"), in: artifacts)
+            var options = MachineOptions.bundledGuest(arguments: [
+                "-incoming", #"{"channel-type": "main", "addr": {"transport": "socket", "type": "fd", "str": "\#(MachineOptions.inheritedNumber(of: 0))"}}"#,
+            ], name: "target")
+            options.inheritedFDs = [listener]
+            let target = try await Machine.launch(options, in: artifacts)
+            try await source.console.waitForPrompt(timeout: .seconds(20))
+            let before = try await source.guest.ticks()
+            for machine in [source, target] {
+                try await machine.qmp.execute("migrate-set-capabilities", arguments: ["capabilities": [["capability": "events", "state": true]]])
+            }
+            try await source.qmp.execute("migrate", arguments: ["uri": .string("unix:" + path)])
+            try await MigrationWaiter.waitForFinish(source: source, target: target, timeout: .seconds(30))
+            try await target.qmp.execute("cont")
+            #expect(try await target.guest.ticks(after: .milliseconds(100)) > before)
+            // The source cannot send over an fd channel: that is the target's listener only.
+            _ = await source.shutdown()
+            _ = await target.shutdown()
+        }
+    }
+
+    static func listen(_ path: String) throws -> Int32 {
+        let fd = socket(AF_UNIX, Int32(SOCK_STREAM.rawValue), 0)
+        var address = sockaddr_un()
+        address.sun_family = sa_family_t(AF_UNIX)
+        withUnsafeMutableBytes(of: &address.sun_path) { buffer in
+            for (i, byte) in path.utf8.prefix(buffer.count - 1).enumerated() { buffer[i] = byte }
+        }
+        let bound = withUnsafePointer(to: &address) {
+            $0.withMemoryRebound(to: sockaddr.self, capacity: 1) { bind(fd, $0, socklen_t(MemoryLayout<sockaddr_un>.size)) }
+        }
+        guard fd >= 0, bound == 0, Glibc.listen(fd, 1) == 0 else { throw POSIXError(.EIO) }
+        return fd
+    }
+
     /// QEMU's rule: the cpr channel is read before the monitor runs, so only `-incoming`
     /// can give it.
     @Test func migrateIncomingRefusesACPRChannel() async throws {
@@ -86,6 +128,9 @@ struct MigrationChannelFunctionalTests {
             #expect(try await source.qmp.execute("query-migrate-parameters")["mode"] == "cpr-transfer")
             let transfer = await Self.refusal(try source.qmp, "migrate", ["channels": channels])
             #expect(transfer?.contains("Migration mode 'cpr-transfer' is not implemented yet; set mode 'normal'") == true, "\(transfer ?? "accepted")")
+            try await source.qmp.execute("migrate-set-parameters", arguments: ["mode": "normal"])
+            let fd = await Self.refusal(try source.qmp, "migrate", ["channels": [["channel-type": "main", "addr": ["transport": "socket", "type": "fd", "str": "3"]]]])
+            #expect(fd?.contains("migrate: channel fd:3 is not supported; an fd channel is for the target's listening socket only") == true, "\(fd ?? "accepted")")
             try await source.qmp.expectNoEvent("MIGRATION", within: .milliseconds(200))
             #expect(try await source.qmp.execute("query-status")["status"] == "running")
             #expect(try await source.qmp.execute("query-migrate") == [:])
@@ -119,7 +164,9 @@ struct MigrationChannelFunctionalTests {
         for (arguments, message) in [
             (["-incoming", "unix:/tmp/a.sock", "-incoming", "unix:/tmp/b.sock"], "vmm: -incoming unix:/tmp/b.sock: the main channel is given twice"),
             (["-incoming", cpr, "-incoming", cpr], "the cpr channel is given twice"),
-            (["-incoming", #"{"channel-type": "main", "addr": {"transport": "socket", "type": "vsock"}}"#], "channel socket type 'vsock' is not supported (unix or inet)"),
+            (["-incoming", #"{"channel-type": "main", "addr": {"transport": "socket", "type": "vsock"}}"#], "channel socket type 'vsock' is not supported (unix, inet or fd)"),
+            // stdin is no listening socket.
+            (["-incoming", #"{"channel-type": "main", "addr": {"transport": "socket", "type": "fd", "str": "0"}}"#], "vmm: -incoming fd:0: fd 0 is not a listening socket"),
         ] {
             let result = try await runProcess(try VMMBinary.resolve().path, ["-kernel", BundledGuest.image, "-m", "64M", "-nodefaults"] + arguments)
             #expect(result.status == 1 && result.stderr.contains(message), "\(arguments): \(result.stderr)")

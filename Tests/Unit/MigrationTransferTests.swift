@@ -13,6 +13,8 @@ import Testing
         ("tcp:127.0.0.1:4444", .tcp(host: "127.0.0.1", port: 4444)),
         ("tcp:[::1]:4444", .tcp(host: "::1", port: 4444)),
         ("tcp:0:4444", .tcp(host: "0", port: 4444)),
+        ("fd:3", .fd("3")),
+        ("fd:migsock", .fd("migsock")),
     ])
     func urisParse(text: String, uri: MigrationURI) throws {
         #expect(try MigrationURI(text) == uri)
@@ -21,7 +23,7 @@ import Testing
 
     @Test(arguments: [
         ("exec:cat", "is not supported"), ("unix:", "no socket path"), ("tcp:host", "has no port"),
-        ("tcp:host:0", "port '0'"), ("tcp:host:99999", "port '99999'"),
+        ("tcp:host:0", "port '0'"), ("tcp:host:99999", "port '99999'"), ("fd:", "has no fd number or name"),
     ])
     func badURIsSayWhy(text: String, fragment: String) {
         #expect { try MigrationURI(text) } throws: { "\($0)".contains(fragment) }
@@ -47,6 +49,10 @@ import Testing
         #expect { try MigrationChannels(channels: []) } throws: { "\($0)".contains("non-empty list") }
         let other: JSON = ["channel-type": "return-path", "addr": ["transport": "socket", "type": "unix", "path": "/x"]]
         #expect { try MigrationChannels(channels: [other]) } throws: { "\($0)" == "channel-type 'return-path' is not supported (main or cpr)" }
+        let fd: JSON = ["channel-type": "cpr", "addr": ["transport": "socket", "type": "fd", "str": "5"]]
+        #expect(try MigrationChannels(channels: [fd]).cpr == .fd("5"))
+        let fdWithoutStr: JSON = ["channel-type": "main", "addr": ["transport": "socket", "type": "fd"]]
+        #expect { try MigrationChannels(channels: [fdWithoutStr]) } throws: { "\($0)" == "an fd channel needs 'str' (an fd number or getfd name)" }
         let noAddr: JSON = ["channel-type": "cpr"]
         #expect { try MigrationChannels(channels: [noAddr]) } throws: { "\($0)" == "the channel has no 'addr'" }
     }

@@ -108,6 +108,9 @@ extension Machine {
             throw QMPCommandError("A cpr channel (\(cpr)) is only used by migration mode 'cpr-transfer', but mode is '\(mode)'")
         }
         guard let main = channels.main else { throw QMPCommandError("migrate needs a main channel") }
+        if case .fd = main {
+            throw QMPCommandError("migrate: channel \(main) is not supported; an fd channel is for the target's listening socket only")
+        }
         return main
     }
 

@@ -32,6 +32,8 @@ extension Machine {
                 migration.incomingPaths[type] = path
             case .tcp(let host, let port):
                 listener = FileDescriptor(adopting: try TCPSocket.listen(host: host, port: port), label: "\(type) migration listener")
+            case .fd(let name):
+                listener = try listeningSocket(name, for: type)
             }
             migration.incomingChannels[type] = uri
             migration.incomingListeners[type] = listener
@@ -43,6 +45,28 @@ extension Machine {
                 }
             }
         }
+    }
+
+    /// `fd:N`: a listening socket this process inherited (the command line) or got with
+    /// `getfd` (QMP). An inherited number stays open, as `-netdev fd=N` leaves it.
+    private func listeningSocket(_ name: String, for type: MigrationChannelType) throws -> FileDescriptor {
+        let label = "\(type) migration listener fd:\(name)"
+        let fd: FileDescriptor
+        if let named = namedFDs[name] {
+            fd = named
+        } else if let number = Int32(name), number >= 0 {
+            fd = try FileDescriptor.duplicating(inherited: number, label: label)
+        } else {
+            throw QMPCommandError("fd '\(name)' is neither an fd number nor a name given with getfd")
+        }
+        var accepting: Int32 = 0
+        var length = socklen_t(MemoryLayout<Int32>.size)
+        let rc = fd.withRaw { getsockopt($0, SOL_SOCKET, SO_ACCEPTCONN, &accepting, &length) }
+        guard rc == 0, accepting != 0 else {
+            throw QMPCommandError("fd \(name) is not a listening socket (\(rc == 0 ? "not listening" : String(cString: strerror(errno))))")
+        }
+        namedFDs[name] = nil
+        return fd
     }
 
     /// What this machine's migration loads into.

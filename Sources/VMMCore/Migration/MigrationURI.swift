@@ -5,9 +5,16 @@ import QMPWire
 public enum MigrationURI: Sendable, Equatable, CustomStringConvertible {
     case unix(path: String)
     case tcp(host: String, port: UInt16)
+    /// A socket the process already holds: on the target a listening socket, given as an
+    /// inherited fd number (`-incoming`) or a `getfd` name (`migrate-incoming`).
+    case fd(String)
 
     public init(_ text: String) throws {
-        if text.hasPrefix("unix:") {
+        if text.hasPrefix("fd:") {
+            let name = String(text.dropFirst(3))
+            guard !name.isEmpty else { throw StreamError("migration URI '\(text)' has no fd number or name") }
+            self = .fd(name)
+        } else if text.hasPrefix("unix:") {
             let path = String(text.dropFirst(5))
             guard !path.isEmpty else { throw StreamError("migration URI '\(text)' has no socket path") }
             self = .unix(path: path)
@@ -19,7 +26,7 @@ public enum MigrationURI: Sendable, Equatable, CustomStringConvertible {
             if host.hasPrefix("[") && host.hasSuffix("]") { host = String(host.dropFirst().dropLast()) }
             self = .tcp(host: host, port: try Self.port(String(rest[rest.index(after: colon)...]), in: text))
         } else {
-            throw StreamError("migration URI '\(text)' is not supported (use unix:PATH or tcp:HOST:PORT)")
+            throw StreamError("migration URI '\(text)' is not supported (use unix:PATH, tcp:HOST:PORT or fd:N)")
         }
     }
 
@@ -37,8 +44,13 @@ public enum MigrationURI: Sendable, Equatable, CustomStringConvertible {
             guard let host = addr["host"]?.stringValue else { throw StreamError("an inet channel needs 'host'") }
             let portText = addr["port"]?.stringValue ?? addr["port"]?.intValue.map { String($0) } ?? ""
             self = .tcp(host: host, port: try Self.port(portText, in: "channel inet \(host)"))
+        case "fd":
+            guard let name = addr["str"]?.stringValue ?? addr["str"]?.intValue.map({ String($0) }), !name.isEmpty else {
+                throw StreamError("an fd channel needs 'str' (an fd number or getfd name)")
+            }
+            self = .fd(name)
         case let other:
-            throw StreamError("channel socket type '\(other ?? "(missing)")' is not supported (unix or inet)")
+            throw StreamError("channel socket type '\(other ?? "(missing)")' is not supported (unix, inet or fd)")
         }
     }
 
@@ -54,6 +66,7 @@ public enum MigrationURI: Sendable, Equatable, CustomStringConvertible {
         switch self {
         case .unix(let path): "unix:\(path)"
         case .tcp(let host, let port): host.contains(":") ? "tcp:[\(host)]:\(port)" : "tcp:\(host):\(port)"
+        case .fd(let name): "fd:\(name)"
         }
     }
 }
