@@ -159,6 +159,37 @@ struct MigrationChannelFunctionalTests {
         }
     }
 
+    /// With both channels, the main channel's stream waits, unread, until the cpr state
+    /// was applied (here an empty one: cpr-transfer does not fill it yet), then loads.
+    @Test func mainChannelWaitsForTheCPRState() async throws {
+        try await withArtifacts { artifacts in
+            let main = try artifacts.socketPath("main.sock")
+            let cpr = try artifacts.socketPath("cpr.sock")
+            let source = try await Machine.launch(.bundledGuest(name: "source"), in: artifacts)
+            let target = try await Machine.launch(
+                .bundledGuest(arguments: ["-incoming", Self.channel("main", main), "-incoming", Self.channel("cpr", cpr),
+                                          "-global", "migration.x-events=on"], name: "target"),
+                in: artifacts)
+            try await source.console.waitForPrompt(timeout: .seconds(20))
+            try await source.qmp.execute("migrate-set-capabilities", arguments: ["capabilities": [["capability": "events", "state": true]]])
+            try await source.qmp.execute("migrate", arguments: ["uri": .string("unix:" + main)])
+            _ = try await target.qmp.waitForEvent("MIGRATION", matching: ["status": "active"], timeout: .seconds(10))
+            // Connected but held: nothing completes without the cpr state.
+            try await Task.sleep(for: .milliseconds(300))
+            #expect(try await target.qmp.execute("query-migrate")["status"] == "active")
+            #expect(try await target.qmp.execute("query-status")["status"] == "inmigrate")
+            let fd = try UnixSocket.connect(path: cpr)
+            defer { close(fd) }
+            let bytes = Self.streamHeader + Self.frame(kind: 7)  // an empty cpr state
+            #expect(bytes.withUnsafeBytes { write(fd, $0.baseAddress, $0.count) } == bytes.count)
+            try await MigrationWaiter.waitForFinish(source: source, target: target, timeout: .seconds(30))
+            try await target.qmp.execute("cont")
+            try await target.console.run("echo on the target", expect: "on the target")
+            _ = await source.shutdown()
+            _ = await target.shutdown()
+        }
+    }
+
     @Test func badChannelsOnTheCommandLineAreNamed() async throws {
         let cpr = Self.channel("cpr", "/tmp/unused-cpr.sock")
         for (arguments, message) in [
