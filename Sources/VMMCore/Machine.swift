@@ -112,6 +112,7 @@ public final class Machine: @unchecked Sendable {
         registerCommands()
         registerNetworkCommands()
         registerMigrationCommands()
+        migration.capabilities["events"] = config.migrationEvents
     }
 
     static func loadKernel(config: VMMConfiguration, memory: GuestMemory, vcpu: VCPU) throws {
@@ -175,11 +176,12 @@ public final class Machine: @unchecked Sendable {
         if runState != .inmigrate { resumeDevices() }
         try vcpuRunner.start()
         if runState == .running { vcpuRunner.resume() }
-        if let incoming = config.incoming, incoming != "defer" {
+        if let incoming = config.incoming, incoming != MigrationChannels() {
             do {
-                try startIncoming(from: try MigrationURI(incoming))
+                try startIncoming(incoming)
             } catch {
-                throw VMMConfiguration.Error("-incoming \(incoming): \(error)")
+                let given = MigrationChannelType.allCases.compactMap { incoming[$0]?.description }
+                throw VMMConfiguration.Error("-incoming \(given.joined(separator: ", ")): \(error)")
             }
         }
     }
@@ -188,7 +190,7 @@ public final class Machine: @unchecked Sendable {
         vcpuRunner.terminate()
         qmp.close()
         for backend in serialBackends { backend.close() }
-        closeIncomingListener()
+        closeIncomingListeners()
         for device in devices { device.shutdown() }
         namedFDs.removeAll()
         loop.unwatch(signals.fd)

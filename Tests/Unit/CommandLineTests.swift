@@ -25,8 +25,17 @@ import Testing
         ])
         #expect(config.name == "guest1")
         #expect(config.haltPollNanoseconds == VCPURunner.defaultHaltPollNanoseconds)
-        #expect(try VMMConfiguration.parse(["-kernel", "k", "-incoming", "defer"]).incoming == "defer")
-        #expect(try VMMConfiguration.parse(["-kernel", "k", "-incoming", "unix:/tmp/m.sock"]).incoming == "unix:/tmp/m.sock")
+        #expect(try VMMConfiguration.parse(["-kernel", "k", "-incoming", "defer"]).incoming == MigrationChannels())
+        #expect(try VMMConfiguration.parse(["-kernel", "k", "-incoming", "unix:/tmp/m.sock"]).incoming == MigrationChannels(main: .unix(path: "/tmp/m.sock")))
+        // QEMU's channel syntax, twice: the series author's target (main deferred, cpr given).
+        let cpr = #"{"channel-type": "cpr", "addr": {"transport": "socket", "type": "unix", "path": "/tmp/c.sock"}}"#
+        #expect(try VMMConfiguration.parse(["-kernel", "k", "-incoming", "defer", "-incoming", cpr]).incoming
+                == MigrationChannels(cpr: .unix(path: "/tmp/c.sock")))
+        let main = #"{"channel-type": "main", "addr": {"transport": "socket", "type": "inet", "host": "127.0.0.1", "port": "4444"}}"#
+        #expect(try VMMConfiguration.parse(["-kernel", "k", "-incoming", main, "-incoming", cpr]).incoming
+                == MigrationChannels(main: .tcp(host: "127.0.0.1", port: 4444), cpr: .unix(path: "/tmp/c.sock")))
+        #expect(try VMMConfiguration.parse(["-kernel", "k", "-global", "migration.x-events=on"]).migrationEvents)
+        #expect(try !VMMConfiguration.parse(["-kernel", "k"]).migrationEvents)
         #expect(try VMMConfiguration.parse(["-kernel", "k", "-accel", "kvm,x-halt-poll-ns=5000000"]).haltPollNanoseconds == 5_000_000)
         #expect(config.startPaused)
         #expect(config.kernel == "/k.elf")
@@ -69,6 +78,10 @@ import Testing
         (["-kernel", "k", "-accel", "kvm,colour=red"], "unknown parameter 'colour'"),
         (["-kernel", "k", "-incoming", "rdma:1.2.3.4:5"], "-incoming rdma:1.2.3.4:5: migration URI 'rdma:1.2.3.4:5' is not supported"),
         (["-kernel", "k", "-incoming", "tcp:1.2.3.4"], "has no port"),
+        (["-kernel", "k", "-incoming", "unix:/a", "-incoming", "unix:/b"], "-incoming unix:/b: the main channel is given twice"),
+        (["-kernel", "k", "-incoming", #"{"channel-type": "cpr", "addr": {"transport": "rdma"}}"#], "channel transport 'rdma' is not supported (only 'socket')"),
+        (["-kernel", "k", "-global", "virtio-net-pci.mq=on"], "-global virtio-net-pci.mq=on: only migration.x-events=on|off is supported"),
+        (["-kernel", "k", "-global", "migration.x-events=yes"], "migration.x-events takes on or off, not 'yes'"),
     ])
     func badCommandLinesNameTheOption(arguments: [String], fragment: String) {
         do {

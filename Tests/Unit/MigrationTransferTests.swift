@@ -13,6 +13,8 @@ import Testing
         ("tcp:127.0.0.1:4444", .tcp(host: "127.0.0.1", port: 4444)),
         ("tcp:[::1]:4444", .tcp(host: "::1", port: 4444)),
         ("tcp:0:4444", .tcp(host: "0", port: 4444)),
+        ("fd:3", .fd("3")),
+        ("fd:migsock", .fd("migsock")),
     ])
     func urisParse(text: String, uri: MigrationURI) throws {
         #expect(try MigrationURI(text) == uri)
@@ -21,7 +23,7 @@ import Testing
 
     @Test(arguments: [
         ("exec:cat", "is not supported"), ("unix:", "no socket path"), ("tcp:host", "has no port"),
-        ("tcp:host:0", "port '0'"), ("tcp:host:99999", "port '99999'"),
+        ("tcp:host:0", "port '0'"), ("tcp:host:99999", "port '99999'"), ("fd:", "has no fd number or name"),
     ])
     func badURIsSayWhy(text: String, fragment: String) {
         #expect { try MigrationURI(text) } throws: { "\($0)".contains(fragment) }
@@ -29,14 +31,44 @@ import Testing
 
     @Test func channelsFormMatchesTheURIForm() throws {
         let unix: JSON = [["channel-type": "main", "addr": ["transport": "socket", "type": "unix", "path": "/tmp/m.sock"]]]
-        #expect(try MigrationURI(channels: unix) == .unix(path: "/tmp/m.sock"))
+        #expect(try MigrationChannels(channels: unix) == MigrationChannels(main: .unix(path: "/tmp/m.sock")))
         let inet: JSON = [["channel-type": "main", "addr": ["transport": "socket", "type": "inet", "host": "10.0.0.1", "port": "7000"]]]
-        #expect(try MigrationURI(channels: inet) == .tcp(host: "10.0.0.1", port: 7000))
+        #expect(try MigrationChannels(channels: inet).main == .tcp(host: "10.0.0.1", port: 7000))
+        #expect(try MigrationChannels(arguments: ["uri": "unix:/a"]) == MigrationChannels(main: .unix(path: "/a")))
         let both: JSONObject = ["uri": "unix:/a", "channels": unix]
-        #expect { try MigrationURI(arguments: both) } throws: { "\($0)".contains("mutually exclusive") }
-        #expect { try MigrationURI(arguments: [:]) } throws: { "\($0)".contains("either 'uri' or 'channels'") }
-        let cpr: JSON = [["channel-type": "cpr", "addr": ["transport": "socket", "type": "unix", "path": "/tmp/c"]]]
-        #expect { try MigrationURI(channels: cpr) } throws: { "\($0)".contains("channel-type 'cpr' is not supported") }
+        #expect { try MigrationChannels(arguments: both) } throws: { "\($0)".contains("mutually exclusive") }
+        #expect { try MigrationChannels(arguments: [:]) } throws: { "\($0)".contains("either 'uri' or 'channels'") }
+    }
+
+    @Test func channelsNameMainAndCPROnceEach() throws {
+        let main: JSON = ["channel-type": "main", "addr": ["transport": "socket", "type": "unix", "path": "/tmp/m"]]
+        let cpr: JSON = ["channel-type": "cpr", "addr": ["transport": "socket", "type": "unix", "path": "/tmp/c"]]
+        #expect(try MigrationChannels(channels: [cpr, main]) == MigrationChannels(main: .unix(path: "/tmp/m"), cpr: .unix(path: "/tmp/c")))
+        #expect(try MigrationChannels(channels: [cpr]) == MigrationChannels(cpr: .unix(path: "/tmp/c")))
+        #expect { try MigrationChannels(channels: [main, main]) } throws: { "\($0)" == "the main channel is given twice" }
+        #expect { try MigrationChannels(channels: []) } throws: { "\($0)".contains("non-empty list") }
+        let other: JSON = ["channel-type": "return-path", "addr": ["transport": "socket", "type": "unix", "path": "/x"]]
+        #expect { try MigrationChannels(channels: [other]) } throws: { "\($0)" == "channel-type 'return-path' is not supported (main or cpr)" }
+        let fd: JSON = ["channel-type": "cpr", "addr": ["transport": "socket", "type": "fd", "str": "5"]]
+        #expect(try MigrationChannels(channels: [fd]).cpr == .fd("5"))
+        let fdWithoutStr: JSON = ["channel-type": "main", "addr": ["transport": "socket", "type": "fd"]]
+        #expect { try MigrationChannels(channels: [fdWithoutStr]) } throws: { "\($0)" == "an fd channel needs 'str' (an fd number or getfd name)" }
+        let noAddr: JSON = ["channel-type": "cpr"]
+        #expect { try MigrationChannels(channels: [noAddr]) } throws: { "\($0)" == "the channel has no 'addr'" }
+    }
+
+    /// `-incoming` given twice: a URI or a JSON channel object each.
+    @Test func incomingOptionsAddUpToTheChannels() throws {
+        var channels = MigrationChannels()
+        try channels.add(incoming: #"{"channel-type": "cpr", "addr": {"transport": "socket", "type": "unix", "path": "/tmp/c"}}"#)
+        try channels.add(incoming: "unix:/tmp/m")
+        #expect(channels == MigrationChannels(main: .unix(path: "/tmp/m"), cpr: .unix(path: "/tmp/c")))
+        #expect { try channels.add(incoming: "unix:/tmp/n") } throws: { "\($0)" == "the main channel is given twice" }
+        #expect { try channels.add(incoming: #"{"channel-type": "cpr", "addr": {"transport": "socket", "type": "unix", "path": "/c2"}}"#) } throws: {
+            "\($0)" == "the cpr channel is given twice"
+        }
+        var broken = MigrationChannels()
+        #expect { try broken.add(incoming: #"{"channel-type": "main""#) } throws: { "\($0)".hasPrefix("not a JSON channel object: ") }
     }
 
     @Test func dirtyBitmapMarksEveryTouchedPageOnce() {

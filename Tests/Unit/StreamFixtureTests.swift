@@ -53,7 +53,7 @@ import Testing
         #expect(nic.properties["max_queue_pairs"] == String(fixture.queuePairs))
 
         let target = try FixtureTarget(description, recordedFDs: try Self.recordedFDClaims(fixture))
-        try target.load(sections, version: version)
+        try target.load(sections, header: Array(bytes.prefix(MigrationStream.headerSize)), configuration: description)
         #expect(target.received.closeUnclaimed() == [], "every fd the source passed was claimed")
         #expect(target.ramPages > 0 || fixture.local)
         // The guest had booted: the NIC is live, with every pair it asked for.
@@ -66,7 +66,7 @@ import Testing
 }
 
 /// The devices an incoming machine builds from the configuration section, loaded by
-/// the target's own code (`IncomingSections`, and `LegacyStreamV2` for v2 streams). The
+/// the target's own code (`IncomingMigration`, with `LegacyStreamV2` for v2 streams). The
 /// NIC's netdev is a stand-in for an `incoming-fds=on` TAP; the fds the source passed
 /// (not storable) are stand-ins too: a memfd of the RAM's size, /dev/null for TAP queues.
 final class FixtureTarget {
@@ -121,23 +121,16 @@ final class FixtureTarget {
         }
     }
 
-    func load(_ sections: [MigrationStream.Section], version: UInt32) throws {
-        var legacy = version == 2 ? LegacyStreamV2(netdevOf: [nic.id: backend.id]) : nil
-        var loader = IncomingSections(devices: [serial, pciBus, transport], memory: memory, sourceRAMFile: nil, fds: received,
-                                      progress: MigrationState())
-        // One at a time, as they arrive: v2 TAP fds are bound when their section comes.
-        for arrived in sections.dropFirst() {
-            for section in try legacy?.translate(arrived, received: received) ?? [arrived] {
-                switch section.kind {
-                case .vcpu:
-                    _ = try VCPUState.decode(section.payload)
-                    loader.loaded.insert(section.name)
-                case .switchover: break
-                default:
-                    if section.kind == .ram { ramPages += 1 }
-                    try loader.load(section)
-                }
-            }
+    /// The whole stream through the target's receive state machine, as it arrives.
+    func load(_ sections: [MigrationStream.Section], header: [UInt8], configuration: MachineDescription) throws {
+        let target = IncomingTarget(description: configuration, devices: [serial, pciBus, transport], memory: memory,
+                                    netdevOf: [nic.id: backend.id], progress: MigrationState(), restoreVCPU: { _ in })
+        let incoming = IncomingMigration(expectsCPR: false, target: target)
+        try incoming.begin(.main, header: header, fds: received)
+        for section in sections {
+            if section.kind == .ram { ramPages += 1 }
+            _ = try incoming.receive(section, on: .main)
         }
+        #expect(incoming.state == .completed)
     }
 }

@@ -25,8 +25,12 @@ public struct VMMConfiguration: Sendable, Equatable {
     public var showVersion = false
     public var showHelp = false
     public var debugLog = false
-    /// `-incoming unix:PATH`, `tcp:HOST:PORT` or `defer` (then QMP `migrate-incoming`).
-    public var incoming: String?
+    /// `-incoming unix:PATH`, `tcp:HOST:PORT`, `defer` (the main channel comes with QMP
+    /// `migrate-incoming`) or a JSON channel (`{"channel-type": "main"|"cpr", "addr": ...}`);
+    /// given twice for the main and the cpr channel. Nil: not a migration target.
+    public var incoming: MigrationChannels?
+    /// `-global migration.x-events=on`: the `events` capability before any client connects.
+    public var migrationEvents = false
     /// `-accel kvm,x-halt-poll-ns=N`: see `VCPURunner.defaultHaltPollNanoseconds`.
     public var haltPollNanoseconds = VCPURunner.defaultHaltPollNanoseconds
 
@@ -52,6 +56,9 @@ public struct VMMConfiguration: Sendable, Equatable {
           -netdev tap,id=ID[,ifname=NAME][,queues=N][,vnet_hdr=on|off][,fd=N|fds=N:M:...],script=no,downscript=no
           -device virtio-net-pci,netdev=ID[,id=ID][,mac=MAC][,mq=on|off][,local-migration=on|off][,bus=BUS]
           -device pcie-pci-bridge,id=ID[,bus=pcie.0]   (alias: adds bus name ID, see docs/cli.md)
+          -incoming unix:PATH|tcp:HOST:PORT|defer|'{"channel-type": "main"|"cpr", "addr": {...}}'
+                                   be a migration target (twice: the main and the cpr channel)
+          -global migration.x-events=on|off  MIGRATION events from the start (a target's)
           -S                       stay in 'prelaunch' until QMP 'cont'
           -no-shutdown             on guest poweroff stay in 'shutdown' instead of exiting
           -accel kvm[,x-halt-poll-ns=N]  poll device input N ns after a guest HLT (default 100000)
@@ -63,7 +70,7 @@ public struct VMMConfiguration: Sendable, Equatable {
     static let options: [String: Bool] = [
         "name": true, "m": true, "kernel": true, "append": true, "serial": true, "qmp": true,
         "object": true, "machine": true, "M": true, "accel": true, "display": true, "smp": true,
-        "cpu": true, "monitor": true, "netdev": true, "device": true, "incoming": true,
+        "cpu": true, "monitor": true, "netdev": true, "device": true, "incoming": true, "global": true,
         "S": false, "nodefaults": false, "no-user-config": false, "no-shutdown": false,
         "enable-kvm": false, "nographic": false, "version": false, "help": false, "h": false, "d": false,
     ]
@@ -91,10 +98,21 @@ public struct VMMConfiguration: Sendable, Equatable {
                 case "m": config.memorySize = try parseMemorySize(value, option: raw)
                 case "kernel": config.kernel = value
                 case "incoming":
+                    var channels = config.incoming ?? MigrationChannels()
                     if value != "defer" {
-                        do { _ = try MigrationURI(value) } catch { throw fail("\(raw) \(value): \(error)") }
+                        do { try channels.add(incoming: value) } catch { throw fail("\(raw) \(value): \(error)") }
                     }
-                    config.incoming = value
+                    config.incoming = channels
+                case "global":
+                    // QEMU's `-global driver.property=value`; only the migration object's events.
+                    let parts = value.split(separator: "=", maxSplits: 1).map(String.init)
+                    guard parts.count == 2, parts[0] == "migration.x-events" else {
+                        throw fail("\(raw) \(value): only migration.x-events=on|off is supported")
+                    }
+                    guard let on = ["on": true, "off": false][parts[1]] else {
+                        throw fail("\(raw) \(value): migration.x-events takes on or off, not '\(parts[1])'")
+                    }
+                    config.migrationEvents = on
                 case "append": config.append = value
                 case "serial": config.serial.append(try ChardevSpec.parse(value, option: raw))
                 case "qmp":

@@ -5,11 +5,17 @@ extension Machine {
     func registerMigrationCommands() {
         let d = dispatcher
         d.register("migrate", arguments: ["uri": .string, "channels": .array, "detach": .boolean, "resume": .boolean]) { [unowned self] args in
-            try startMigration(to: try Self.migrationURI(args))
+            try startMigration(to: try outgoingMainChannel(try Self.migrationChannels(args)))
             return [:]
         }
         d.register("migrate-incoming", arguments: ["uri": .string, "channels": .array, "exit-on-error": .boolean]) { [unowned self] args in
-            try startIncoming(from: try Self.migrationURI(args), exitOnError: args["exit-on-error"]?.boolValue ?? true)
+            let channels = try Self.migrationChannels(args)
+            // QEMU's rule: the cpr state must be read before the monitor could even run.
+            guard channels.cpr == nil else {
+                throw QMPCommandError("migrate-incoming takes the main channel only; a cpr channel must be given with -incoming on the command line")
+            }
+            guard channels.main != nil else { throw QMPCommandError("migrate-incoming needs a main channel") }
+            try startIncoming(channels, exitOnError: args["exit-on-error"]?.boolValue ?? true)
             return [:]
         }
         d.register("migrate_cancel") { [unowned self] _ in
@@ -34,8 +40,8 @@ extension Machine {
         }
         d.register("migrate-set-parameters", arguments: ["local": .boolean, "mode": .string, "downtime-limit": .integer, "max-bandwidth": .integer]) { [unowned self] args in
             guard !migration.isActive else { throw QMPCommandError("There's a migration process in progress") }
-            if let mode = args["mode"]?.stringValue, mode != "normal" {
-                throw QMPCommandError("Parameter 'mode' does not accept value '\(mode)' (only 'normal' so far)")
+            if let mode = args["mode"]?.stringValue, !Self.migrationModes.contains(mode) {
+                throw QMPCommandError("Parameter 'mode' does not accept value '\(mode)' (normal or cpr-transfer)")
             }
             // Every value is checked before any is applied, as QEMU's migrate_params_check does.
             var updated = migration.parameters
@@ -81,12 +87,31 @@ extension Machine {
         "max-bandwidth": ParameterRange(qemuName: "max_bandwidth", range: 0...Int64.max, unit: "bytes/second"),
     ]
 
-    static func migrationURI(_ args: JSONObject) throws -> MigrationURI {
+    static let migrationModes: Set<String> = ["normal", "cpr-transfer"]
+
+    static func migrationChannels(_ args: JSONObject) throws -> MigrationChannels {
         do {
-            return try MigrationURI(arguments: args)
+            return try MigrationChannels(arguments: args)
         } catch let error as StreamError {
             throw QMPCommandError(error.description)
         }
+    }
+
+    /// The source's channels against the migration mode: normal and local use the main
+    /// channel only; cpr-transfer (main and cpr) is refused until it is implemented.
+    func outgoingMainChannel(_ channels: MigrationChannels) throws -> MigrationURI {
+        let mode = migration.parameters["mode"]?.stringValue ?? "normal"
+        guard mode != "cpr-transfer" else {
+            throw QMPCommandError("Migration mode 'cpr-transfer' is not implemented yet; set mode 'normal'")
+        }
+        if let cpr = channels.cpr {
+            throw QMPCommandError("A cpr channel (\(cpr)) is only used by migration mode 'cpr-transfer', but mode is '\(mode)'")
+        }
+        guard let main = channels.main else { throw QMPCommandError("migrate needs a main channel") }
+        if case .fd = main {
+            throw QMPCommandError("migrate: channel \(main) is not supported; an fd channel is for the target's listening socket only")
+        }
+        return main
     }
 
     /// QEMU's MigrationInfo; times in ms, plus `x-downtime-us` (the downtime in

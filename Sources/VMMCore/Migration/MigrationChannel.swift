@@ -19,6 +19,8 @@ public final class MigrationChannel: @unchecked Sendable {
             MigrationChannel(socket: FileDescriptor(adopting: try UnixSocket.connect(path: path), label: "migration channel to \(uri)"))
         case .tcp(let host, let port):
             MigrationChannel(socket: FileDescriptor(adopting: try TCPSocket.connect(host: host, port: port), label: "migration channel to \(uri)"))
+        case .fd:
+            throw StreamError("migration channel \(uri): an fd channel is for the target's listening socket only; migrate to unix:PATH or tcp:HOST:PORT")
         }
     }
 

@@ -37,8 +37,14 @@ public final class MigrationState: @unchecked Sendable {
     var dirtyLogging = false
     /// migrate-incoming's `exit-on-error`: a target whose load failed exits (status 1).
     var exitOnError = true
-    var incomingListener: Int32 = -1
-    var incomingPath: String?
+    /// The target's migration, from the first `-incoming`/`migrate-incoming` on.
+    var incoming: IncomingMigration?
+    /// The channels this target was given, and the listeners not yet connected to.
+    var incomingChannels = MigrationChannels()
+    var incomingListeners: [MigrationChannelType: FileDescriptor] = [:]
+    var incomingPaths: [MigrationChannelType: String] = [:]
+    /// A main channel that connected before the cpr state was applied.
+    var waitingMainChannel: MigrationChannel?
 
     func reset(ramTotal: UInt64, now: Int64) {
         error = nil

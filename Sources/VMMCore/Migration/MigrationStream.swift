@@ -25,6 +25,10 @@ public enum MigrationStream {
         /// The source is about to stop the guest: the target answers once it has taken in
         /// everything before and polls for what follows.
         case switchover = 6
+        /// cpr-transfer: what the target needs before it builds its devices (the RAM
+        /// memfd, `cpr=on` netdevs' fds), carried only on the cpr channel, before the
+        /// main channel's stream. Empty until cpr-transfer defines its contents.
+        case cprState = 7
         case end = 0xFF
     }
 

@@ -2,116 +2,157 @@ import CLinux
 import Glibc
 import QMPWire
 
-/// `-incoming` / `migrate-incoming`: accept one connection, check the configuration,
-/// load RAM and state on a thread of its own (the vCPU has never run), acknowledge.
+/// `-incoming` / `migrate-incoming`: listen on each channel given, accept one connection
+/// per channel, and run its stream through the target's `IncomingMigration` on a thread
+/// of its own (the vCPU has never run); the main channel acknowledges at the end.
 extension Machine {
-    func startIncoming(from uri: MigrationURI, exitOnError: Bool = true) throws {
+    func startIncoming(_ channels: MigrationChannels, exitOnError: Bool = true) throws {
         guard runState == .inmigrate else { throw QMPCommandError("The incoming migration can only start in state 'inmigrate' (-incoming defer)") }
-        guard migration.incomingListener < 0, !migration.isActive else { throw QMPCommandError("An incoming migration is already set up") }
         // Part of a failed stream may have loaded (RAM, registers, adopted TAP queues):
         // a second attempt would start from that, so this target is spent.
         guard migration.status != .failed else {
             throw QMPCommandError("An incoming migration failed here before (\(migration.error ?? "")); start a new target")
         }
+        let given = MigrationChannelType.allCases.filter { channels[$0] != nil }
+        guard !given.contains(where: { migration.incomingChannels[$0] != nil }), migration.status != .completed,
+              !(migration.isActive && given.contains(.cpr)) else {
+            throw QMPCommandError("An incoming migration is already set up")
+        }
         migration.exitOnError = exitOnError
-        let listener: Int32
-        switch uri {
-        case .unix(let path):
-            listener = try UnixSocket.listen(path: path, backlog: 1)
-            migration.incomingPath = path
-        case .tcp(let host, let port):
-            listener = try TCPSocket.listen(host: host, port: port)
+        if migration.incoming == nil {
+            let cpr = channels.cpr != nil || migration.incomingChannels.cpr != nil
+            migration.incoming = IncomingMigration(expectsCPR: cpr, target: incomingTarget())
         }
-        migration.incomingListener = listener
-        loop.watch(listener) { [unowned self] _ in
-            guard let fd = UnixSocket.accept(listener) else { return }
-            closeIncomingListener()
-            receiveMigration(on: MigrationChannel(socket: FileDescriptor(adopting: fd, label: "incoming migration connection")))
+        for type in given {
+            let uri = channels[type]!
+            let listener: FileDescriptor
+            switch uri {
+            case .unix(let path):
+                listener = FileDescriptor(adopting: try UnixSocket.listen(path: path, backlog: 1), label: "\(type) migration listener")
+                migration.incomingPaths[type] = path
+            case .tcp(let host, let port):
+                listener = FileDescriptor(adopting: try TCPSocket.listen(host: host, port: port), label: "\(type) migration listener")
+            case .fd(let name):
+                listener = try listeningSocket(name, for: type)
+            }
+            migration.incomingChannels[type] = uri
+            migration.incomingListeners[type] = listener
+            listener.withRaw { raw in
+                loop.watch(raw) { [unowned self] _ in
+                    guard let fd = UnixSocket.accept(raw) else { return }
+                    closeIncomingListener(type)
+                    connected(MigrationChannel(socket: FileDescriptor(adopting: fd, label: "\(type) migration connection")), type)
+                }
+            }
         }
     }
 
-    func closeIncomingListener() {
-        guard migration.incomingListener >= 0 else { return }
-        loop.unwatch(migration.incomingListener)
-        close(migration.incomingListener)
-        migration.incomingListener = -1
-        if let path = migration.incomingPath { unlink(path) }
-        migration.incomingPath = nil
+    /// `fd:N`: a listening socket this process inherited (the command line) or got with
+    /// `getfd` (QMP). An inherited number stays open, as `-netdev fd=N` leaves it.
+    private func listeningSocket(_ name: String, for type: MigrationChannelType) throws -> FileDescriptor {
+        let label = "\(type) migration listener fd:\(name)"
+        let fd: FileDescriptor
+        if let named = namedFDs[name] {
+            fd = named
+        } else if let number = Int32(name), number >= 0 {
+            fd = try FileDescriptor.duplicating(inherited: number, label: label)
+        } else {
+            throw QMPCommandError("fd '\(name)' is neither an fd number nor a name given with getfd")
+        }
+        var accepting: Int32 = 0
+        var length = socklen_t(MemoryLayout<Int32>.size)
+        let rc = fd.withRaw { getsockopt($0, SOL_SOCKET, SO_ACCEPTCONN, &accepting, &length) }
+        guard rc == 0, accepting != 0 else {
+            throw QMPCommandError("fd \(name) is not a listening socket (\(rc == 0 ? "not listening" : String(cString: strerror(errno))))")
+        }
+        namedFDs[name] = nil
+        return fd
     }
 
-    func receiveMigration(on channel: MigrationChannel) {
-        migration.reset(ramTotal: memory.size, now: monotonicNanoseconds())
-        migration.outgoing = false
-        setMigrationStatus(.setup)
-        setMigrationStatus(.active)
-        let own = machineDescription()
+    /// What this machine's migration loads into.
+    func incomingTarget() -> IncomingTarget {
+        IncomingTarget(description: machineDescription(), devices: devices, memory: memory,
+                       netdevOf: Dictionary(uniqueKeysWithValues: netdevUsers.map { ($1, $0) }), progress: migration,
+                       restoreVCPU: { [vcpuRunner] in try $0.restore(into: vcpuRunner.vcpu) })
+    }
+
+    func closeIncomingListener(_ type: MigrationChannelType) {
+        guard let listener = migration.incomingListeners.removeValue(forKey: type) else { return }
+        listener.withRaw { loop.unwatch($0) }
+        listener.close()
+        if let path = migration.incomingPaths.removeValue(forKey: type) { unlink(path) }
+    }
+
+    func closeIncomingListeners() {
+        for type in MigrationChannelType.allCases { closeIncomingListener(type) }
+    }
+
+    /// A channel connected. The main channel waits while a cpr state is still to come
+    /// (the source sends it first, but this side may not have applied it yet).
+    private func connected(_ channel: MigrationChannel, _ type: MigrationChannelType) {
+        guard let incoming = migration.incoming else { return }
+        if migration.status == .none {
+            migration.reset(ramTotal: memory.size, now: monotonicNanoseconds())
+            migration.outgoing = false
+            setMigrationStatus(.setup)
+            setMigrationStatus(.active)
+        }
+        if type == .main && incoming.expectsCPR && [.waitingForChannels, .receivingCPRState].contains(incoming.state) {
+            migration.waitingMainChannel = channel
+            return
+        }
+        receive(on: channel, type, into: incoming)
+    }
+
+    private func receive(on channel: MigrationChannel, _ type: MigrationChannelType, into incoming: IncomingMigration) {
         do {
-            _ = try OSThread(name: "migration-in") { [self] in
+            _ = try OSThread(name: "migration-in-\(type)") { [self] in
                 var failure: String?
                 do {
-                    try receive(over: channel, expecting: own)
-                    // Checked before acknowledging: the source must not report success for this.
-                    let unclaimed = channel.received.closeUnclaimed()
-                    if !unclaimed.isEmpty {
-                        throw StreamError("received \(unclaimed.count) file descriptor(s) that no section claimed: \(unclaimed.joined(separator: ", "))")
+                    try incoming.begin(type, header: try channel.receive(MigrationStream.headerSize, what: "the \(type) channel's stream header"),
+                                       fds: channel.received)
+                    while true {
+                        let section = try channel.receiveSection(version: incoming.version(of: type), pollFirst: incoming.pollsForNext)
+                        let step = try incoming.receive(section, on: type)
+                        if step == .finished { break }
+                        if step == .answerReadyToSwitchOver { try channel.send([Self.readyToSwitchOver]) }
                     }
-                    try channel.send([Self.acknowledgement])
-                    migration.mark("acknowledged")
+                    if type == .main {
+                        try channel.send([Self.acknowledgement])
+                        migration.mark("acknowledged")
+                    }
                 } catch {
-                    let unclaimed = channel.received.closeUnclaimed()
-                    failure = unclaimed.isEmpty ? "\(error)"
-                        : "\(error) (closed \(unclaimed.count) received file descriptor(s) no device claimed: \(unclaimed.joined(separator: ", ")))"
+                    failure = incoming.fail(error)
                 }
                 let result = failure
-                loop.post { [self] in finishIncoming(error: result) }
+                loop.post { [self] in channelFinished(type, error: result) }
             }
         } catch {
-            finishIncoming(error: "\(error)")
+            channelFinished(type, error: incoming.fail(error))
         }
     }
 
-    /// Runs on the migration thread; the vCPU has never run, so loading is race-free.
-    func receive(over channel: MigrationChannel, expecting own: MachineDescription) throws {
-        let version = try MigrationStream.checkHeader(try channel.receive(MigrationStream.headerSize, what: "the stream header"))
-        let first = try channel.receiveSection(version: version)
-        guard first.kind == .configuration else { throw StreamError("the stream starts with \(first.label), not the configuration") }
-        let sourceDescription = try MachineDescription.decode(first.payload)
-        try sourceDescription.check(target: own)
-        migration.mark("configuration checked")
-        var legacy = version == 2 ? LegacyStreamV2(netdevOf: Dictionary(uniqueKeysWithValues: netdevUsers.map { ($1, $0) })) : nil
-        var loader = IncomingSections(devices: devices, memory: memory, sourceRAMFile: sourceDescription.properties["ram-file"],
-                                      fds: channel.received, progress: migration)
-        var switchingOver = false
-        while true {
-            let received = try channel.receiveSection(version: version, pollFirst: switchingOver)
-            for section in try legacy?.translate(received, received: channel.received) ?? [received] {
-                switch section.kind {
-                case .vcpu:
-                    migration.mark("vcpu state arrived")
-                    guard section.name == "cpu0" else { throw StreamError("state for vCPU '\(section.name)', this machine has cpu0 only") }
-                    try channel.received.bind(section.fdNames, for: section.label)
-                    try VCPUState.decode(section.payload).restore(into: vcpuRunner.vcpu)
-                    loader.loaded.insert("cpu0")
-                case .switchover:
-                    try channel.send([Self.readyToSwitchOver])
-                    migration.mark("ready to switch over")
-                    switchingOver = true
-                case .end:
-                    migration.mark("end arrived")
-                    try loader.load(section)
-                    return
-                default:
-                    try loader.load(section)
-                }
+    /// Back on the control thread: the cpr channel lets a waiting main channel go on; the
+    /// main channel ends the migration.
+    private func channelFinished(_ type: MigrationChannelType, error: String?) {
+        if type == .cpr && error == nil {
+            if let main = migration.waitingMainChannel, let incoming = migration.incoming {
+                migration.waitingMainChannel = nil
+                receive(on: main, .main, into: incoming)
             }
+            return
         }
+        guard migration.status == .active else { return }  // the other channel failed first
+        finishIncoming(error: error)
     }
 
     func finishIncoming(error: String?) {
         migration.endTime = monotonicNanoseconds()
         migration.mark("finished")
         logger.debug("incoming migration timeline: \(migration.takeTimeline())")
+        migration.waitingMainChannel = nil
         if let error {
+            closeIncomingListeners()
             migration.error = error
             logger.error("incoming migration failed: \(error)")
             setMigrationStatus(.failed)
@@ -129,7 +170,7 @@ extension Machine {
 }
 
 /// The target's loading of every section but the vCPU's, into the devices and RAM of a
-/// machine that never ran: what `Machine.receive` uses, and what the stream fixtures
+/// machine that never ran: what `IncomingMigration` uses, and what the stream fixtures
 /// are checked with (no KVM needed).
 struct IncomingSections {
     let devices: [any MachineDevice]
@@ -179,7 +220,7 @@ struct IncomingSections {
             for device in devices { try device.checkReadyToRun() }
         case .configuration:
             throw StreamError("a second configuration section")
-        case .vcpu, .switchover:
+        case .vcpu, .switchover, .cprState:
             throw StreamError("\(section.label) is the machine's to load")
         }
     }
