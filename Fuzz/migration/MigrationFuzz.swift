@@ -5,13 +5,15 @@ import Logging
 /// The migration target's reader: stream header, section framing and CRCs, the
 /// configuration section (`MachineDescription`) and its comparison with this machine, RAM
 /// records, the shared-RAM section, the vCPU state, and each device's state loader (serial,
-/// PCI bus, virtio-net transport with its queues, virtio-net), in stream order, the way
-/// `Machine.receive` applies them. No KVM: the vCPU state is decoded, not restored.
+/// PCI bus, the virtio-net function with its queues), through the target's own receive
+/// state machine (`IncomingMigration`), as a migration's main channel delivers them. No
+/// KVM: the vCPU state is decoded, not restored.
 ///
 /// The first input byte picks how the rest is read:
 /// - 0: a whole stream as it arrives (a mutation almost always breaks a CRC, which tests the framing);
 /// - 1: a whole stream whose CRCs are recomputed first, so mutations reach the loaders;
-/// - 2: one section payload for the loader that the next byte picks (see `loaders`).
+/// - 2: one section payload for the loader that the next byte picks (see `loaders`), after
+///   a valid header and this machine's own configuration.
 /// Seeds are cut from a real migration (docs/reliability.md says how it was captured).
 @main enum FuzzMigration {
     static func main() { runLibFuzzer(fuzz) }
@@ -27,11 +29,11 @@ final class TargetMachine {
     let nic: VirtioNet
     let transport: VirtioPCITransport
     let received = ReceivedFDs()
-    var sections: IncomingSections
-    /// v2 streams (the committed seeds) go through the target's own translation.
-    var legacy: LegacyStreamV2?
+    /// The target's own receive state machine, as `Machine` drives it.
+    let incoming: IncomingMigration
+    let description: MachineDescription
 
-    init(streamVersion: UInt32) throws {
+    init() throws {
         memory = try GuestMemory(size: Self.ramSize)
         let logger = Logger(label: "fuzz", factory: { _ in SwiftLogNoOpLogHandler() })
         nic = VirtioNet(id: "net0", mac: [0x52, 0x54, 0, 0x12, 0x34, 0x56], datapath: UserspaceTapDatapath(queues: backend, pairs: 2),
@@ -39,28 +41,29 @@ final class TargetMachine {
         transport = VirtioPCITransport(name: "net0", model: nic, memory: memory, logger: logger)
         pciBus = try PCIBus()
         try pciBus.plug(transport)
-        sections = IncomingSections(devices: [serial, pciBus, transport], memory: memory, sourceRAMFile: nil, fds: received,
-                                    progress: MigrationState())
-        legacy = streamVersion == 2 ? LegacyStreamV2(netdevOf: [nic.id: backend.id]) : nil
-    }
-
-    var description: MachineDescription {
-        MachineDescription(properties: ["ram-size": String(Self.ramSize), "vcpus": "1", "local": "off"], devices: [
+        description = MachineDescription(properties: ["ram-size": String(Self.ramSize), "vcpus": "1", "local": "off"], devices: [
             .init(id: "serial0", type: "isa-serial", properties: [:]),
             .init(id: "net0", type: "virtio-net-pci", properties: ["max_queue_pairs": "2", "mq": "on", "mac": "52:54:0:12:34:56", "local-migration": "on"]),
         ])
+        incoming = IncomingMigration(expectsCPR: false, target: IncomingTarget(
+            description: description, devices: [serial, pciBus, transport], memory: memory, netdevOf: [nic.id: backend.id],
+            progress: MigrationState(), restoreVCPU: { _ in }))
     }
 
-    /// One section as it arrives, dispatched as the target's receive loop does.
-    func load(_ arrived: MigrationStream.Section) throws {
-        for section in try legacy?.translate(arrived, received: received) ?? [arrived] {
-            switch section.kind {
-            case .configuration: try MachineDescription.decode(section.payload).check(target: description)
-            case .vcpu: _ = try VCPUState.decode(section.payload)
-            case .switchover: break
-            default: try sections.load(section)
-            }
+    /// A whole stream, header first, each section a transition of the state machine.
+    func receive(_ stream: [UInt8]) throws {
+        try incoming.begin(.main, header: Array(stream.prefix(MigrationStream.headerSize)), fds: received)
+        for section in try MigrationStream.decodeAll(stream) { _ = try incoming.receive(section, on: .main) }
+    }
+
+    /// One section after a valid header and this machine's own configuration: reaches
+    /// each loader with any payload (mode 2).
+    func receive(_ section: MigrationStream.Section) throws {
+        try incoming.begin(.main, header: MigrationStream.header(), fds: received)
+        if section.kind != .configuration {
+            _ = try incoming.receive(.init(kind: .configuration, payload: description.encode()), on: .main)
         }
+        _ = try incoming.receive(section, on: .main)
     }
 }
 
@@ -88,18 +91,14 @@ func fixingChecksums(_ stream: [UInt8]) -> [UInt8] {
 public func fuzz(_ data: UnsafePointer<UInt8>?, _ size: Int) -> CInt {
     var input = FuzzInput(data, size)
     let mode = input.u8() % 3
+    let machine = try! TargetMachine()
     if mode == 2 {
-        let machine = try! TargetMachine(streamVersion: MigrationStream.version)
         let (kind, name) = loaders[Int(input.u8()) % loaders.count]
-        try? machine.load(.init(kind: kind, name: name, payload: input.rest()))
+        try? machine.receive(.init(kind: kind, name: name, payload: input.rest()))
         return 0
     }
     var stream = input.rest()
     if mode == 1 { stream = fixingChecksums(stream) }
-    guard let version = try? MigrationStream.checkHeader(stream), let sections = try? MigrationStream.decodeAll(stream) else { return 0 }
-    let machine = try! TargetMachine(streamVersion: version)
-    for section in sections {
-        do { try machine.load(section) } catch { break }
-    }
+    try? machine.receive(stream)
     return 0
 }
