@@ -1,7 +1,9 @@
 /// A malformed or unexpected vhost-user message; the text names the message.
 public struct VhostUserError: Error, CustomStringConvertible, Sendable, Equatable {
     public let description: String
-    public init(_ description: String) { self.description = description }
+    /// The header of the message at fault, when it was read (for an error reply).
+    public var header: VhostUserHeader?
+    public init(_ description: String, header: VhostUserHeader? = nil) { (self.description, self.header) = (description, header) }
 }
 
 /// The 12-byte header every message starts with (host-endian, which is little-endian here).

@@ -32,7 +32,12 @@ public final class VhostUserConnection: @unchecked Sendable {
             for fd in fds { fd.close() }
             throw VhostUserError("vhost-user \(header.requestName): more than \(VhostUserCodec.maxFDs) fds attached")
         }
-        return try VhostUserCodec.decode(header: header, payload: payload, fds: fds)
+        do {
+            return try VhostUserCodec.decode(header: header, payload: payload, fds: fds)
+        } catch var error as VhostUserError {
+            error.header = header
+            throw error
+        }
     }
 
     private func readExactly(into buffer: inout [UInt8], from start: Int, what: String) throws {
