@@ -65,7 +65,7 @@ if Context.environment["FUZZ"] == "1" {
         .target(name: "CFuzzDriver", path: "Fuzz/CFuzzDriver"),
         .target(name: "FuzzSupport", dependencies: ["CFuzzDriver"], path: "Fuzz/FuzzSupport"),
     ]
-    for name in ["qmp", "cli", "migration", "virtqueue", "virtio-net", "elf"] {
+    for name in ["qmp", "cli", "migration", "virtqueue", "virtio-net", "elf", "vhost-user"] {
         package.targets.append(.executableTarget(
             name: "fuzz-\(name)",
             dependencies: ["FuzzSupport", "VMMCore", "QMPWire"],
