@@ -65,7 +65,8 @@ import Testing
         }
 
         /// QEMU's start sequence for both rings.
-        func setUp() throws {
+        /// `kickFDs: false`: SET_VRING_KICK with NOFD (the front-end asks the backend to poll).
+        func setUp(kickFDs: Bool = true) throws {
             #expect(try request(.getFeatures) == .reply(.getFeatures, VhostUserNetBackend.features))
             try request(.setFeatures(VhostUserNetBackend.features))
             try request(.setProtocolFeatures(VhostUserProtocolFeature.mq | VhostUserProtocolFeature.replyAck))
@@ -78,7 +79,7 @@ import Testing
                 #expect(try request(.setVringAddr(VhostUserVringAddress(index: UInt32(ring), descriptor: userBase + desc(ring),
                                                                          used: userBase + used(ring), available: userBase + avail(ring))))
                         == .reply(.setVringAddr, 0))
-                try request(.setVringKick(VhostUserVringFile(index: UInt8(ring), hasFD: true)), fds: [kicks[ring].fd])
+                try request(.setVringKick(VhostUserVringFile(index: UInt8(ring), hasFD: kickFDs)), fds: kickFDs ? [kicks[ring].fd] : [])
                 try request(.setVringCall(VhostUserVringFile(index: UInt8(ring), hasFD: true)), fds: [calls[ring].fd])
                 #expect(try request(.setVringEnable(VhostUserVringState(index: UInt32(ring), num: 1))) == .reply(.setVringEnable, 0))
             }
@@ -116,6 +117,23 @@ import Testing
         let n = recv(rig.tapPeer, &buffer, buffer.count, 0)
         #expect(Array(buffer.prefix(max(n, 0))) == [UInt8](repeating: 0, count: 12) + Self.frame)
         #expect(rig.calls[1].drain(), "the call eventfd was signalled after the used entry")
+    }
+
+    /// A frame posted before the ring started goes out with no kick: at start (the kick
+    /// eventfd never signalled), and in polling mode (NOFD, no kick eventfd at all).
+    @Test(arguments: [true, false])
+    func framePostedBeforeTheStartGoesOutWithoutAKick(kickFDs: Bool) throws {
+        let rig = try Rig()
+        defer { rig.finish() }
+        try rig.memory.write([UInt8](repeating: 0, count: 12) + Self.frame, at: 0x50000)
+        try rig.post(ring: 1, slot: 0, address: 0x50000, length: UInt32(12 + Self.frame.count), writable: false)
+        try rig.setUp(kickFDs: kickFDs)
+        #expect(try rig.waitForUsed(ring: 1, count: 1))
+        var buffer = [UInt8](repeating: 0, count: 2048)
+        #expect(recv(rig.tapPeer, &buffer, buffer.count, Int32(MSG_DONTWAIT)) == 12 + Self.frame.count)
+        // Polling mode keeps going: a second frame, still no kick.
+        try rig.post(ring: 1, slot: 1, address: 0x50000, length: UInt32(12 + Self.frame.count), writable: false)
+        if !kickFDs { #expect(try rig.waitForUsed(ring: 1, count: 2)) }
     }
 
     @Test func receivesAFrameIntoAPostedBuffer() throws {

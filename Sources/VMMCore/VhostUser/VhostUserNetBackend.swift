@@ -34,6 +34,8 @@ public final class VhostUserNetBackend: @unchecked Sendable {
         var queue: Virtqueue?
         /// RX: the guest may have posted buffers since the ring last ran dry.
         var rxHasBuffers = true
+        /// Just started: work the guest posted while it was stopped waits for no kick.
+        var needsPass = false
     }
 
     struct State {
@@ -294,6 +296,7 @@ public final class VhostUserNetBackend: @unchecked Sendable {
         }
         s.rings[i].queue = queue
         s.rings[i].rxHasBuffers = true
+        s.rings[i].needsPass = true
     }
 
     // MARK: datapath (its own thread)
@@ -304,11 +307,21 @@ public final class VhostUserNetBackend: @unchecked Sendable {
         while running.load(ordering: .relaxed) {
             var watched: [FileDescriptor] = [wake.fd]
             var roles: [Ready] = [.wake]
+            // Rings to work on without a kick: just started, or set up with NOFD (the
+            // spec's polling mode, checked every millisecond).
+            var passes: [Int] = []
+            var polling = false
             state.withLock { s in
                 for (i, r) in s.rings.enumerated() where r.queue != nil {
                     if let kick = r.kick {
                         watched.append(kick)
                         roles.append(.kick(i))
+                    } else {
+                        polling = true
+                    }
+                    if r.needsPass || r.kick == nil {
+                        passes.append(i)
+                        s.rings[i].needsPass = false
                     }
                     if i % 2 == 0 && r.rxHasBuffers {
                         watched.append(tapFDs[i / 2])
@@ -316,27 +329,34 @@ public final class VhostUserNetBackend: @unchecked Sendable {
                     }
                 }
             }
+            for i in passes { pass(ring: i) }
             // The references in `watched` keep every fd open until poll returns.
             var requests = watched.map { $0.pollRequest() }
-            let n = poll(&requests, nfds_t(requests.count), 1000)
+            let n = poll(&requests, nfds_t(requests.count), polling ? 1 : 1000)
             guard n > 0 else { continue }
-            for (request, role) in zip(requests, roles) where request.revents != 0 {
+            for (index, (request, role)) in zip(requests, roles).enumerated() where request.revents != 0 {
                 switch role {
                 case .wake:
                     wake.drain()
                 case .kick(let i):
                     var value: UInt64 = 0
-                    _ = watched[roles.firstIndex { if case .kick(i) = $0 { true } else { false } }!].withRaw { read($0, &value, 8) }
-                    if i % 2 == 1 {
-                        transmit(pair: i / 2)
-                    } else {
-                        state.withLock { $0.rings[i].rxHasBuffers = true }
-                        receive(pair: i / 2)
-                    }
+                    _ = watched[index].withRaw { read($0, &value, 8) }
+                    pass(ring: i)
                 case .tap(let p):
                     receive(pair: p)
                 }
             }
+        }
+    }
+
+    /// Works on ring `i` as its kick asks: TX sends what is available, RX polls its TAP
+    /// queue again (the guest posted buffers) and fills them.
+    func pass(ring i: Int) {
+        if i % 2 == 1 {
+            transmit(pair: i / 2)
+        } else {
+            state.withLock { $0.rings[i].rxHasBuffers = true }
+            receive(pair: i / 2)
         }
     }
 
