@@ -45,3 +45,48 @@ extension SerializedNetworkSuites {
         }
     }
 }
+
+extension SerializedNetworkSuites {
+    /// Our VMM as the vhost-user front-end of the bundled backend: the rings run in
+    /// `vhost-user-net`, the guest's TX notifies reach it as ioeventfd kicks (no exits).
+    @Suite(.requiresKVM, .requiresGuestImage, .requiresVMM, .requiresNetworkNamespaces)
+    struct VhostUserFrontEndFunctionalTests {
+        @Test func pingsFlowThroughTheBundledBackendWithoutTXNotifyExits() async throws {
+            let network = GuestNetwork(queues: 2)
+            try await withArtifacts { artifacts in
+                try await NetworkNamespace.with { namespace in
+                    try await network.createTap(in: namespace)
+                    try await VhostUserBackendProcess.with(tap: network.tap, queues: network.queues, in: namespace,
+                                                           logDirectory: artifacts.path) { backend in
+                        var options = MachineOptions.bundledGuest()
+                        options.namespace = namespace
+                        options.arguments = [
+                            "-chardev", "socket,id=c,path=\(backend.socketPath)",
+                            "-netdev", "vhost-user,id=\(network.netdevID),chardev=c,queues=\(network.queues)",
+                        ] + network.deviceArguments
+                        try await Machine.with(options) { vm in
+                            try await vm.console.waitForPrompt(timeout: .seconds(30))
+                            try await vm.guest.configureNetwork(address: network.guestCIDR)
+                            let fromGuest = try await vm.guest.ping(network.hostAddress, count: 3, waitSeconds: 2)
+                            #expect(fromGuest.received == 3, "guest -> host: \(fromGuest)\nbackend: \(backend.log)")
+                            let pinger = try Pinger(namespace: namespace, destination: network.guestAddress,
+                                                    interval: .milliseconds(20), count: 50)
+                            try pinger.start()
+                            let report = await pinger.finish(timeout: .seconds(30))
+                            #expect(report.received == 50, "host -> guest: \(report)\nbackend: \(backend.log)")
+                            let nic = try await NetworkDeviceFunctionalTests.nicInfo(vm.qmp)
+                            #expect(nic["x-virtio-net"]?["datapath"] == "vhost-user")
+                            let exits = nic["x-virtio-net"]?["notify-exits"]?.arrayValue ?? []
+                            // Rings 1 and 3 are the TX rings: their notifies went to the backend's kicks.
+                            for tx in [1, 3] where tx < exits.count {
+                                #expect(exits[tx] == 0, "TX ring \(tx) notify exits: \(exits)")
+                            }
+                            #expect(exits.count >= 4, "\(nic)")
+                        }
+                    }
+                }
+            }
+        }
+
+    }
+}
