@@ -65,6 +65,21 @@ import Testing
         }
     }
 
+    /// A backend busy with another front-end leaves the connection in its listen queue:
+    /// the VMM's startup ends with an error naming the netdev, not a hang.
+    @Test func aBackendThatNeverAnswersIsAnErrorNotAHang() throws {
+        let directory = FileManager.default.temporaryDirectory.appendingPathComponent("vu-\(getpid())-\(UInt32.random(in: 0...UInt32.max))").path
+        try FileManager.default.createDirectory(atPath: directory, withIntermediateDirectories: true)
+        defer { try? FileManager.default.removeItem(atPath: directory) }
+        let listener = try UnixSocket.listen(path: directory + "/vu.sock")
+        defer { close(listener) }
+        #expect {
+            _ = try VhostUserNetdev(id: "n0", socketPath: directory + "/vu.sock", queues: 1, replyTimeout: .milliseconds(200))
+        } throws: { error in
+            "\(error)".hasPrefix("netdev n0: the vhost-user backend at \(directory)/vu.sock did not answer GET_FEATURES within 0.2 seconds")
+        }
+    }
+
     @Test func commandLineSpellsItAsQEMUDoes() throws {
         let config = try VMMConfiguration.parse(["-kernel", "k", "-chardev", "socket,id=c,path=/tmp/vu.sock",
                                                  "-netdev", "vhost-user,id=n0,chardev=c,queues=2"])

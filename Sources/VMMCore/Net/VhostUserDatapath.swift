@@ -19,7 +19,10 @@ public final class VhostUserNetdev: NetBackend, @unchecked Sendable {
     /// One request and its reply at a time (vCPU thread at DRIVER_OK, QMP's thread for a reset).
     private let lock = Mutex(())
 
-    public init(id: String, socketPath: String, queues: Int) throws {
+    /// `replyTimeout`: how long any answer may take. A backend that serves one front-end
+    /// at a time leaves a second one's connection in its listen queue, unanswered: that
+    /// is an error at startup, not a hang.
+    public init(id: String, socketPath: String, queues: Int, replyTimeout: Duration = .seconds(5)) throws {
         self.id = id
         ifname = "vhost-user:\(socketPath)"
         queueCount = queues
@@ -29,9 +32,18 @@ public final class VhostUserNetdev: NetBackend, @unchecked Sendable {
         }
         let connection = VhostUserConnection(socket: FileDescriptor(adopting: socket, label: "netdev \(id) vhost-user socket"))
         self.connection = connection
+        let (seconds, attoseconds) = replyTimeout.components
+        var timeout = timeval(tv_sec: Int(seconds), tv_usec: Int(attoseconds / 1_000_000_000_000))
+        _ = connection.socket.withRaw { setsockopt($0, SOL_SOCKET, SO_RCVTIMEO, &timeout, socklen_t(MemoryLayout<timeval>.size)) }
         func get(_ m: VhostUserMessage) throws -> UInt64 {
             try connection.send(m)
-            guard case .reply(m.request, let value)? = try connection.receive()?.message else {
+            let reply: VhostUserMessage?
+            do {
+                reply = try connection.receive()?.message
+            } catch let error as SystemError where error.errno == EAGAIN {
+                throw VhostUserError("netdev \(id): the vhost-user backend at \(socketPath) did not answer \(m.request.name) within \(replyTimeout) (is it serving another front-end?)")
+            }
+            guard case .reply(m.request, let value)? = reply else {
                 throw VhostUserError("netdev \(id): the vhost-user backend did not answer \(m.request.name)")
             }
             return value
