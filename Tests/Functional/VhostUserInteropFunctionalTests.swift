@@ -88,5 +88,44 @@ extension SerializedNetworkSuites {
             }
         }
 
+
+        /// The backend outlives its front-ends: a second VMM gets the same TAP and pings
+        /// flow again; a backend killed under a running VMM leaves the VMM serving QMP
+        /// and the console (its NIC just stops moving frames).
+        @Test func backendServesTheNextFrontEndAndItsDeathLeavesTheVMMRunning() async throws {
+            let network = GuestNetwork(queues: 1)
+            try await withArtifacts { artifacts in
+                try await NetworkNamespace.with { namespace in
+                    try await network.createTap(in: namespace)
+                    try await VhostUserBackendProcess.with(tap: network.tap, queues: 1, in: namespace,
+                                                           logDirectory: artifacts.path) { backend in
+                        for round in 1...2 {
+                            var options = MachineOptions.bundledGuest(name: "front-end-\(round)")
+                            options.namespace = namespace
+                            options.arguments = [
+                                "-chardev", "socket,id=c,path=\(backend.socketPath)",
+                                "-netdev", "vhost-user,id=\(network.netdevID),chardev=c,queues=1",
+                            ] + network.deviceArguments
+                            try await Machine.with(options) { vm in
+                                try await vm.console.waitForPrompt(timeout: .seconds(30))
+                                try await vm.guest.configureNetwork(address: network.guestCIDR)
+                                let pinger = try Pinger(namespace: namespace, destination: network.guestAddress,
+                                                        interval: .milliseconds(20), count: 20)
+                                try pinger.start()
+                                let report = await pinger.finish(timeout: .seconds(30))
+                                #expect(report.received == 20, "front-end \(round): \(report)\nbackend: \(backend.log)")
+                                #expect(backend.log.components(separatedBy: "front-end connected").count - 1 == round, "\(backend.log)")
+                                if round == 2 {
+                                    backend.stop()
+                                    let status = try await vm.qmp.execute("query-status")
+                                    #expect(status["status"] == "running")
+                                    _ = try await vm.console.run("stats", expect: "total:")
+                                }
+                            }
+                        }
+                    }
+                }
+            }
+        }
     }
 }
