@@ -7,6 +7,7 @@ let package = Package(
     products: [
         .executable(name: "vmm", targets: ["vmm"]),
         .executable(name: "vmm-bench", targets: ["vmm-bench"]),
+        .executable(name: "vhost-user-net", targets: ["vhost-user-net"]),
         .library(name: "VMMCore", targets: ["VMMCore"]),
         .library(name: "TestKit", targets: ["TestKit"]),
         .library(name: "QMPWire", targets: ["QMPWire"]),
@@ -39,6 +40,8 @@ let package = Package(
             ]
         ),
         .executableTarget(name: "vmm", dependencies: ["VMMCore"]),
+        // The bundled vhost-user-net backend (a TAP behind a vhost-user socket).
+        .executableTarget(name: "vhost-user-net", dependencies: ["VMMCore"]),
         .target(
             name: "TestKit",
             dependencies: ["QMPWire", "CCap", "CNetlink", "CLinux"]
@@ -49,7 +52,7 @@ let package = Package(
         ),
         .testTarget(name: "Unit", dependencies: ["VMMCore", "QMPWire", "TestKit"]),
         // Resources/: scripts the tests run with python3, found by path (#filePath).
-        .testTarget(name: "Functional", dependencies: ["TestKit", "vmm"], exclude: ["Resources"]),
+        .testTarget(name: "Functional", dependencies: ["TestKit", "vmm", "vhost-user-net"], exclude: ["Resources"]),
     ]
 )
 
@@ -62,7 +65,7 @@ if Context.environment["FUZZ"] == "1" {
         .target(name: "CFuzzDriver", path: "Fuzz/CFuzzDriver"),
         .target(name: "FuzzSupport", dependencies: ["CFuzzDriver"], path: "Fuzz/FuzzSupport"),
     ]
-    for name in ["qmp", "cli", "migration", "virtqueue", "virtio-net", "elf"] {
+    for name in ["qmp", "cli", "migration", "virtqueue", "virtio-net", "elf", "vhost-user"] {
         package.targets.append(.executableTarget(
             name: "fuzz-\(name)",
             dependencies: ["FuzzSupport", "VMMCore", "QMPWire"],

@@ -10,6 +10,10 @@ public struct NetdevSpec: Sendable, Equatable {
     public var fds: [Int32]?
     /// `incoming-fds=on`: open nothing; the queues come from a local migration's stream.
     public var incomingFDs = false
+    /// `-netdev vhost-user,chardev=ID`: the rings run in the backend behind that socket chardev.
+    public var vhostUserChardev: String?
+
+    static let vhostUserKeys: Set<String> = ["type", "id", "chardev", "queues"]
 
     static let keys: Set<String> = ["type", "id", "ifname", "queues", "script", "downscript", "vnet_hdr", "fd", "fds", "vhost", "sndbuf", "incoming-fds", "helper", "br"]
     /// What `incoming-fds` excludes, in the series' order and wording: all of it describes
@@ -23,8 +27,18 @@ public struct NetdevSpec: Sendable, Equatable {
 
     public static func parse(_ value: String, option: String) throws -> NetdevSpec {
         let list = try KeyValueList(value, option: option, impliedKey: "type")
+        if list["type"] == "vhost-user" {
+            try list.checkKeys(vhostUserKeys, context: value)
+            var spec = NetdevSpec(id: try list.required("id", in: value), ifname: nil, queues: 1, vnetHeader: nil, fds: nil)
+            spec.vhostUserChardev = try list.required("chardev", in: value)
+            if let queues = list["queues"] {
+                guard let n = Int(queues), n >= 1, n <= 128 else { throw VMMConfiguration.Error("\(option) \(value): queues=\(queues) must be 1..128") }
+                spec.queues = n
+            }
+            return spec
+        }
         guard list["type"] == "tap" else {
-            throw VMMConfiguration.Error("\(option) \(value): unsupported netdev type '\(list["type"] ?? "")' (only 'tap')")
+            throw VMMConfiguration.Error("\(option) \(value): unsupported netdev type '\(list["type"] ?? "")' (only 'tap' and 'vhost-user')")
         }
         try list.checkKeys(keys, context: value)
         let id = try list.required("id", in: value)
@@ -186,5 +200,24 @@ public enum PCIBridgeSpec {
 
     static func isBridge(_ value: String) -> Bool {
         (try? KeyValueList(value, option: "-device", impliedKey: "driver"))?["driver"] == driver
+    }
+}
+
+/// `-chardev socket,id=ID,path=PATH`: a unix socket the VMM connects to (a vhost-user
+/// backend's). Only the client side: server=on is not supported.
+public enum SocketChardevSpec {
+    static let keys: Set<String> = ["backend", "id", "path", "server", "wait", "reconnect"]
+
+    public static func parse(_ value: String, option: String) throws -> (id: String, path: String) {
+        let list = try KeyValueList(value, option: option, impliedKey: "backend")
+        guard list["backend"] == "socket" else {
+            throw VMMConfiguration.Error("\(option) \(value): unsupported chardev backend '\(list["backend"] ?? "")' (only 'socket')")
+        }
+        try list.checkKeys(keys, context: value)
+        if try list.bool("server", default: false) {
+            throw VMMConfiguration.Error("\(option) \(value): server=on is not supported (the VMM connects to the backend)")
+        }
+        if list["reconnect"] != nil { throw VMMConfiguration.Error("\(option) \(value): reconnect= is not supported yet") }
+        return (try list.required("id", in: value), try list.required("path", in: value))
     }
 }

@@ -19,6 +19,8 @@ public struct VMMConfiguration: Sendable, Equatable {
     public var serial: [ChardevSpec] = []
     public var qmp: [ChardevSpec] = []
     public var netdevs: [NetdevSpec] = []
+    /// `-chardev socket,id=,path=`: id → socket path.
+    public var socketChardevs: [String: String] = [:]
     public var devices: [DeviceSpec] = []
     /// Ids of `-device pcie-pci-bridge` aliases: bus names a NIC may give.
     public var pciBridges: [String] = []
@@ -70,7 +72,7 @@ public struct VMMConfiguration: Sendable, Equatable {
     static let options: [String: Bool] = [
         "name": true, "m": true, "kernel": true, "append": true, "serial": true, "qmp": true,
         "object": true, "machine": true, "M": true, "accel": true, "display": true, "smp": true,
-        "cpu": true, "monitor": true, "netdev": true, "device": true, "incoming": true, "global": true,
+        "cpu": true, "monitor": true, "netdev": true, "device": true, "incoming": true, "global": true, "chardev": true,
         "S": false, "nodefaults": false, "no-user-config": false, "no-shutdown": false,
         "enable-kvm": false, "nographic": false, "version": false, "help": false, "h": false, "d": false,
     ]
@@ -123,6 +125,9 @@ public struct VMMConfiguration: Sendable, Equatable {
                     }
                 case "object": config.memoryBackends.append(try parseObject(value, option: raw))
                 case "netdev": config.netdevs.append(try NetdevSpec.parse(value, option: raw))
+                case "chardev":
+                    let (id, path) = try SocketChardevSpec.parse(value, option: raw)
+                    guard config.socketChardevs.updateValue(path, forKey: id) == nil else { throw fail("\(raw) \(value): duplicate chardev id '\(id)'") }
                 case "device":
                     if PCIBridgeSpec.isBridge(value) {
                         config.pciBridges.append(try PCIBridgeSpec.parse(value, option: raw))

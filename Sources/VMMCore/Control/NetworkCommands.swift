@@ -13,6 +13,13 @@ extension Machine {
             netdevs[spec.id] = TapBackend(id: spec.id, incomingQueues: spec.queues)
             return
         }
+        if let chardev = spec.vhostUserChardev {
+            guard let path = config.socketChardevs[chardev] else {
+                throw QMPCommandError("netdev \(spec.id): chardev '\(chardev)' not found (give -chardev socket,id=\(chardev),path=PATH)")
+            }
+            netdevs[spec.id] = try VhostUserNetdev(id: spec.id, socketPath: path, queues: spec.queues)
+            return
+        }
         if let fds = spec.fds {
             // The backend owns copies; the originals stay with whoever passed them.
             netdevs[spec.id] = try TapBackend(id: spec.id, adopting: try fds.enumerated().map { index, fd in
@@ -36,7 +43,8 @@ extension Machine {
             throw QMPCommandError("Bus '\(bus)' not found")
         }
         let mac = spec.mac ?? [0x52, 0x54, 0x00, 0x12, 0x34, UInt8(truncatingIfNeeded: 0x56 + nicCount)]
-        let datapath = UserspaceTapDatapath(queues: backend, pairs: VirtioNet.queuePairs(multiQueue: spec.multiQueue, netdev: backend))
+        let datapath = try backend.makeDatapath(pairs: VirtioNet.queuePairs(multiQueue: spec.multiQueue, netdev: backend),
+                                                memory: memory, memoryBackend: config.machineMemoryBackend)
         let nic = VirtioNet(id: id, mac: mac, datapath: datapath, multiQueue: spec.multiQueue, logger: logger)
         nic.localMigration = spec.localMigration
         nic.host = DeviceHost(loop: loop, wakeGuest: { [vcpuRunner] in vcpuRunner.wake() },

@@ -16,10 +16,17 @@ public protocol NetBackend: AnyObject, Sendable {
     var awaitsIncomingQueues: Bool { get }
     /// Takes over the queues a local migration passed in (closed on failure).
     func adoptIncoming(_ fds: [FileDescriptor], vnetHeader: Bool) throws
+    /// The datapath a NIC with `pairs` queue pairs runs on this netdev. `memoryBackend`:
+    /// the guest RAM's `-object` id, for messages.
+    func makeDatapath(pairs: Int, memory: GuestMemory, memoryBackend: String?) throws -> NetDatapath
 }
 
 extension NetBackend {
     public var queueCount: Int { queueFDs.count }
+    /// A TAP's frames move in this process.
+    public func makeDatapath(pairs: Int, memory: GuestMemory, memoryBackend: String?) throws -> NetDatapath {
+        UserspaceTapDatapath(queues: self, pairs: pairs)
+    }
     public var awaitsIncomingQueues: Bool { false }
     public func adoptIncoming(_ fds: [FileDescriptor], vnetHeader: Bool) throws {
         throw StreamError("netdev '\(id)' cannot take queues from a migration")

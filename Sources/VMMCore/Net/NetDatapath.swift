@@ -1,6 +1,7 @@
 /// Which implementation moves a virtio-net device's frames (`query-pci` reports it).
 public enum DatapathKind: String, Sendable {
     case userspace
+    case vhostUser = "vhost-user"
 }
 
 /// How guest notifies reach a datapath and how it tells the guest about used buffers.

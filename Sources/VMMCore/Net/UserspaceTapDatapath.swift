@@ -161,7 +161,7 @@ public final class UserspaceTapDatapath: NetDatapath, @unchecked Sendable {
 
     /// A chain's buffers as iovecs for readv/writev, with its first `header` bytes split
     /// off: the virtio-net header, when the TAP works without one.
-    static func iovecs(_ segments: [Virtqueue.Segment], in memory: GuestMemory, splittingOff header: Int) throws
+    static func iovecs(_ segments: [Virtqueue.Segment], in memory: some GuestRAM, splittingOff header: Int) throws
         -> (iov: [iovec], header: [UnsafeMutableRawBufferPointer])
     {
         var iov: [iovec] = []

@@ -94,7 +94,7 @@ public struct Virtqueue: Sendable {
 
     /// A saved queue becomes a live one only through here (rust-vmm's `QueueState` →
     /// `Queue`): the size fits this device, and an enabled queue's rings lie in `memory`.
-    public init(validating saved: State, maxSize: UInt16, memory: GuestMemory) throws {
+    public init(validating saved: State, maxSize: UInt16, memory: some GuestRAM) throws {
         guard saved.size <= maxSize else { throw StreamError("queue size \(saved.size) exceeds this device's maximum \(maxSize)") }
         self.init(maxSize: maxSize)
         size = saved.size
@@ -108,17 +108,17 @@ public struct Virtqueue: Sendable {
     }
 
     /// Whether the driver has made buffers available that the device has not taken.
-    public func hasAvailable(in memory: GuestMemory) throws -> Bool {
+    public func hasAvailable(in memory: some GuestRAM) throws -> Bool {
         try availableIndex(memory) != lastAvailable
     }
 
     /// avail.idx, read with acquire ordering: the ring entries and descriptors it covers
     /// are read after it (virtio 1.x 2.7.13; the driver's release before its idx store
     /// pairs with this). x86 keeps loads in order, but the compiler need not.
-    func availableIndex(_ memory: GuestMemory) throws -> UInt16 {
+    func availableIndex(_ memory: some GuestRAM) throws -> UInt16 {
         let index: UInt16
         do {
-            index = try memory.load(UInt16.self, at: guestAddress(driverArea, plus: 2))
+            index = try memory.loadLE(UInt16.self, at: guestAddress(driverArea, plus: 2))
         } catch {
             throw VirtqueueError(description: "available ring at \(hex(driverArea)) is outside guest RAM")
         }
@@ -127,7 +127,7 @@ public struct Virtqueue: Sendable {
     }
 
     /// Takes the next available chain, or nil when the ring is empty.
-    public mutating func popAvailable(from memory: GuestMemory) throws -> Chain? {
+    public mutating func popAvailable(from memory: some GuestRAM) throws -> Chain? {
         guard ready else { return nil }
         let available = try availableIndex(memory)
         let pending = available &- lastAvailable
@@ -138,7 +138,7 @@ public struct Virtqueue: Sendable {
         let slot = UInt64(lastAvailable % size)
         let head: UInt16
         do {
-            head = try memory.load(UInt16.self, at: guestAddress(driverArea, plus: 4 + 2 * slot))
+            head = try memory.loadLE(UInt16.self, at: guestAddress(driverArea, plus: 4 + 2 * slot))
         } catch {
             throw VirtqueueError(description: "available ring entry \(slot) is outside guest RAM")
         }
@@ -147,7 +147,7 @@ public struct Virtqueue: Sendable {
         return chain
     }
 
-    func walkChain(head: UInt16, memory: GuestMemory) throws -> Chain {
+    func walkChain(head: UInt16, memory: some GuestRAM) throws -> Chain {
         var chain = Chain(head: head)
         var table = descriptorTable
         var tableSize = size
@@ -165,10 +165,10 @@ public struct Virtqueue: Sendable {
             let address: UInt64, length: UInt32, flags: UInt16, next: UInt16
             do {
                 let entry = try guestAddress(table, plus: 16 * UInt64(index))
-                address = try memory.load(UInt64.self, at: entry)
-                length = try memory.load(UInt32.self, at: entry + 8)
-                flags = try memory.load(UInt16.self, at: entry + 12)
-                next = try memory.load(UInt16.self, at: entry + 14)
+                address = try memory.loadLE(UInt64.self, at: entry)
+                length = try memory.loadLE(UInt32.self, at: entry + 8)
+                flags = try memory.loadLE(UInt16.self, at: entry + 12)
+                next = try memory.loadLE(UInt16.self, at: entry + 14)
             } catch {
                 throw VirtqueueError(description: "descriptor \(index) of the table at \(hex(table)) is outside guest RAM")
             }
@@ -204,24 +204,24 @@ public struct Virtqueue: Sendable {
     }
 
     /// Returns a chain to the driver with `length` bytes written into its writable part.
-    public mutating func pushUsed(head: UInt16, length: UInt32, to memory: GuestMemory) throws {
+    public mutating func pushUsed(head: UInt16, length: UInt32, to memory: some GuestRAM) throws {
         let slot = UInt64(usedIndex % size)
         do {
-            try memory.store(UInt32(head), at: guestAddress(deviceArea, plus: 4 + 8 * slot))
-            try memory.store(length, at: guestAddress(deviceArea, plus: 8 + 8 * slot))
+            try memory.storeLE(UInt32(head), at: guestAddress(deviceArea, plus: 4 + 8 * slot))
+            try memory.storeLE(length, at: guestAddress(deviceArea, plus: 8 + 8 * slot))
             usedIndex &+= 1
             // Release: the entry (and the buffer bytes written before this call) must be
             // visible before the index that hands them over (virtio 1.x 2.7.8). x86 keeps
             // stores in order, but the compiler need not.
             atomicMemoryFence(ordering: .releasing)
-            try memory.store(usedIndex, at: guestAddress(deviceArea, plus: 2))
+            try memory.storeLE(usedIndex, at: guestAddress(deviceArea, plus: 2))
         } catch {
             throw VirtqueueError(description: "used ring at \(hex(deviceArea)) is outside guest RAM")
         }
     }
 
     /// Checks the rings' placement when the driver enables the queue.
-    public func validateLayout(in memory: GuestMemory) throws {
+    public func validateLayout(in memory: some GuestRAM) throws {
         guard size > 0, size <= maxSize, size & (size - 1) == 0 else {
             throw VirtqueueError(description: "queue size \(size) must be a power of two no larger than \(maxSize)")
         }
