@@ -81,6 +81,9 @@ public protocol MachineDevice: AnyObject, Sendable {
     func checkReadyToRun() throws
     /// For query-pci's device entry; nil when the device adds nothing.
     var queryInfo: JSONObject? { get }
+    /// Why this device cannot migrate now (`migrate` is refused up front, naming it, as
+    /// QEMU's migration blockers are); nil when it can.
+    var migrationBlocker: String? { get }
     /// The machine is going away: stop watching fds, release them.
     func shutdown()
 }
@@ -114,6 +117,7 @@ extension MachineDevice {
     public func resume() throws {}
     public func checkReadyToRun() throws {}
     public var queryInfo: JSONObject? { nil }
+    public var migrationBlocker: String? { nil }
     public func shutdown() {}
 }
 

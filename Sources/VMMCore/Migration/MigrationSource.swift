@@ -11,6 +11,10 @@ extension Machine {
         guard [.running, .paused, .prelaunch].contains(runState) else {
             throw QMPCommandError("Cannot migrate in state '\(runState.rawValue)'")
         }
+        // A device that would lose state blocks the migration, as QEMU's blockers do.
+        if let blocker = devices.lazy.compactMap(\.migrationBlocker).first {
+            throw QMPCommandError("disallowing migration: \(blocker)")
+        }
         // Refused before anything happens to the guest: these cannot work on this channel.
         if isLocalMigration && !uri.carriesFileDescriptors {
             throw QMPCommandError("Migration parameter 'local' requires a unix socket channel, got '\(uri)'")

@@ -58,10 +58,16 @@ public protocol NetDatapath: AnyObject, Sendable {
     func notified(_ index: Int)
     /// Per pair: frames received and sent.
     var statistics: (rx: [UInt64], tx: [UInt64]) { get }
+    /// Why a migration would lose state with this datapath; nil when it would not.
+    var migrationBlocker: String? { get }
     /// The host fds a local migration hands over, under their stream names.
     func handedOverFDs() -> [NamedFD]
     var vnetHeader: Bool { get }
     /// `incoming-fds=on` and the fds have not come yet.
     var awaitsIncomingFDs: Bool { get }
     func adoptIncoming(_ fds: [FileDescriptor], vnetHeader: Bool) throws
+}
+
+extension NetDatapath {
+    public var migrationBlocker: String? { nil }
 }

@@ -117,6 +117,11 @@ public final class VhostUserDatapath: NetDatapath, @unchecked Sendable {
     public var netdevID: String { netdev.id }
     public var ifname: String { netdev.ifname }
     public var kind: DatapathKind { .vhostUser }
+    /// The backend writes guest RAM behind the VMM's back (no LOG_SHMFD dirty log yet) and
+    /// its connection is not handed to a target yet: a migration would lose RX frames.
+    public var migrationBlocker: String? {
+        "vhost-user netdev '\(netdev.id)' cannot migrate yet: the backend's writes to guest RAM are not logged and its connection is not handed over"
+    }
     public var notification: DatapathNotification { .eventFDs }
     public var vnetHeader: Bool { true }
     public var awaitsIncomingFDs: Bool { false }

@@ -87,6 +87,8 @@ public final class VirtioNet: VirtioDeviceModel, @unchecked Sendable {
         return .init(id: id, type: "virtio-net-pci", properties: properties)
     }
 
+    public var migrationBlocker: String? { datapath.migrationBlocker.map { "device '\(id)': \($0)" } }
+
     public func queryInfo(status: UInt8, notifyExits: [UInt64]) -> JSONObject? {
         let stats = statistics
         return ["x-virtio-net": [

@@ -37,11 +37,14 @@ public protocol VirtioDeviceModel: AnyObject, Sendable {
     /// The model's entries in query-pci, given the device status and the guest notifies
     /// per queue that exited to the VMM.
     func queryInfo(status: UInt8, notifyExits: [UInt64]) -> JSONObject?
+    /// See `MachineDevice.migrationBlocker`.
+    var migrationBlocker: String? { get }
     func shutdown()
 }
 
 extension VirtioDeviceModel {
     public func configuration(_ context: HandoverContext) -> MachineDescription.Device? { nil }
+    public var migrationBlocker: String? { nil }
     public func pause() throws {}
     public func resume() throws {}
     /// A model without state of its own saves nothing and accepts nothing.
@@ -367,6 +370,7 @@ public final class VirtioPCITransport: PCIDevice, StatefulDevice {
     public func handedOverFDs(_ context: HandoverContext) -> [NamedFD] { model.handedOverFDs(context) }
     public func checkReadyToRun() throws { try model.checkReadyToRun() }
     public var queryInfo: JSONObject? { model.queryInfo(status: status, notifyExits: notifyExitCounts) }
+    public var migrationBlocker: String? { model.migrationBlocker }
     public func shutdown() { model.shutdown() }
 
     // MARK: BAR access
