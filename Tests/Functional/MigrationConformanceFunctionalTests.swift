@@ -1,4 +1,5 @@
 import Foundation
+import Synchronization
 import QMPWire
 import TestKit
 import Testing
@@ -142,20 +143,19 @@ extension SerializedNetworkSuites {
 /// device section named `hangUpAt` arrives; the source sends those only after it stopped
 /// its guest. Fds riding along are discarded unread.
 final class HangUpAtDeviceState: @unchecked Sendable {
-    let path: String
     let hangUpAt: String
-    private let listener: Int32
-    private let done = DispatchSemaphore(value: 0)
-    private(set) var hungUpAt: String?
+    private let seen = Mutex<String?>(nil)
+    private var peer: OneConnectionPeer!
+    var path: String { peer.path }
+    /// The section at which it hung up, once it did.
+    var hungUpAt: String? { seen.withLock { $0 } }
 
     init(path: String, hangUpAt: String) throws {
-        self.path = path
         self.hangUpAt = hangUpAt
-        listener = try listenOnUnixSocket(path)
-        Thread { [self] in serve() }.start()
+        peer = try OneConnectionPeer(path: path) { [self] fd in serve(fd) }
     }
 
-    private func readExactly(_ fd: Int32, _ count: Int) -> [UInt8]? {
+    private static func readExactly(_ fd: Int32, _ count: Int) -> [UInt8]? {
         var bytes = [UInt8](repeating: 0, count: count)
         var got = 0
         while got < count {
@@ -166,19 +166,11 @@ final class HangUpAtDeviceState: @unchecked Sendable {
         return bytes
     }
 
-    private func serve() {
-        defer {
-            close(listener)
-            unlink(path)
-            done.signal()
-        }
-        let fd = accept(listener, nil, nil)
-        guard fd >= 0 else { return }
-        defer { close(fd) }
-        guard readExactly(fd, 12) != nil else { return }  // "SVMMIGR\0" and the version
-        while let length = readExactly(fd, 4) {
+    private func serve(_ fd: Int32) {
+        guard Self.readExactly(fd, 12) != nil else { return }  // "SVMMIGR\0" and the version
+        while let length = Self.readExactly(fd, 4) {
             let size = Int(UInt32(length[0]) | UInt32(length[1]) << 8 | UInt32(length[2]) << 16 | UInt32(length[3]) << 24)
-            guard size > 0, let frame = readExactly(fd, size) else { return }
+            guard size > 0, let frame = Self.readExactly(fd, size) else { return }
             // frame := kind:u8 name:(length:u32 bytes) ...
             guard frame.count >= 5 else { return }
             let nameLength = Int(UInt32(frame[1]) | UInt32(frame[2]) << 8 | UInt32(frame[3]) << 16 | UInt32(frame[4]) << 24)
@@ -188,13 +180,13 @@ final class HangUpAtDeviceState: @unchecked Sendable {
                 var ready: UInt8 = 0x05
                 _ = write(fd, &ready, 1)
             } else if (frame[0] == 3 || frame[0] == 4) && name == hangUpAt {
-                hungUpAt = name
+                seen.withLock { $0 = name }
                 return
             }
         }
     }
 
-    func join() { done.wait() }
+    func join() { peer.join() }
 }
 
 /// A unix-socket relay (python3) from a migration source to its target that sends one

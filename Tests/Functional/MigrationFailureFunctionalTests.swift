@@ -266,42 +266,52 @@ func listenOnUnixSocket(_ path: String) throws -> Int32 {
     return listener
 }
 
-/// A unix-socket server that swallows whatever a migration source sends and, once the
-/// source goes quiet (it waits for an answer), replies with text no VMM would send.
-final class ForeignPeer: @unchecked Sendable {
+/// A unix-socket peer for a migration source: serves one connection with `handle` on a
+/// thread of its own, then closes its socket and removes the file. `join` waits for that.
+final class OneConnectionPeer: @unchecked Sendable {
     let path: String
     private let listener: Int32
-    private var thread: Thread?
     private let done = DispatchSemaphore(value: 0)
 
-    init(path: String) throws {
+    init(path: String, handle: @escaping @Sendable (Int32) -> Void) throws {
         self.path = path
         listener = try listenOnUnixSocket(path)
-        let thread = Thread { [self] in serve() }
-        self.thread = thread
-        thread.start()
-    }
-
-    private func serve() {
-        defer {
-            close(listener)
-            unlink(path)
-            done.signal()
-        }
-        let fd = accept(listener, nil, nil)
-        guard fd >= 0 else { return }
-        defer { close(fd) }
-        var buffer = [UInt8](repeating: 0, count: 1 << 16)
-        var quiet = pollfd(fd: fd, events: Int16(POLLIN), revents: 0)
-        // Swallow until the source has been silent for 300 ms.
-        while poll(&quiet, 1, 300) > 0 {
-            if buffer.withUnsafeMutableBytes({ read(fd, $0.baseAddress, $0.count) }) <= 0 { return }
-        }
-        let answer = Array("HTTP/1.1 400 Bad Request\r\n\r\n".utf8)
-        _ = answer.withUnsafeBytes { write(fd, $0.baseAddress, $0.count) }
-        // Until the source hangs up.
-        while buffer.withUnsafeMutableBytes({ read(fd, $0.baseAddress, $0.count) }) > 0 {}
+        Thread { [self] in
+            defer {
+                close(listener)
+                unlink(path)
+                done.signal()
+            }
+            let fd = accept(listener, nil, nil)
+            guard fd >= 0 else { return }
+            defer { close(fd) }
+            handle(fd)
+        }.start()
     }
 
     func join() { done.wait() }
+}
+
+/// A unix-socket server that swallows whatever a migration source sends and, once the
+/// source goes quiet (it waits for an answer), replies with text no VMM would send.
+final class ForeignPeer: @unchecked Sendable {
+    private let peer: OneConnectionPeer
+    var path: String { peer.path }
+
+    init(path: String) throws {
+        peer = try OneConnectionPeer(path: path) { fd in
+            var buffer = [UInt8](repeating: 0, count: 1 << 16)
+            var quiet = pollfd(fd: fd, events: Int16(POLLIN), revents: 0)
+            // Swallow until the source has been silent for 300 ms.
+            while poll(&quiet, 1, 300) > 0 {
+                if buffer.withUnsafeMutableBytes({ read(fd, $0.baseAddress, $0.count) }) <= 0 { return }
+            }
+            let answer = Array("HTTP/1.1 400 Bad Request\r\n\r\n".utf8)
+            _ = answer.withUnsafeBytes { write(fd, $0.baseAddress, $0.count) }
+            // Until the source hangs up.
+            while buffer.withUnsafeMutableBytes({ read(fd, $0.baseAddress, $0.count) }) > 0 {}
+        }
+    }
+
+    func join() { peer.join() }
 }
