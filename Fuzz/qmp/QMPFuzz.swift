@@ -68,10 +68,10 @@ enum FuzzDispatcher {
         let deviceArgs = Dictionary(uniqueKeysWithValues: DeviceSpec.keys.map { ($0, QMPDispatcher.ArgumentType.any) })
         d.register("device_add", arguments: deviceArgs, required: ["driver"]) { _ in [:] }
         d.register("migrate", arguments: ["uri": .string, "channels": .array, "detach": .boolean, "resume": .boolean]) { args in
-            .string(try Machine.migrationURI(args).description)
+            .string("\(try Machine.migrationChannels(args))")
         }
         d.register("migrate-incoming", arguments: ["uri": .string, "channels": .array, "exit-on-error": .boolean]) { args in
-            .string(try Machine.migrationURI(args).description)
+            .string("\(try Machine.migrationChannels(args))")
         }
         d.register("migrate-set-capabilities", arguments: ["capabilities": .array], required: ["capabilities"]) { _ in [:] }
         d.register("migrate-set-parameters", arguments: ["local": .boolean, "mode": .string, "downtime-limit": .integer, "max-bandwidth": .integer]) { _ in [:] }
