@@ -277,6 +277,47 @@ struct StartupAndLimitsFunctionalTests {
         }
     }
 
+    /// The same for a migration target's listener: a source that connects while the
+    /// target is out of fds waits (no spinning accept) and is taken once fds free up.
+    @Test func migrationListenerOutOfFDsBacksOffAndRecovers() async throws {
+        let dir = try ArtifactDirectory.makeShortSocketDirectory()
+        defer { try? FileManager.default.removeItem(atPath: dir) }
+        let path = dir + "/qmp.sock"
+        let migrationPath = dir + "/mig.sock"
+        let vmm = try VMMBinary.resolve()
+        let prlimit = try #require(VMMBinary.findExecutable("prlimit"), "prlimit (util-linux) sets the child's fd limit")
+        var options = MachineOptions.bundledGuest(arguments: ["-qmp", "unix:\(path),server=on,wait=off", "-incoming", "defer"])
+        options.binary = VMMBinary(path: prlimit, defaultArguments: ["--nofile=40:40", vmm.path] + vmm.defaultArguments)
+        try await Machine.with(options) { vm in
+            try await vm.qmp.execute("migrate-incoming", arguments: ["uri": .string("unix:\(migrationPath)"), "exit-on-error": false])
+            var clients: [RawPeer] = []
+            defer { clients.forEach { $0.close() } }
+            // Use up the VMM's fds with QMP clients until one gets no greeting.
+            for _ in 0..<60 {
+                let client = try RawPeer(path: path)
+                clients.append(client)
+                if (try? client.read(until: { $0.contains("\r\n") }, timeout: .seconds(3))) == nil { break }
+            }
+            // The source connects now; the target cannot accept it yet.
+            let source = try RawPeer(path: migrationPath)
+            defer { source.close() }
+            let before = try cpuTicks(of: vm.pid)
+            try await Task.sleep(for: .seconds(1))
+            let used = try cpuTicks(of: vm.pid) - before
+            let ticksPerSecond = sysconf(Int32(_SC_CLK_TCK))
+            #expect(used < ticksPerSecond / 20, "the VMM used \(used) of \(ticksPerSecond) ticks in 1 s while out of fds")
+            #expect(stderrText(vm).contains("main migration listener: cannot accept a client"), "\(stderrText(vm))")
+            // Freeing fds lets the source's connection in: the migration starts.
+            for client in clients.prefix(5) { client.close() }
+            var status = "none"
+            for _ in 0..<100 where status == "none" {
+                try await Task.sleep(for: .milliseconds(50))
+                status = try await vm.qmp.execute("query-migrate")["status"]?.stringValue ?? "none"
+            }
+            #expect(status != "none", "the migration never started")
+        }
+    }
+
     @Test func getfdRefusesNamesStartingWithADigit() async throws {
         try await Machine.with(MachineOptions.bundledGuest()) { vm in
             var pair: [Int32] = [-1, -1]

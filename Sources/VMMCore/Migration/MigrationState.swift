@@ -42,6 +42,8 @@ public final class MigrationState: @unchecked Sendable {
     /// The channels this target was given, and the listeners not yet connected to.
     var incomingChannels = MigrationChannels()
     var incomingListeners: [MigrationChannelType: FileDescriptor] = [:]
+    /// Accept each listener's one connection, backing off when out of fds (as QMP's do).
+    var incomingAcceptors: [MigrationChannelType: ClientAcceptor] = [:]
     var incomingPaths: [MigrationChannelType: String] = [:]
     /// A main channel that connected before the cpr state was applied.
     var waitingMainChannel: MigrationChannel?

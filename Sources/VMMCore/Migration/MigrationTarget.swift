@@ -37,9 +37,8 @@ extension Machine {
             }
             migration.incomingChannels[type] = uri
             migration.incomingListeners[type] = listener
-            listener.withRaw { raw in
-                loop.watch(raw) { [unowned self] _ in
-                    guard let fd = UnixSocket.accept(raw) else { return }
+            migration.incomingAcceptors[type] = listener.withRaw { raw in
+                ClientAcceptor(fd: raw, what: "\(type) migration listener", loop: loop, logger: logger) { [unowned self] fd in
                     closeIncomingListener(type)
                     connected(MigrationChannel(socket: FileDescriptor(adopting: fd, label: "\(type) migration connection")), type)
                 }
@@ -78,7 +77,7 @@ extension Machine {
 
     func closeIncomingListener(_ type: MigrationChannelType) {
         guard let listener = migration.incomingListeners.removeValue(forKey: type) else { return }
-        listener.withRaw { loop.unwatch($0) }
+        migration.incomingAcceptors.removeValue(forKey: type)?.close()
         listener.close()
         if let path = migration.incomingPaths.removeValue(forKey: type) { unlink(path) }
     }
