@@ -173,7 +173,7 @@ public final class GuestMemory: @unchecked Sendable {
     /// `fstat` of the memfd or file behind the RAM (its identity, its size).
     public func backingStatus() throws -> stat {
         var st = stat()
-        try fd.withRaw { raw in try syscallChecked("fstat RAM backing") { fstat(raw, &st) } }
+        _ = try fd.withRaw { raw in try syscallChecked("fstat RAM backing") { fstat(raw, &st) } }
         return st
     }
 
