@@ -151,11 +151,13 @@ public final class VhostUserNetdev: NetBackend, @unchecked Sendable {
             throw LinkFailure(description: "cannot send \(name) to the vhost-user backend: \(error)")
         }
         guard expectingReply else { return nil }
+        let closed = LinkFailure(description: "the vhost-user backend closed the connection before answering \(name) (a backend serving another front-end refuses the next)")
         do {
-            guard let reply = try connection.receive() else {
-                throw LinkFailure(description: "the vhost-user backend closed the connection before answering \(name) (a backend serving another front-end refuses the next)")
-            }
+            guard let reply = try connection.receive() else { throw closed }
             return reply.message
+        } catch let error as SystemError where error.errno == ECONNRESET {
+            // Closed with our request unread: the kernel resets instead of ending the stream.
+            throw closed
         } catch let error as SystemError where error.errno == EAGAIN || error.errno == EWOULDBLOCK {
             throw LinkFailure(description: "the vhost-user backend did not answer \(name) within \(replyTimeout) (is it serving another front-end?)")
         } catch let failure as LinkFailure {
