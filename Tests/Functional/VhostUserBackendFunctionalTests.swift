@@ -43,6 +43,72 @@ extension SerializedNetworkSuites {
             try await vm.qmp.execute("query-chardev").arrayValue?.first { $0["label"] == "c" }?["filename"]?.stringValue
         }
 
+        /// The refusal's text, or nil when the command succeeded.
+        static func refusal(_ vm: Machine, _ command: String, _ arguments: JSONObject) async throws -> String? {
+            do {
+                _ = try await vm.qmp.execute(command, arguments: arguments)
+                return nil
+            } catch QMPError.commandFailed(_, let desc, _) {
+                return desc
+            }
+        }
+
+        /// The vhost-user NIC built over QMP as QEMU's scripts do (chardev-add, netdev_add
+        /// type vhost-user, device_add, cont) carries pings; the errors name the chardev,
+        /// the netdev and the value, and a chardev in use cannot be removed.
+        @Test func qmpAddsTheChardevAndTheNetdevAndKeepsABusyChardev() async throws {
+            let network = GuestNetwork(queues: 1)
+            try await withArtifacts { artifacts in
+                try await NetworkNamespace.with { namespace in
+                    try await network.createTap(in: namespace)
+                    try await VhostUserBackendProcess.with(tap: network.tap, queues: 1, in: namespace,
+                                                           logDirectory: artifacts.path) { backend in
+                        var options = MachineOptions.bundledGuest(startPaused: true)
+                        options.namespace = namespace
+                        let vm = try await Machine.launch(options, in: artifacts)
+                        func socket(_ path: String, reconnect: Int? = nil) -> JSONObject {
+                            var data: JSONObject = ["addr": ["type": "unix", "data": ["path": .string(path)]], "server": false]
+                            if let reconnect { data["reconnect"] = .int(Int64(reconnect)) }
+                            return ["type": "socket", "data": .object(data)]
+                        }
+                        let missing = artifacts.path + "/nobody.sock"
+                        #expect(try await Self.refusal(vm, "chardev-add", ["id": "c", "backend": .object(socket(backend.socketPath, reconnect: 1))]) == nil)
+                        #expect(try await Self.refusal(vm, "chardev-add", ["id": "c", "backend": .object(socket(missing))])
+                                == "Chardev 'c' already exists (unix:\(backend.socketPath))")
+                        #expect(try await Self.refusal(vm, "chardev-add", ["id": "gone", "backend": .object(socket(missing))]) == nil)
+                        #expect(try await Self.refusal(vm, "netdev_add", ["type": "vhost-user", "id": "n1", "chardev": "nope"])
+                                == "netdev n1: chardev 'nope' not found (add it with -chardev socket,id=nope,path=PATH or chardev-add)")
+                        let unreachable = try await Self.refusal(vm, "netdev_add", ["type": "vhost-user", "id": "n1", "chardev": "gone"])
+                        #expect(unreachable?.hasPrefix("netdev n1: chardev 'gone' (unix:\(missing)): cannot connect to the vhost-user backend: connect \(missing)") == true,
+                                "\(unreachable ?? "accepted")")
+                        #expect(try await Self.refusal(vm, "netdev_add", ["type": "vhost-user", "id": "n0", "chardev": "c", "queues": 0])
+                                == "netdev_add vhost-user,id=n0,chardev=c,queues=0: queues=0 must be 1..128")
+                        #expect(try await Self.refusal(vm, "netdev_add", ["type": "vhost-user", "id": "n0", "chardev": "c", "ifname": "tap0"])
+                                == "netdev_add vhost-user,id=n0,chardev=c,ifname=tap0: unknown parameter 'ifname'")
+                        #expect(try await Self.refusal(vm, "netdev_add", ["type": "vhost-user", "id": "n0", "chardev": "c", "queues": 1]) == nil)
+                        #expect(try await Self.refusal(vm, "netdev_add", ["type": "vhost-user", "id": "n2", "chardev": "c"])
+                                == "netdev n2: chardev 'c' is already used by netdev 'n0'")
+                        #expect(try await Self.refusal(vm, "chardev-remove", ["id": "c"]) == "Chardev 'c' is busy: netdev 'n0' uses it (netdev_del it first)")
+                        #expect(try await Self.refusal(vm, "chardev-remove", ["id": "nope"]) == "Chardev 'nope' not found")
+                        #expect(try await Self.refusal(vm, "chardev-remove", ["id": "gone"]) == nil)
+                        let chardevs = try await vm.qmp.execute("query-chardev")
+                        #expect(chardevs == [["label": "c", "filename": .string("unix:\(backend.socketPath)"), "frontend-open": true]], "\(chardevs)")
+                        _ = try await vm.qmp.execute("device_add", arguments: [
+                            "driver": "virtio-net-pci", "netdev": "n0", "id": .string(network.deviceID), "mac": .string(network.guestMAC),
+                        ])
+                        _ = try await vm.qmp.execute("cont")
+                        try await vm.console.waitForPrompt(timeout: .seconds(30))
+                        try await vm.guest.configureNetwork(address: network.guestCIDR)
+                        let pinger = try Pinger(namespace: namespace, destination: network.guestAddress, interval: .milliseconds(20), count: 20)
+                        try pinger.start()
+                        let report = await pinger.finish(timeout: .seconds(30))
+                        #expect(report.received == 20, "\(report)\nbackend: \(backend.log)")
+                        #expect(try await Self.link(vm) == "up")
+                    }
+                }
+            }
+        }
+
         /// Front-end 1 quits while the host pings the guest; front-end 2 boots on the same
         /// backend (and TAP) and the same pinger's replies resume.
         @Test func theNextFrontEndTakesOverWhilePingsFlow() async throws {

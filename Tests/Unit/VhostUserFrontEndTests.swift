@@ -1,6 +1,7 @@
 import Foundation
 import Glibc
 import Logging
+import QMPWire
 import Synchronization
 import Testing
 @testable import VMMCore
@@ -244,6 +245,32 @@ import Testing
         let served = try Served(queuePairs: 1, directory: directory)
         defer { served.finish() }
         #expect(Self.eventually { netdev.linkUp })
+    }
+
+    /// `chardev-add`'s socket backend in QEMU's argument shape: members checked with
+    /// QAPI's wording and full names, unsupported choices named with their value.
+    @Test func chardevAddArgumentsAreCheckedAsQAPIDoes() throws {
+        func backend(_ data: JSON, type: String = "socket") -> JSONObject { ["type": .string(type), "data": data] }
+        func unix(_ path: String) -> JSON { ["type": "unix", "data": ["path": .string(path)]] }
+        let good = try Machine.socketChardev(id: "c", backend: backend(["addr": unix("/run/vu.sock"), "server": false, "reconnect": 2]))
+        #expect(good == (try SocketChardev(id: "c", path: "/run/vu.sock", reconnect: 2, context: "")))
+        #expect(try Machine.socketChardev(id: "c", backend: backend(["addr": unix("/p")])).reconnect == 0)
+        let bad: [(JSONObject, String)] = [
+            (backend(["addr": unix("/p")], type: "file"), "chardev-add 'c': backend type 'file' is not supported (only 'socket', a unix socket the VMM connects to)"),
+            (["type": "socket"], "Parameter 'backend.data' is missing"),
+            (backend(["server": false]), "Parameter 'backend.data.addr' is missing"),
+            (backend(["addr": unix("/p"), "reconnect": "1"]), "Invalid parameter type for 'backend.data.reconnect', expected: integer"),
+            (backend(["addr": unix("/p"), "server": "no"]), "Invalid parameter type for 'backend.data.server', expected: boolean"),
+            (backend(["addr": unix("/p"), "telnet": true]), "Parameter 'backend.data.telnet' is unexpected"),
+            (backend(["addr": ["type": "unix", "data": [:]]]), "Parameter 'backend.data.addr.data.path' is missing"),
+            (backend(["addr": ["type": "inet", "data": ["host": "h", "port": "1"]]]), "chardev-add 'c': address type 'inet' is not supported (only 'unix')"),
+            (backend(["addr": unix("/p"), "server": true]), "chardev-add 'c': server=true is not supported (the VMM connects to the backend)"),
+            (backend(["addr": unix("/p"), "reconnect": -1]), "chardev-add 'c': reconnect=-1 must be 0..86400 seconds (0: never)"),
+            (backend(["addr": unix("")]), "chardev-add 'c': the socket path is empty"),
+        ]
+        for (arguments, expected) in bad {
+            #expect { _ = try Machine.socketChardev(id: "c", backend: arguments) } throws: { "\($0)" == expected }
+        }
     }
 
     @Test func commandLineSpellsItAsQEMUDoes() throws {
