@@ -247,6 +247,37 @@ import Testing
         #expect(Self.eventually { netdev.linkUp })
     }
 
+    /// A backend that accepts but never answers, met by a reconnect: each attempt ends
+    /// after the reply timeout (logged once, naming the chardev), the link stays down and
+    /// the loop goes on; a real backend on the path is then picked up.
+    @Test func aReconnectToABackendThatNeverAnswersIsBoundedAndRetried() throws {
+        let directory = FileManager.default.temporaryDirectory.appendingPathComponent("vu-\(getpid())-\(UInt32.random(in: 0...UInt32.max))").path
+        try FileManager.default.createDirectory(atPath: directory, withIntermediateDirectories: true)
+        let path = directory + "/vu.sock"
+        let logs = Mutex<[String]>.Box([])
+        let logger = Logger(label: "test") { _ in CapturingLogHandler(messages: logs) }
+        let loop = try LoopThread()
+        let netdev = try Self.netdev(path, reconnect: 1, loop: loop.loop, logger: logger, replyTimeout: .milliseconds(200))
+        try loop.run()
+        defer {
+            loop.sync { netdev.shutdown() }
+            loop.finish()
+        }
+        // Its listen queue takes the connection; nobody reads it.
+        let mute = try UnixSocket.listen(path: path)
+        let expected = "warning netdev n0: chardev 'c' (unix:\(path)): the vhost-user backend did not answer GET_FEATURES within 0.2 seconds (is it serving another front-end?); retrying every 1 s"
+        #expect(Self.eventually { logs.value.withLock { $0 }.contains(expected) }, "\(logs.value.withLock { $0 })")
+        // The loop still runs its work between attempts.
+        let answered = Mutex<Bool>.Box(false)
+        loop.sync { answered.value.withLock { $0 = true } }
+        #expect(answered.value.withLock { $0 })
+        #expect(!netdev.linkUp)
+        close(mute)
+        let served = try Served(queuePairs: 1, directory: directory)
+        defer { served.finish() }
+        #expect(Self.eventually { netdev.linkUp }, "\(logs.value.withLock { $0 })")
+    }
+
     /// `chardev-add`'s socket backend in QEMU's argument shape: members checked with
     /// QAPI's wording and full names, unsupported choices named with their value.
     @Test func chardevAddArgumentsAreCheckedAsQAPIDoes() throws {
