@@ -77,10 +77,11 @@ public final class VhostUserNetdev: NetBackend, @unchecked Sendable {
             }
             up.store(true, ordering: .relaxed)
             watch(link)
-        } catch {
-            guard chardev.reconnect > 0 else { throw error }
-            logger.warning("\(error); link down, retrying every \(chardev.reconnect) s (reconnect=\(chardev.reconnect))")
-            session.withLock { $0.lastFailure = "\(error)" }
+        } catch let failure as LinkFailure where chardev.reconnect > 0 {
+            // Not there (yet), or busy: what reconnect= is for. A backend that answers
+            // but does not fit (queues, features) stays a start-up error.
+            logger.warning("\(failure); link down, retrying every \(chardev.reconnect) s (reconnect=\(chardev.reconnect))")
+            session.withLock { $0.lastFailure = "\(failure)" }
             scheduleReconnect()
         }
     }
@@ -95,12 +96,13 @@ public final class VhostUserNetdev: NetBackend, @unchecked Sendable {
     /// The connection is unusable (closed, timed out, garbled): lose the link.
     struct LinkFailure: Error, CustomStringConvertible { let description: String }
 
-    /// A new connection with QEMU's handshake done. Throws `VhostUserError` naming the
-    /// netdev, the chardev and what failed.
+    /// A new connection with QEMU's handshake done. Throws, naming the netdev, the
+    /// chardev and what failed, `LinkFailure` when the backend is not there, busy or
+    /// silent, `VhostUserError` when it answers but does not fit.
     func connect(number: Int) throws -> Link {
         let socket: Int32
         do { socket = try UnixSocket.connect(path: chardev.path) } catch {
-            throw VhostUserError(described("cannot connect to the vhost-user backend: \(error)"))
+            throw LinkFailure(description: described("cannot connect to the vhost-user backend: \(error)"))
         }
         let connection = VhostUserConnection(socket: FileDescriptor(adopting: socket, label: "netdev \(id) vhost-user socket"))
         let (seconds, attoseconds) = replyTimeout.components
@@ -136,7 +138,7 @@ public final class VhostUserNetdev: NetBackend, @unchecked Sendable {
             try request(.setOwner, on: link)
             return link
         } catch let failure as LinkFailure {
-            throw VhostUserError(described(failure.description))
+            throw LinkFailure(description: described(failure.description))
         }
     }
 
