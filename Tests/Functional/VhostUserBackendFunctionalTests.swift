@@ -231,7 +231,9 @@ extension SerializedNetworkSuites {
                         try await Self.waitForLink(vm, "down")
                         #expect(try await vm.qmp.execute("query-status")["status"] == "running")
                         #expect(try await Self.chardevFilename(vm) == "disconnected:unix:\(socket)")
-                        try await vm.console.run("echo still running", expect: "still running")
+                        // The guest sees the carrier go (config status without LINK_UP).
+                        let down = try await vm.console.run("ip addr show dev eth0")
+                        #expect(down.contains("<BROADCAST,MULTICAST,UP>"), "\(down)")
                         let log = vm.stderrTail(50).joined(separator: "\n")
                         #expect(log.contains("netdev n0: chardev 'c' (unix:\(socket)): the vhost-user backend closed the connection; link down (4 rings stopped at the used index in guest RAM); reconnecting every 1 s (reconnect=1)"),
                                 "\(log)")
@@ -241,6 +243,8 @@ extension SerializedNetworkSuites {
                                                                logDirectory: artifacts.path, replacing: first) { second in
                             try await Self.waitForLink(vm, "up")
                             #expect(try await Self.chardevFilename(vm) == "unix:\(socket)")
+                            let up = try await vm.console.run("ip addr show dev eth0")
+                            #expect(up.contains("<BROADCAST,MULTICAST,UP,LOWER_UP>"), "\(up)")
                             try await pinger.waitForReplies(answeredBefore + 50, timeout: .seconds(30))
                             pinger.stop()
                             let report = await pinger.finish(timeout: .seconds(10))
