@@ -105,7 +105,13 @@ public final class VhostUserNetdev: NetBackend, @unchecked Sendable {
         do { socket = try UnixSocket.connect(path: chardev.path) } catch {
             throw LinkFailure(description: described("cannot connect to the vhost-user backend: \(error)"))
         }
-        let connection = VhostUserConnection(socket: FileDescriptor(adopting: socket, label: "netdev \(id) vhost-user socket"))
+        return try handshake(VhostUserConnection(socket: FileDescriptor(adopting: socket, label: "netdev \(id) vhost-user socket")),
+                             number: number)
+    }
+
+    /// QEMU's handshake on a connected socket (also one that came from elsewhere), with
+    /// every answer bounded by `replyTimeout`.
+    func handshake(_ connection: VhostUserConnection, number: Int) throws -> Link {
         let (seconds, attoseconds) = replyTimeout.components
         var timeout = timeval(tv_sec: Int(seconds), tv_usec: Int(attoseconds / 1_000_000_000_000))
         for option in [SO_RCVTIMEO, SO_SNDTIMEO] {
