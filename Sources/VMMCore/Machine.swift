@@ -39,6 +39,9 @@ public final class Machine: @unchecked Sendable {
     var devices: [any MachineDevice] = []
     /// Netdev id → the id of the device using it.
     var netdevUsers: [String: String] = [:]
+    /// Socket chardevs (`-chardev`, `chardev-add`) by id, and the netdev using each.
+    var chardevs: [String: SocketChardev] = [:]
+    var chardevUsers: [String: String] = [:]
     /// fds named by QMP `getfd`, owned here until a netdev claims them.
     var namedFDs: [String: FileDescriptor] = [:]
     let dispatcher = QMPDispatcher()
@@ -107,10 +110,12 @@ public final class Machine: @unchecked Sendable {
         exitHandler.machine = self
         exitHandler.loop = loop
         devices = [serial, pciBus]
+        chardevs = config.socketChardevs
         for netdev in config.netdevs { try addNetdev(netdev) }
         for device in config.devices { try addNIC(device) }
         registerCommands()
         registerNetworkCommands()
+        registerChardevCommands()
         registerMigrationCommands()
         migration.capabilities["events"] = config.migrationEvents
     }
@@ -192,6 +197,7 @@ public final class Machine: @unchecked Sendable {
         for backend in serialBackends { backend.close() }
         closeIncomingListeners()
         for device in devices { device.shutdown() }
+        for netdev in netdevs.values { netdev.shutdown() }
         namedFDs.removeAll()
         loop.unwatch(signals.fd)
         signals.close()

@@ -203,12 +203,47 @@ public enum PCIBridgeSpec {
     }
 }
 
-/// `-chardev socket,id=ID,path=PATH`: a unix socket the VMM connects to (a vhost-user
-/// backend's). Only the client side: server=on is not supported.
+/// `-chardev socket,id=ID,path=PATH[,reconnect=SECONDS]` (and QMP `chardev-add`'s socket
+/// backend): a unix socket the VMM connects to, a vhost-user backend's. Only the client
+/// side: server=on is not supported. The netdev using it connects (QEMU connects at
+/// chardev creation; here a chardev nobody uses holds no socket).
+public struct SocketChardev: Sendable, Equatable {
+    public var id: String
+    public var path: String
+    /// QEMU 7.2's `reconnect`: seconds between connection attempts once the peer went
+    /// away (or could not be reached at start-up); 0, the default, never reconnects.
+    public var reconnect: Int
+
+    /// The largest `reconnect` taken: a day. (QEMU takes any int64; past that the
+    /// nanosecond timer would overflow, and nobody means it.)
+    public static let maxReconnect = 86_400
+
+    /// Validates what both spellings share; `context` starts each message
+    /// (`-chardev socket,id=c,...` or `chardev-add`).
+    public init(id: String, path: String, reconnect: Int = 0, context: String) throws {
+        guard !path.isEmpty else { throw VMMConfiguration.Error("\(context): the socket path is empty") }
+        guard path.utf8.count <= UnixSocket.maxPathLength else {
+            throw VMMConfiguration.Error("\(context): UNIX socket path '\(path)' is too long (\(path.utf8.count) bytes, at most \(UnixSocket.maxPathLength))")
+        }
+        guard (0...Self.maxReconnect).contains(reconnect) else {
+            throw VMMConfiguration.Error("\(context): reconnect=\(reconnect) must be 0..\(Self.maxReconnect) seconds (0: never)")
+        }
+        self.id = id
+        self.path = path
+        self.reconnect = reconnect
+    }
+
+    /// `query-chardev`'s `filename`, as QEMU's char-socket writes it.
+    public func filename(connected: Bool) -> String { (connected ? "" : "disconnected:") + "unix:\(path)" }
+
+    /// How messages name it: `chardev 'c' (unix:/run/vu.sock)`.
+    public var described: String { "chardev '\(id)' (unix:\(path))" }
+}
+
 public enum SocketChardevSpec {
     static let keys: Set<String> = ["backend", "id", "path", "server", "wait", "reconnect"]
 
-    public static func parse(_ value: String, option: String) throws -> (id: String, path: String) {
+    public static func parse(_ value: String, option: String) throws -> SocketChardev {
         let list = try KeyValueList(value, option: option, impliedKey: "backend")
         guard list["backend"] == "socket" else {
             throw VMMConfiguration.Error("\(option) \(value): unsupported chardev backend '\(list["backend"] ?? "")' (only 'socket')")
@@ -217,7 +252,14 @@ public enum SocketChardevSpec {
         if try list.bool("server", default: false) {
             throw VMMConfiguration.Error("\(option) \(value): server=on is not supported (the VMM connects to the backend)")
         }
-        if list["reconnect"] != nil { throw VMMConfiguration.Error("\(option) \(value): reconnect= is not supported yet") }
-        return (try list.required("id", in: value), try list.required("path", in: value))
+        var reconnect = 0
+        if let text = list["reconnect"] {
+            guard let seconds = Int(text), seconds >= 0 else {
+                throw VMMConfiguration.Error("\(option) \(value): reconnect=\(text) is not a number of seconds (0 or more)")
+            }
+            reconnect = seconds
+        }
+        return try SocketChardev(id: try list.required("id", in: value), path: try list.required("path", in: value),
+                                 reconnect: reconnect, context: "\(option) \(value)")
     }
 }

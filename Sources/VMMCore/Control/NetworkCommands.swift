@@ -13,11 +13,15 @@ extension Machine {
             netdevs[spec.id] = TapBackend(id: spec.id, incomingQueues: spec.queues)
             return
         }
-        if let chardev = spec.vhostUserChardev {
-            guard let path = config.socketChardevs[chardev] else {
-                throw QMPCommandError("netdev \(spec.id): chardev '\(chardev)' not found (give -chardev socket,id=\(chardev),path=PATH)")
+        if let chardevID = spec.vhostUserChardev {
+            guard let chardev = chardevs[chardevID] else {
+                throw QMPCommandError("netdev \(spec.id): chardev '\(chardevID)' not found (add it with -chardev socket,id=\(chardevID),path=PATH or chardev-add)")
             }
-            netdevs[spec.id] = try VhostUserNetdev(id: spec.id, socketPath: path, queues: spec.queues)
+            if let user = chardevUsers[chardevID] {
+                throw QMPCommandError("netdev \(spec.id): chardev '\(chardevID)' is already used by netdev '\(user)'")
+            }
+            netdevs[spec.id] = try VhostUserNetdev(id: spec.id, chardev: chardev, queues: spec.queues, loop: loop, logger: logger)
+            chardevUsers[chardevID] = spec.id
             return
         }
         if let fds = spec.fds {
@@ -88,7 +92,7 @@ extension Machine {
         return (parts.joined(separator: ","), claimed)
     }
 
-    /// QAPI's types for `netdev_add` tap arguments (NetdevTapOptions); every other key is a string.
+    /// QAPI's types for `netdev_add` arguments (NetdevTapOptions, NetdevVhostUserOptions); every other key is a string.
     static let netdevArgumentTypes: [String: QMPDispatcher.ArgumentType] = [
         "queues": .uint32, "poll-us": .uint32, "sndbuf": .size,
         "vnet_hdr": .boolean, "vhost": .boolean, "vhostforce": .boolean, "incoming-fds": .boolean,
@@ -111,7 +115,7 @@ extension Machine {
             guard namedFDs.removeValue(forKey: name) != nil else { throw QMPCommandError("File descriptor named '\(name)' not found") }
             return [:]
         }
-        let netdevArgs = Dictionary(uniqueKeysWithValues: NetdevSpec.keys.map { ($0, Self.netdevArgumentTypes[$0] ?? .string) })
+        let netdevArgs = Dictionary(uniqueKeysWithValues: NetdevSpec.keys.union(NetdevSpec.vhostUserKeys).map { ($0, Self.netdevArgumentTypes[$0] ?? .string) })
         d.register("netdev_add", arguments: netdevArgs, required: ["type", "id"]) { [unowned self] args in
             let (text, claimed) = try optionString(args["type"]?.stringValue ?? "", args, skip: ["type"], resolveFDs: true)
             // Parse errors become GenericError replies in the dispatcher, with their text.
@@ -123,7 +127,8 @@ extension Machine {
             let id = args["id"]!.stringValue!
             guard netdevs[id] != nil else { throw QMPCommandError("Device '\(id)' not found") }
             guard netdevUsers[id] == nil else { throw QMPCommandError("Device '\(id)' is in use by a NIC") }
-            netdevs[id] = nil
+            netdevs.removeValue(forKey: id)?.shutdown()
+            chardevUsers = chardevUsers.filter { $0.value != id }
             return [:]
         }
         let deviceArgs = Dictionary(uniqueKeysWithValues: DeviceSpec.keys.map { ($0, QMPDispatcher.ArgumentType.any) })

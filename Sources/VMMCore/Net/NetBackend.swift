@@ -19,6 +19,10 @@ public protocol NetBackend: AnyObject, Sendable {
     /// The datapath a NIC with `pairs` queue pairs runs on this netdev. `memoryBackend`:
     /// the guest RAM's `-object` id, for messages.
     func makeDatapath(pairs: Int, memory: GuestMemory, memoryBackend: String?) throws -> NetDatapath
+    /// Whether frames can move (a vhost-user backend is connected); a TAP's always can.
+    var linkUp: Bool { get }
+    /// The netdev is removed or the machine ends (loop thread): stop watching its fds.
+    func shutdown()
 }
 
 extension NetBackend {
@@ -28,6 +32,8 @@ extension NetBackend {
         UserspaceTapDatapath(queues: self, pairs: pairs)
     }
     public var awaitsIncomingQueues: Bool { false }
+    public var linkUp: Bool { true }
+    public func shutdown() {}
     public func adoptIncoming(_ fds: [FileDescriptor], vnetHeader: Bool) throws {
         throw StreamError("netdev '\(id)' cannot take queues from a migration")
     }

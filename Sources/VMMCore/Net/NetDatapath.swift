@@ -60,6 +60,8 @@ public protocol NetDatapath: AnyObject, Sendable {
     var statistics: (rx: [UInt64], tx: [UInt64]) { get }
     /// Why a migration would lose state with this datapath; nil when it would not.
     var migrationBlocker: String? { get }
+    /// virtio-net's VIRTIO_NET_S_LINK_UP: false while a vhost-user backend is away.
+    var linkUp: Bool { get }
     /// The host fds a local migration hands over, under their stream names.
     func handedOverFDs() -> [NamedFD]
     var vnetHeader: Bool { get }
@@ -70,4 +72,5 @@ public protocol NetDatapath: AnyObject, Sendable {
 
 extension NetDatapath {
     public var migrationBlocker: String? { nil }
+    public var linkUp: Bool { true }
 }

@@ -15,6 +15,8 @@ public final class VirtioNet: VirtioDeviceModel, @unchecked Sendable {
     }
 
     static let queueSize: UInt16 = 256
+    /// Config `status`'s VIRTIO_NET_S_LINK_UP.
+    static let statusLinkUp: UInt16 = 1
     static let maxFrame = 65550
 
     public let id: String
@@ -55,7 +57,8 @@ public final class VirtioNet: VirtioDeviceModel, @unchecked Sendable {
     var controlQueueIndex: Int { 2 * maxQueuePairs }
 
     public func readConfig(offset: Int, size: Int) -> UInt32 {
-        var bytes = mac + le16(1) + le16(UInt16(maxQueuePairs)) + le16(1500)
+        let status: UInt16 = datapath.linkUp ? Self.statusLinkUp : 0
+        var bytes = mac + le16(status) + le16(UInt16(maxQueuePairs)) + le16(1500)
         bytes += [UInt8](repeating: 0, count: 16)
         guard offset >= 0, offset + size <= bytes.count else { return 0 }
         var value: UInt32 = 0
@@ -93,6 +96,7 @@ public final class VirtioNet: VirtioDeviceModel, @unchecked Sendable {
         let stats = statistics
         return ["x-virtio-net": [
             "netdev": .string(datapath.netdevID), "ifname": .string(datapath.ifname), "datapath": .string(datapath.kind.rawValue),
+            "link": .string(datapath.linkUp ? "up" : "down"),
             "max-queue-pairs": .int(Int64(maxQueuePairs)), "queue-pairs": .int(Int64(queuePairsInUse)),
             "queues": .int(Int64(queueMaxSizes.count)), "status": .int(Int64(status)),
             "rx-packets": .array(stats.rx.map { .int(Int64($0)) }), "tx-packets": .array(stats.tx.map { .int(Int64($0)) }),
