@@ -44,7 +44,7 @@ public final class Machine: @unchecked Sendable {
     let dispatcher = QMPDispatcher()
     let qmp: QMPServer
     /// Created first, before any thread or endpoint, so every wait can watch it.
-    private let signals: TerminationSignals
+    let signals: TerminationSignals
 
     var runState: RunState
     let migration = MigrationState()
@@ -107,6 +107,18 @@ public final class Machine: @unchecked Sendable {
         exitHandler.machine = self
         exitHandler.loop = loop
         devices = [serial, pciBus]
+        // cpr-transfer: the RAM and the `cpr=on` netdevs' fds come before any netdev.
+        if let cpr = config.incoming?.cpr {
+            do {
+                try receiveCPRState(cpr)
+            } catch let error as VMMConfiguration.Error {
+                throw error
+            } catch let signal as TerminationRequested {
+                throw signal
+            } catch {
+                throw VMMConfiguration.Error("-incoming cpr channel \(cpr): \(error)")
+            }
+        }
         for netdev in config.netdevs { try addNetdev(netdev) }
         for device in config.devices { try addNIC(device) }
         registerCommands()
@@ -176,12 +188,12 @@ public final class Machine: @unchecked Sendable {
         if runState != .inmigrate { resumeDevices() }
         try vcpuRunner.start()
         if runState == .running { vcpuRunner.resume() }
-        if let incoming = config.incoming, incoming != MigrationChannels() {
+        // The cpr channel, if any, was read in `init`; the main one may wait for migrate-incoming.
+        if let main = config.incoming?.main {
             do {
-                try startIncoming(incoming)
+                try startIncoming(MigrationChannels(main: main))
             } catch {
-                let given = MigrationChannelType.allCases.compactMap { incoming[$0]?.description }
-                throw VMMConfiguration.Error("-incoming \(given.joined(separator: ", ")): \(error)")
+                throw VMMConfiguration.Error("-incoming \(main): \(error)")
             }
         }
     }

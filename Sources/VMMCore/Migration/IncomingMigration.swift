@@ -69,7 +69,12 @@ final class IncomingMigration: @unchecked Sendable {
     var state: State { current.withLock { $0 } }
     /// A cpr channel was set up: the cpr state must arrive before the main channel's stream.
     let expectsCPR: Bool
-    private let target: IncomingTarget
+    /// Replaced when the main channel starts (`retarget`): a cpr-transfer target reads the
+    /// cpr state before its devices exist.
+    private var target: IncomingTarget
+    /// The cpr state once applied (its RAM adopted); its netdevs' fds wait in the cpr
+    /// channel's `ReceivedFDs` until each netdev claims them (`claimCPRNetdev`).
+    private(set) var cprState: CPRState?
     private var fds: [MigrationChannelType: ReceivedFDs] = [:]
     private var versions: [MigrationChannelType: UInt32] = [:]
     private var legacy: LegacyStreamV2?
@@ -78,6 +83,28 @@ final class IncomingMigration: @unchecked Sendable {
     init(expectsCPR: Bool, target: IncomingTarget) {
         self.expectsCPR = expectsCPR
         self.target = target
+    }
+
+    /// The machine as it is when its main channel starts: a cpr-transfer target has built
+    /// its netdevs and devices since the cpr state arrived. Control thread, before `begin(.main)`.
+    func retarget(_ target: IncomingTarget) {
+        precondition(state == .cprStateApplied || state == .waitingForChannels, "retarget in state \(state)")
+        self.target = target
+    }
+
+    /// The TAP queues of `cpr=on` netdev `id`, claimed from the cpr state (control thread,
+    /// before the main channel started): its entry and the fds, now the caller's.
+    func claimCPRNetdev(_ id: String) throws -> (CPRState.Netdev, [FileDescriptor]) {
+        guard let cprState, let fds = fds[.cpr] else { throw StreamError("netdev '\(id)': cpr=on, but no cpr state arrived") }
+        guard state == .cprStateApplied else {
+            throw StreamError("netdev '\(id)': cpr=on netdevs take their fds before the main channel's stream starts (state \(state))")
+        }
+        guard let entry = cprState.netdev(id) else {
+            let carried = cprState.netdevs.map(\.id)
+            throw StreamError("netdev '\(id)': cpr=on, but the cpr state carries no netdev '\(id)' (it carries \(carried.isEmpty ? "none" : carried.joined(separator: ", "))): is cpr=on set for it on the source?")
+        }
+        let queues = try (0..<Int(entry.queues)).map { try fds.claim(entry.tapFDName(queue: $0), by: "netdev '\(id)'") }
+        return (entry, queues)
     }
 
     /// The version of the stream `channel` carries (its header was checked).
@@ -160,9 +187,9 @@ final class IncomingMigration: @unchecked Sendable {
             throw StreamError("the cpr channel carries the cpr state only, not \(section.label)")
         }
         try fds[.cpr]!.bind(section.fdNames, for: section.label)
-        guard section.payload.isEmpty else {
-            throw StreamError("a cpr state of \(section.payload.count) bytes: this build has no cpr-transfer yet and reads only an empty one")
-        }
+        let cpr = try CPRState.decode(section.payload, owner: "cpr")
+        try cpr.adoptRAM(into: target.memory, fds: fds[.cpr]!)
+        cprState = cpr
         target.progress.mark("cpr state applied")
         state = .cprStateApplied
         return .finished
@@ -177,6 +204,8 @@ final class IncomingMigration: @unchecked Sendable {
         legacy = version(of: .main) == 2 ? LegacyStreamV2(netdevOf: target.netdevOf) : nil
         loader = IncomingSections(devices: target.devices, memory: target.memory, sourceRAMFile: source.properties["ram-file"],
                                   fds: main, progress: target.progress)
+        // cpr-transfer: the RAM came with the cpr state, and the main channel carries none.
+        loader!.ramArrived = cprState != nil
         state = .receivingState
     }
 
