@@ -40,9 +40,11 @@ public struct GuestNetwork: Sendable, Equatable {
     /// `192.168.100.2/24`.
     public var guestCIDR: String { "\(guestAddress)/\(prefixLength)" }
 
-    /// `-netdev tap,...` on the TAP named `ifname` (default: `tap`) and the matching `-device`.
-    public func arguments(ifname: String? = nil) -> [String] {
-        ["-netdev", "tap,id=\(netdevID),ifname=\(ifname ?? tap),queues=\(queues),script=no,downscript=no"] + deviceArguments
+    /// `-netdev tap,...` on the TAP named `ifname` (default: `tap`) and the matching `-device`;
+    /// `cpr`: `cpr=on`, so a cpr-transfer hands the TAP's queues to the next VMM.
+    public func arguments(ifname: String? = nil, cpr: Bool = false) -> [String] {
+        ["-netdev", "tap,id=\(netdevID),ifname=\(ifname ?? tap),queues=\(queues),script=no,downscript=no\(cpr ? ",cpr=on" : "")"]
+            + deviceArguments
     }
 
     /// A migration target's NIC whose TAP queues arrive with the stream (local migration).
