@@ -297,6 +297,26 @@ extension SerializedNetworkSuites {
             }
         }
 
+        /// A target whose netdev is `cpr=off` claims none of the TAP queues the cpr state
+        /// carried: at the end it closes them, counts and names them, and fails; the
+        /// source resumes with the guest still answering.
+        @Test func unclaimedCPRFDsAreClosedAndCounted() async throws {
+            try await MigrationPair.with(mode: .cprTransfer, network: GuestNetwork(queues: 2)) { pair in
+                try await withArtifacts { artifacts in
+                    var options = MachineOptions.bundledGuest(arguments: pair.network.arguments(), name: "cpr-off-target")
+                    options.namespace = pair.namespace
+                    let error = await #expect(throws: MigrationWaitError.self) {
+                        _ = try await MigrationPair.cprTransfer(from: pair.source, launching: options, in: artifacts)
+                    }
+                    let text = error.map { "\($0)" } ?? ""
+                    #expect(error?.outcome.sourceStatus == "failed" && error?.outcome.sourceRunState == "running", "\(text)")
+                    #expect(text.contains("received 2 file descriptor(s) that no section claimed: netdev/n0/tap.0, netdev/n0/tap.1"), "\(text)")
+                    let reply = try await pair.source.guest.ping(pair.network.hostAddress)
+                    #expect(reply.received == 1)
+                }
+            }
+        }
+
         /// Hundreds of live updates with a pinger running, to catch races; by hand:
         /// `CPR_SOAK_UPDATES=300 swift test --filter cprSoak`. Its result goes in docs/reliability.md.
         @Test(.enabled(if: ProcessInfo.processInfo.environment["CPR_SOAK_UPDATES"] != nil, "set CPR_SOAK_UPDATES=N to run N live updates"),
