@@ -153,16 +153,32 @@ extension MigrationPair {
         ]
         try await source.qmp.execute("migrate-set-capabilities", arguments: ["capabilities": [["capability": "events", "state": true]]])
         try await source.qmp.execute("migrate-set-parameters", arguments: ["mode": "cpr-transfer"])
-        // The target's monitor opens only after the cpr state arrived: launch and migrate at once.
-        async let launched = Machine.launch(targetOptions, in: artifacts)
+        // The target's monitor opens only after the cpr state arrived, so its launch finishes
+        // only after `migrate`. The source stops the guest first: migrate once the target has
+        // started up and waits on the cpr channel, or its start-up counts as downtime.
+        targetOptions.name = leaf
+        let stderrPath = (try artifacts.directory(forMachine: leaf) as NSString).appendingPathComponent("stderr.log")
+        let ended = Mutex(false)
+        let launch = Task {
+            defer { ended.withLock { $0 = true } }
+            return try await Machine.launch(targetOptions, in: artifacts)
+        }
+        let deadline = ContinuousClock.now + targetOptions.startupTimeout
+        while ContinuousClock.now < deadline, !ended.withLock({ $0 }),
+              !((try? String(contentsOfFile: stderrPath, encoding: .utf8))?.contains(cprWaitingLine) ?? false) {
+            try await Task.sleep(for: .milliseconds(2))
+        }
         try await source.qmp.execute("migrate", arguments: ["channels": [
             channelJSON("main", ["transport": "socket", "type": "unix", "path": .string(mainPath)]),
             channelJSON("cpr", ["transport": "socket", "type": "unix", "path": .string(cprListener.path)]),
         ]])
-        let target = try await launched
+        let target = try await launch.value
         let outcome = try await MigrationWaiter.waitForFinish(source: source, target: target, timeout: timeout)
         return (target, outcome)
     }
+
+    /// What the VMM logs (info) once it waits for the cpr state.
+    static let cprWaitingLine = "cpr-transfer: waiting for the cpr state"
 
     /// `{"channel-type": type, "addr": addr}`, QEMU's migration channel.
     public static func channelJSON(_ type: String, _ addr: JSON) -> JSON {
