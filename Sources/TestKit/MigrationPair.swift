@@ -172,9 +172,27 @@ extension MigrationPair {
             channelJSON("main", ["transport": "socket", "type": "unix", "path": .string(mainPath)]),
             channelJSON("cpr", ["transport": "socket", "type": "unix", "path": .string(cprListener.path)]),
         ]])
-        let target = try await launch.value
+        let target: Machine
+        do {
+            target = try await launch.value
+        } catch {
+            // A target whose load failed fast exits before its launch finished: report it as
+            // any failed migration, with the source's end and the target's stderr.
+            throw await failedTarget(error, source: source, timeout: timeout)
+        }
         let outcome = try await MigrationWaiter.waitForFinish(source: source, target: target, timeout: timeout)
         return (target, outcome)
+    }
+
+    private static func failedTarget(_ error: any Error, source: Machine, timeout: Duration) async -> MigrationWaitError {
+        let end: String
+        do { end = try await MigrationWaiter.waitForEnd(of: source.qmp, timeout: timeout) } catch { end = "no MIGRATION end event: \(error)" }
+        let state = (try? await source.qmp.execute("query-status"))?["status"]?.stringValue ?? "unreachable"
+        let info = try? await source.qmp.execute("query-migrate")
+        return MigrationWaitError(
+            outcome: MigrationOutcome(sourceStatus: end, targetStatus: "no end: the target did not start", sourceRunState: state, targetRunState: "exited"),
+            expected: MigrationOutcome(sourceStatus: "completed", targetStatus: "completed", sourceRunState: "postmigrate", targetRunState: "paused"),
+            sourceError: info?["error-desc"]?.stringValue, details: ["target: \(error)"])
     }
 
     /// What the VMM logs (info) once it waits for the cpr state.
