@@ -342,6 +342,8 @@ extension SerializedNetworkSuites {
                     pinger.stop()
                     let report = await pinger.finish(timeout: .seconds(10))
                     #expect(report.lost == 0, "\(updates) updates: \(report)")
+                    print("cprSoak: \(updates) live updates with pings every 2 ms: \(report.sent) sent, \(report.lost) lost, "
+                          + "longest gap \(report.longestGap.map { "\($0.duration)" } ?? "none")")
                     _ = await current.shutdown()
                 }
             }

@@ -55,7 +55,7 @@ public struct VMMConfiguration: Sendable, Equatable {
           -append STRING           guest command line
           -serial stdio|file:PATH|unix:PATH[,server=on[,wait=off]]|none
           -qmp unix:PATH[,server=on[,wait=off]]
-          -netdev tap,id=ID[,ifname=NAME][,queues=N][,vnet_hdr=on|off][,fd=N|fds=N:M:...],script=no,downscript=no
+          -netdev tap,id=ID[,ifname=NAME][,queues=N][,vnet_hdr=on|off][,fd=N|fds=N:M:...][,cpr=on],script=no,downscript=no
           -device virtio-net-pci,netdev=ID[,id=ID][,mac=MAC][,mq=on|off][,local-migration=on|off][,bus=BUS]
           -device pcie-pci-bridge,id=ID[,bus=pcie.0]   (alias: adds bus name ID, see docs/cli.md)
           -incoming unix:PATH|tcp:HOST:PORT|defer|'{"channel-type": "main"|"cpr", "addr": {...}}'
