@@ -107,20 +107,8 @@ public final class Machine: @unchecked Sendable {
         exitHandler.machine = self
         exitHandler.loop = loop
         devices = [serial, pciBus]
-        // cpr-transfer: the RAM and the `cpr=on` netdevs' fds come before any netdev.
-        if let cpr = config.incoming?.cpr {
-            do {
-                try receiveCPRState(cpr)
-            } catch let error as VMMConfiguration.Error {
-                throw error
-            } catch let signal as TerminationRequested {
-                throw signal
-            } catch {
-                throw VMMConfiguration.Error("-incoming cpr channel \(cpr): \(error)")
-            }
-        }
-        for netdev in config.netdevs { try addNetdev(netdev) }
-        for device in config.devices { try addNIC(device) }
+        // cpr-transfer: the netdevs take their fds from the cpr state, which `start` reads first.
+        if config.incoming?.cpr == nil { try addConfiguredNICs() }
         registerCommands()
         registerNetworkCommands()
         registerMigrationCommands()
@@ -172,8 +160,27 @@ public final class Machine: @unchecked Sendable {
         return status
     }
 
+    private func addConfiguredNICs() throws {
+        for netdev in config.netdevs { try addNetdev(netdev) }
+        for device in config.devices { try addNIC(device) }
+    }
+
     private func start() throws {
         installSignalHandling()
+        // cpr-transfer, as QEMU's cpr_state_load: the RAM and the `cpr=on` netdevs' fds
+        // come before any netdev, device or monitor exists.
+        if let cpr = config.incoming?.cpr {
+            do {
+                try receiveCPRState(cpr)
+            } catch let error as VMMConfiguration.Error {
+                throw error
+            } catch let signal as TerminationRequested {
+                throw signal
+            } catch {
+                throw VMMConfiguration.Error("-incoming cpr channel \(cpr): \(error)")
+            }
+            try addConfiguredNICs()
+        }
         for backend in serialBackends { try backend.waitForFirstClient(signals) }
         try qmp.open(config.qmp, signals: signals)
         for backend in serialBackends {

@@ -97,6 +97,21 @@ struct CPRTransferFunctionalTests {
         }
     }
 
+    /// A target waiting for its cpr state (no monitor yet) ends on SIGTERM like a running
+    /// VMM: status 0, its listening socket removed.
+    @Test func signalEndsTheWaitForTheCPRState() async throws {
+        try await withArtifacts { artifacts in
+            let cpr = try artifacts.socketPath("cpr.sock")
+            let target = try await Machine.launch(
+                .bundledGuest(arguments: ["-incoming", "defer", "-incoming", Self.unix("cpr", cpr).serialized], connectQMP: false, name: "target"),
+                in: artifacts)
+            try await Self.waitForSocket(cpr)
+            #expect(target.kill(SIGTERM))
+            #expect(try await target.wait(timeout: .seconds(10)) == .exited(0), "\(target.stderrTail())")
+            #expect(access(cpr, F_OK) != 0, "the cpr listener's socket is removed")
+        }
+    }
+
     /// The VMM binds a unix channel's path at start-up; a connect just between its bind and
     /// listen is refused, so wait a moment more.
     static func waitForSocket(_ path: String) async throws {
