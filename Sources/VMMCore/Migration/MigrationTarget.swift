@@ -13,7 +13,7 @@ extension Machine {
         guard migration.status != .failed else {
             throw QMPCommandError("An incoming migration failed here before (\(migration.error ?? "")); start a new target")
         }
-        // The cpr channel is read in `init`, before netdevs and the monitor exist.
+        // The cpr channel is read first in `start`, before netdevs and the monitor exist.
         precondition(channels.cpr == nil, "the cpr channel is given to receiveCPRState")
         guard let main = channels.main, migration.incomingChannels.main == nil, migration.status != .completed else {
             throw QMPCommandError("An incoming migration is already set up")
@@ -58,7 +58,7 @@ extension Machine {
     }
 
     /// cpr-transfer's first step on the target, as QEMU's `cpr_state_load`: called by
-    /// `init` after RAM exists and before netdevs, devices and the monitor. Blocks (the
+    /// `start`, after RAM exists and before netdevs, devices and the monitor. Blocks (the
     /// control thread has nothing else to do yet) until the source connected the cpr
     /// channel and its cpr state was applied: the RAM fd mapped in place, the netdevs'
     /// fds kept for `cpr=on` netdevs to claim by id. A termination signal ends the wait.
@@ -152,7 +152,7 @@ extension Machine {
         for type in MigrationChannelType.allCases { closeIncomingListener(type) }
     }
 
-    /// The main channel connected (the cpr state, if any, was applied in `init`).
+    /// The main channel connected (the cpr state, if any, was applied in `start`).
     private func connected(_ channel: MigrationChannel, _ type: MigrationChannelType) {
         guard let incoming = migration.incoming else { return }
         if migration.status == .none {
