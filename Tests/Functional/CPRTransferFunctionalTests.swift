@@ -263,9 +263,9 @@ extension SerializedNetworkSuites {
         }
 
         /// Cancelled, or the target killed, after the cpr state went out: the source goes
-        /// back to running, answers pings on the TAP again, and holds exactly the fds it
-        /// held before.
-        @Test(arguments: ["cancel", "kill"])
+        /// back to its previous run state (running, or paused: then `cont`), answers pings
+        /// on the TAP again, and holds exactly the fds it held before.
+        @Test(arguments: ["cancel", "kill", "cancel while paused"])
         func sourceResumesAfterTheCPRStateWasSent(how: String) async throws {
             let network = GuestNetwork(queues: 2)
             try await NetworkNamespace.with { namespace in
@@ -277,6 +277,8 @@ extension SerializedNetworkSuites {
                     try await source.console.waitForPrompt(timeout: .seconds(20))
                     try await source.guest.configureNetwork(address: network.guestCIDR)
                     let fdsBefore = ProcessSnapshot.describeFileDescriptors(of: source.pid)
+                    let paused = how == "cancel while paused"
+                    if paused { try await source.qmp.execute("stop") }
                     let main = try artifacts.socketPath("main.sock")
                     let cpr = try artifacts.socketPath("cpr.sock")
                     var targetOptions = MachineOptions.bundledGuest(
@@ -290,7 +292,7 @@ extension SerializedNetworkSuites {
                     // The target's monitor is up: it holds the RAM and the TAP queues now.
                     let target = try await launch.value
                     #expect(try await source.qmp.execute("query-status")["status"] == "finish-migrate")
-                    if how == "cancel" {
+                    if how != "kill" {
                         try await source.qmp.execute("migrate_cancel")
                         _ = try await source.qmp.waitForEvent("MIGRATION", matching: ["status": "cancelled"], timeout: .seconds(10))
                     } else {
@@ -300,7 +302,8 @@ extension SerializedNetworkSuites {
                         #expect(info["error-desc"]?.stringValue?.isEmpty == false, "\(info.serialized)")
                     }
                     _ = await target.shutdown()
-                    #expect(try await source.qmp.execute("query-status")["status"] == "running")
+                    #expect(try await source.qmp.execute("query-status")["status"] == (paused ? "paused" : "running"))
+                    if paused { try await source.qmp.execute("cont") }
                     let pinger = try Pinger(namespace: namespace, destination: network.guestAddress, interval: .milliseconds(2), count: 100)
                     try pinger.start()
                     let report = await pinger.finish(timeout: .seconds(20))

@@ -95,7 +95,7 @@ final class IncomingMigration: @unchecked Sendable {
     /// The TAP queues of `cpr=on` netdev `id`, claimed from the cpr state (control thread,
     /// before the main channel started): its entry and the fds, now the caller's.
     func claimCPRNetdev(_ id: String) throws -> (CPRState.Netdev, [FileDescriptor]) {
-        guard let cprState, let fds = fds[.cpr] else { throw StreamError("netdev '\(id)': cpr=on, but no cpr state arrived") }
+        guard let cprState else { throw StreamError("netdev '\(id)': cpr=on, but no cpr state arrived") }
         guard state == .cprStateApplied else {
             throw StreamError("netdev '\(id)': cpr=on netdevs take their fds before the main channel's stream starts (state \(state))")
         }
@@ -103,8 +103,15 @@ final class IncomingMigration: @unchecked Sendable {
             let carried = cprState.netdevs.map(\.id)
             throw StreamError("netdev '\(id)': cpr=on, but the cpr state carries no netdev '\(id)' (it carries \(carried.isEmpty ? "none" : carried.joined(separator: ", "))): is cpr=on set for it on the source?")
         }
-        let queues = try (0..<Int(entry.queues)).map { try fds.claim(entry.tapFDName(queue: $0), by: "netdev '\(id)'") }
+        let queues = try (0..<Int(entry.queues)).map { try claimCPRFD(entry.tapFDName(queue: $0), by: "netdev '\(id)'") }
         return (entry, queues)
+    }
+
+    /// Any fd of the cpr state by its stream name, e.g. a vhost datapath's
+    /// `netdev/<id>/vhost.<i>` (what its source's `prepareForHandover` returned).
+    func claimCPRFD(_ name: String, by claimant: String) throws -> FileDescriptor {
+        guard cprState != nil, let fds = fds[.cpr] else { throw StreamError("\(claimant) expects \(name), but no cpr state arrived") }
+        return try fds.claim(name, by: claimant)
     }
 
     /// The version of the stream `channel` carries (its header was checked).
