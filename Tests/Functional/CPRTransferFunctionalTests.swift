@@ -371,12 +371,12 @@ extension SerializedNetworkSuites {
 
 /// Twenty live updates in a row (A→B→C…): every VMM holds the same number of fds and
 /// threads as the first, the TAP keeps its 4 queues, and this test process gets back
-/// what it took; nothing is left in /dev/shm.
+/// what it took. (RAM is a memfd: nothing in /dev/shm to check, and other suites' RAM
+/// files there come and go meanwhile.)
 @Suite(.keepsArtifactsOnFailure, .timeLimit(.minutes(10)), .requiresKVM, .requiresGuestImage, .requiresVMM, .requiresNetworkNamespaces,
        .countsProcessResources)
 struct CPRTransferLeakFunctionalTests {
     @Test func twentyLiveUpdatesLeakNothing() async throws {
-        let shmBefore = Set((try? FileManager.default.contentsOfDirectory(atPath: "/dev/shm")) ?? [])
         let network = GuestNetwork(queues: 4)
         let processBefore = try #require(ProcessSnapshot.current())
         try await NetworkNamespace.with { namespace in
@@ -416,7 +416,5 @@ struct CPRTransferLeakFunctionalTests {
         }
         #expect(after.fileDescriptors <= processBefore.fileDescriptors + slack, "\(processBefore) -> \(after)")
         #expect(after.threads <= processBefore.threads + slack, "\(processBefore) -> \(after)")
-        let shmAfter = Set((try? FileManager.default.contentsOfDirectory(atPath: "/dev/shm")) ?? [])
-        #expect(shmAfter.subtracting(shmBefore).isEmpty, "left in /dev/shm: \(shmAfter.subtracting(shmBefore))")
     }
 }
