@@ -264,7 +264,8 @@ extension SerializedNetworkSuites {
 
         /// Cancelled, or the target killed, after the cpr state went out: the source goes
         /// back to its previous run state (running, or paused: then `cont`), answers pings
-        /// on the TAP again, and holds exactly the fds it held before.
+        /// on the TAP again, and holds exactly the fds it held before. The pings sent while
+        /// the guest was stopped waited in the TAP and are answered too.
         @Test(arguments: ["cancel", "kill", "cancel while paused"])
         func sourceResumesAfterTheCPRStateWasSent(how: String) async throws {
             let network = GuestNetwork(queues: 2)
@@ -279,6 +280,12 @@ extension SerializedNetworkSuites {
                     let fdsBefore = ProcessSnapshot.describeFileDescriptors(of: source.pid)
                     let paused = how == "cancel while paused"
                     if paused { try await source.qmp.execute("stop") }
+                    // Across the attempt (running source): the guest is stopped meanwhile, so
+                    // replies may come late, but none may be missing.
+                    let across = paused ? nil : try Pinger(namespace: namespace, destination: network.guestAddress,
+                                                           interval: .milliseconds(5), replyTimeout: .seconds(10))
+                    try across?.start()
+                    try await across?.waitForReplies(10, timeout: .seconds(10))
                     let main = try artifacts.socketPath("main.sock")
                     let cpr = try artifacts.socketPath("cpr.sock")
                     var targetOptions = MachineOptions.bundledGuest(
@@ -304,6 +311,12 @@ extension SerializedNetworkSuites {
                     _ = await target.shutdown()
                     #expect(try await source.qmp.execute("query-status")["status"] == (paused ? "paused" : "running"))
                     if paused { try await source.qmp.execute("cont") }
+                    if let across {
+                        try await across.waitForReplies(across.report().received + 20, timeout: .seconds(10))
+                        across.stop()
+                        let report = await across.finish(timeout: .seconds(15))
+                        #expect(report.lost == 0, "across the attempt: \(report)")
+                    }
                     let pinger = try Pinger(namespace: namespace, destination: network.guestAddress, interval: .milliseconds(2), count: 100)
                     try pinger.start()
                     let report = await pinger.finish(timeout: .seconds(20))
