@@ -193,6 +193,29 @@ import Testing
         #expect(f.cpr.count == 0)
     }
 
+    /// The cpr state comes from a peer: every truncation of a valid one is refused by name,
+    /// and bad kinds, counts and duplicates are named, never misread.
+    @Test func cprStateDecodingRefusesBadPayloads() throws {
+        let state = CPRState(ramKind: .memfd, ramSize: 64 << 20, netdevs: [
+            .init(id: "n0", queues: 4, vnetHeader: true, ifname: "tap0"), .init(id: "n1", queues: 1, vnetHeader: false, ifname: "tapc"),
+        ])
+        let bytes = state.encoded()
+        #expect(try CPRState.decode(bytes, owner: "cpr") == state)
+        for length in 0..<bytes.count {
+            #expect(throws: StreamError.self, "truncated to \(length)") { try CPRState.decode(Array(bytes.prefix(length)), owner: "cpr") }
+        }
+        #expect { try CPRState.decode(bytes + [0], owner: "cpr") } throws: { "\($0)".contains("cpr state") }
+        var badKind = bytes
+        badKind[2] = 9
+        #expect { try CPRState.decode(badKind, owner: "cpr") } throws: { "\($0)" == "cpr state: RAM kind 9 is not known to this build" }
+        let twice = CPRState(ramKind: .file, ramSize: 1 << 20, netdevs: [
+            .init(id: "n0", queues: 1, vnetHeader: true, ifname: "a"), .init(id: "n0", queues: 1, vnetHeader: true, ifname: "b"),
+        ])
+        #expect { try CPRState.decode(twice.encoded(), owner: "cpr") } throws: { "\($0)" == "cpr state: netdev 'n0' listed twice" }
+        let none = CPRState(ramKind: .memfd, ramSize: 1 << 20, netdevs: [.init(id: "n0", queues: 0, vnetHeader: true, ifname: "a")])
+        #expect { try CPRState.decode(none.encoded(), owner: "cpr") } throws: { "\($0)" == "cpr state: netdev 'n0' has 0 queues, outside 1...256" }
+    }
+
     @Test func headerIsCheckedPerChannel() throws {
         let f = try Fixture()
         #expect { try f.incoming.begin(.main, header: Array("QEVM".utf8) + [0, 0, 0, 3, 0, 0, 0, 0], fds: f.main) } throws: {
