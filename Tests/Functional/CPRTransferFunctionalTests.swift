@@ -97,6 +97,24 @@ struct CPRTransferFunctionalTests {
         }
     }
 
+    /// RAM in a `share=on` file travels as that file's fd: the guest's RAM (its scribble
+    /// round) and clock carry on in the next VMM, nothing copied.
+    @Test func sharedFileRAMIsHandedOver() async throws {
+        let path = "/dev/shm/svmm-cpr-\(getpid())-\(UInt32.random(in: 0...UInt32.max))"
+        defer { unlink(path) }
+        try await withArtifacts { artifacts in
+            let ram = ["-object", "memory-backend-file,id=m0,size=64M,mem-path=\(path),share=on", "-machine", "memory-backend=m0"]
+            let source = try await Machine.launch(.bundledGuest(arguments: ram, name: "source"), in: artifacts)
+            try await source.console.waitForPrompt(timeout: .seconds(20))
+            let round = try await source.guest.scribble(rounds: 2)
+            let ticks = try await source.guest.ticks()
+            let next = try await MigrationPair.liveUpdate(from: source, to: .bundledGuest(arguments: ram, name: "next"), in: artifacts)
+            #expect(try await source.qmp.execute("query-migrate")["ram"]?["normal"]?.intValue == 0)
+            #expect(try await next.guest.ticks(after: .milliseconds(100)) > ticks)
+            #expect(try await next.guest.scribble(rounds: 1) == round + 1)
+        }
+    }
+
     /// A target waiting for its cpr state (no monitor yet) ends on SIGTERM like a running
     /// VMM: status 0, its listening socket removed.
     @Test func signalEndsTheWaitForTheCPRState() async throws {
