@@ -117,8 +117,9 @@ final class IncomingMigration: @unchecked Sendable {
     /// The version of the stream `channel` carries (its header was checked).
     func version(of channel: MigrationChannelType) -> UInt32 { versions[channel] ?? MigrationStream.version }
 
-    /// Poll rather than sleep for the next section: the source is in its downtime.
-    var pollsForNext: Bool { state == .switchingOver }
+    /// Poll rather than sleep for the next section: the source is in its downtime (after
+    /// the switch-over, or all along in cpr-transfer, whose source stopped first).
+    var pollsForNext: Bool { state == .switchingOver || cprState != nil }
 
     /// A channel's first bytes arrived: its stream header.
     func begin(_ channel: MigrationChannelType, header: [UInt8], fds received: ReceivedFDs) throws {

@@ -102,9 +102,17 @@ public final class MigrationChannel: @unchecked Sendable {
     /// checks for the cancel).
     public func waitForPeerClose(what: String) throws {
         var byte: UInt8 = 0
+        // The guest is stopped while the target builds its devices: poll a while before
+        // sleeping, as `receive(pollFirst:)` does, yielding the core to the target.
+        var spinUntil = monotonicNanoseconds() + Self.spinNanoseconds
         while true {
-            let n = socket.withRaw { recv($0, &byte, 1, 0) }
+            let n = socket.withRaw { recv($0, &byte, 1, spinUntil > 0 ? Int32(MSG_DONTWAIT) : 0) }
             if n == 0 { return }
+            if n < 0 && (errno == EAGAIN || errno == EWOULDBLOCK) {
+                if monotonicNanoseconds() >= spinUntil { spinUntil = 0 }
+                sched_yield()
+                continue
+            }
             if n < 0 && errno == EINTR { continue }
             if n < 0 { throw SystemError("migration channel: waiting for \(what)") }
             throw StreamError("migration channel: the peer sent data while this side waited for \(what) (it should close the channel)")

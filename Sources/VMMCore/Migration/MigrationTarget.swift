@@ -169,7 +169,8 @@ extension Machine {
             _ = try OSThread(name: "migration-in-\(type)") { [self] in
                 var failure: String?
                 do {
-                    try incoming.begin(type, header: try channel.receive(MigrationStream.headerSize, what: "the \(type) channel's stream header"),
+                    try incoming.begin(type, header: try channel.receive(MigrationStream.headerSize, what: "the \(type) channel's stream header",
+                                                                         pollFirst: incoming.pollsForNext),
                                        fds: channel.received)
                     while true {
                         let section = try channel.receiveSection(version: incoming.version(of: type), pollFirst: incoming.pollsForNext)
