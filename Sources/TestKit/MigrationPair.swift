@@ -219,12 +219,13 @@ extension MigrationPair {
     /// and, in normal mode, the target's (`targetTap`); launches the source with the
     /// bundled guest and waits for its prompt, configures its network (unless
     /// `configureGuest` is false), launches the target with `-incoming defer` and the NIC
-    /// its mode needs, sets the migration capabilities (`events`, and `x-ignore-shared`
-    /// in local mode) and parameters (`local`) on both sides, runs `body`, and shuts
-    /// everything down. Artifacts (`source/`, `target/`) are kept when `body` throws.
+    /// its mode needs (in cpr-transfer mode `migrate()` launches it), sets the migration
+    /// capabilities (`events`, and `x-ignore-shared` in local mode) and parameters
+    /// (`local`, `mode`) on both sides, runs `body`, and shuts everything down. Artifacts
+    /// (`source/`, `target/`) are kept when `body` throws.
     ///
     /// `options` is the template for both machines (memory, extra arguments); RAM comes
-    /// from `-m`, a shared memfd, which local mode hands over.
+    /// from `-m`, a shared memfd, which local mode and cpr-transfer hand over.
     public static func with<T>(
         mode: MigrationMode,
         network: GuestNetwork = GuestNetwork(),
