@@ -1,6 +1,7 @@
 import Foundation
 import Glibc
 import QMPWire
+import Synchronization
 import TestKit
 import Testing
 
@@ -247,13 +248,21 @@ extension SerializedNetworkSuites {
                     var targetOptions = MachineOptions.bundledGuest(
                         arguments: ["-incoming", "defer", "-incoming", CPRTransferFunctionalTests.unix("cpr", cpr).serialized], name: "target")
                     targetOptions.namespace = namespace
-                    let launch = Task { try await Machine.launch(targetOptions, in: artifacts) }
+                    let monitorOpened = Mutex(false)
+                    let launch = Task {
+                        defer { monitorOpened.withLock { $0 = true } }
+                        return try await Machine.launch(targetOptions, in: artifacts)
+                    }
                     try await CPRTransferFunctionalTests.waitForSocket(cpr)
+                    // As QEMU's: no monitor before the cpr state arrived.
+                    try await Task.sleep(for: .milliseconds(300))
+                    #expect(!monitorOpened.withLock { $0 }, "the target's monitor opened before the cpr state")
                     try await MigrationWaiter.enableEvents(on: source)
                     try await source.qmp.execute("migrate-set-parameters", arguments: ["mode": "cpr-transfer"])
                     try await source.qmp.execute("migrate", arguments: ["channels": [CPRTransferFunctionalTests.unix("main", main), CPRTransferFunctionalTests.unix("cpr", cpr)]])
                     let target = try await launch.value
                     try await MigrationWaiter.enableEvents(on: target)
+                    #expect(try await target.qmp.execute("query-status")["status"] == "inmigrate")
                     // The source stopped the guest and waits for the target's main channel.
                     #expect(try await source.qmp.execute("query-status")["status"] == "finish-migrate")
                     try await target.qmp.execute("netdev_add", arguments: [
