@@ -160,7 +160,12 @@ extension Machine {
         try cpr.waitForPeerClose(what: "the target to take the cpr state and listen on the main channel")
         try migration.checkCancelled()
         migration.mark("cpr channel closed")
-        let main = try MigrationChannel.connect(uri: plan.uri)
+        let main: MigrationChannel
+        do {
+            main = try MigrationChannel.connect(uri: plan.uri)
+        } catch {
+            throw StreamError("cpr-transfer: the target closed the cpr channel, but its main channel \(plan.uri) cannot be reached (did the target exit?): \(error)")
+        }
         migration.channel.withLock { $0 = main }
         try migration.checkCancelled()
         try main.send(MigrationStream.header())
