@@ -116,6 +116,18 @@ struct CPRTransferFunctionalTests {
         }
     }
 
+    /// cpr-transfer passes fds by itself (004's rule): the `local` parameter left on at
+    /// the source changes nothing, and a target that never set it takes the guest.
+    @Test func localParameterDoesNotMatterInCPRTransfer() async throws {
+        try await withArtifacts { artifacts in
+            let source = try await Machine.launch(.bundledGuest(name: "source"), in: artifacts)
+            try await source.console.waitForPrompt(timeout: .seconds(20))
+            try await source.qmp.execute("migrate-set-parameters", arguments: ["local": true])
+            let next = try await MigrationPair.liveUpdate(from: source, to: .bundledGuest(name: "next"), in: artifacts)
+            try await next.console.run("echo updated", expect: "updated")
+        }
+    }
+
     /// A target waiting for its cpr state (no monitor yet) ends on SIGTERM like a running
     /// VMM: status 0, its listening socket removed.
     @Test func signalEndsTheWaitForTheCPRState() async throws {

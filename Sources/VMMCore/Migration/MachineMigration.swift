@@ -14,7 +14,9 @@ extension Machine {
     func machineDescription() -> MachineDescription {
         let context = handoverContext
         let devices = devices.compactMap { $0.configuration(context) }
-        var properties = ["ram-size": String(memory.size), "vcpus": "1", "local": isLocalMigration ? "on" : "off"]
+        // cpr-transfer passes fds by itself (004's rule): `local` does not apply there.
+        let local = isLocalMigration && !isCPRTransfer
+        var properties = ["ram-size": String(memory.size), "vcpus": "1", "local": local ? "on" : "off"]
         // Only cpr-transfer adds the mode: streams of the other modes stay as they were.
         if isCPRTransfer { properties["mode"] = "cpr-transfer" }
         if let file = memory.fileIdentity { properties["ram-file"] = file }
