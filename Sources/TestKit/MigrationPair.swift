@@ -33,6 +33,8 @@ public enum MigrationMode: String, Sendable, CaseIterable, CustomStringConvertib
 /// }
 /// ```
 public struct MigrationPair: Sendable {
+    /// `MigrationPair.Mode.cprTransfer` reads as well as `MigrationMode.cprTransfer`.
+    public typealias Mode = MigrationMode
     public let mode: MigrationMode
     public let namespace: NetworkNamespace
     public let network: GuestNetwork
