@@ -367,22 +367,55 @@ extension SerializedNetworkSuites {
             }
         }
 
-        /// A target whose netdev is `cpr=off` claims none of the TAP queues the cpr state
-        /// carried: at the end it closes them, counts and names them, and fails; the
+        /// A target whose netdev is `cpr=off` (`netdev_add` without `cpr`) claims none of the
+        /// TAP queues the cpr state carried: at the end it closes them, counts and names them,
+        /// and fails (with `exit-on-error: false` it stays, saying so in query-migrate); the
         /// source resumes with the guest still answering.
         @Test func unclaimedCPRFDsAreClosedAndCounted() async throws {
-            try await MigrationPair.with(mode: .cprTransfer, network: GuestNetwork(queues: 2)) { pair in
+            let network = GuestNetwork(queues: 2)
+            try await NetworkNamespace.with { namespace in
+                try await network.createTap(in: namespace)
                 try await withArtifacts { artifacts in
-                    var options = MachineOptions.bundledGuest(arguments: pair.network.arguments(), name: "cpr-off-target")
-                    options.namespace = pair.namespace
-                    let error = await #expect(throws: MigrationWaitError.self) {
-                        _ = try await MigrationPair.cprTransfer(from: pair.source, launching: options, in: artifacts)
-                    }
-                    let text = error.map { "\($0)" } ?? ""
-                    #expect(error?.outcome.sourceStatus == "failed" && error?.outcome.sourceRunState == "running", "\(text)")
-                    #expect(text.contains("received 2 file descriptor(s) that no section claimed: netdev/n0/tap.0, netdev/n0/tap.1"), "\(text)")
-                    let reply = try await pair.source.guest.ping(pair.network.hostAddress)
+                    var options = MachineOptions.bundledGuest(arguments: network.arguments(cpr: true), name: "source")
+                    options.namespace = namespace
+                    let source = try await Machine.launch(options, in: artifacts)
+                    try await source.console.waitForPrompt(timeout: .seconds(20))
+                    try await source.guest.configureNetwork(address: network.guestCIDR)
+                    let main = try artifacts.socketPath("main.sock")
+                    let cpr = try artifacts.socketPath("cpr.sock")
+                    var targetOptions = MachineOptions.bundledGuest(
+                        arguments: ["-incoming", "defer", "-incoming", CPRTransferFunctionalTests.unix("cpr", cpr).serialized], name: "target")
+                    targetOptions.namespace = namespace
+                    let launch = Task { try await Machine.launch(targetOptions, in: artifacts) }
+                    try await CPRTransferFunctionalTests.waitForSocket(cpr)
+                    try await MigrationWaiter.enableEvents(on: source)
+                    try await source.qmp.execute("migrate-set-parameters", arguments: ["mode": "cpr-transfer"])
+                    try await source.qmp.execute("migrate", arguments: ["channels": [CPRTransferFunctionalTests.unix("main", main), CPRTransferFunctionalTests.unix("cpr", cpr)]])
+                    let target = try await launch.value
+                    try await MigrationWaiter.enableEvents(on: target)
+                    // The same TAP, opened by the target itself: it adds queues of its own.
+                    try await target.qmp.execute("netdev_add", arguments: [
+                        "type": "tap", "id": .string(network.netdevID), "ifname": .string(network.tap), "queues": .int(Int64(network.queues)),
+                        "script": "no", "downscript": "no",
+                    ])
+                    try await target.qmp.execute("device_add", arguments: [
+                        "driver": "virtio-net-pci", "netdev": .string(network.netdevID), "id": .string(network.deviceID),
+                        "mac": .string(network.guestMAC), "mq": "on",
+                    ])
+                    try await target.qmp.execute("migrate-incoming", arguments: [
+                        "channels": [CPRTransferFunctionalTests.unix("main", main)], "exit-on-error": false,
+                    ])
+                    let outcome = try await MigrationWaiter.waitForFinish(
+                        source: source, target: target, expecting: ("failed", "failed"), runStates: ("running", "inmigrate"), timeout: .seconds(30))
+                    #expect(outcome.sourceStatus == "failed")
+                    let info = try await target.qmp.execute("query-migrate")
+                    #expect(info["error-desc"]?.stringValue?.contains(
+                        "received 2 file descriptor(s) that no section claimed: netdev/n0/tap.0, netdev/n0/tap.1") == true, "\(info.serialized)")
+                    #expect(target.stderrTail(20).contains { $0.contains("incoming migration failed: received 2 file descriptor(s) that no section claimed") })
+                    _ = await target.shutdown()
+                    let reply = try await source.guest.ping(network.hostAddress)
                     #expect(reply.received == 1)
+                    #expect(try await namespace.withRoute { try $0.tunInfo("tap0") }.queues == 2)
                 }
             }
         }
