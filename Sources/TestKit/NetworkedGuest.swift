@@ -45,17 +45,19 @@ public struct GuestNetwork: Sendable, Equatable {
 
     /// The NIC's `-netdev` (and `-chardev`) on the TAP named `ifname` (default: `tap`), and the
     /// matching `-device`. `vhostUserSocket`: the backend's socket (`.vhostUser`; see
-    /// `startBackend`).
-    public func arguments(ifname: String? = nil, vhostUserSocket: String? = nil) -> [String] {
+    /// `startBackend`). `cpr`: `cpr=on`, so a cpr-transfer hands the netdev's host side
+    /// (TAP queues, vhost fds) to the next VMM.
+    public func arguments(ifname: String? = nil, vhostUserSocket: String? = nil, cpr: Bool = false) -> [String] {
         let tapOptions = "id=\(netdevID),ifname=\(ifname ?? tap),queues=\(queues),script=no,downscript=no"
+        let cprOption = cpr ? ",cpr=on" : ""
         switch datapath {
         case .userspace:
-            return ["-netdev", "tap,\(tapOptions)"] + deviceArguments
+            return ["-netdev", "tap,\(tapOptions)\(cprOption)"] + deviceArguments
         case .vhostKernel:
-            return ["-netdev", "tap,\(tapOptions),vhost=on"] + deviceArguments
+            return ["-netdev", "tap,\(tapOptions),vhost=on\(cprOption)"] + deviceArguments
         case .vhostUser:
             return ["-chardev", "socket,id=\(chardevID),path=\(vhostUserSocket ?? "<no vhost-user socket>")",
-                    "-netdev", "vhost-user,id=\(netdevID),chardev=\(chardevID),queues=\(queues)"] + deviceArguments
+                    "-netdev", "vhost-user,id=\(netdevID),chardev=\(chardevID),queues=\(queues)\(cprOption)"] + deviceArguments
         }
     }
 

@@ -47,7 +47,7 @@ public final class Machine: @unchecked Sendable {
     let dispatcher = QMPDispatcher()
     let qmp: QMPServer
     /// Created first, before any thread or endpoint, so every wait can watch it.
-    private let signals: TerminationSignals
+    let signals: TerminationSignals
 
     var runState: RunState
     let migration = MigrationState()
@@ -111,8 +111,8 @@ public final class Machine: @unchecked Sendable {
         exitHandler.loop = loop
         devices = [serial, pciBus]
         chardevs = config.socketChardevs
-        for netdev in config.netdevs { try addNetdev(netdev) }
-        for device in config.devices { try addNIC(device) }
+        // cpr-transfer: the netdevs take their fds from the cpr state, which `start` reads first.
+        if config.incoming?.cpr == nil { try addConfiguredNICs() }
         registerCommands()
         registerNetworkCommands()
         registerChardevCommands()
@@ -165,8 +165,27 @@ public final class Machine: @unchecked Sendable {
         return status
     }
 
+    private func addConfiguredNICs() throws {
+        for netdev in config.netdevs { try addNetdev(netdev) }
+        for device in config.devices { try addNIC(device) }
+    }
+
     private func start() throws {
         installSignalHandling()
+        // cpr-transfer, as QEMU's cpr_state_load: the RAM and the `cpr=on` netdevs' fds
+        // come before any netdev, device or monitor exists.
+        if let cpr = config.incoming?.cpr {
+            do {
+                try receiveCPRState(cpr)
+            } catch let error as VMMConfiguration.Error {
+                throw error
+            } catch let signal as TerminationRequested {
+                throw signal
+            } catch {
+                throw VMMConfiguration.Error("-incoming cpr channel \(cpr): \(error)")
+            }
+            try addConfiguredNICs()
+        }
         for backend in serialBackends { try backend.waitForFirstClient(signals) }
         try qmp.open(config.qmp, signals: signals)
         for backend in serialBackends {
@@ -181,12 +200,12 @@ public final class Machine: @unchecked Sendable {
         if runState != .inmigrate { resumeDevices() }
         try vcpuRunner.start()
         if runState == .running { vcpuRunner.resume() }
-        if let incoming = config.incoming, incoming != MigrationChannels() {
+        // The cpr channel, if any, was read in `init`; the main one may wait for migrate-incoming.
+        if let main = config.incoming?.main {
             do {
-                try startIncoming(incoming)
+                try startIncoming(MigrationChannels(main: main))
             } catch {
-                let given = MigrationChannelType.allCases.compactMap { incoming[$0]?.description }
-                throw VMMConfiguration.Error("-incoming \(given.joined(separator: ", ")): \(error)")
+                throw VMMConfiguration.Error("-incoming \(main): \(error)")
             }
         }
     }

@@ -53,6 +53,18 @@ import Testing
     }
 
     /// An empty script means no script, as in QEMU; the series accepts it beside incoming-fds.
+    /// `cpr=on` (default off), as the series spells it; it excludes local migration's `incoming-fds`.
+    @Test func cprKey() throws {
+        #expect(try NetdevSpec.parse("tap,id=n0,ifname=tap0,queues=4,script=no,downscript=no", option: "-netdev").cpr == false)
+        #expect(try NetdevSpec.parse("tap,id=n0,ifname=tap0,queues=4,script=no,downscript=no,cpr=on", option: "-netdev").cpr)
+        #expect { try NetdevSpec.parse("tap,id=n0,cpr=maybe", option: "-netdev") } throws: {
+            "\($0)".contains("parameter 'cpr' expects 'on' or 'off', not 'maybe'")
+        }
+        #expect { try NetdevSpec.parse("tap,id=n0,incoming-fds=on,cpr=on,script=no,downscript=no", option: "-netdev") } throws: {
+            "\($0)".contains("cpr=on and incoming-fds=on exclude each other")
+        }
+    }
+
     @Test(arguments: ["script=,downscript=", "script=no,downscript=", "script=,downscript=no"])
     func emptyScriptsCountAsNo(scripts: String) throws {
         let spec = try NetdevSpec.parse("tap,id=n0,incoming-fds=on,queues=2,\(scripts)", option: "-netdev")

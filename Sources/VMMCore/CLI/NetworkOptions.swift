@@ -12,10 +12,13 @@ public struct NetdevSpec: Sendable, Equatable {
     public var incomingFDs = false
     /// `-netdev vhost-user,chardev=ID`: the rings run in the backend behind that socket chardev.
     public var vhostUserChardev: String?
+    /// `cpr=on` (default off): a cpr-transfer hands this TAP's fds to the next process,
+    /// and on a cpr-transfer target the netdev takes them from the cpr state by its id.
+    public var cpr = false
 
     static let vhostUserKeys: Set<String> = ["type", "id", "chardev", "queues"]
 
-    static let keys: Set<String> = ["type", "id", "ifname", "queues", "script", "downscript", "vnet_hdr", "fd", "fds", "vhost", "sndbuf", "incoming-fds", "helper", "br"]
+    static let keys: Set<String> = ["type", "id", "ifname", "queues", "script", "downscript", "vnet_hdr", "fd", "fds", "vhost", "sndbuf", "incoming-fds", "helper", "br", "cpr"]
     /// What `incoming-fds` excludes, in the series' order and wording: all of it describes
     /// how to open or configure a TAP, which comes from the source instead. (The series
     /// accepts `vhost=`, `vhostfds=`, `vhostforce=` and `poll-us=` beside it: vhost is set
@@ -66,6 +69,10 @@ public struct NetdevSpec: Sendable, Equatable {
         }
         var spec = NetdevSpec(id: id, ifname: list["ifname"], queues: 1, vnetHeader: nil, fds: nil)
         spec.incomingFDs = incomingFDs
+        spec.cpr = try list.bool("cpr", default: false)
+        if spec.cpr && incomingFDs {
+            throw VMMConfiguration.Error("\(option) \(value): cpr=on and incoming-fds=on exclude each other (cpr-transfer passes the fds on the cpr channel, local migration in the stream)")
+        }
         if let queues = list["queues"] {
             guard let n = Int(queues), n >= 1, n <= 256 else { throw VMMConfiguration.Error("\(option) \(value): queues=\(queues) must be 1..256") }
             spec.queues = n

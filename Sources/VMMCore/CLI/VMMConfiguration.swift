@@ -55,7 +55,7 @@ public struct VMMConfiguration: Sendable, Equatable {
           -append STRING           guest command line
           -serial stdio|file:PATH|unix:PATH[,server=on[,wait=off]]|none
           -qmp unix:PATH[,server=on[,wait=off]]
-          -netdev tap,id=ID[,ifname=NAME][,queues=N][,vnet_hdr=on|off][,fd=N|fds=N:M:...],script=no,downscript=no
+          -netdev tap,id=ID[,ifname=NAME][,queues=N][,vnet_hdr=on|off][,fd=N|fds=N:M:...][,cpr=on],script=no,downscript=no
           -chardev socket,id=ID,path=PATH[,reconnect=SECONDS]   a vhost-user backend's socket
           -netdev vhost-user,id=ID,chardev=ID[,queues=N]
           -device virtio-net-pci,netdev=ID[,id=ID][,mac=MAC][,mq=on|off][,local-migration=on|off][,bus=BUS]

@@ -24,15 +24,35 @@ extension Machine {
             chardevUsers[chardevID] = spec.id
             return
         }
-        if let fds = spec.fds {
+        let backend: TapBackend
+        if spec.cpr, let incoming = migration.incoming, incoming.cprState != nil {
+            backend = try cprTap(spec, from: incoming)
+        } else if let fds = spec.fds {
             // The backend owns copies; the originals stay with whoever passed them.
-            netdevs[spec.id] = try TapBackend(id: spec.id, adopting: try fds.enumerated().map { index, fd in
+            backend = try TapBackend(id: spec.id, adopting: try fds.enumerated().map { index, fd in
                 try FileDescriptor.duplicating(inherited: fd, label: TapBackend.queueLabel(spec.id, index))
             }, vnetHeader: spec.vnetHeader)
         } else {
-            netdevs[spec.id] = try TapBackend(id: spec.id, ifname: spec.ifname, queues: spec.queues, vnetHeader: spec.vnetHeader)
+            backend = try TapBackend(id: spec.id, ifname: spec.ifname, queues: spec.queues, vnetHeader: spec.vnetHeader)
         }
+        backend.cpr = spec.cpr
+        netdevs[spec.id] = backend
         logger.debug("netdev \(spec.id): TAP \(netdevs[spec.id]!.ifname), \(netdevs[spec.id]!.queueFDs.count) queue(s)")
+    }
+
+    /// A cpr-transfer target's `cpr=on` TAP: the source's queues, from the cpr state by the
+    /// netdev's id (no fd=, fds= or incoming-fds needed); what the options say must agree.
+    private func cprTap(_ spec: NetdevSpec, from incoming: IncomingMigration) throws -> TapBackend {
+        let (entry, fds) = try incoming.claimCPRNetdev(spec.id)
+        let backend = try TapBackend(id: spec.id, adopting: fds, vnetHeader: entry.vnetHeader)
+        if let ifname = spec.ifname, ifname != backend.ifname {
+            throw QMPCommandError("netdev \(spec.id): ifname=\(ifname), but the TAP handed over by the cpr state is '\(backend.ifname)'")
+        }
+        if spec.queues != 1 && spec.queues != backend.queueCount {
+            throw QMPCommandError("netdev \(spec.id): queues=\(spec.queues), but the cpr state hands over \(backend.queueCount) TAP queue(s)")
+        }
+        logger.info("netdev \(spec.id): took over TAP \(backend.ifname) (\(backend.queueCount) queue(s)) from the cpr state")
+        return backend
     }
 
     func addNIC(_ spec: DeviceSpec) throws {
@@ -95,7 +115,7 @@ extension Machine {
     /// QAPI's types for `netdev_add` arguments (NetdevTapOptions, NetdevVhostUserOptions); every other key is a string.
     static let netdevArgumentTypes: [String: QMPDispatcher.ArgumentType] = [
         "queues": .uint32, "poll-us": .uint32, "sndbuf": .size,
-        "vnet_hdr": .boolean, "vhost": .boolean, "vhostforce": .boolean, "incoming-fds": .boolean,
+        "vnet_hdr": .boolean, "vhost": .boolean, "vhostforce": .boolean, "incoming-fds": .boolean, "cpr": .boolean,
     ]
 
     func registerNetworkCommands() {

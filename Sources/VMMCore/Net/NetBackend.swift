@@ -16,6 +16,8 @@ public protocol NetBackend: AnyObject, Sendable {
     var awaitsIncomingQueues: Bool { get }
     /// Takes over the queues a local migration passed in (closed on failure).
     func adoptIncoming(_ fds: [FileDescriptor], vnetHeader: Bool) throws
+    /// `cpr=on`: a cpr-transfer hands this netdev's fds to the next process.
+    var cpr: Bool { get }
     /// The datapath a NIC with `pairs` queue pairs runs on this netdev. `memoryBackend`:
     /// the guest RAM's `-object` id, for messages.
     func makeDatapath(pairs: Int, memory: GuestMemory, memoryBackend: String?) throws -> NetDatapath
@@ -34,6 +36,7 @@ extension NetBackend {
     public var awaitsIncomingQueues: Bool { false }
     public var linkUp: Bool { true }
     public func shutdown() {}
+    public var cpr: Bool { false }
     public func adoptIncoming(_ fds: [FileDescriptor], vnetHeader: Bool) throws {
         throw StreamError("netdev '\(id)' cannot take queues from a migration")
     }

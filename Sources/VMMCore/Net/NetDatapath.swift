@@ -68,9 +68,22 @@ public protocol NetDatapath: AnyObject, Sendable {
     /// `incoming-fds=on` and the fds have not come yet.
     var awaitsIncomingFDs: Bool { get }
     func adoptIncoming(_ fds: [FileDescriptor], vnetHeader: Bool) throws
+    /// The netdev is `cpr=on`: a cpr-transfer hands its fds to the next process.
+    var handsOverForCPR: Bool { get }
+    /// cpr-transfer, the device paused: stop using the host fds the next process takes
+    /// over (a TAP: no more polling; kernel vhost: VHOST_RESET_OWNER; vhost-user: its
+    /// equivalent) and return any fds beyond the TAP queues the cpr state must carry.
+    /// Default: nothing to let go of.
+    func prepareForHandover(_ context: HandoverContext) throws -> [NamedFD]
+    /// The inverse after a failed or cancelled handover (idempotent): own and watch the
+    /// fds again on `host`, as before `prepareForHandover`.
+    func cancelHandover(_ context: HandoverContext, host: DeviceHost)
 }
 
 extension NetDatapath {
     public var migrationBlocker: String? { nil }
     public var linkUp: Bool { true }
+    public var handsOverForCPR: Bool { false }
+    public func prepareForHandover(_ context: HandoverContext) throws -> [NamedFD] { [] }
+    public func cancelHandover(_ context: HandoverContext, host: DeviceHost) {}
 }

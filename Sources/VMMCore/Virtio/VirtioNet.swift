@@ -78,6 +78,17 @@ public final class VirtioNet: VirtioDeviceModel, @unchecked Sendable {
 
     public func shutdown() { datapath.detach() }
 
+    /// Only a `cpr=on` netdev is handed over; the datapath knows how to let go of it.
+    public func prepareForHandover(_ context: HandoverContext) throws -> [NamedFD] {
+        guard context.mode == .cprTransfer, datapath.handsOverForCPR else { return [] }
+        return try datapath.prepareForHandover(context)
+    }
+
+    public func cancelHandover(_ context: HandoverContext) {
+        guard context.mode == .cprTransfer, datapath.handsOverForCPR else { return }
+        if let host { datapath.cancelHandover(context, host: host) }
+    }
+
     public func configuration(_ context: HandoverContext) -> MachineDescription.Device? {
         var properties = [
             "max_queue_pairs": String(maxQueuePairs), "mq": multiQueue ? "on" : "off",
@@ -212,7 +223,7 @@ public final class VirtioNet: VirtioDeviceModel, @unchecked Sendable {
         public var queuePairs: UInt16
         public var vnetHeader: Bool
 
-        public func fdName(queue: Int) -> String { "netdev/\(netdev)/tap.\(queue)" }
+        public func fdName(queue: Int) -> String { NamedFD.tapQueueName(netdev: netdev, queue: queue) }
     }
 
     /// The device state beyond the transport: how many queue pairs the guest enabled,
