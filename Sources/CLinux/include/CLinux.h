@@ -34,6 +34,7 @@
 #include "CLinuxVCPUState.h"
 #include "CLinuxDirtyLog.h"
 #include "CLinuxCRC32C.h"
+#include "CLinuxVhost.h"
 
 // MARK: ioctl numbers
 

@@ -10,6 +10,24 @@ extension Machine {
         if spec.incomingFDs {
             // The seed's wording: such a netdev only makes sense on a migration target.
             guard runState == .inmigrate else { throw QMPCommandError("Peers wait for incoming, but it's not an incoming migration.") }
+        }
+        if let vhost = spec.vhost {
+            // The vhost devices first: failing there leaves no TAP created for nothing.
+            // Never a fallback to the userspace datapath.
+            do {
+                let devices: [any VhostKernelIO] = try vhost.fds.map { fds in
+                    try fds.enumerated().map { pair, fd in
+                        VhostNetDevice(fd: try FileDescriptor.duplicating(inherited: fd, label: VhostKernelNetdev.deviceLabel(spec.id, pair)))
+                    }
+                } ?? VhostKernelNetdev.openDevices(id: spec.id, count: spec.queues)
+                netdevs[spec.id] = try VhostKernelNetdev(id: spec.id, tap: try makeTap(spec), devices: devices, logger: logger)
+            } catch {
+                throw QMPCommandError("\(vhost.origin): \(error)")
+            }
+            logger.debug("netdev \(spec.id): TAP \(netdevs[spec.id]!.ifname), \(spec.queues) queue(s) on vhost-net")
+            return
+        }
+        if spec.incomingFDs {
             netdevs[spec.id] = TapBackend(id: spec.id, incomingQueues: spec.queues)
             return
         }
@@ -20,15 +38,20 @@ extension Machine {
             netdevs[spec.id] = try VhostUserNetdev(id: spec.id, socketPath: path, queues: spec.queues)
             return
         }
+        netdevs[spec.id] = try makeTap(spec)
+        logger.debug("netdev \(spec.id): TAP \(netdevs[spec.id]!.ifname), \(netdevs[spec.id]!.queueFDs.count) queue(s)")
+    }
+
+    /// The TAP a `-netdev tap` names: waiting for a migration's queues, passed in, or opened.
+    private func makeTap(_ spec: NetdevSpec) throws -> TapBackend {
+        if spec.incomingFDs { return TapBackend(id: spec.id, incomingQueues: spec.queues) }
         if let fds = spec.fds {
             // The backend owns copies; the originals stay with whoever passed them.
-            netdevs[spec.id] = try TapBackend(id: spec.id, adopting: try fds.enumerated().map { index, fd in
+            return try TapBackend(id: spec.id, adopting: try fds.enumerated().map { index, fd in
                 try FileDescriptor.duplicating(inherited: fd, label: TapBackend.queueLabel(spec.id, index))
             }, vnetHeader: spec.vnetHeader)
-        } else {
-            netdevs[spec.id] = try TapBackend(id: spec.id, ifname: spec.ifname, queues: spec.queues, vnetHeader: spec.vnetHeader)
         }
-        logger.debug("netdev \(spec.id): TAP \(netdevs[spec.id]!.ifname), \(netdevs[spec.id]!.queueFDs.count) queue(s)")
+        return try TapBackend(id: spec.id, ifname: spec.ifname, queues: spec.queues, vnetHeader: spec.vnetHeader)
     }
 
     func addNIC(_ spec: DeviceSpec) throws {
@@ -74,7 +97,7 @@ extension Machine {
             case .int(let i): text = String(i)
             default: throw QMPCommandError("Invalid parameter type for '\(key)', expected: string")
             }
-            if resolveFDs && (key == "fd" || key == "fds") {
+            if resolveFDs && ["fd", "fds", "vhostfd", "vhostfds"].contains(key) {
                 text = try text.split(separator: ":").map { name -> String in
                     if Int32(name) != nil { return String(name) }
                     guard let fd = namedFDs[String(name)] else { throw QMPCommandError("File descriptor named '\(name)' has not been found") }

@@ -1,6 +1,7 @@
 /// Which implementation moves a virtio-net device's frames (`query-pci` reports it).
 public enum DatapathKind: String, Sendable {
     case userspace
+    case vhostKernel = "vhost-kernel"
     case vhostUser = "vhost-user"
 }
 

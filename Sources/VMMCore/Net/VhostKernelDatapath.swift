@@ -1,0 +1,275 @@
+import Glibc
+import Logging
+import Synchronization
+
+/// `-netdev tap,...,vhost=on`: a TAP whose queues the kernel's vhost-net workers serve,
+/// one `/dev/vhost-net` device per queue pair (QEMU's `net_init_tap` + `vhost_net_init`).
+/// The TAP is the same `TapBackend` a userspace datapath uses (opened, passed in, or
+/// arriving with a local migration; any packet queues in tests); the vhost devices are
+/// opened here and never migrated.
+public final class VhostKernelNetdev: NetBackend, @unchecked Sendable {
+    public let id: String
+    let tap: any NetBackend
+    /// Pair p's device (rings 0 = RX 2p, 1 = TX 2p+1), owned here.
+    let devices: [any VhostKernelIO]
+    let logger: Logger
+    /// Per pair, what GET_FEATURES offered; empty until set up (an `incoming-fds=on` TAP's
+    /// devices are set up once its queues arrived, as the series' `tap_post_load` does).
+    private let offered = Mutex<[UInt64]>([])
+
+    /// `devices`: one per TAP queue. Sets them up now unless the TAP's queues come later.
+    public init(id: String, tap: any NetBackend, devices: [any VhostKernelIO], logger: Logger) throws {
+        guard devices.count == tap.queueCount else {
+            throw VhostKernelError("netdev '\(id)': \(devices.count) vhost-net devices for \(tap.queueCount) TAP queues")
+        }
+        self.id = id
+        self.tap = tap
+        self.devices = devices
+        self.logger = logger
+        if !tap.awaitsIncomingQueues { try setUp() }
+    }
+
+    /// Opens `/dev/vhost-net` once per queue; the error names the netdev and the errno.
+    public static func openDevices(id: String, count: Int, path: String = VhostKernel.devicePath) throws -> [any VhostKernelIO] {
+        try (0..<count).map { pair in
+            do {
+                return try VhostNetDevice.open(label: deviceLabel(id, pair), path: path)
+            } catch {
+                throw VhostKernelError("cannot open \(path) for netdev '\(id)': \(error)", errno: (error as? VhostKernelError)?.errno)
+            }
+        }
+    }
+
+    static func deviceLabel(_ id: String, _ pair: Int) -> String { "netdev \(id) vhost-net \(pair)" }
+
+    /// Runs `request` on pair `pair`'s device; errors name the netdev, the pair and the ioctl.
+    @discardableResult
+    func perform(_ request: VhostKernelRequest, pair: Int) throws -> UInt64 {
+        do {
+            return try devices[pair].perform(request)
+        } catch {
+            throw VhostKernelError("netdev '\(id)': vhost-net queue pair \(pair): \(error)", errno: (error as? VhostKernelError)?.errno)
+        }
+    }
+
+    /// QEMU's `vhost_dev_init` for each pair: SET_OWNER (this process's memory), then
+    /// GET_FEATURES, which must offer VERSION_1, and VIRTIO_NET_HDR when the TAP has no
+    /// vnet header (vhost then adds it), else the guest's frames would be misread.
+    func setUp() throws {
+        var features: [UInt64] = []
+        for pair in devices.indices {
+            try perform(.setOwner, pair: pair)
+            let offered = try perform(.getFeatures, pair: pair)
+            let needed = VhostKernel.featureVersion1 | (tap.vnetHeader ? 0 : VhostKernel.featureVirtioNetHeader)
+            guard offered & needed == needed else {
+                throw VhostKernelError("netdev '\(id)': vhost-net queue pair \(pair) lacks features \(hex(needed & ~offered)) (offers \(hex(offered)))")
+            }
+            features.append(offered)
+        }
+        offered.withLock { $0 = features }
+    }
+
+    /// Whether every pair's device offers the dirty log (VHOST_F_LOG_ALL).
+    var offersDirtyLog: Bool { offered.withLock { !$0.isEmpty && $0.allSatisfy { $0 & VhostKernel.featureLogAll != 0 } } }
+
+    /// What SET_FEATURES sends: the acked ring features the kernel acts on, VIRTIO_NET_HDR
+    /// for a TAP without a vnet header, LOG_ALL while the dirty log is on. The device
+    /// offers no ring feature but VERSION_1 (no INDIRECT_DESC, EVENT_IDX, MRG_RXBUF), so
+    /// that is the guest's whole acked set within `guestFeatureMask`.
+    func features(logging: Bool) -> UInt64 {
+        VhostKernel.featureVersion1 & VhostKernel.guestFeatureMask
+            | (tap.vnetHeader ? 0 : VhostKernel.featureVirtioNetHeader)
+            | (logging ? VhostKernel.featureLogAll : 0)
+    }
+
+    // MARK: NetBackend
+
+    public var ifname: String { tap.ifname }
+    public var queueFDs: [FileDescriptor] { tap.queueFDs }
+    public var queueCount: Int { tap.queueCount }
+    public var vnetHeader: Bool { tap.vnetHeader }
+    public func attachQueues(count: Int) { tap.attachQueues(count: count) }
+    public var awaitsIncomingQueues: Bool { tap.awaitsIncomingQueues }
+
+    /// The TAP queues a local migration passed, then vhost set up on them (the series'
+    /// `tap_post_load` → `tap_setup_vhost`, with its wording).
+    public func adoptIncoming(_ fds: [FileDescriptor], vnetHeader: Bool) throws {
+        try tap.adoptIncoming(fds, vnetHeader: vnetHeader)
+        do { try setUp() } catch { throw StreamError("Failed to setup vhost during TAP post-load: \(error)") }
+    }
+
+    public func makeDatapath(pairs: Int, memory: GuestMemory, memoryBackend: String?) throws -> NetDatapath {
+        try VhostKernelDatapath(netdev: self, pairs: pairs)
+    }
+}
+
+/// The rings of a vhost=on TAP, run by the kernel: `start` gives each pair's device the
+/// features, the memory table and its rings (NUM, BASE, ADDR, KICK, CALL, ERR), then binds
+/// the TAP queue (NET_SET_BACKEND), as QEMU's `vhost_net_start_one`; `stop` unbinds the TAP
+/// first (frames wait in it, and no worker polls a TAP a migration target may adopt),
+/// then GET_VRING_BASE per ring, plus the used index from guest RAM.
+public final class VhostKernelDatapath: NetDatapath, @unchecked Sendable {
+    let netdev: VhostKernelNetdev
+    public let queuePairs: Int
+    /// Per virtqueue index: the eventfd the kernel signals when it cannot use the ring.
+    private let errorFDs: [EventFD]
+
+    struct Running {
+        var rings: [Int: Virtqueue]
+        /// Rings whose TAP is bound (their progress lives in the kernel until unbound).
+        var bound: Set<Int>
+        var memory: GuestMemory
+        var context: DatapathContext
+    }
+    private let running = Mutex<Running?>(nil)
+    private var host: DeviceHost?
+
+    init(netdev: VhostKernelNetdev, pairs: Int) throws {
+        self.netdev = netdev
+        queuePairs = pairs
+        errorFDs = try (0..<2 * pairs).map { try EventFD(label: "netdev \(netdev.id) vhost error \($0)") }
+    }
+
+    public var netdevID: String { netdev.id }
+    public var ifname: String { netdev.ifname }
+    public var kind: DatapathKind { .vhostKernel }
+    public var notification: DatapathNotification { .eventFDs }
+    public var vnetHeader: Bool { netdev.vnetHeader }
+    public var awaitsIncomingFDs: Bool { netdev.awaitsIncomingQueues }
+    /// The kernel counts nothing the VMM can read.
+    public var statistics: (rx: [UInt64], tx: [UInt64]) { (Array(repeating: 0, count: queuePairs), Array(repeating: 0, count: queuePairs)) }
+    public func notified(_ index: Int) {}
+
+    /// The TAP queues travel (local migration) as a userspace TAP's do; the vhost devices
+    /// do not: the target opens its own.
+    public func handedOverFDs() -> [NamedFD] {
+        netdev.queueFDs.enumerated().map { NamedFD(name: "netdev/\(netdev.id)/tap.\($0)", fd: $1) }
+    }
+
+    public func adoptIncoming(_ fds: [FileDescriptor], vnetHeader: Bool) throws {
+        try netdev.adoptIncoming(fds, vnetHeader: vnetHeader)
+    }
+
+    /// The kernel's ring errors (SET_VRING_ERR) mark the device NEEDS_RESET, as a
+    /// userspace ring error does.
+    public func attach(to host: DeviceHost) {
+        guard self.host == nil else { return }
+        self.host = host
+        for (index, error) in errorFDs.enumerated() {
+            error.fd.withRaw { fd in
+                host.loop.watch(fd) { [unowned self] _ in
+                    error.drain()
+                    running.withLock { $0?.context }?.ringFailed(index, "vhost-net (netdev '\(netdev.id)') reported an error on this ring")
+                }
+            }
+        }
+    }
+
+    public func detach() {
+        for error in errorFDs { error.fd.withRaw { host?.loop.unwatch($0) } }
+    }
+
+    // MARK: rings
+
+    public func start(_ rings: [Int: RingHandoff], activePairs: Int, context: DatapathContext) {
+        var state = Running(rings: rings.mapValues(\.queue), bound: [], memory: context.memory, context: context)
+        netdev.attachQueues(count: activePairs)
+        var failure: (ring: Int, message: String)?
+        for pair in 0..<queuePairs {
+            let pairRings = [2 * pair, 2 * pair + 1].filter { rings[$0] != nil }
+            guard !pairRings.isEmpty else { continue }
+            do {
+                try startPair(pair, rings: pairRings.map { ($0, rings[$0]!) }, memory: context.memory, bound: &state.bound)
+            } catch {
+                failure = (pairRings[0], "\(error)")
+                break
+            }
+        }
+        if let failure {
+            // Nothing runs on a device that needs a reset: unbind what was bound.
+            stopRings(&state)
+            context.ringFailed(failure.ring, failure.message)
+        }
+        running.withLock { $0 = state }
+    }
+
+    /// QEMU's `vhost_dev_start` + `vhost_net_start_one` for one pair; `bound` gains each
+    /// ring whose TAP got bound, so a failure part-way can undo exactly that.
+    private func startPair(_ pair: Int, rings: [(index: Int, handoff: RingHandoff)], memory: GuestMemory, bound: inout Set<Int>) throws {
+        try netdev.perform(.setFeatures(netdev.features(logging: false)), pair: pair)
+        try netdev.perform(.setMemTable(Self.memoryTable(memory)), pair: pair)
+        for (index, ring) in rings {
+            let q = ring.queue
+            let local = UInt32(index % 2)
+            guard let kick = ring.kick, let call = ring.call else {
+                throw VhostKernelError("netdev '\(netdev.id)': ring \(index) has no kick/call eventfd")
+            }
+            try netdev.perform(.setVringNum(VhostVringState(index: local, num: UInt32(q.size))), pair: pair)
+            try netdev.perform(.setVringBase(VhostVringState(index: local, num: UInt32(q.lastAvailable))), pair: pair)
+            try netdev.perform(.setVringAddr(Self.ringAddress(q, local: local, memory: memory, logging: false)), pair: pair)
+            try netdev.perform(.setVringKick(index: local, kick.fd), pair: pair)
+            try netdev.perform(.setVringCall(index: local, call.fd), pair: pair)
+            try netdev.perform(.setVringErr(index: local, errorFDs[index].fd), pair: pair)
+        }
+        let tapQueue = netdev.queueFDs[pair]
+        for (index, _) in rings {
+            try netdev.perform(.netSetBackend(index: UInt32(index % 2), tapQueue), pair: pair)
+            bound.insert(index)
+        }
+    }
+
+    /// One entry per RAM region with its own address in this process.
+    static func memoryTable(_ memory: GuestMemory) -> [VhostMemoryRegion] {
+        memory.regions.map { r in
+            VhostMemoryRegion(guestAddress: r.guestAddress, size: r.size, userAddress: UInt64(UInt(bitPattern: memory.hostAddress(of: r))))
+        }
+    }
+
+    /// The ring's parts at their addresses in this process (the transport validated the
+    /// layout inside RAM); the log address is the used ring's guest address, as QEMU's
+    /// `vhost_virtqueue_set_addr` gives it.
+    static func ringAddress(_ q: Virtqueue, local: UInt32, memory: GuestMemory, logging: Bool) throws -> VhostVringAddress {
+        func user(_ gpa: UInt64) throws -> UInt64 { UInt64(UInt(bitPattern: try memory.slice(at: gpa, count: 1).baseAddress!)) }
+        return VhostVringAddress(index: local, flags: logging ? VhostKernel.vringFlagLog : 0, descriptor: try user(q.descriptorTable),
+                                 used: try user(q.deviceArea), available: try user(q.driverArea), log: q.deviceArea)
+    }
+
+    public func stop() -> [Int: Virtqueue] {
+        guard var state = running.withLock({ r in defer { r = nil }; return r }) else { return [:] }
+        stopRings(&state)
+        return state.rings
+    }
+
+    /// Unbinds the TAP from every bound ring of a pair, then reads each ring's next
+    /// available index (GET_VRING_BASE) and used index (guest RAM). A ring whose base
+    /// cannot be read resumes at its used index (QEMU's `virtio_queue_restore_last_avail_idx`).
+    private func stopRings(_ state: inout Running) {
+        for pair in 0..<queuePairs {
+            let pairRings = [2 * pair, 2 * pair + 1].filter { state.bound.contains($0) }
+            guard !pairRings.isEmpty else { continue }
+            for index in pairRings {
+                do { try netdev.perform(.netSetBackend(index: UInt32(index % 2), nil), pair: pair) } catch {
+                    netdev.logger.error("\(error)")
+                }
+            }
+            for index in pairRings {
+                guard var queue = state.rings[index] else { continue }
+                do { queue.usedIndex = try state.memory.load(UInt16.self, at: queue.deviceArea + 2) } catch {}
+                do {
+                    queue.lastAvailable = UInt16(truncatingIfNeeded: try netdev.perform(.getVringBase(index: UInt32(index % 2)), pair: pair))
+                } catch {
+                    netdev.logger.error("\(error); ring \(index) resumes at its used index \(queue.usedIndex)")
+                    queue.lastAvailable = queue.usedIndex
+                }
+                state.rings[index] = queue
+            }
+        }
+        state.bound = []
+    }
+
+    /// Every ring of the pairs the device has keeps running (QEMU starts them all); the
+    /// TAP steers frames only to the pairs in use.
+    public func setActivePairs(_ pairs: Int) {
+        netdev.attachQueues(count: pairs)
+    }
+}
