@@ -61,6 +61,13 @@ public protocol NetDatapath: AnyObject, Sendable {
     var statistics: (rx: [UInt64], tx: [UInt64]) { get }
     /// Why a migration would lose state with this datapath; nil when it would not.
     var migrationBlocker: String? { get }
+    /// Dirty logging for pre-copy (see `MachineDevice.startDirtyLog`): a datapath whose
+    /// back-end writes guest RAM outside this process logs those pages from here until
+    /// `stopDirtyLog`, across its own stops and starts. In-process datapaths mark
+    /// `GuestMemory.deviceDirty` and keep the no-op defaults.
+    func startDirtyLog() throws
+    func collectDirty(into bitmap: inout [UInt64])
+    func stopDirtyLog()
     /// The host fds a local migration hands over, under their stream names.
     func handedOverFDs() -> [NamedFD]
     var vnetHeader: Bool { get }
@@ -71,4 +78,7 @@ public protocol NetDatapath: AnyObject, Sendable {
 
 extension NetDatapath {
     public var migrationBlocker: String? { nil }
+    public func startDirtyLog() throws {}
+    public func collectDirty(into bitmap: inout [UInt64]) {}
+    public func stopDirtyLog() {}
 }

@@ -39,6 +39,10 @@ public protocol VirtioDeviceModel: AnyObject, Sendable {
     func queryInfo(status: UInt8, notifyExits: [UInt64]) -> JSONObject?
     /// See `MachineDevice.migrationBlocker`.
     var migrationBlocker: String? { get }
+    /// See `MachineDevice`'s dirty-log hooks.
+    func startDirtyLog() throws
+    func collectDirty(into bitmap: inout [UInt64])
+    func stopDirtyLog()
     func shutdown()
 }
 
@@ -55,6 +59,9 @@ extension VirtioDeviceModel {
     public func handedOverFDs(_ context: HandoverContext) -> [NamedFD] { [] }
     public func checkReadyToRun() throws {}
     public func queryInfo(status: UInt8, notifyExits: [UInt64]) -> JSONObject? { nil }
+    public func startDirtyLog() throws {}
+    public func collectDirty(into bitmap: inout [UInt64]) {}
+    public func stopDirtyLog() {}
     public func shutdown() {}
 }
 
@@ -371,6 +378,9 @@ public final class VirtioPCITransport: PCIDevice, StatefulDevice {
     public func checkReadyToRun() throws { try model.checkReadyToRun() }
     public var queryInfo: JSONObject? { model.queryInfo(status: status, notifyExits: notifyExitCounts) }
     public var migrationBlocker: String? { model.migrationBlocker }
+    public func startDirtyLog() throws { try model.startDirtyLog() }
+    public func collectDirty(into bitmap: inout [UInt64]) { model.collectDirty(into: &bitmap) }
+    public func stopDirtyLog() { model.stopDirtyLog() }
     public func shutdown() { model.shutdown() }
 
     // MARK: BAR access
