@@ -10,41 +10,43 @@ import Testing
 @Suite struct VhostKernelTests {
     // MARK: the ABI
 
-    /// Each number computed in Swift equals the header's macro (C computes it) and the
-    /// value QEMU's and the kernel's users see.
+    /// Each number computed in Swift equals the header's macro: the literals are what a C
+    /// program including linux/vhost.h printed (gcc, linux-libc-dev for 6.x), e.g.
+    /// `printf("%lx", VHOST_SET_VRING_ADDR)` → 4028af11.
     @Test func ioctlNumbersMatchTheHeader() {
-        let numbers: [(String, UInt, UInt, UInt)] = [
-            ("GET_FEATURES", VhostKernel.getFeatures, UInt(CL_VHOST_GET_FEATURES), 0x8008_AF00),
-            ("SET_FEATURES", VhostKernel.setFeatures, UInt(CL_VHOST_SET_FEATURES), 0x4008_AF00),
-            ("SET_OWNER", VhostKernel.setOwner, UInt(CL_VHOST_SET_OWNER), 0xAF01),
-            ("RESET_OWNER", VhostKernel.resetOwner, UInt(CL_VHOST_RESET_OWNER), 0xAF02),
-            ("SET_MEM_TABLE", VhostKernel.setMemTable, UInt(CL_VHOST_SET_MEM_TABLE), 0x4008_AF03),
-            ("SET_LOG_BASE", VhostKernel.setLogBase, UInt(CL_VHOST_SET_LOG_BASE), 0x4008_AF04),
-            ("SET_VRING_NUM", VhostKernel.setVringNum, UInt(CL_VHOST_SET_VRING_NUM), 0x4008_AF10),
-            ("SET_VRING_ADDR", VhostKernel.setVringAddr, UInt(CL_VHOST_SET_VRING_ADDR), 0x4028_AF11),
-            ("SET_VRING_BASE", VhostKernel.setVringBase, UInt(CL_VHOST_SET_VRING_BASE), 0x4008_AF12),
-            ("GET_VRING_BASE", VhostKernel.getVringBase, UInt(CL_VHOST_GET_VRING_BASE), 0xC008_AF12),
-            ("SET_VRING_KICK", VhostKernel.setVringKick, UInt(CL_VHOST_SET_VRING_KICK), 0x4008_AF20),
-            ("SET_VRING_CALL", VhostKernel.setVringCall, UInt(CL_VHOST_SET_VRING_CALL), 0x4008_AF21),
-            ("SET_VRING_ERR", VhostKernel.setVringErr, UInt(CL_VHOST_SET_VRING_ERR), 0x4008_AF22),
-            ("NET_SET_BACKEND", VhostKernel.netSetBackend, UInt(CL_VHOST_NET_SET_BACKEND), 0x4008_AF30),
+        let numbers: [(String, UInt, UInt)] = [
+            ("GET_FEATURES", VhostKernel.getFeatures, 0x8008_AF00),
+            ("SET_FEATURES", VhostKernel.setFeatures, 0x4008_AF00),
+            ("SET_OWNER", VhostKernel.setOwner, 0xAF01),
+            ("RESET_OWNER", VhostKernel.resetOwner, 0xAF02),
+            ("SET_MEM_TABLE", VhostKernel.setMemTable, 0x4008_AF03),
+            ("SET_LOG_BASE", VhostKernel.setLogBase, 0x4008_AF04),
+            ("SET_VRING_NUM", VhostKernel.setVringNum, 0x4008_AF10),
+            ("SET_VRING_ADDR", VhostKernel.setVringAddr, 0x4028_AF11),
+            ("SET_VRING_BASE", VhostKernel.setVringBase, 0x4008_AF12),
+            ("GET_VRING_BASE", VhostKernel.getVringBase, 0xC008_AF12),
+            ("SET_VRING_KICK", VhostKernel.setVringKick, 0x4008_AF20),
+            ("SET_VRING_CALL", VhostKernel.setVringCall, 0x4008_AF21),
+            ("SET_VRING_ERR", VhostKernel.setVringErr, 0x4008_AF22),
+            ("NET_SET_BACKEND", VhostKernel.netSetBackend, 0x4008_AF30),
         ]
-        for (name, swift, header, literal) in numbers {
-            #expect(swift == header, "\(name): \(hex(swift)) vs linux/vhost.h \(hex(header))")
-            #expect(swift == literal, "\(name): \(hex(swift)) vs \(hex(literal))")
+        for (name, swift, header) in numbers {
+            #expect(swift == header, "VHOST_\(name): \(hex(swift)), linux/vhost.h has \(hex(header))")
         }
-        #expect(VhostKernel.featureLogAll == 1 << UInt64(CL_VHOST_F_LOG_ALL))
-        #expect(VhostKernel.featureVirtioNetHeader == 1 << UInt64(CL_VHOST_NET_F_VIRTIO_NET_HDR))
-        #expect(VhostKernel.vringFlagLog == 1 << UInt32(CL_VHOST_VRING_F_LOG))
+        // VHOST_F_LOG_ALL 26, VHOST_NET_F_VIRTIO_NET_HDR 27, VHOST_VRING_F_LOG 0.
+        #expect(VhostKernel.featureLogAll == 1 << 26 && VhostKernel.featureVirtioNetHeader == 1 << 27 && VhostKernel.vringFlagLog == 1)
     }
 
+    /// sizeof/offsetof as the same C program printed them.
     @Test func structLayoutsMatchTheHeader() {
-        #expect(VhostMemoryTable.headerSize == Int(CL_VHOST_SIZEOF_MEMORY))
-        #expect(VhostMemoryRegion.size == Int(CL_VHOST_SIZEOF_MEMORY_REGION))
-        #expect(VhostVringAddress.size == Int(CL_VHOST_SIZEOF_VRING_ADDR))
-        #expect(VhostVringState.size == Int(CL_VHOST_SIZEOF_VRING_STATE))
-        #expect(VhostVringFile.size == Int(CL_VHOST_SIZEOF_VRING_FILE))
-        #expect(CL_VHOST_OFFSETOF_ADDR_USED == 16 && CL_VHOST_OFFSETOF_ADDR_LOG == 32 && CL_VHOST_OFFSETOF_REGION_USER == 16)
+        #expect(VhostMemoryTable.headerSize == 8)  // struct vhost_memory
+        #expect(VhostMemoryRegion.size == 32)
+        #expect(VhostVringAddress.size == 40 && VhostVringAddress(index: 0, flags: 0, descriptor: 0, used: 0, available: 0, log: 0).bytes.count == 40)
+        #expect(VhostVringState.size == 8 && VhostVringState(index: 0, num: 0).bytes.count == 8)
+        #expect(VhostVringFile.size == 8 && VhostVringFile(index: 0, fd: 0).bytes.count == 8)
+        // offsetof(vhost_vring_addr, used_user_addr) 16, avail 24, log_guest_addr 32;
+        // offsetof(vhost_memory_region, userspace_addr) 16: checked by the byte fixtures below.
+        #expect(VhostMemoryTable.bytes([VhostMemoryRegion(guestAddress: 0, size: 0, userAddress: 0)]).count == 8 + 32)
     }
 
     /// Byte fixtures: little-endian fields at the header's offsets.
@@ -196,16 +198,18 @@ import Testing
         }
 
         /// QEMU's `vhost_dev_start` + `vhost_net_start_one` for `pair`'s rings.
-        func startSequence(pair: Int, rings: [Int], base: UInt16 = 0, features: UInt64 = VhostKernel.featureVersion1) -> [String] {
+        /// `logBase`: the dirty log's address while pre-copy runs.
+        func startSequence(pair: Int, rings: [Int], base: UInt16 = 0, features: UInt64 = VhostKernel.featureVersion1, logBase: String? = nil) -> [String] {
             let table = memory.regions.map { "\(hex($0.guestAddress))+\(hex($0.size))@\(hex(UInt64(UInt(bitPattern: memory.hostAddress(of: $0)))))" }
-            var lines = ["\(pair): VHOST_SET_FEATURES \(hex(features))", "\(pair): VHOST_SET_MEM_TABLE \(table.joined(separator: " "))"]
+            var lines = logBase.map { ["\(pair): VHOST_SET_LOG_BASE \($0)"] } ?? []
+            lines += ["\(pair): VHOST_SET_FEATURES \(hex(features | (logBase != nil ? VhostKernel.featureLogAll : 0)))",
+                      "\(pair): VHOST_SET_MEM_TABLE \(table.joined(separator: " "))"]
             for index in rings {
                 let local = index % 2
-                let b = Self.ringBase(index)
                 lines += [
                     "\(pair): VHOST_SET_VRING_NUM \(local) 256",
                     "\(pair): VHOST_SET_VRING_BASE \(local) \(base)",
-                    "\(pair): VHOST_SET_VRING_ADDR \(local) flags 0 desc \(user(b)) used \(user(b + 0x2000)) avail \(user(b + 0x1000)) log \(hex(b + 0x2000))",
+                    ringAddress(pair: pair, index: index, logging: logBase != nil),
                     "\(pair): VHOST_SET_VRING_KICK \(local) net0 kick \(index)",
                     "\(pair): VHOST_SET_VRING_CALL \(local) net0 call \(index)",
                     "\(pair): VHOST_SET_VRING_ERR \(local) netdev n1 vhost error \(index)",
@@ -213,6 +217,11 @@ import Testing
             }
             lines += rings.map { "\(pair): VHOST_NET_SET_BACKEND \($0 % 2) netdev n1 TAP queue \(pair)" }
             return lines
+        }
+
+        func ringAddress(pair: Int, index: Int, logging: Bool) -> String {
+            let b = Self.ringBase(index)
+            return "\(pair): VHOST_SET_VRING_ADDR \(index % 2) flags \(logging ? 1 : 0) desc \(user(b)) used \(user(b + 0x2000)) avail \(user(b + 0x1000)) log \(hex(b + 0x2000))"
         }
 
         func stopSequence(pair: Int, rings: [Int]) -> [String] {
@@ -342,5 +351,107 @@ import Testing
         #expect {
             _ = try VhostKernelNetdev.openDevices(id: "n1", count: 1, path: "/dev/no-such-vhost-net")
         } throws: { "\($0)" == "cannot open /dev/no-such-vhost-net for netdev 'n1': No such file or directory" }
+    }
+
+    // MARK: dirty log (pre-copy)
+
+    /// Pre-copy on a running device: QEMU's vhost_migration_log(true) per pair (log base,
+    /// LOG_ALL, each ring's address with VHOST_VRING_F_LOG); the kernel's marks reach the
+    /// migration's bitmap at host offsets; off again without LOG_ALL and the flag.
+    @Test func dirtyLogOnAndOffWhileRunning() throws {
+        let rig = try Rig(pairs: 2)
+        rig.datapath.start(try rig.handoffs([0, 1, 2, 3]), activePairs: 2, context: rig.context)
+        rig.recorder.clear()
+        try rig.datapath.startDirtyLog()
+        let lines = rig.recorder.recorded
+        let base = try #require(lines.first?.split(separator: " ").last.map(String.init))
+        let logOn = { (pair: Int) in
+            ["\(pair): VHOST_SET_LOG_BASE \(base)", "\(pair): VHOST_SET_FEATURES \(hex(VhostKernel.featureVersion1 | VhostKernel.featureLogAll))",
+             rig.ringAddress(pair: pair, index: 2 * pair, logging: true), rig.ringAddress(pair: pair, index: 2 * pair + 1, logging: true)]
+        }
+        #expect(lines == logOn(0) + logOn(1))
+
+        // The kernel marks guest-physical page 0x12 (bit 2 of byte 2): the next collection
+        // holds host page 0x12 (low RAM maps 1:1), once.
+        let address = try #require(UInt(base.dropFirst(2), radix: 16))
+        let log = try #require(UnsafeMutablePointer<UInt8>(bitPattern: address))
+        log[2] |= 1 << 2
+        var bitmap = [UInt64](repeating: 0, count: rig.memory.deviceDirty.wordCount)
+        rig.datapath.collectDirty(into: &bitmap)
+        #expect(bitmap[0] == 1 << 0x12 && bitmap.dropFirst().allSatisfy { $0 == 0 })
+        bitmap[0] = 0
+        rig.datapath.collectDirty(into: &bitmap)
+        #expect(bitmap.allSatisfy { $0 == 0 })
+
+        rig.recorder.clear()
+        rig.datapath.stopDirtyLog()
+        let logOff = { (pair: Int) in
+            ["\(pair): VHOST_SET_FEATURES \(hex(VhostKernel.featureVersion1))",
+             rig.ringAddress(pair: pair, index: 2 * pair, logging: false), rig.ringAddress(pair: pair, index: 2 * pair + 1, logging: false)]
+        }
+        #expect(rig.recorder.recorded == logOff(0) + logOff(1))
+        rig.recorder.clear()
+        rig.datapath.stopDirtyLog()
+        #expect(rig.recorder.recorded == [], "stopping twice sends nothing")
+    }
+
+    /// Pre-copy that starts while the rings are stopped (a paused guest, or between the
+    /// source's stop and a failed migration's resume): the next start logs from its first ioctl.
+    @Test func aStartDuringPreCopyLogsFromTheBeginning() throws {
+        let rig = try Rig(pairs: 1)
+        rig.recorder.clear()
+        try rig.datapath.startDirtyLog()
+        #expect(rig.recorder.recorded == [])
+        rig.datapath.start(try rig.handoffs([0, 1]), activePairs: 1, context: rig.context)
+        let lines = rig.recorder.recorded
+        let base = try #require(lines.first?.split(separator: " ").last.map(String.init))
+        #expect(lines == rig.startSequence(pair: 0, rings: [0, 1], logBase: base))
+        // After the migration ends, a restart runs unlogged again.
+        _ = rig.datapath.stop()
+        rig.datapath.stopDirtyLog()
+        rig.recorder.clear()
+        rig.datapath.start(try rig.handoffs([0, 1]), activePairs: 1, context: rig.context)
+        #expect(rig.recorder.recorded == rig.startSequence(pair: 0, rings: [0, 1]))
+    }
+
+    @Test func aDeviceWithoutLogAllRefusesPreCopy() throws {
+        let rig = try Rig(pairs: 1)
+        rig.recorder.features.withLock { $0 = VhostKernel.featureVersion1 }
+        try rig.netdev.setUp()
+        #expect {
+            try rig.datapath.startDirtyLog()
+        } throws: { "\($0)" == "netdev 'n1': vhost-net does not offer VHOST_F_LOG_ALL, so its writes to guest RAM cannot be logged for pre-copy" }
+    }
+
+    /// A failure while switching logging on leaves the rings unlogged and names the step.
+    @Test func aFailedLogSwitchTurnsLoggingBackOff() throws {
+        let rig = try Rig(pairs: 1)
+        rig.datapath.start(try rig.handoffs([0, 1]), activePairs: 1, context: rig.context)
+        rig.recorder.clear()
+        rig.recorder.failure.withLock { $0 = ("0: VHOST_SET_VRING_ADDR 1 flags 1", EFAULT) }
+        #expect {
+            try rig.datapath.startDirtyLog()
+        } throws: { "\($0)" == "netdev 'n1': vhost-net queue pair 0: VHOST_SET_VRING_ADDR: Bad address" }
+        let lines = rig.recorder.recorded
+        #expect(Array(lines.suffix(3)) == ["0: VHOST_SET_FEATURES \(hex(VhostKernel.featureVersion1))",
+                                           rig.ringAddress(pair: 0, index: 0, logging: false), rig.ringAddress(pair: 0, index: 1, logging: false)])
+    }
+
+    // MARK: ownership
+
+    /// RESET_OWNER after the rings stopped (a cpr handover); a later start owns the devices again.
+    @Test func releaseAndRetakeOwnership() throws {
+        let rig = try Rig(pairs: 2)
+        rig.datapath.start(try rig.handoffs([0, 1, 2, 3]), activePairs: 2, context: rig.context)
+        rig.recorder.bases.withLock { $0 = ["0/0": 2, "0/1": 3] }
+        rig.recorder.clear()
+        let rings = try rig.datapath.releaseOwnership()
+        #expect(rig.recorder.recorded == rig.stopSequence(pair: 0, rings: [0, 1]) + rig.stopSequence(pair: 1, rings: [2, 3])
+            + ["0: VHOST_RESET_OWNER", "1: VHOST_RESET_OWNER"])
+        #expect(rings[0]?.lastAvailable == 2 && rings[1]?.lastAvailable == 3)
+        rig.recorder.clear()
+        rig.datapath.start(try rig.handoffs([0, 1]), activePairs: 1, context: rig.context)
+        #expect(rig.recorder.recorded == ["0: VHOST_SET_OWNER", "0: VHOST_GET_FEATURES", "1: VHOST_SET_OWNER", "1: VHOST_GET_FEATURES"]
+            + rig.startSequence(pair: 0, rings: [0, 1]))
     }
 }

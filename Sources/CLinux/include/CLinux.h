@@ -34,7 +34,6 @@
 #include "CLinuxVCPUState.h"
 #include "CLinuxDirtyLog.h"
 #include "CLinuxCRC32C.h"
-#include "CLinuxVhost.h"
 
 // MARK: ioctl numbers
 

@@ -69,8 +69,18 @@ public final class VhostKernelNetdev: NetBackend, @unchecked Sendable {
         offered.withLock { $0 = features }
     }
 
+    /// Whether the devices are owned and their features known (`setUp` ran).
+    var isSetUp: Bool { offered.withLock { !$0.isEmpty } }
+
     /// Whether every pair's device offers the dirty log (VHOST_F_LOG_ALL).
     var offersDirtyLog: Bool { offered.withLock { !$0.isEmpty && $0.allSatisfy { $0 & VhostKernel.featureLogAll != 0 } } }
+
+    /// VHOST_RESET_OWNER on every pair: the kernel drops the memory table, rings, features
+    /// and log, and another process (or this one, with `setUp`) may SET_OWNER the device.
+    func resetOwner() throws {
+        offered.withLock { $0 = [] }
+        for pair in devices.indices { try perform(.resetOwner, pair: pair) }
+    }
 
     /// What SET_FEATURES sends: the acked ring features the kernel acts on, VIRTIO_NET_HDR
     /// for a TAP without a vnet header, LOG_ALL while the dirty log is on. The device
@@ -99,7 +109,7 @@ public final class VhostKernelNetdev: NetBackend, @unchecked Sendable {
     }
 
     public func makeDatapath(pairs: Int, memory: GuestMemory, memoryBackend: String?) throws -> NetDatapath {
-        try VhostKernelDatapath(netdev: self, pairs: pairs)
+        try VhostKernelDatapath(netdev: self, pairs: pairs, memory: memory)
     }
 }
 
@@ -107,10 +117,13 @@ public final class VhostKernelNetdev: NetBackend, @unchecked Sendable {
 /// features, the memory table and its rings (NUM, BASE, ADDR, KICK, CALL, ERR), then binds
 /// the TAP queue (NET_SET_BACKEND), as QEMU's `vhost_net_start_one`; `stop` unbinds the TAP
 /// first (frames wait in it, and no worker polls a TAP a migration target may adopt),
-/// then GET_VRING_BASE per ring, plus the used index from guest RAM.
+/// then GET_VRING_BASE per ring, plus the used index from guest RAM. During pre-copy the
+/// kernel logs its writes (VHOST_F_LOG_ALL, SET_LOG_BASE, rings with VHOST_VRING_F_LOG)
+/// in a `VhostDirtyLog`, as QEMU's `vhost_migration_log` turns it on and off.
 public final class VhostKernelDatapath: NetDatapath, @unchecked Sendable {
     let netdev: VhostKernelNetdev
     public let queuePairs: Int
+    let memory: GuestMemory
     /// Per virtqueue index: the eventfd the kernel signals when it cannot use the ring.
     private let errorFDs: [EventFD]
 
@@ -118,15 +131,23 @@ public final class VhostKernelDatapath: NetDatapath, @unchecked Sendable {
         var rings: [Int: Virtqueue]
         /// Rings whose TAP is bound (their progress lives in the kernel until unbound).
         var bound: Set<Int>
-        var memory: GuestMemory
+        /// Pairs whose device got features, memory table and rings (the log follows them).
+        var configured: [Int]
         var context: DatapathContext
     }
-    private let running = Mutex<Running?>(nil)
+    /// The running rings and the dirty log, changed together: the ioctls that start, stop
+    /// and toggle logging run under this lock, so none sees the others half done.
+    struct State {
+        var running: Running?
+        var log: VhostDirtyLog?
+    }
+    private let state = Mutex(State())
     private var host: DeviceHost?
 
-    init(netdev: VhostKernelNetdev, pairs: Int) throws {
+    init(netdev: VhostKernelNetdev, pairs: Int, memory: GuestMemory) throws {
         self.netdev = netdev
         queuePairs = pairs
+        self.memory = memory
         errorFDs = try (0..<2 * pairs).map { try EventFD(label: "netdev \(netdev.id) vhost error \($0)") }
     }
 
@@ -159,7 +180,7 @@ public final class VhostKernelDatapath: NetDatapath, @unchecked Sendable {
             error.fd.withRaw { fd in
                 host.loop.watch(fd) { [unowned self] _ in
                     error.drain()
-                    running.withLock { $0?.context }?.ringFailed(index, "vhost-net (netdev '\(netdev.id)') reported an error on this ring")
+                    state.withLock { $0.running?.context }?.ringFailed(index, "vhost-net (netdev '\(netdev.id)') reported an error on this ring")
                 }
             }
         }
@@ -172,31 +193,39 @@ public final class VhostKernelDatapath: NetDatapath, @unchecked Sendable {
     // MARK: rings
 
     public func start(_ rings: [Int: RingHandoff], activePairs: Int, context: DatapathContext) {
-        var state = Running(rings: rings.mapValues(\.queue), bound: [], memory: context.memory, context: context)
-        netdev.attachQueues(count: activePairs)
-        var failure: (ring: Int, message: String)?
-        for pair in 0..<queuePairs {
-            let pairRings = [2 * pair, 2 * pair + 1].filter { rings[$0] != nil }
-            guard !pairRings.isEmpty else { continue }
+        let failure = state.withLock { s -> (ring: Int, message: String)? in
+            var running = Running(rings: rings.mapValues(\.queue), bound: [], configured: [], context: context)
+            defer { s.running = running }
+            netdev.attachQueues(count: activePairs)
             do {
-                try startPair(pair, rings: pairRings.map { ($0, rings[$0]!) }, memory: context.memory, bound: &state.bound)
+                // After RESET_OWNER (a handover that was taken back), own the devices again.
+                if !netdev.isSetUp { try netdev.setUp() }
+                for pair in 0..<queuePairs {
+                    let pairRings = [2 * pair, 2 * pair + 1].filter { rings[$0] != nil }
+                    guard !pairRings.isEmpty else { continue }
+                    do {
+                        try startPair(pair, rings: pairRings.map { ($0, rings[$0]!) }, log: s.log, running: &running)
+                    } catch {
+                        // Nothing runs on a device that needs a reset: unbind what was bound.
+                        stopRings(&running)
+                        return (pairRings[0], "\(error)")
+                    }
+                }
             } catch {
-                failure = (pairRings[0], "\(error)")
-                break
+                return (rings.keys.min() ?? 0, "\(error)")
             }
+            return nil
         }
-        if let failure {
-            // Nothing runs on a device that needs a reset: unbind what was bound.
-            stopRings(&state)
-            context.ringFailed(failure.ring, failure.message)
-        }
-        running.withLock { $0 = state }
+        if let failure { context.ringFailed(failure.ring, failure.message) }
     }
 
-    /// QEMU's `vhost_dev_start` + `vhost_net_start_one` for one pair; `bound` gains each
-    /// ring whose TAP got bound, so a failure part-way can undo exactly that.
-    private func startPair(_ pair: Int, rings: [(index: Int, handoff: RingHandoff)], memory: GuestMemory, bound: inout Set<Int>) throws {
-        try netdev.perform(.setFeatures(netdev.features(logging: false)), pair: pair)
+    /// QEMU's `vhost_dev_start` + `vhost_net_start_one` for one pair; `running` gains the
+    /// pair once configured and each ring whose TAP got bound, so a failure part-way can
+    /// undo exactly that. With a dirty log, the log's base comes first, so the kernel
+    /// accepts LOG_ALL and the rings' log flag.
+    private func startPair(_ pair: Int, rings: [(index: Int, handoff: RingHandoff)], log: VhostDirtyLog?, running: inout Running) throws {
+        if let log { try netdev.perform(.setLogBase(log.address), pair: pair) }
+        try netdev.perform(.setFeatures(netdev.features(logging: log != nil)), pair: pair)
         try netdev.perform(.setMemTable(Self.memoryTable(memory)), pair: pair)
         for (index, ring) in rings {
             let q = ring.queue
@@ -206,15 +235,16 @@ public final class VhostKernelDatapath: NetDatapath, @unchecked Sendable {
             }
             try netdev.perform(.setVringNum(VhostVringState(index: local, num: UInt32(q.size))), pair: pair)
             try netdev.perform(.setVringBase(VhostVringState(index: local, num: UInt32(q.lastAvailable))), pair: pair)
-            try netdev.perform(.setVringAddr(Self.ringAddress(q, local: local, memory: memory, logging: false)), pair: pair)
+            try netdev.perform(.setVringAddr(Self.ringAddress(q, local: local, memory: memory, logging: log != nil)), pair: pair)
             try netdev.perform(.setVringKick(index: local, kick.fd), pair: pair)
             try netdev.perform(.setVringCall(index: local, call.fd), pair: pair)
             try netdev.perform(.setVringErr(index: local, errorFDs[index].fd), pair: pair)
         }
+        running.configured.append(pair)
         let tapQueue = netdev.queueFDs[pair]
         for (index, _) in rings {
             try netdev.perform(.netSetBackend(index: UInt32(index % 2), tapQueue), pair: pair)
-            bound.insert(index)
+            running.bound.insert(index)
         }
     }
 
@@ -235,17 +265,20 @@ public final class VhostKernelDatapath: NetDatapath, @unchecked Sendable {
     }
 
     public func stop() -> [Int: Virtqueue] {
-        guard var state = running.withLock({ r in defer { r = nil }; return r }) else { return [:] }
-        stopRings(&state)
-        return state.rings
+        state.withLock { s in
+            guard var running = s.running else { return [:] }
+            s.running = nil
+            stopRings(&running)
+            return running.rings
+        }
     }
 
     /// Unbinds the TAP from every bound ring of a pair, then reads each ring's next
     /// available index (GET_VRING_BASE) and used index (guest RAM). A ring whose base
     /// cannot be read resumes at its used index (QEMU's `virtio_queue_restore_last_avail_idx`).
-    private func stopRings(_ state: inout Running) {
+    private func stopRings(_ running: inout Running) {
         for pair in 0..<queuePairs {
-            let pairRings = [2 * pair, 2 * pair + 1].filter { state.bound.contains($0) }
+            let pairRings = [2 * pair, 2 * pair + 1].filter { running.bound.contains($0) }
             guard !pairRings.isEmpty else { continue }
             for index in pairRings {
                 do { try netdev.perform(.netSetBackend(index: UInt32(index % 2), nil), pair: pair) } catch {
@@ -253,23 +286,85 @@ public final class VhostKernelDatapath: NetDatapath, @unchecked Sendable {
                 }
             }
             for index in pairRings {
-                guard var queue = state.rings[index] else { continue }
-                do { queue.usedIndex = try state.memory.load(UInt16.self, at: queue.deviceArea + 2) } catch {}
+                guard var queue = running.rings[index] else { continue }
+                do { queue.usedIndex = try memory.load(UInt16.self, at: queue.deviceArea + 2) } catch {}
                 do {
                     queue.lastAvailable = UInt16(truncatingIfNeeded: try netdev.perform(.getVringBase(index: UInt32(index % 2)), pair: pair))
                 } catch {
                     netdev.logger.error("\(error); ring \(index) resumes at its used index \(queue.usedIndex)")
                     queue.lastAvailable = queue.usedIndex
                 }
-                state.rings[index] = queue
+                running.rings[index] = queue
             }
         }
-        state.bound = []
+        running.bound = []
+        running.configured = []
     }
 
     /// Every ring of the pairs the device has keeps running (QEMU starts them all); the
     /// TAP steers frames only to the pairs in use.
     public func setActivePairs(_ pairs: Int) {
         netdev.attachQueues(count: pairs)
+    }
+
+    // MARK: dirty log
+
+    /// Pre-copy starts: a log covering guest RAM; running pairs switch to logging now
+    /// (SET_LOG_BASE, SET_FEATURES with LOG_ALL, each ring's address with the log flag:
+    /// QEMU's `vhost_dev_log_resize` + `vhost_dev_set_log`), stopped ones when they start.
+    public func startDirtyLog() throws {
+        guard netdev.offersDirtyLog else {
+            throw VhostKernelError("netdev '\(netdev.id)': vhost-net does not offer VHOST_F_LOG_ALL, so its writes to guest RAM cannot be logged for pre-copy")
+        }
+        let log = try VhostDirtyLog(covering: memory)
+        try state.withLock { s in
+            guard s.log == nil else { return }
+            s.log = log
+            do {
+                try switchLogging(on: log, s.running)
+            } catch {
+                s.log = nil
+                try? switchLogging(on: nil, s.running)
+                throw error
+            }
+        }
+    }
+
+    public func collectDirty(into bitmap: inout [UInt64]) {
+        state.withLock { $0.log }?.collect(into: &bitmap)
+    }
+
+    /// Pre-copy ended: running pairs stop logging (features without LOG_ALL, rings without
+    /// the flag), and the log goes; the kernel writes no log once both are off.
+    public func stopDirtyLog() {
+        state.withLock { s in
+            guard s.log != nil else { return }
+            s.log = nil
+            do { try switchLogging(on: nil, s.running) } catch { netdev.logger.error("\(error)") }
+        }
+    }
+
+    /// Turns the configured pairs' logging on (`log`) or off (nil); under the state lock.
+    private func switchLogging(on log: VhostDirtyLog?, _ running: Running?) throws {
+        guard let running else { return }
+        for pair in running.configured {
+            if let log { try netdev.perform(.setLogBase(log.address), pair: pair) }
+            try netdev.perform(.setFeatures(netdev.features(logging: log != nil)), pair: pair)
+            for index in [2 * pair, 2 * pair + 1] {
+                guard let q = running.rings[index] else { continue }
+                try netdev.perform(.setVringAddr(Self.ringAddress(q, local: UInt32(index % 2), memory: memory, logging: log != nil)), pair: pair)
+            }
+        }
+    }
+
+    // MARK: ownership
+
+    /// Gives the devices up (VHOST_RESET_OWNER), stopping the rings first, so another
+    /// process can own them (cpr-transfer passes vhost fds); the returned rings are the
+    /// device's progress. A later `start` takes ownership back (SET_OWNER) before it runs.
+    public func releaseOwnership() throws -> [Int: Virtqueue] {
+        let rings = stop()
+        try netdev.resetOwner()
+        return rings
     }
 }
