@@ -113,3 +113,39 @@ struct VhostKernelUnavailableFunctionalTests {
         }
     }
 }
+
+/// `vhostfd=`/`vhostfds=` over QMP: getfd names resolve like `fd=`'s, and the VMM drives
+/// the fd it was given (here one that is no vhost device, so SET_OWNER fails, named).
+@Suite(.keepsArtifactsOnFailure, .timeLimit(.minutes(5)), .requiresKVM, .requiresGuestImage, .requiresVMM, .requiresNetworkNamespaces,
+       .usesProcessResources)
+struct VhostKernelFDFunctionalTests {
+    @Test func passedVhostFDsAreUsedAndCheckedPerQueue() async throws {
+        try await NetworkNamespace.with { ns in
+            _ = try await ns.createTap("tap0", queues: 2, multiQueue: true)
+            var options = MachineOptions.bundledGuest(startPaused: true)
+            options.namespace = ns
+            try await Machine.with(options) { vm in
+                let notVhost = open("/dev/null", O_RDWR | O_CLOEXEC)
+                defer { close(notVhost) }
+                try await vm.qmp.execute("getfd", arguments: ["fdname": "v0"], passing: [notVhost])
+                do {
+                    try await vm.qmp.execute("netdev_add", arguments: ["type": "tap", "id": "n2", "ifname": "tap0", "queues": 2, "vhostfds": "v0"])
+                    Issue.record("one vhost fd for two queues was accepted")
+                } catch QMPError.commandFailed(_, let desc, _) {
+                    #expect(desc.hasSuffix("gives 1 vhost-net fd for netdev 'n2', which has 2 queues (one per queue)"), "\(desc)")
+                    #expect(desc.hasPrefix("netdev_add tap,id=n2,ifname=tap0,queues=2,vhostfds="), "\(desc)")
+                }
+                do {
+                    try await vm.qmp.execute("netdev_add", arguments: ["type": "tap", "id": "n2", "ifname": "tap0", "queues": 2, "vhostfds": "v0:v0"])
+                    Issue.record("a vhost fd that is /dev/null was accepted")
+                } catch QMPError.commandFailed(_, let desc, _) {
+                    #expect(desc.hasSuffix(": netdev 'n2': vhost-net queue pair 0: VHOST_SET_OWNER: Inappropriate ioctl for device"), "\(desc)")
+                }
+                // Nothing kept: the TAP's queues the attempt opened are closed again.
+                #expect(try await ns.withRoute { try $0.tunInfo("tap0") }.queues == 0)
+                let status = try await vm.qmp.execute("query-status")
+                #expect(status["status"] == "prelaunch")
+            }
+        }
+    }
+}

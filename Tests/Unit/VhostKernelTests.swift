@@ -2,6 +2,7 @@ import CLinux
 import Glibc
 import Logging
 import Synchronization
+import TestKit
 import Testing
 @testable import VMMCore
 
@@ -453,5 +454,35 @@ import Testing
         rig.datapath.start(try rig.handoffs([0, 1]), activePairs: 1, context: rig.context)
         #expect(rig.recorder.recorded == ["0: VHOST_SET_OWNER", "0: VHOST_GET_FEATURES", "1: VHOST_SET_OWNER", "1: VHOST_GET_FEATURES"]
             + rig.startSequence(pair: 0, rings: [0, 1]))
+    }
+
+    // MARK: the real device
+
+    /// The ioctl path itself, on an fd that is no vhost device (this machine has none):
+    /// each request reaches the kernel and comes back as ENOTTY, named.
+    @Test func realIoctlsOnANonVhostFDNameRequestAndErrno() throws {
+        let device = VhostNetDevice(fd: FileDescriptor(adopting: open("/dev/null", O_RDWR | O_CLOEXEC), label: "not vhost"))
+        let tap = FileDescriptor(adopting: open("/dev/null", O_RDWR | O_CLOEXEC), label: "not a tap")
+        let requests: [VhostKernelRequest] = [.setOwner, .getFeatures, .setFeatures(VhostKernel.featureVersion1),
+                                              .getVringBase(index: 1), .netSetBackend(index: 0, tap), .netSetBackend(index: 0, nil),
+                                              .setMemTable([VhostMemoryRegion(guestAddress: 0, size: 4096, userAddress: 0x10000)])]
+        for request in requests {
+            #expect { try device.perform(request) } throws: { "\($0)" == "\(request.name): Inappropriate ioctl for device" }
+        }
+    }
+
+    /// On a host with vhost-net (skips here with the reason): what `setUp` relies on.
+    @Test(.requiresVhostNet) func realDeviceOwnershipAndFeatures() throws {
+        let device = try VhostNetDevice.open(label: "test vhost-net")
+        try device.perform(.setOwner)
+        #expect { try device.perform(.setOwner) } throws: { "\($0)" == "VHOST_SET_OWNER: Device or resource busy" }
+        let features = try device.perform(.getFeatures)
+        #expect(features & VhostKernel.featureVersion1 != 0, "features \(hex(features))")
+        #expect(features & VhostKernel.featureLogAll != 0, "features \(hex(features))")
+        #expect(features & VhostKernel.featureVirtioNetHeader != 0, "features \(hex(features))")
+        try device.perform(.setFeatures(VhostKernel.featureVersion1))
+        #expect(try device.perform(.getVringBase(index: 0)) == 0)
+        try device.perform(.resetOwner)
+        try device.perform(.setOwner)
     }
 }

@@ -330,6 +330,7 @@ public final class VhostNetDevice: VhostKernelIO, @unchecked Sendable {
         return VhostNetDevice(fd: FileDescriptor(adopting: raw, label: label))
     }
 
+    @discardableResult
     public func perform(_ request: VhostKernelRequest) throws -> UInt64 {
         try fd.withRaw { fd in
             try request.withArgument { bytes in
