@@ -485,4 +485,60 @@ import Testing
         try device.perform(.resetOwner)
         try device.perform(.setOwner)
     }
+
+    // MARK: through the device
+
+    /// The whole path a guest drives: DRIVER_OK hands the transport's rings to the kernel
+    /// (addresses from the driver's queue registers, the device's kick/call eventfds),
+    /// pause takes the kernel's progress back into the transport, resume starts from it,
+    /// and a driver reset stops the rings.
+    @Test func deviceLifecycleDrivesTheKernelSequence() throws {
+        struct DeviceRig: DriverRig {
+            let memory: GuestMemory
+            let transport: VirtioPCITransport
+        }
+        let recorder = Recorder()
+        let memory = try GuestMemory(size: 4 << 20)
+        let netdev = try VhostKernelNetdev(id: "n1", tap: FakeQueues(queues: 1), devices: [RecordingVhost(pair: 0, recorder: recorder)],
+                                           logger: Logger(label: "test"))
+        let datapath = try netdev.makeDatapath(pairs: 1, memory: memory, memoryBackend: nil)
+        let nic = VirtioNet(id: "nic0", mac: [0x52, 0x54, 0, 1, 2, 3], datapath: datapath, multiQueue: false, logger: Logger(label: "test"))
+        let rig = DeviceRig(memory: memory, transport: VirtioPCITransport(name: "nic0", model: nic, memory: memory, logger: Logger(label: "test")))
+        rig.placeBAR()
+        recorder.clear()
+        rig.configure()
+
+        func user(_ gpa: UInt64) -> String { hex(UInt64(UInt(bitPattern: try! memory.slice(at: gpa, count: 1).baseAddress!))) }
+        let table = memory.regions.map { "\(hex($0.guestAddress))+\(hex($0.size))@\(hex(UInt64(UInt(bitPattern: memory.hostAddress(of: $0)))))" }
+        func started(bases: [UInt16]) -> [String] {
+            var lines = ["0: VHOST_SET_FEATURES \(hex(VhostKernel.featureVersion1))", "0: VHOST_SET_MEM_TABLE \(table.joined(separator: " "))"]
+            for q in 0..<2 {
+                let b = rig.base(q)
+                lines += ["0: VHOST_SET_VRING_NUM \(q) 8", "0: VHOST_SET_VRING_BASE \(q) \(bases[q])",
+                          "0: VHOST_SET_VRING_ADDR \(q) flags 0 desc \(user(b)) used \(user(b + 0x2000)) avail \(user(b + 0x1000)) log \(hex(b + 0x2000))",
+                          "0: VHOST_SET_VRING_KICK \(q) nic0 kick \(q)", "0: VHOST_SET_VRING_CALL \(q) nic0 call \(q)",
+                          "0: VHOST_SET_VRING_ERR \(q) netdev n1 vhost error \(q)"]
+            }
+            return lines + ["0: VHOST_NET_SET_BACKEND 0 netdev n1 TAP queue 0", "0: VHOST_NET_SET_BACKEND 1 netdev n1 TAP queue 0"]
+        }
+        let stopped = ["0: VHOST_NET_SET_BACKEND 0 -1", "0: VHOST_NET_SET_BACKEND 1 -1", "0: VHOST_GET_VRING_BASE 0", "0: VHOST_GET_VRING_BASE 1"]
+        #expect(recorder.recorded == started(bases: [0, 0]))
+
+        // The kernel took 3 RX buffers (used 3) and 2 TX chains (used 2) meanwhile.
+        recorder.bases.withLock { $0 = ["0/0": 3, "0/1": 2] }
+        try memory.store(UInt16(3), at: rig.base(0) + 0x2002)
+        try memory.store(UInt16(2), at: rig.base(1) + 0x2002)
+        recorder.clear()
+        try rig.transport.pause()
+        #expect(recorder.recorded == stopped)
+        recorder.clear()
+        try rig.transport.resume()
+        #expect(recorder.recorded == started(bases: [3, 2]))
+        #expect(rig.transport.status & VirtioPCITransport.Status.needsReset == 0)
+
+        // The driver resets the device: the rings stop, nothing restarts.
+        recorder.clear()
+        rig.bar(0x14, 0, 1)
+        #expect(recorder.recorded == stopped)
+    }
 }

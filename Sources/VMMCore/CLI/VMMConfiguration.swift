@@ -56,6 +56,7 @@ public struct VMMConfiguration: Sendable, Equatable {
           -serial stdio|file:PATH|unix:PATH[,server=on[,wait=off]]|none
           -qmp unix:PATH[,server=on[,wait=off]]
           -netdev tap,id=ID[,ifname=NAME][,queues=N][,vnet_hdr=on|off][,fd=N|fds=N:M:...],script=no,downscript=no
+                   [,vhost=on[,vhostforce=on][,vhostfd=N|vhostfds=N:M:...]]   (kernel vhost-net, /dev/vhost-net)
           -device virtio-net-pci,netdev=ID[,id=ID][,mac=MAC][,mq=on|off][,local-migration=on|off][,bus=BUS]
           -device pcie-pci-bridge,id=ID[,bus=pcie.0]   (alias: adds bus name ID, see docs/cli.md)
           -incoming unix:PATH|tcp:HOST:PORT|defer|'{"channel-type": "main"|"cpr", "addr": {...}}'
