@@ -1,8 +1,6 @@
-import CLinux
 import Glibc
 import Logging
 import Synchronization
-import TestKit
 import Testing
 @testable import VMMCore
 
@@ -141,8 +139,9 @@ import Testing
         }
         static func make(_ count: Int, peers: inout [Int32]) -> [FileDescriptor] {
             (0..<count).map { index in
+                // Any fd stands in for a queue: the fake kernel never reads it.
                 var pair: [Int32] = [0, 0]
-                socketpair(AF_UNIX, Int32(SOCK_SEQPACKET.rawValue), 0, &pair)
+                _ = pipe(&pair)
                 peers.append(pair[1])
                 return FileDescriptor(adopting: pair[0], label: "netdev n1 TAP queue \(index)")
             }
@@ -341,6 +340,19 @@ import Testing
         } throws: { "\($0)" == "Failed to setup vhost during TAP post-load: netdev 'n1': vhost-net queue pair 0: VHOST_SET_OWNER: Device or resource busy" }
     }
 
+    /// A pair that fails set-up is given up again, so a later start retries exactly it.
+    @Test func aFailedSetUpIsRetriedFromThePairThatFailed() throws {
+        let rig = try Rig(pairs: 2, incoming: true)
+        rig.recorder.failure.withLock { $0 = ("1: VHOST_GET_FEATURES", EIO) }
+        var peers: [Int32] = []
+        defer { peers.forEach { close($0) } }
+        #expect(throws: StreamError.self) { try rig.datapath.adoptIncoming(FakeQueues.make(2, peers: &peers), vnetHeader: true) }
+        #expect(rig.recorder.recorded == ["0: VHOST_SET_OWNER", "0: VHOST_GET_FEATURES", "1: VHOST_SET_OWNER", "1: VHOST_GET_FEATURES", "1: VHOST_RESET_OWNER"])
+        rig.recorder.clear()
+        rig.datapath.start(try rig.handoffs([0, 1]), activePairs: 1, context: rig.context)
+        #expect(rig.recorder.recorded == ["1: VHOST_SET_OWNER", "1: VHOST_GET_FEATURES"] + rig.startSequence(pair: 0, rings: [0, 1]))
+    }
+
     @Test func deviceCountMustMatchTheQueues() {
         #expect {
             _ = try VhostKernelNetdev(id: "n1", tap: FakeQueues(queues: 2), devices: [RecordingVhost(pair: 0, recorder: Recorder())], logger: Logger(label: "test"))
@@ -418,6 +430,7 @@ import Testing
     @Test func aDeviceWithoutLogAllRefusesPreCopy() throws {
         let rig = try Rig(pairs: 1)
         rig.recorder.features.withLock { $0 = VhostKernel.featureVersion1 }
+        try rig.netdev.resetOwner()
         try rig.netdev.setUp()
         #expect {
             try rig.datapath.startDirtyLog()
@@ -469,21 +482,6 @@ import Testing
         for request in requests {
             #expect { try device.perform(request) } throws: { "\($0)" == "\(request.name): Inappropriate ioctl for device" }
         }
-    }
-
-    /// On a host with vhost-net (skips here with the reason): what `setUp` relies on.
-    @Test(.requiresVhostNet) func realDeviceOwnershipAndFeatures() throws {
-        let device = try VhostNetDevice.open(label: "test vhost-net")
-        try device.perform(.setOwner)
-        #expect { try device.perform(.setOwner) } throws: { "\($0)" == "VHOST_SET_OWNER: Device or resource busy" }
-        let features = try device.perform(.getFeatures)
-        #expect(features & VhostKernel.featureVersion1 != 0, "features \(hex(features))")
-        #expect(features & VhostKernel.featureLogAll != 0, "features \(hex(features))")
-        #expect(features & VhostKernel.featureVirtioNetHeader != 0, "features \(hex(features))")
-        try device.perform(.setFeatures(VhostKernel.featureVersion1))
-        #expect(try device.perform(.getVringBase(index: 0)) == 0)
-        try device.perform(.resetOwner)
-        try device.perform(.setOwner)
     }
 
     // MARK: through the device

@@ -13,8 +13,9 @@ public final class VhostKernelNetdev: NetBackend, @unchecked Sendable {
     /// Pair p's device (rings 0 = RX 2p, 1 = TX 2p+1), owned here.
     let devices: [any VhostKernelIO]
     let logger: Logger
-    /// Per pair, what GET_FEATURES offered; empty until set up (an `incoming-fds=on` TAP's
-    /// devices are set up once its queues arrived, as the series' `tap_post_load` does).
+    /// Per owned pair, in order, what GET_FEATURES offered; empty until set up (an
+    /// `incoming-fds=on` TAP's devices are set up once its queues arrived, as the series'
+    /// `tap_post_load` does).
     private let offered = Mutex<[UInt64]>([])
 
     /// `devices`: one per TAP queue. Sets them up now unless the TAP's queues come later.
@@ -55,25 +56,30 @@ public final class VhostKernelNetdev: NetBackend, @unchecked Sendable {
     /// QEMU's `vhost_dev_init` for each pair: SET_OWNER (this process's memory), then
     /// GET_FEATURES, which must offer VERSION_1, and VIRTIO_NET_HDR when the TAP has no
     /// vnet header (vhost then adds it), else the guest's frames would be misread.
+    /// A pair that fails is given up again (RESET_OWNER), so the next call retries it;
+    /// the pairs before it stay owned.
     func setUp() throws {
-        var features: [UInt64] = []
-        for pair in devices.indices {
+        for pair in offered.withLock({ $0.count })..<devices.count {
             try perform(.setOwner, pair: pair)
-            let offered = try perform(.getFeatures, pair: pair)
-            let needed = VhostKernel.featureVersion1 | (tap.vnetHeader ? 0 : VhostKernel.featureVirtioNetHeader)
-            guard offered & needed == needed else {
-                throw VhostKernelError("netdev '\(id)': vhost-net queue pair \(pair) lacks features \(hex(needed & ~offered)) (offers \(hex(offered)))")
+            do {
+                let features = try perform(.getFeatures, pair: pair)
+                let needed = VhostKernel.featureVersion1 | (tap.vnetHeader ? 0 : VhostKernel.featureVirtioNetHeader)
+                guard features & needed == needed else {
+                    throw VhostKernelError("netdev '\(id)': vhost-net queue pair \(pair) lacks features \(hex(needed & ~features)) (offers \(hex(features)))")
+                }
+                offered.withLock { $0.append(features) }
+            } catch {
+                _ = try? perform(.resetOwner, pair: pair)
+                throw error
             }
-            features.append(offered)
         }
-        offered.withLock { $0 = features }
     }
 
     /// Whether the devices are owned and their features known (`setUp` ran).
-    var isSetUp: Bool { offered.withLock { !$0.isEmpty } }
+    var isSetUp: Bool { offered.withLock { $0.count == devices.count } }
 
     /// Whether every pair's device offers the dirty log (VHOST_F_LOG_ALL).
-    var offersDirtyLog: Bool { offered.withLock { !$0.isEmpty && $0.allSatisfy { $0 & VhostKernel.featureLogAll != 0 } } }
+    var offersDirtyLog: Bool { isSetUp && offered.withLock { $0.allSatisfy { $0 & VhostKernel.featureLogAll != 0 } } }
 
     /// VHOST_RESET_OWNER on every pair: the kernel drops the memory table, rings, features
     /// and log, and another process (or this one, with `setUp`) may SET_OWNER the device.
