@@ -8,12 +8,12 @@ public struct NetdevSpec: Sendable, Equatable {
     public var vnetHeader: Bool?
     /// Inherited fds (`fd=N` or `fds=N:M:...`), used instead of opening `ifname`.
     public var fds: [Int32]?
+    /// `vhost=on`: the kernel's vhost-net runs the TAP's rings.
+    public var vhost: VhostKernelOptions?
     /// `incoming-fds=on`: open nothing; the queues come from a local migration's stream.
     public var incomingFDs = false
     /// `-netdev vhost-user,chardev=ID`: the rings run in the backend behind that socket chardev.
     public var vhostUserChardev: String?
-    /// `vhost=on`: the kernel's vhost-net runs the TAP's rings.
-    public var vhost: VhostKernelOptions?
 
     static let vhostUserKeys: Set<String> = ["type", "id", "chardev", "queues"]
 

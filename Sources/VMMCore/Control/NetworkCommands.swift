@@ -7,27 +7,13 @@ import QMPWire
 extension Machine {
     func addNetdev(_ spec: NetdevSpec) throws {
         guard netdevs[spec.id] == nil else { throw QMPCommandError("Duplicate ID '\(spec.id)' for netdev") }
-        if spec.incomingFDs {
-            // The seed's wording: such a netdev only makes sense on a migration target.
-            guard runState == .inmigrate else { throw QMPCommandError("Peers wait for incoming, but it's not an incoming migration.") }
-        }
         if let vhost = spec.vhost {
-            // The vhost devices first: failing there leaves no TAP created for nothing.
-            // Never a fallback to the userspace datapath.
-            do {
-                let devices: [any VhostKernelIO] = try vhost.fds.map { fds in
-                    try fds.enumerated().map { pair, fd in
-                        VhostNetDevice(fd: try FileDescriptor.duplicating(inherited: fd, label: VhostKernelNetdev.deviceLabel(spec.id, pair)))
-                    }
-                } ?? VhostKernelNetdev.openDevices(id: spec.id, count: spec.queues)
-                netdevs[spec.id] = try VhostKernelNetdev(id: spec.id, tap: try makeTap(spec), devices: devices, logger: logger)
-            } catch {
-                throw QMPCommandError("\(vhost.origin): \(error)")
-            }
-            logger.debug("netdev \(spec.id): TAP \(netdevs[spec.id]!.ifname), \(spec.queues) queue(s) on vhost-net")
+            try addVhostKernelNetdev(spec, vhost)
             return
         }
         if spec.incomingFDs {
+            // The seed's wording: such a netdev only makes sense on a migration target.
+            guard runState == .inmigrate else { throw QMPCommandError("Peers wait for incoming, but it's not an incoming migration.") }
             netdevs[spec.id] = TapBackend(id: spec.id, incomingQueues: spec.queues)
             return
         }
@@ -38,20 +24,39 @@ extension Machine {
             netdevs[spec.id] = try VhostUserNetdev(id: spec.id, socketPath: path, queues: spec.queues)
             return
         }
-        netdevs[spec.id] = try makeTap(spec)
+        if let fds = spec.fds {
+            // The backend owns copies; the originals stay with whoever passed them.
+            netdevs[spec.id] = try TapBackend(id: spec.id, adopting: try fds.enumerated().map { index, fd in
+                try FileDescriptor.duplicating(inherited: fd, label: TapBackend.queueLabel(spec.id, index))
+            }, vnetHeader: spec.vnetHeader)
+        } else {
+            netdevs[spec.id] = try TapBackend(id: spec.id, ifname: spec.ifname, queues: spec.queues, vnetHeader: spec.vnetHeader)
+        }
         logger.debug("netdev \(spec.id): TAP \(netdevs[spec.id]!.ifname), \(netdevs[spec.id]!.queueFDs.count) queue(s)")
     }
 
-    /// The TAP a `-netdev tap` names: waiting for a migration's queues, passed in, or opened.
-    private func makeTap(_ spec: NetdevSpec) throws -> TapBackend {
-        if spec.incomingFDs { return TapBackend(id: spec.id, incomingQueues: spec.queues) }
-        if let fds = spec.fds {
-            // The backend owns copies; the originals stay with whoever passed them.
-            return try TapBackend(id: spec.id, adopting: try fds.enumerated().map { index, fd in
-                try FileDescriptor.duplicating(inherited: fd, label: TapBackend.queueLabel(spec.id, index))
-            }, vnetHeader: spec.vnetHeader)
+    /// `-netdev tap,...,vhost=on`: the TAP exactly as without vhost (opened, passed in, or
+    /// awaiting a migration's queues), wrapped with its vhost devices. The devices are
+    /// opened first, so failing there creates no TAP; every error names the option. Never
+    /// a fallback to the userspace datapath.
+    private func addVhostKernelNetdev(_ spec: NetdevSpec, _ vhost: VhostKernelOptions) throws {
+        do {
+            let devices: [any VhostKernelIO] = try vhost.fds.map { fds in
+                try fds.enumerated().map { pair, fd in
+                    VhostNetDevice(fd: try FileDescriptor.duplicating(inherited: fd, label: VhostKernelNetdev.deviceLabel(spec.id, pair)))
+                }
+            } ?? VhostKernelNetdev.openDevices(id: spec.id, count: spec.queues)
+            var tapOnly = spec
+            tapOnly.vhost = nil
+            try addNetdev(tapOnly)
+            guard let tap = netdevs.removeValue(forKey: spec.id) else { return }
+            netdevs[spec.id] = try VhostKernelNetdev(id: spec.id, tap: tap, devices: devices, logger: logger)
+        } catch let error as QMPCommandError {
+            throw error  // the TAP's own refusals, in their (the seed's) words
+        } catch {
+            throw QMPCommandError("\(vhost.origin): \(error)")
         }
-        return try TapBackend(id: spec.id, ifname: spec.ifname, queues: spec.queues, vnetHeader: spec.vnetHeader)
+        logger.debug("netdev \(spec.id): on vhost-net, \(spec.queues) queue pair(s)")
     }
 
     func addNIC(_ spec: DeviceSpec) throws {
