@@ -35,30 +35,6 @@ extension Machine {
         logger.debug("netdev \(spec.id): TAP \(netdevs[spec.id]!.ifname), \(netdevs[spec.id]!.queueFDs.count) queue(s)")
     }
 
-    /// `-netdev tap,...,vhost=on`: the TAP exactly as without vhost (opened, passed in, or
-    /// awaiting a migration's queues), wrapped with its vhost devices. The devices are
-    /// opened first, so failing there creates no TAP; every error names the option. Never
-    /// a fallback to the userspace datapath.
-    private func addVhostKernelNetdev(_ spec: NetdevSpec, _ vhost: VhostKernelOptions) throws {
-        do {
-            let devices: [any VhostKernelIO] = try vhost.fds.map { fds in
-                try fds.enumerated().map { pair, fd in
-                    VhostNetDevice(fd: try FileDescriptor.duplicating(inherited: fd, label: VhostKernelNetdev.deviceLabel(spec.id, pair)))
-                }
-            } ?? VhostKernelNetdev.openDevices(id: spec.id, count: spec.queues)
-            var tapOnly = spec
-            tapOnly.vhost = nil
-            try addNetdev(tapOnly)
-            guard let tap = netdevs.removeValue(forKey: spec.id) else { return }
-            netdevs[spec.id] = try VhostKernelNetdev(id: spec.id, tap: tap, devices: devices, logger: logger)
-        } catch let error as QMPCommandError {
-            throw error  // the TAP's own refusals, in their (the seed's) words
-        } catch {
-            throw QMPCommandError("\(vhost.origin): \(error)")
-        }
-        logger.debug("netdev \(spec.id): on vhost-net, \(spec.queues) queue pair(s)")
-    }
-
     func addNIC(_ spec: DeviceSpec) throws {
         guard let backend = netdevs[spec.netdev] else { throw QMPCommandError("Property 'netdev' can't find value '\(spec.netdev)'") }
         guard netdevUsers[spec.netdev] == nil else {
@@ -87,6 +63,30 @@ extension Machine {
         devices.append(transport)
         netdevUsers[spec.netdev] = id
         for note in spec.notes(msixVectors: transport.msixVectors) { logger.debug("\(id): \(note)") }
+    }
+
+    /// `-netdev tap,...,vhost=on`: the TAP exactly as without vhost (opened, passed in, or
+    /// awaiting a migration's queues), wrapped with its vhost devices. The devices are
+    /// opened first, so failing there creates no TAP; every error names the option. Never
+    /// a fallback to the userspace datapath.
+    private func addVhostKernelNetdev(_ spec: NetdevSpec, _ vhost: VhostKernelOptions) throws {
+        do {
+            let devices: [any VhostKernelIO] = try vhost.fds.map { fds in
+                try fds.enumerated().map { pair, fd in
+                    VhostNetDevice(fd: try FileDescriptor.duplicating(inherited: fd, label: VhostKernelNetdev.deviceLabel(spec.id, pair)))
+                }
+            } ?? VhostKernelNetdev.openDevices(id: spec.id, count: spec.queues)
+            var tapOnly = spec
+            tapOnly.vhost = nil
+            try addNetdev(tapOnly)
+            guard let tap = netdevs.removeValue(forKey: spec.id) else { return }
+            netdevs[spec.id] = try VhostKernelNetdev(id: spec.id, tap: tap, devices: devices, logger: logger)
+        } catch let error as QMPCommandError {
+            throw error  // the TAP's own refusals, in their (the seed's) words
+        } catch {
+            throw QMPCommandError("\(vhost.origin): \(error)")
+        }
+        logger.debug("netdev \(spec.id): on vhost-net, \(spec.queues) queue pair(s)")
     }
 
     /// QMP arguments as a QEMU option string, so QMP and the command line share one parser.
