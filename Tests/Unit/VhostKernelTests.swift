@@ -539,4 +539,54 @@ import Testing
         rig.bar(0x14, 0, 1)
         #expect(recorder.recorded == stopped)
     }
+
+    /// Local migration at the device level: the source's stop reads the kernel's progress,
+    /// its section carries the TAP queue (not the vhost device); the target adopts the
+    /// queue, sets its own vhost device up after the load, and starts it at the source's
+    /// ring progress when it runs.
+    @Test func localMigrationHandsOverTheTapAndTheTargetStartsItsOwnVhost() throws {
+        struct DeviceRig: DriverRig {
+            let memory: GuestMemory
+            let transport: VirtioPCITransport
+        }
+        func device(_ recorder: Recorder, queues: FakeQueues, memory: GuestMemory) throws -> DeviceRig {
+            let netdev = try VhostKernelNetdev(id: "n1", tap: queues, devices: [RecordingVhost(pair: 0, recorder: recorder)], logger: Logger(label: "test"))
+            let nic = VirtioNet(id: "nic0", mac: [0x52, 0x54, 0, 1, 2, 3], datapath: try netdev.makeDatapath(pairs: 1, memory: memory, memoryBackend: nil),
+                                multiQueue: false, logger: Logger(label: "test"))
+            return DeviceRig(memory: memory, transport: VirtioPCITransport(name: "nic0", model: nic, memory: memory, logger: Logger(label: "test")))
+        }
+        let memory = try GuestMemory(size: 4 << 20, backing: .memfd, shared: true)
+        let sourceLog = Recorder()
+        let sourceQueues = FakeQueues(queues: 1)
+        let source = try device(sourceLog, queues: sourceQueues, memory: memory)
+        source.placeBAR()
+        source.configure()
+        sourceLog.bases.withLock { $0 = ["0/0": 5, "0/1": 4] }
+        try memory.store(UInt16(5), at: source.base(0) + 0x2002)
+        try memory.store(UInt16(4), at: source.base(1) + 0x2002)
+        sourceLog.clear()
+        try source.transport.pause()
+        #expect(sourceLog.recorded == ["0: VHOST_NET_SET_BACKEND 0 -1", "0: VHOST_NET_SET_BACKEND 1 -1",
+                                       "0: VHOST_GET_VRING_BASE 0", "0: VHOST_GET_VRING_BASE 1"])
+        let section = source.transport.saveSection(.init(mode: .local))
+        #expect(section.fds.map(\.name) == ["netdev/n1/tap.0"])
+
+        // The target (same shared RAM): its own vhost device, set up once the queue came.
+        let targetLog = Recorder()
+        let target = try device(targetLog, queues: FakeQueues(queues: 1, incoming: true), memory: memory)
+        #expect(targetLog.recorded == [])
+        let fds = ReceivedFDs()
+        fds.append(try section.fds.map { try $0.fd.duplicate() })
+        try fds.bind(section.fds.map(\.name), for: "nic0")
+        try target.transport.loadSection(section.payload, fds: fds)
+        #expect(targetLog.recorded == ["0: VHOST_SET_OWNER", "0: VHOST_GET_FEATURES"])
+        try target.transport.checkReadyToRun()
+        targetLog.clear()
+        try target.transport.resume()
+        let lines = targetLog.recorded
+        #expect(lines.contains("0: VHOST_SET_VRING_BASE 0 5") && lines.contains("0: VHOST_SET_VRING_BASE 1 4"), "\(lines)")
+        // The worker is bound to the fd that came with the stream.
+        #expect(lines.suffix(2) == ["0: VHOST_NET_SET_BACKEND 0 received netdev/n1/tap.0", "0: VHOST_NET_SET_BACKEND 1 received netdev/n1/tap.0"], "\(lines)")
+        #expect(target.transport.status & VirtioPCITransport.Status.needsReset == 0)
+    }
 }
