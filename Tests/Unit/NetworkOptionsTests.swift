@@ -28,7 +28,6 @@ import Testing
         ("tap,id=n0,fd=999", "fd 999 is not open"),
         ("tap,id=n0,fd=x", "'x' is not a file descriptor number"),
         ("tap,id=n0,colour=red", "unknown parameter 'colour'"),
-        ("tap,id=n0,vhost=on", "vhost=on is not supported yet"),
         ("tap,id=n0,incoming-fds=on", "incoming-fds requires script=no and downscript=no"),
         ("tap,id=n0,incoming-fds=on,script=/etc/qemu-ifup,downscript=no", "incoming-fds requires script=no and downscript=no"),
         ("tap,id=n0,helper=/usr/lib/qemu/qemu-bridge-helper", "helper= is not supported (no bridge helper)"),

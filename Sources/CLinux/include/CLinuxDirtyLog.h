@@ -26,6 +26,12 @@ static inline uint64_t cl_atomic_take_u64(uint64_t *word) {
     return __atomic_exchange_n(word, 0, __ATOMIC_ACQ_REL);
 }
 
+// vhost's dirty log is byte-addressed (bit p%8 of byte p/8), and a back-end may map it at
+// any offset its front-end names: byte-wise atomics need no alignment.
+static inline void cl_atomic_or_u8(uint8_t *byte, uint8_t bits) {
+    __atomic_fetch_or(byte, bits, __ATOMIC_RELEASE);
+}
+
 // lseek's SEEK_DATA/SEEK_HOLE (glibc hides them without _GNU_SOURCE): the first pre-copy
 // pass skips the holes of shared RAM, pages the guest never touched, without reading them.
 static const int CL_SEEK_DATA = 3;

@@ -8,6 +8,8 @@ public struct NetdevSpec: Sendable, Equatable {
     public var vnetHeader: Bool?
     /// Inherited fds (`fd=N` or `fds=N:M:...`), used instead of opening `ifname`.
     public var fds: [Int32]?
+    /// `vhost=on`: the kernel's vhost-net runs the TAP's rings.
+    public var vhost: VhostKernelOptions?
     /// `incoming-fds=on`: open nothing; the queues come from a local migration's stream.
     public var incomingFDs = false
     /// `-netdev vhost-user,chardev=ID`: the rings run in the backend behind that socket chardev.
@@ -18,11 +20,12 @@ public struct NetdevSpec: Sendable, Equatable {
 
     static let vhostUserKeys: Set<String> = ["type", "id", "chardev", "queues"]
 
-    static let keys: Set<String> = ["type", "id", "ifname", "queues", "script", "downscript", "vnet_hdr", "fd", "fds", "vhost", "sndbuf", "incoming-fds", "helper", "br", "cpr"]
+    static let keys: Set<String> = ["type", "id", "ifname", "queues", "script", "downscript", "vnet_hdr", "fd", "fds", "vhost", "vhostforce",
+                                     "vhostfd", "vhostfds", "sndbuf", "incoming-fds", "helper", "br", "cpr"]
     /// What `incoming-fds` excludes, in the series' order and wording: all of it describes
-    /// how to open or configure a TAP, which comes from the source instead. (The series
-    /// accepts `vhost=`, `vhostfds=`, `vhostforce=` and `poll-us=` beside it: vhost is set
-    /// up after the load. They join `keys` when vhost does.)
+    /// how to open or configure a TAP, which comes from the source instead. (`vhost=`,
+    /// `vhostforce=`, `vhostfd(s)=` stay allowed: the target's own vhost devices are set up
+    /// on the TAP once it arrived.)
     static let excludedByIncomingFDs = ["fd", "fds", "helper", "br", "ifname", "sndbuf", "vnet_hdr"]
 
     /// `script=no` and, as in QEMU, `script=` (empty): no script runs.
@@ -64,9 +67,6 @@ public struct NetdevSpec: Sendable, Equatable {
                 throw VMMConfiguration.Error("\(option) \(value): \(key)=\(script) is not supported, use \(key)=no and set the TAP up beforehand")
             }
         }
-        if try list.bool("vhost", default: false) {
-            throw VMMConfiguration.Error("\(option) \(value): vhost=on is not supported yet")
-        }
         var spec = NetdevSpec(id: id, ifname: list["ifname"], queues: 1, vnetHeader: nil, fds: nil)
         spec.incomingFDs = incomingFDs
         spec.cpr = try list.bool("cpr", default: false)
@@ -95,6 +95,7 @@ public struct NetdevSpec: Sendable, Equatable {
             }
             spec.queues = fds.count
         }
+        spec.vhost = try VhostKernelOptions.parse(list, queues: spec.queues, option: option, value: value)
         return spec
     }
 
@@ -104,6 +105,40 @@ public struct NetdevSpec: Sendable, Equatable {
             guard fcntl(fd, F_GETFD) >= 0 else { throw VMMConfiguration.Error("\(option) \(value): fd \(fd) is not open in this process") }
             return fd
         }
+    }
+}
+
+/// A TAP's `vhost=on[,vhostforce=on][,vhostfd=N|vhostfds=N:M:...]`, as QEMU reads them
+/// (`tap_parse_vhost_fds`): `vhost=` decides when given; without it, vhostfd(s) or
+/// vhostforce=on turn vhost on. There is no fallback to the userspace datapath: vhost
+/// that cannot be set up is an error, so `vhostforce` (which once meant "no fallback")
+/// changes nothing beyond turning vhost on.
+public struct VhostKernelOptions: Sendable, Equatable {
+    /// Inherited `/dev/vhost-net` fds, one per queue; nil: the VMM opens its own.
+    public var fds: [Int32]?
+    /// The option as given, for errors at netdev creation ("-netdev tap,id=n1,vhost=on").
+    public var origin: String
+
+    static func parse(_ list: KeyValueList, queues: Int, option: String, value: String) throws -> VhostKernelOptions? {
+        let fail = { (message: String) in VMMConfiguration.Error("\(option) \(value): \(message)") }
+        let force = try list.bool("vhostforce", default: false)
+        let given = list["vhostfd"] ?? list["vhostfds"]
+        if list["vhostfd"] != nil && list["vhostfds"] != nil { throw fail("vhostfd= and vhostfds= exclude each other") }
+        let wanted = list["vhost"] != nil ? try list.bool("vhost", default: false) : (given != nil || force)
+        guard wanted else {
+            if let key = ["vhostfd", "vhostfds"].first(where: { list[$0] != nil }) { throw fail("\(key)= needs vhost=on, but vhost=off was given") }
+            return nil
+        }
+        var options = VhostKernelOptions(fds: nil, origin: "\(option) \(value)")
+        if let given {
+            let key = list["vhostfd"] != nil ? "vhostfd" : "vhostfds"
+            let fds = try NetdevSpec.parseFDs(given, option: option, value: value)
+            guard fds.count == queues else {
+                throw fail("\(key)=\(given) gives \(fds.count) vhost-net fd\(fds.count == 1 ? "" : "s") for netdev '\(list["id"] ?? "")', which has \(queues) queue\(queues == 1 ? "" : "s") (one per queue)")
+            }
+            options.fds = fds
+        }
+        return options
     }
 }
 

@@ -56,6 +56,7 @@ public struct VMMConfiguration: Sendable, Equatable {
           -serial stdio|file:PATH|unix:PATH[,server=on[,wait=off]]|none
           -qmp unix:PATH[,server=on[,wait=off]]
           -netdev tap,id=ID[,ifname=NAME][,queues=N][,vnet_hdr=on|off][,fd=N|fds=N:M:...][,cpr=on],script=no,downscript=no
+                   [,vhost=on[,vhostforce=on][,vhostfd=N|vhostfds=N:M:...]]   (kernel vhost-net, /dev/vhost-net)
           -chardev socket,id=ID,path=PATH[,reconnect=SECONDS]   a vhost-user backend's socket
           -netdev vhost-user,id=ID,chardev=ID[,queues=N]
           -device virtio-net-pci,netdev=ID[,id=ID][,mac=MAC][,mq=on|off][,local-migration=on|off][,bus=BUS]

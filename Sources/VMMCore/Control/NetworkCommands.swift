@@ -7,6 +7,10 @@ import QMPWire
 extension Machine {
     func addNetdev(_ spec: NetdevSpec) throws {
         guard netdevs[spec.id] == nil else { throw QMPCommandError("Duplicate ID '\(spec.id)' for netdev") }
+        if let vhost = spec.vhost {
+            try addVhostKernelNetdev(spec, vhost)
+            return
+        }
         if spec.incomingFDs {
             // The seed's wording: such a netdev only makes sense on a migration target.
             guard runState == .inmigrate else { throw QMPCommandError("Peers wait for incoming, but it's not an incoming migration.") }
@@ -85,6 +89,30 @@ extension Machine {
         for note in spec.notes(msixVectors: transport.msixVectors) { logger.debug("\(id): \(note)") }
     }
 
+    /// `-netdev tap,...,vhost=on`: the TAP exactly as without vhost (opened, passed in, or
+    /// awaiting a migration's queues), wrapped with its vhost devices. The devices are
+    /// opened first, so failing there creates no TAP; every error names the option. Never
+    /// a fallback to the userspace datapath.
+    private func addVhostKernelNetdev(_ spec: NetdevSpec, _ vhost: VhostKernelOptions) throws {
+        do {
+            let devices: [any VhostKernelIO] = try vhost.fds.map { fds in
+                try fds.enumerated().map { pair, fd in
+                    VhostNetDevice(fd: try FileDescriptor.duplicating(inherited: fd, label: VhostKernelNetdev.deviceLabel(spec.id, pair)))
+                }
+            } ?? VhostKernelNetdev.openDevices(id: spec.id, count: spec.queues)
+            var tapOnly = spec
+            tapOnly.vhost = nil
+            try addNetdev(tapOnly)
+            guard let tap = netdevs.removeValue(forKey: spec.id) else { return }
+            netdevs[spec.id] = try VhostKernelNetdev(id: spec.id, tap: tap, devices: devices, logger: logger)
+        } catch let error as QMPCommandError {
+            throw error  // the TAP's own refusals, in their (the seed's) words
+        } catch {
+            throw QMPCommandError("\(vhost.origin): \(error)")
+        }
+        logger.debug("netdev \(spec.id): on vhost-net, \(spec.queues) queue pair(s)")
+    }
+
     /// QMP arguments as a QEMU option string, so QMP and the command line share one parser.
     /// Named fds (from `getfd`) are replaced by their numbers.
     func optionString(_ leading: String, _ args: JSONObject, skip: Set<String>, resolveFDs: Bool) throws -> (String, [String]) {
@@ -98,7 +126,7 @@ extension Machine {
             case .int(let i): text = String(i)
             default: throw QMPCommandError("Invalid parameter type for '\(key)', expected: string")
             }
-            if resolveFDs && (key == "fd" || key == "fds") {
+            if resolveFDs && ["fd", "fds", "vhostfd", "vhostfds"].contains(key) {
                 text = try text.split(separator: ":").map { name -> String in
                     if Int32(name) != nil { return String(name) }
                     guard let fd = namedFDs[String(name)] else { throw QMPCommandError("File descriptor named '\(name)' has not been found") }

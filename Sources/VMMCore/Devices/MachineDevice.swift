@@ -95,6 +95,18 @@ public protocol MachineDevice: AnyObject, Sendable {
     /// The inverse, when the migration failed or was cancelled after `prepareForHandover`
     /// (or during it): take everything back as it was, before `resume`. Idempotent.
     func cancelHandover(_ context: HandoverContext)
+    /// Pre-copy starts (control thread, before the first pass): a device whose host side
+    /// writes guest RAM behind the VMM (vhost: the kernel or a vhost-user back-end) starts
+    /// logging those pages. Devices that write RAM in this process mark
+    /// `GuestMemory.deviceDirty` instead and need nothing here. Throws when the device
+    /// cannot log (the migration fails before the first pass, naming it).
+    func startDirtyLog() throws
+    /// ORs the pages logged since the last call into `bitmap` (indexed by page of host
+    /// offset, as `DirtyBitmap`) and clears them (migration thread, any time between
+    /// start and stop; after `pause` it includes everything the device wrote).
+    func collectDirty(into bitmap: inout [UInt64])
+    /// Pre-copy ended (completed, failed or cancelled; control thread). Idempotent.
+    func stopDirtyLog()
     /// The machine is going away: stop watching fds, release them.
     func shutdown()
 }
@@ -131,6 +143,9 @@ extension MachineDevice {
     public var migrationBlocker: String? { nil }
     public func prepareForHandover(_ context: HandoverContext) throws -> [NamedFD] { [] }
     public func cancelHandover(_ context: HandoverContext) {}
+    public func startDirtyLog() throws {}
+    public func collectDirty(into bitmap: inout [UInt64]) {}
+    public func stopDirtyLog() {}
     public func shutdown() {}
 }
 

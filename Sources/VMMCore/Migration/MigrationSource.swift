@@ -41,13 +41,23 @@ extension Machine {
                 finishOutgoing(error: "cannot log dirty pages: \(error)")
                 return
             }
+            // From here `finishOutgoing` stops every log, also those of devices after one
+            // that failed to start (stopping is idempotent).
             migration.dirtyLogging = true
+            for device in devices {
+                do {
+                    try device.startDirtyLog()
+                } catch {
+                    finishOutgoing(error: "cannot log dirty pages: device '\(device.id)': \(error)")
+                    return
+                }
+            }
         }
         var discard = [UInt64](repeating: 0, count: memory.deviceDirty.wordCount)
         memory.deviceDirty.take(into: &discard)
 
         let plan = OutgoingPlan(
-            uri: uri, cpr: channels.cpr, sharedRAM: sharedRAM, live: live, configuration: machineDescription().encode(),
+            uri: uri, cpr: channels.cpr, sharedRAM: sharedRAM, live: live, configuration: machineDescription().encode(), devices: devices,
             maxBandwidth: UInt64(max(0, migration.parameters["max-bandwidth"]?.intValue ?? 0)),
             downtimeLimit: (migration.parameters["downtime-limit"]?.intValue ?? 300) * 1_000_000)
         let stopper = GuestStopper(machine: self)
@@ -80,6 +90,8 @@ extension Machine {
         /// Pre-copy while the guest runs (it runs, and its RAM must be copied).
         var live: Bool
         var configuration: [UInt8]
+        /// The devices as `migrate` found them (their dirty logs are collected each pass).
+        var devices: [any MachineDevice]
         var maxBandwidth: UInt64
         var downtimeLimit: Int64
     }
@@ -97,7 +109,7 @@ extension Machine {
             if migration.status == .setup { setMigrationStatus(.active) }
         }
         let transfer = RAMTransfer(memory: memory, channel: channel, progress: migration,
-                                   maxBandwidth: plan.maxBandwidth, logger: logger)
+                                   maxBandwidth: plan.maxBandwidth, logger: logger, deviceLogs: plan.devices)
         try channel.send(MigrationStream.header())
         try channel.send(.init(kind: .configuration, payload: plan.configuration))
         var dirty: [UInt64]?
@@ -244,6 +256,8 @@ extension Machine {
         migration.channel.withLock { $0 = nil }
         if migration.dirtyLogging {
             do { try vm.setDirtyLogging(false, memory: memory) } catch { logger.warning("\(error)") }
+            // Before a failed migration resumes the devices, so they restart unlogged.
+            for device in devices { device.stopDirtyLog() }
             migration.dirtyLogging = false
         }
         guard let error else {

@@ -25,6 +25,8 @@ struct RAMTransfer {
     /// Bytes per second for the live passes; 0 for unlimited.
     let maxBandwidth: UInt64
     let logger: Logger
+    /// Devices whose dirty logs (`MachineDevice.collectDirty`) join KVM's and the VMM's.
+    var deviceLogs: [any MachineDevice] = []
 
     struct PassResult {
         var pagesScanned = 0
@@ -131,11 +133,13 @@ struct RAMTransfer {
         }
     }
 
-    /// Pages the guest (KVM's log) or the VMM's devices wrote since the last collection.
+    /// Pages the guest (KVM's log), the VMM's devices or their back-ends (vhost's dirty
+    /// log) wrote since the last collection.
     func collectDirty(vm: VirtualMachine, into bitmap: [UInt64]? = nil) throws -> [UInt64] {
         var dirty = bitmap ?? [UInt64](repeating: 0, count: memory.deviceDirty.wordCount)
         try vm.collectDirtyLog(memory: memory, into: &dirty)
         memory.deviceDirty.take(into: &dirty)
+        for device in deviceLogs { device.collectDirty(into: &dirty) }
         progress.dirtySyncCount.add(1, ordering: .relaxed)
         return dirty
     }

@@ -1,6 +1,7 @@
 /// Which implementation moves a virtio-net device's frames (`query-pci` reports it).
 public enum DatapathKind: String, Sendable {
     case userspace
+    case vhostKernel = "vhost-kernel"
     case vhostUser = "vhost-user"
 }
 
@@ -62,6 +63,13 @@ public protocol NetDatapath: AnyObject, Sendable {
     var migrationBlocker: String? { get }
     /// virtio-net's VIRTIO_NET_S_LINK_UP: false while a vhost-user backend is away.
     var linkUp: Bool { get }
+    /// Dirty logging for pre-copy (see `MachineDevice.startDirtyLog`): a datapath whose
+    /// back-end writes guest RAM outside this process logs those pages from here until
+    /// `stopDirtyLog`, across its own stops and starts. In-process datapaths mark
+    /// `GuestMemory.deviceDirty` and keep the no-op defaults.
+    func startDirtyLog() throws
+    func collectDirty(into bitmap: inout [UInt64])
+    func stopDirtyLog()
     /// The host fds a local migration hands over, under their stream names.
     func handedOverFDs() -> [NamedFD]
     var vnetHeader: Bool { get }
@@ -86,4 +94,7 @@ extension NetDatapath {
     public var handsOverForCPR: Bool { false }
     public func prepareForHandover(_ context: HandoverContext) throws -> [NamedFD] { [] }
     public func cancelHandover(_ context: HandoverContext, host: DeviceHost) {}
+    public func startDirtyLog() throws {}
+    public func collectDirty(into bitmap: inout [UInt64]) {}
+    public func stopDirtyLog() {}
 }

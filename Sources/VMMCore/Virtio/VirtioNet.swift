@@ -103,6 +103,10 @@ public final class VirtioNet: VirtioDeviceModel, @unchecked Sendable {
 
     public var migrationBlocker: String? { datapath.migrationBlocker.map { "device '\(id)': \($0)" } }
 
+    public func startDirtyLog() throws { try datapath.startDirtyLog() }
+    public func collectDirty(into bitmap: inout [UInt64]) { datapath.collectDirty(into: &bitmap) }
+    public func stopDirtyLog() { datapath.stopDirtyLog() }
+
     public func queryInfo(status: UInt8, notifyExits: [UInt64]) -> JSONObject? {
         let stats = statistics
         return ["x-virtio-net": [

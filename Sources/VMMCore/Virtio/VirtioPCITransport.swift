@@ -42,6 +42,10 @@ public protocol VirtioDeviceModel: AnyObject, Sendable {
     /// See `MachineDevice.prepareForHandover` and `cancelHandover`.
     func prepareForHandover(_ context: HandoverContext) throws -> [NamedFD]
     func cancelHandover(_ context: HandoverContext)
+    /// See `MachineDevice`'s dirty-log hooks.
+    func startDirtyLog() throws
+    func collectDirty(into bitmap: inout [UInt64])
+    func stopDirtyLog()
     func shutdown()
 }
 
@@ -60,6 +64,9 @@ extension VirtioDeviceModel {
     public func queryInfo(status: UInt8, notifyExits: [UInt64]) -> JSONObject? { nil }
     public func prepareForHandover(_ context: HandoverContext) throws -> [NamedFD] { [] }
     public func cancelHandover(_ context: HandoverContext) {}
+    public func startDirtyLog() throws {}
+    public func collectDirty(into bitmap: inout [UInt64]) {}
+    public func stopDirtyLog() {}
     public func shutdown() {}
 }
 
@@ -378,6 +385,9 @@ public final class VirtioPCITransport: PCIDevice, StatefulDevice {
     public var migrationBlocker: String? { model.migrationBlocker }
     public func prepareForHandover(_ context: HandoverContext) throws -> [NamedFD] { try model.prepareForHandover(context) }
     public func cancelHandover(_ context: HandoverContext) { model.cancelHandover(context) }
+    public func startDirtyLog() throws { try model.startDirtyLog() }
+    public func collectDirty(into bitmap: inout [UInt64]) { model.collectDirty(into: &bitmap) }
+    public func stopDirtyLog() { model.stopDirtyLog() }
     public func shutdown() { model.shutdown() }
 
     // MARK: BAR access
