@@ -1,5 +1,6 @@
 import Foundation
 import Glibc
+import Synchronization
 import Testing
 @testable import VMMCore
 
@@ -27,6 +28,7 @@ import Testing
             tapPeer = peer
             let backend = try VhostUserNetBackend(queuePairs: queuePairs, tapFDs: taps, tapVnetHeader: true)
             self.backend = backend
+            try backend.start()
             let listener = FileDescriptor(adopting: try UnixSocket.listen(path: path), label: "listener")
             thread = try OSThread(name: "vu-front-test") {
                 guard let fd = listener.withRaw({ UnixSocket.accept($0) }) else { return }
@@ -98,5 +100,53 @@ import Testing
         for (arguments, expected) in bad {
             #expect { _ = try VMMConfiguration.parse(["-kernel", "k"] + arguments) } throws: { "\($0)".contains(expected) }
         }
+    }
+
+    /// Pre-copy's log through the front-end: rings running, `startDirtyLog` sends the log,
+    /// LOG_ALL and the rings' used-ring logging; an RX frame the backend then writes shows
+    /// in `collectDirty` as the buffer's and the used ring's pages, and one before does not.
+    @Test func backendWritesReachCollectDirtyOnceLogging() throws {
+        let served = try Served(queuePairs: 1)
+        let netdev = try VhostUserNetdev(id: "n0", socketPath: served.path, queues: 1)
+        defer { served.finish(netdev) }
+        let ram = try GuestMemory(size: 1 << 20, backing: .memfd, shared: true)
+        let datapath = try netdev.makeDatapath(pairs: 1, memory: ram, memoryBackend: nil)
+        var rings: [Int: RingHandoff] = [:]
+        for index in 0..<2 {
+            var q = Virtqueue(maxSize: 256)
+            q.size = 16
+            q.ready = true
+            q.descriptorTable = 0x10000 + UInt64(index) * 0x1000
+            q.driverArea = 0x20000 + UInt64(index) * 0x1000
+            q.deviceArea = 0x30000 + UInt64(index) * 0x1000
+            rings[index] = RingHandoff(queue: q, kick: try EventFD(label: "kick"), call: try EventFD(label: "call"))
+        }
+        let failures = Mutex<[String]>([])
+        datapath.start(rings, activePairs: 1, context: DatapathContext(
+            memory: ram, ringFailed: { _, m in failures.withLock { $0.append(m) } }, attachDoorbell: { _, _ in }, detachDoorbells: {}))
+        let frame = [UInt8](repeating: 0, count: 12) + [UInt8](repeating: 0xFF, count: 6) + Array(0..<54)
+        func receiveOne(slot: UInt16) throws -> [Int] {
+            let d = 0x10000 + 16 * UInt64(slot)
+            try ram.store(0x60000 + 0x1000 * UInt64(slot), at: d)
+            try ram.store(UInt32(2048), at: d + 8)
+            try ram.store(UInt16(2), at: d + 12)
+            try ram.store(slot, at: 0x20000 + 4 + 2 * UInt64(slot))
+            try ram.store(slot + 1, at: 0x20000 + 2)
+            rings[0]!.kick!.signal()
+            #expect(send(served.tapPeer, frame, frame.count, 0) == frame.count)
+            for _ in 0..<400 where try ram.load(UInt16.self, at: 0x30002) != slot + 1 { usleep(5000) }
+            #expect(try ram.load(UInt16.self, at: 0x30002) == slot + 1)
+            var bitmap = [UInt64](repeating: 0, count: ram.deviceDirty.wordCount)
+            datapath.collectDirty(into: &bitmap)
+            return bitmap.enumerated().flatMap { i, w in (0..<64).filter { w >> UInt64($0) & 1 != 0 }.map { i * 64 + $0 } }
+        }
+        #expect(try receiveOne(slot: 0) == [], "not logging yet")
+        try datapath.startDirtyLog()
+        #expect(try receiveOne(slot: 1) == [0x30, 0x61], "the used ring's page and the buffer's")
+        datapath.stopDirtyLog()
+        #expect(try receiveOne(slot: 2) == [])
+        let stopped = datapath.stop()
+        #expect(stopped[0]?.lastAvailable == 3 && stopped[0]?.usedIndex == 3)
+        #expect(failures.withLock { $0 } == [])
     }
 }

@@ -16,6 +16,8 @@ public final class VhostUserNetdev: NetBackend, @unchecked Sendable {
     let connection: VhostUserConnection
     let backendFeatures: UInt64
     let replyAck: Bool
+    /// LOG_SHMFD negotiated and LOG_ALL offered: the backend can log its writes for pre-copy.
+    let logs: Bool
     /// One request and its reply at a time (vCPU thread at DRIVER_OK, QMP's thread for a reset).
     private let lock = Mutex(())
 
@@ -54,9 +56,10 @@ public final class VhostUserNetdev: NetBackend, @unchecked Sendable {
             throw VhostUserError("netdev \(id): the vhost-user backend lacks PROTOCOL_FEATURES (features \(hex(backendFeatures)))")
         }
         let protocolFeatures = try get(.getProtocolFeatures)
-        let wanted = protocolFeatures & (VhostUserProtocolFeature.mq | VhostUserProtocolFeature.replyAck)
+        let wanted = protocolFeatures & (VhostUserProtocolFeature.mq | VhostUserProtocolFeature.replyAck | VhostUserProtocolFeature.logSHMFD)
         try connection.send(.setProtocolFeatures(wanted))
         replyAck = wanted & VhostUserProtocolFeature.replyAck != 0
+        logs = wanted & VhostUserProtocolFeature.logSHMFD != 0 && backendFeatures & VhostUserFeature.logAll != 0
         if queues > 1 {
             guard wanted & VhostUserProtocolFeature.mq != 0 else {
                 throw VhostUserError("netdev \(id): queues=\(queues) but the vhost-user backend lacks the MQ protocol feature")
@@ -82,6 +85,16 @@ public final class VhostUserNetdev: NetBackend, @unchecked Sendable {
         }
     }
 
+    /// SET_LOG_BASE with the log's memfd (LOG_SHMFD); the backend always answers it.
+    func setLogBase(_ log: VhostDirtyLog) throws {
+        try lock.withLock { _ in
+            try connection.send(.setLogBase(size: log.size, offset: 0), fds: log.fd.map { [$0] } ?? [])
+            guard case .reply(.setLogBase, _)? = try connection.receive()?.message else {
+                throw VhostUserError("netdev \(id): no SET_LOG_BASE reply from the vhost-user backend")
+            }
+        }
+    }
+
     /// GET_VRING_BASE: stops ring `index` in the backend; its next available index.
     func stopRing(_ index: Int) throws -> UInt16 {
         try lock.withLock { _ in
@@ -97,7 +110,7 @@ public final class VhostUserNetdev: NetBackend, @unchecked Sendable {
         guard memory.shared else {
             throw VhostUserError("netdev \(id): vhost-user needs shared guest RAM, but memory backend '\(memoryBackend ?? "(default)")' has share=off (use memory-backend-memfd or share=on)")
         }
-        return VhostUserDatapath(netdev: self, pairs: pairs)
+        return VhostUserDatapath(netdev: self, pairs: pairs, memory: memory)
     }
 }
 
@@ -107,11 +120,20 @@ public final class VhostUserNetdev: NetBackend, @unchecked Sendable {
 public final class VhostUserDatapath: NetDatapath, @unchecked Sendable {
     let netdev: VhostUserNetdev
     public let queuePairs: Int
-    private let running = Mutex<(rings: [Int: Virtqueue], memory: GuestMemory?)>(([:], nil))
+    let memory: GuestMemory
+    /// The running rings (empty while stopped) and the dirty log while pre-copy runs. Held
+    /// across each whole exchange with the backend (start, stop, log on/off), which the
+    /// vCPU (DRIVER_OK), the control thread and the migration thread may each begin.
+    private struct Session {
+        var rings: [Int: Virtqueue] = [:]
+        var log: VhostDirtyLog?
+    }
+    private let session = Mutex(Session())
 
-    init(netdev: VhostUserNetdev, pairs: Int) {
+    init(netdev: VhostUserNetdev, pairs: Int, memory: GuestMemory) {
         self.netdev = netdev
         queuePairs = pairs
+        self.memory = memory
     }
 
     public var netdevID: String { netdev.id }
@@ -135,54 +157,124 @@ public final class VhostUserDatapath: NetDatapath, @unchecked Sendable {
     }
 
     public func start(_ rings: [Int: RingHandoff], activePairs: Int, context: DatapathContext) {
-        let memory = context.memory
-        do {
-            var features = VhostUserNetBackend.versionOne | VhostUserFeature.protocolFeatures
-            if queuePairs > 1 { features |= VhostUserNetBackend.netMultiQueue }
-            try netdev.request(.setFeatures(features & netdev.backendFeatures))
-            let regions = memory.regions.map { r in
-                VhostUserMemoryRegion(guestAddress: r.guestAddress, size: r.size,
-                                      userAddress: UInt64(UInt(bitPattern: memory.hostAddress(of: r))), mmapOffset: r.hostOffset)
+        session.withLock { s in
+            do {
+                try sendFeatures(logging: s.log != nil)
+                try sendMemoryTable()
+                if let log = s.log { try netdev.setLogBase(log) }
+                for (index, ring) in rings.sorted(by: { $0.key < $1.key }) {
+                    try sendRing(index, ring, enabled: index / 2 < activePairs, logging: s.log != nil)
+                }
+                s.rings = rings.mapValues(\.queue)
+            } catch {
+                context.ringFailed(rings.keys.min() ?? 0, "\(error)")
             }
-            try netdev.request(.setMemTable(regions), fds: regions.map { _ in memory.fd })
-            func user(_ gpa: UInt64) throws -> UInt64 { UInt64(UInt(bitPattern: try memory.slice(at: gpa, count: 1).baseAddress!)) }
-            for (index, ring) in rings.sorted(by: { $0.key < $1.key }) {
-                let q = ring.queue
-                let i = UInt32(index)
-                try netdev.request(.setVringNum(VhostUserVringState(index: i, num: UInt32(q.size))))
-                try netdev.request(.setVringBase(VhostUserVringState(index: i, num: UInt32(q.lastAvailable))))
-                try netdev.request(.setVringAddr(VhostUserVringAddress(index: i, descriptor: user(q.descriptorTable),
-                                                                       used: user(q.deviceArea), available: user(q.driverArea))))
-                guard let kick = ring.kick, let call = ring.call else { throw VhostUserError("netdev \(netdev.id): ring \(index) has no kick/call eventfd") }
-                try netdev.request(.setVringKick(VhostUserVringFile(index: UInt8(index), hasFD: true)), fds: [kick.fd])
-                try netdev.request(.setVringCall(VhostUserVringFile(index: UInt8(index), hasFD: true)), fds: [call.fd])
-                try netdev.request(.setVringEnable(VhostUserVringState(index: i, num: index / 2 < activePairs ? 1 : 0)))
-            }
-            running.withLock { $0 = (rings.mapValues(\.queue), memory) }
-        } catch {
-            context.ringFailed(rings.keys.min() ?? 0, "\(error)")
         }
     }
 
     public func stop() -> [Int: Virtqueue] {
-        let (rings, memory) = running.withLock { r in defer { r = ([:], nil) }; return r }
-        var returned: [Int: Virtqueue] = [:]
-        for (index, var queue) in rings {
-            do {
-                queue.lastAvailable = try netdev.stopRing(index)
-                if let memory { queue.usedIndex = try memory.load(UInt16.self, at: queue.deviceArea + 2) }
-            } catch {
-                // The backend is gone: the ring resumes where the device last knew it.
-            }
-            returned[index] = queue
+        session.withLock { s in
+            defer { s.rings = [:] }
+            return s.rings.reduce(into: [:]) { returned, ring in returned[ring.key] = stopRing(ring.key, ring.value) }
         }
-        return returned
     }
 
     public func setActivePairs(_ pairs: Int) {
-        let indices = running.withLock { Array($0.rings.keys) }
-        for index in indices {
-            try? netdev.request(.setVringEnable(VhostUserVringState(index: UInt32(index), num: index / 2 < pairs ? 1 : 0)))
+        session.withLock { s in
+            for index in s.rings.keys {
+                try? netdev.request(.setVringEnable(VhostUserVringState(index: UInt32(index), num: index / 2 < pairs ? 1 : 0)))
+            }
+        }
+    }
+
+    // MARK: messages to the backend (each exchange runs under `session`)
+
+    /// SET_FEATURES: virtio 1, MQ for several pairs, and LOG_ALL while pre-copy logs.
+    private func sendFeatures(logging: Bool) throws {
+        var features = VhostUserNetBackend.versionOne | VhostUserFeature.protocolFeatures
+        if queuePairs > 1 { features |= VhostUserNetBackend.netMultiQueue }
+        if logging { features |= VhostUserFeature.logAll }
+        try netdev.request(.setFeatures(features & netdev.backendFeatures))
+    }
+
+    /// SET_MEM_TABLE: each RAM region with the RAM memfd and its user address here.
+    private func sendMemoryTable() throws {
+        let regions = memory.regions.map { r in
+            VhostUserMemoryRegion(guestAddress: r.guestAddress, size: r.size,
+                                  userAddress: UInt64(UInt(bitPattern: memory.hostAddress(of: r))), mmapOffset: r.hostOffset)
+        }
+        try netdev.request(.setMemTable(regions), fds: regions.map { _ in memory.fd })
+    }
+
+    private func userAddress(_ gpa: UInt64) throws -> UInt64 {
+        UInt64(UInt(bitPattern: try memory.slice(at: gpa, count: 1).baseAddress!))
+    }
+
+    /// SET_VRING_ADDR: with `logging`, VHOST_VRING_F_LOG and the used ring's guest address.
+    private func sendRingAddress(_ index: Int, _ q: Virtqueue, logging: Bool) throws {
+        try netdev.request(.setVringAddr(VhostUserVringAddress(
+            index: UInt32(index), flags: logging ? VhostUserVringAddress.logUsed : 0, descriptor: userAddress(q.descriptorTable),
+            used: userAddress(q.deviceArea), available: userAddress(q.driverArea), log: logging ? q.deviceArea : 0)))
+    }
+
+    /// One ring: NUM, BASE, ADDR, KICK, CALL, ENABLE.
+    private func sendRing(_ index: Int, _ ring: RingHandoff, enabled: Bool, logging: Bool) throws {
+        let q = ring.queue
+        let i = UInt32(index)
+        try netdev.request(.setVringNum(VhostUserVringState(index: i, num: UInt32(q.size))))
+        try netdev.request(.setVringBase(VhostUserVringState(index: i, num: UInt32(q.lastAvailable))))
+        try sendRingAddress(index, q, logging: logging)
+        guard let kick = ring.kick, let call = ring.call else { throw VhostUserError("netdev \(netdev.id): ring \(index) has no kick/call eventfd") }
+        try netdev.request(.setVringKick(VhostUserVringFile(index: UInt8(index), hasFD: true)), fds: [kick.fd])
+        try netdev.request(.setVringCall(VhostUserVringFile(index: UInt8(index), hasFD: true)), fds: [call.fd])
+        try netdev.request(.setVringEnable(VhostUserVringState(index: i, num: enabled ? 1 : 0)))
+    }
+
+    /// GET_VRING_BASE, then the used index from guest RAM (the backend's last write).
+    private func stopRing(_ index: Int, _ queue: Virtqueue) -> Virtqueue {
+        var queue = queue
+        do {
+            queue.lastAvailable = try netdev.stopRing(index)
+            queue.usedIndex = try memory.load(UInt16.self, at: queue.deviceArea + 2)
+        } catch {
+            // The backend is gone: the ring resumes where the device last knew it.
+        }
+        return queue
+    }
+
+    // MARK: dirty log (pre-copy)
+
+    /// As QEMU's vhost_migration_log: the log first (SET_LOG_BASE), then LOG_ALL and each
+    /// running ring's used-ring logging. Rings that start later get them in `start`.
+    public func startDirtyLog() throws {
+        guard netdev.logs else {
+            throw VhostUserError("netdev \(netdev.id): the vhost-user backend cannot log its writes to guest RAM (it lacks \(netdev.backendFeatures & VhostUserFeature.logAll == 0 ? "the LOG_ALL feature" : "the LOG_SHMFD protocol feature")); migrate with x-ignore-shared and local on, or with the guest paused")
+        }
+        try session.withLock { s in
+            guard s.log == nil else { return }
+            let log = try VhostDirtyLog(covering: memory)
+            if !s.rings.isEmpty {
+                try netdev.setLogBase(log)
+                try sendFeatures(logging: true)
+                for (index, queue) in s.rings.sorted(by: { $0.key < $1.key }) { try sendRingAddress(index, queue, logging: true) }
+            }
+            s.log = log
+        }
+    }
+
+    public func collectDirty(into bitmap: inout [UInt64]) {
+        session.withLock { $0.log }?.collect(into: &bitmap)
+    }
+
+    /// LOG_ALL off and the rings' logging off; the backend keeps the mapping until the
+    /// next SET_LOG_BASE or reset, as with QEMU.
+    public func stopDirtyLog() {
+        session.withLock { s in
+            guard s.log != nil else { return }
+            s.log = nil
+            guard !s.rings.isEmpty else { return }
+            try? sendFeatures(logging: false)
+            for (index, queue) in s.rings.sorted(by: { $0.key < $1.key }) { try? sendRingAddress(index, queue, logging: false) }
         }
     }
 }
