@@ -12,8 +12,10 @@ public struct NetdevSpec: Sendable, Equatable {
     public var incomingFDs = false
     /// `-netdev vhost-user,chardev=ID`: the rings run in the backend behind that socket chardev.
     public var vhostUserChardev: String?
+    /// `-netdev vhost-user`: with `incoming-fds=on` its connection comes from a local migration.
+    public var vhostUser = false
 
-    static let vhostUserKeys: Set<String> = ["type", "id", "chardev", "queues"]
+    static let vhostUserKeys: Set<String> = ["type", "id", "chardev", "queues", "incoming-fds"]
 
     static let keys: Set<String> = ["type", "id", "ifname", "queues", "script", "downscript", "vnet_hdr", "fd", "fds", "vhost", "sndbuf", "incoming-fds", "helper", "br"]
     /// What `incoming-fds` excludes, in the series' order and wording: all of it describes
@@ -30,7 +32,16 @@ public struct NetdevSpec: Sendable, Equatable {
         if list["type"] == "vhost-user" {
             try list.checkKeys(vhostUserKeys, context: value)
             var spec = NetdevSpec(id: try list.required("id", in: value), ifname: nil, queues: 1, vnetHeader: nil, fds: nil)
-            spec.vhostUserChardev = try list.required("chardev", in: value)
+            spec.vhostUser = true
+            // As a TAP's: the connection comes from the source, so no chardev names one here.
+            if try list.bool("incoming-fds", default: false) {
+                guard list["chardev"] == nil else {
+                    throw VMMConfiguration.Error("\(option) \(value): incoming-fds is incompatible with chardev= (the backend connection comes from the migration source)")
+                }
+                spec.incomingFDs = true
+            } else {
+                spec.vhostUserChardev = try list.required("chardev", in: value)
+            }
             if let queues = list["queues"] {
                 guard let n = Int(queues), n >= 1, n <= 128 else { throw VMMConfiguration.Error("\(option) \(value): queues=\(queues) must be 1..128") }
                 spec.queues = n
