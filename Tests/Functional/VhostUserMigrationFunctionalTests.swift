@@ -1,6 +1,7 @@
 import Foundation
 import Glibc
 import QMPWire
+import Synchronization
 import TestKit
 import Testing
 
@@ -99,6 +100,147 @@ extension SerializedNetworkSuites {
                         #expect(try await target.guest.ping(network.hostAddress, count: 1, waitSeconds: 2).received == 1)
                     }
                     }
+                }
+            }
+        }
+
+        /// `-netdev vhost-user,...,incoming-fds=on`: a local migration target's netdev.
+        static func incomingNICArguments(_ network: GuestNetwork) -> [String] {
+            ["-netdev", "vhost-user,id=\(network.netdevID),queues=\(network.queues),incoming-fds=on"] + network.deviceArguments
+        }
+
+        /// Local migration: the backend connection travels in the stream (named fd
+        /// `netdev/n0/vhost-user`) with the RAM memfd. The same backend process serves
+        /// the target on the same connection, with no reconnect, and with two queue pairs
+        /// under a pinger no ping is lost.
+        @Test func localMigrationHandsTheBackendConnectionOver() async throws {
+            let network = GuestNetwork(queues: 2)
+            try await withArtifacts { artifacts in
+                try await NetworkNamespace.with { namespace in
+                    try await network.createTap(in: namespace)
+                    try await VhostUserBackendProcess.with(tap: network.tap, queues: network.queues, in: namespace,
+                                                           logDirectory: artifacts.path) { backend in
+                        let pid = backend.pid
+                        let source = try await Self.launch("source", Self.nicArguments(network, socket: backend.socketPath),
+                                                           namespace: namespace, in: artifacts)
+                        let target = try await Self.launch("target", Self.incomingNICArguments(network) + ["-incoming", "defer"],
+                                                           namespace: namespace, in: artifacts)
+                        for machine in [source, target] { try await MigrationPair.prepare(machine, for: .local) }
+                        try await source.console.waitForPrompt(timeout: .seconds(20))
+                        try await source.guest.configureNetwork(address: network.guestCIDR)
+                        #expect(try await source.guest.ping(network.hostAddress, count: 1, waitSeconds: 2).received == 1)
+                        let pinger = try Pinger(namespace: namespace, destination: network.guestAddress, interval: .milliseconds(2))
+                        try pinger.start()
+                        try await pinger.waitForReplies(50, timeout: .seconds(10))
+
+                        var freeze = FreezeWindow.begin()
+                        let uri = "unix:" + (try artifacts.socketPath("migration.sock"))
+                        try await MigrationPair.migrate(from: source, to: target, uri: uri)
+                        try await target.qmp.execute("cont")
+                        freeze.close()
+                        let info = try await source.qmp.execute("query-migrate")
+                        _ = await source.shutdown()
+
+                        #expect(try await target.guest.ping(network.hostAddress, count: 1, waitSeconds: 2).received == 1)
+                        try await Task.sleep(for: .milliseconds(300))
+                        pinger.stop()
+                        let report = await pinger.finish(timeout: .seconds(10))
+                        try report.checkLoss(inside: freeze, maximumLost: 0)
+                        #expect(report.received > 100, "\(report)")
+                        #expect(info["ram"]?["normal"]?.intValue == 0, "no RAM copied: \(info.serialized)")
+                        // One backend process, one connection: no reconnect, no restart.
+                        #expect(backend.isRunning && backend.pid == pid)
+                        let log = backend.log
+                        #expect(log.components(separatedBy: "front-end connected").count == 2, "\(log)")
+                        #expect(!log.contains("front-end gone") && !log.contains("closing the connection"), "\(log)")
+                        let nic = try await NetworkDeviceFunctionalTests.nicInfo(target.qmp)
+                        #expect(nic["x-virtio-net"]?["datapath"] == "vhost-user", "\(nic.serialized)")
+                        #expect(nic["x-virtio-net"]?["queue-pairs"]?.intValue == 2, "\(nic.serialized)")
+                    }
+                }
+            }
+        }
+
+        /// A local migration that fails after the handover (the target took the stream,
+        /// the connection's fd with it, and died before acknowledging): the source takes
+        /// its connection back and resumes, and the guest answers pings through the same
+        /// backend, which never saw another front-end.
+        @Test func sourceResumesOnTheConnectionWhenTheTargetDiesAfterTheHandover() async throws {
+            let network = GuestNetwork(queues: 2)
+            try await withArtifacts { artifacts in
+                try await NetworkNamespace.with { namespace in
+                    try await network.createTap(in: namespace)
+                    try await VhostUserBackendProcess.with(tap: network.tap, queues: network.queues, in: namespace,
+                                                           logDirectory: artifacts.path) { backend in
+                        let pid = backend.pid
+                        let source = try await Self.launch("source", Self.nicArguments(network, socket: backend.socketPath),
+                                                           namespace: namespace, in: artifacts)
+                        try await MigrationPair.prepare(source, for: .local)
+                        try await source.console.waitForPrompt(timeout: .seconds(20))
+                        try await source.guest.configureNetwork(address: network.guestCIDR)
+                        let path = try artifacts.socketPath("migration.sock")
+                        let target = try DyingTarget(path: path)
+                        try await source.qmp.execute("migrate", arguments: ["uri": .string("unix:\(path)")])
+                        _ = try await source.qmp.waitForEvent("MIGRATION", matching: ["status": "failed"], timeout: .seconds(30))
+                        target.peer.join()
+                        #expect(target.fdNames.contains("netdev/n0/vhost-user"), "the stream carried the connection")
+                        #expect(try await source.qmp.execute("query-status")["status"] == "running")
+                        let pinger = try Pinger(namespace: namespace, destination: network.guestAddress, interval: .milliseconds(20), count: 50)
+                        try pinger.start()
+                        let report = await pinger.finish(timeout: .seconds(30))
+                        #expect(report.received == 50, "\(report)\nbackend: \(backend.log)")
+                        #expect(try await source.guest.ping(network.hostAddress, count: 1, waitSeconds: 2).received == 1)
+                        #expect(backend.isRunning && backend.pid == pid)
+                        let log = backend.log
+                        #expect(log.components(separatedBy: "front-end connected").count == 2, "\(log)")
+                        #expect(!log.contains("closing the connection"), "\(log)")
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// A local migration target that dies after the handover: it reads the source's stream
+/// (answering the switch-over, so the source stops and sends its devices with their fds),
+/// notes the fd names the sections carry, and closes at the end without acknowledging.
+/// Reading with read() drops the fds, as a killed target's exit closes them.
+final class DyingTarget: @unchecked Sendable {
+    final class Names: Sendable { let list = Mutex<[String]>([]) }
+    let peer: OneConnectionPeer
+    private let names = Names()
+    var fdNames: [String] { names.list.withLock { $0 } }
+
+    init(path: String) throws {
+        let names = self.names
+        peer = try OneConnectionPeer(path: path) { fd in
+            func read(_ count: Int) -> [UInt8]? {
+                var bytes = [UInt8](repeating: 0, count: count)
+                var done = 0
+                while done < count {
+                    let n = bytes.withUnsafeMutableBytes { Glibc.read(fd, $0.baseAddress! + done, count - done) }
+                    guard n > 0 else { return nil }
+                    done += n
+                }
+                return bytes
+            }
+            func u32(_ b: ArraySlice<UInt8>) -> Int { b.prefix(4).enumerated().reduce(0) { $0 | Int($1.element) << (8 * $1.offset) } }
+            guard read(12) != nil else { return }  // "SVMMIGR\0" version
+            while let length = read(4), let frame = read(u32(length[...])) {
+                // frame := kind:u8 name:string fd-names:(count:u16 string*) ...
+                var at = 1
+                at += 4 + u32(frame[at...])
+                let count = Int(frame[at]) | Int(frame[at + 1]) << 8
+                at += 2
+                for _ in 0..<count {
+                    let n = u32(frame[at...])
+                    names.list.withLock { $0.append(String(decoding: frame[(at + 4)..<(at + 4 + n)], as: UTF8.self)) }
+                    at += 4 + n
+                }
+                switch frame[0] {
+                case 6: _ = write(fd, [UInt8(0x05)], 1)  // ready to switch over
+                case 0xFF: return  // the end: die instead of acknowledging
+                default: continue
                 }
             }
         }
