@@ -112,8 +112,10 @@ extension SerializedNetworkSuites {
         /// Local migration: the backend connection travels in the stream (named fd
         /// `netdev/n0/vhost-user`) with the RAM memfd. The same backend process serves
         /// the target on the same connection, with no reconnect, and with two queue pairs
-        /// under a pinger no ping is lost.
-        @Test func localMigrationHandsTheBackendConnectionOver() async throws {
+        /// under a pinger no ping is lost. The target's netdev comes from the command line
+        /// or from `netdev_add` (then the NIC from `device_add`).
+        @Test(arguments: [false, true])
+        func localMigrationHandsTheBackendConnectionOver(targetNICOverQMP: Bool) async throws {
             let network = GuestNetwork(queues: 2)
             try await withArtifacts { artifacts in
                 try await NetworkNamespace.with { namespace in
@@ -123,8 +125,17 @@ extension SerializedNetworkSuites {
                         let pid = backend.pid
                         let source = try await Self.launch("source", Self.nicArguments(network, socket: backend.socketPath),
                                                            namespace: namespace, in: artifacts)
-                        let target = try await Self.launch("target", Self.incomingNICArguments(network) + ["-incoming", "defer"],
+                        let target = try await Self.launch("target", (targetNICOverQMP ? [] : Self.incomingNICArguments(network)) + ["-incoming", "defer"],
                                                            namespace: namespace, in: artifacts)
+                        if targetNICOverQMP {
+                            try await target.qmp.execute("netdev_add", arguments: [
+                                "type": "vhost-user", "id": .string(network.netdevID), "queues": .int(Int64(network.queues)), "incoming-fds": true,
+                            ])
+                            try await target.qmp.execute("device_add", arguments: [
+                                "driver": "virtio-net-pci", "id": .string(network.deviceID), "netdev": .string(network.netdevID),
+                                "mac": .string(network.guestMAC), "mq": "on",
+                            ])
+                        }
                         for machine in [source, target] { try await MigrationPair.prepare(machine, for: .local) }
                         try await source.console.waitForPrompt(timeout: .seconds(20))
                         try await source.guest.configureNetwork(address: network.guestCIDR)
