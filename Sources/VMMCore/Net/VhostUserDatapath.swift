@@ -160,14 +160,21 @@ public final class VhostUserNetdev: NetBackend, @unchecked Sendable {
         }
     }
 
-    /// GET_VRING_BASE: stops ring `index` in the backend; its next available index.
-    func stopRing(_ index: Int) throws -> UInt16 {
+    /// GET_VRING_BASE for each ring: stops them in the backend; their next available
+    /// indices. All requests go out before the first reply is read (the backend answers
+    /// in order), so a pause costs about one round trip, not one per ring: it is part of
+    /// a migration's downtime.
+    func stopRings(_ indices: [Int]) throws -> [Int: UInt16] {
         try exchange { connection, _ in
-            try connection.send(.getVringBase(VhostUserVringState(index: UInt32(index), num: 0)))
-            guard case .vringBaseReply(let state)? = try connection.receive()?.message, state.index == UInt32(index) else {
-                throw VhostUserError("netdev \(id): no GET_VRING_BASE reply for ring \(index)")
+            for index in indices { try connection.send(.getVringBase(VhostUserVringState(index: UInt32(index), num: 0))) }
+            var bases: [Int: UInt16] = [:]
+            for index in indices {
+                guard case .vringBaseReply(let state)? = try connection.receive()?.message, state.index == UInt32(index) else {
+                    throw VhostUserError("netdev \(id): no GET_VRING_BASE reply for ring \(index)")
+                }
+                bases[index] = UInt16(truncatingIfNeeded: state.num)
             }
-            return UInt16(truncatingIfNeeded: state.num)
+            return bases
         }
     }
 
@@ -258,7 +265,7 @@ public final class VhostUserDatapath: NetDatapath, @unchecked Sendable {
     public func stop() -> [Int: Virtqueue] {
         session.withLock { s in
             defer { s.rings = [:] }
-            return s.rings.reduce(into: [:]) { returned, ring in returned[ring.key] = stopRing(ring.key, ring.value) }
+            return stopRings(s.rings)
         }
     }
 
@@ -313,16 +320,17 @@ public final class VhostUserDatapath: NetDatapath, @unchecked Sendable {
         try netdev.request(.setVringEnable(VhostUserVringState(index: i, num: enabled ? 1 : 0)))
     }
 
-    /// GET_VRING_BASE, then the used index from guest RAM (the backend's last write).
-    private func stopRing(_ index: Int, _ queue: Virtqueue) -> Virtqueue {
-        var queue = queue
-        do {
-            queue.lastAvailable = try netdev.stopRing(index)
-            queue.usedIndex = try memory.load(UInt16.self, at: queue.deviceArea + 2)
-        } catch {
-            // The backend is gone: the ring resumes where the device last knew it.
+    /// GET_VRING_BASE, then each used index from guest RAM (the backend's last write).
+    private func stopRings(_ rings: [Int: Virtqueue]) -> [Int: Virtqueue] {
+        guard let bases = try? netdev.stopRings(rings.keys.sorted()) else {
+            return rings  // The backend is gone: the rings resume where the device last knew them.
         }
-        return queue
+        return rings.reduce(into: [:]) { returned, ring in
+            var queue = ring.value
+            queue.lastAvailable = bases[ring.key] ?? queue.lastAvailable
+            if let used = try? memory.load(UInt16.self, at: queue.deviceArea + 2) { queue.usedIndex = used }
+            returned[ring.key] = queue
+        }
     }
 
     // MARK: dirty log (pre-copy)
