@@ -104,6 +104,53 @@ extension SerializedNetworkSuites {
             }
         }
 
+        /// QEMU 7.2 as the front-end migrates a guest whose NIC runs on the bundled backend
+        /// (source and target each on their own backend and TAP): QEMU sends SET_LOG_BASE
+        /// with its log memfd and LOG_ALL at pre-copy start and aborts if a backend refuses
+        /// them; the migration completes and the target answers pings through its backend.
+        @Test(.requiresBinary("qemu-system-x86_64"))
+        func qemuMigratesAGuestOnTheBundledBackend() async throws {
+            let network = GuestNetwork(queues: 2)
+            try await withArtifacts { artifacts in
+                try await NetworkNamespace.with { namespace in
+                    try await network.createTap(in: namespace)
+                    try await network.createTap(in: namespace, name: "tap1", address: false)
+                    try await VhostUserBackendProcess.with(tap: network.tap, queues: 2, in: namespace,
+                                                           logDirectory: try Self.logDirectory(artifacts, "backend-source")) { sourceBackend in
+                    try await VhostUserBackendProcess.with(tap: "tap1", queues: 2, in: namespace,
+                                                           logDirectory: try Self.logDirectory(artifacts, "backend-target")) { targetBackend in
+                        func qemu(_ name: String, socket: String, incoming: Bool) async throws -> Machine {
+                            var options = MachineOptions.bundledGuest(memory: "256M", name: name)
+                            options.binary = try VMMBinary.named("qemu-system-x86_64")
+                            options.namespace = namespace
+                            options.arguments = [
+                                "-machine", "q35", "-accel", "kvm", "-nodefaults", "-display", "none",
+                                "-object", "memory-backend-memfd,id=m,size=256M,share=on", "-machine", "memory-backend=m",
+                                "-chardev", "socket,id=c,path=\(socket)",
+                                "-netdev", "vhost-user,id=\(network.netdevID),chardev=c,queues=\(network.queues)",
+                            ] + network.deviceArguments + (incoming ? ["-S", "-incoming", "defer"] : [])
+                            return try await Machine.launch(options, in: artifacts)
+                        }
+                        let source = try await qemu("qemu-source", socket: sourceBackend.socketPath, incoming: false)
+                        let target = try await qemu("qemu-target", socket: targetBackend.socketPath, incoming: true)
+                        for machine in [source, target] { try await MigrationWaiter.enableEvents(on: machine) }
+                        try await source.console.waitForPrompt(timeout: .seconds(30))
+                        try await source.guest.configureNetwork(address: network.guestCIDR)
+                        #expect(try await source.guest.ping(network.hostAddress, count: 1, waitSeconds: 2).received == 1)
+                        let uri = "unix:" + (try artifacts.socketPath("migration.sock"))
+                        try await MigrationPair.migrate(from: source, to: target, uri: uri, timeout: .seconds(60))
+                        try await namespace.moveHostAddress(network.hostCIDR, mac: network.hostMAC, from: network.tap, to: "tap1")
+                        try await target.qmp.execute("cont")
+                        let fromGuest = try await target.guest.ping(network.hostAddress, count: 3, waitSeconds: 2)
+                        #expect(fromGuest.received == 3, "\(fromGuest)\ntarget backend: \(targetBackend.log)")
+                        #expect(!sourceBackend.log.contains("closing the connection"), "\(sourceBackend.log)")
+                        _ = await source.shutdown()
+                    }
+                    }
+                }
+            }
+        }
+
         /// `-netdev vhost-user,...,incoming-fds=on`: a local migration target's netdev.
         static func incomingNICArguments(_ network: GuestNetwork) -> [String] {
             ["-netdev", "vhost-user,id=\(network.netdevID),queues=\(network.queues),incoming-fds=on"] + network.deviceArguments
