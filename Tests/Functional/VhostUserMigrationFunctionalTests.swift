@@ -56,16 +56,22 @@ extension SerializedNetworkSuites {
                         try await source.console.waitForPrompt(timeout: .seconds(20))
                         try await source.guest.configureNetwork(address: network.guestCIDR)
                         #expect(try await source.guest.ping(network.hostAddress, count: 1, waitSeconds: 2).received == 1)
-                        // Round 1 makes the scribble area non-zero, so the first pass copies it.
-                        try await source.guest.scribble(rounds: 1)
+                        // Rounds make the scribble area non-zero, so the first pass copies it, and
+                        // time how long one takes: the long run below must outlast pre-copy (a few
+                        // seconds at the bandwidth below) wherever it runs (~1.4 ms a round under
+                        // this host's PVM, far less on bare KVM).
+                        let calibration = ContinuousClock.now
+                        try await source.guest.scribble(rounds: 500)
+                        let perRound = (ContinuousClock.now - calibration) / 500
+                        let rounds = max(2000, Int(Duration.seconds(30) / perRound))
                         let before = try await source.guest.stats()
                         // A slow first pass (the guest's ~300 pages take seconds), and one pass only:
                         // whatever is dirty then fits the downtime limit.
                         try await source.qmp.execute("migrate-set-parameters", arguments: ["max-bandwidth": 262_144, "downtime-limit": 60000])
-                        // About 1.4 ms a round here: it runs through the migration and ends on the target.
+                        // About 30 s: it runs through the migration and ends on the target.
                         let consoleBefore = try source.console.transcript.count
-                        try source.console.send("scribble 20000\r")
-                        try await source.console.waitFor("scribble 20000")
+                        try source.console.send("scribble \(rounds)\r")
+                        try await source.console.waitFor("scribble \(rounds)")
                         let uri = "unix:" + (try artifacts.socketPath("migration.sock"))
                         try await target.qmp.execute("migrate-incoming", arguments: ["uri": .string(uri)])
                         try await source.qmp.execute("migrate", arguments: ["uri": .string(uri)])
