@@ -13,7 +13,8 @@ import Logging
 /// - 0: a whole stream as it arrives (a mutation almost always breaks a CRC, which tests the framing);
 /// - 1: a whole stream whose CRCs are recomputed first, so mutations reach the loaders;
 /// - 2: one section payload for the loader that the next byte picks (see `loaders`), after
-///   a valid header and this machine's own configuration.
+///   a valid header and this machine's own configuration;
+/// - 3: a cpr state payload on a cpr-transfer target's cpr channel (`CPRState`).
 /// Seeds are cut from a real migration (docs/reliability.md says how it was captured).
 @main enum FuzzMigration {
     static func main() { runLibFuzzer(fuzz) }
@@ -32,6 +33,7 @@ final class TargetMachine {
     /// The target's own receive state machine, as `Machine` drives it.
     let incoming: IncomingMigration
     let description: MachineDescription
+    let target: IncomingTarget
 
     init() throws {
         memory = try GuestMemory(size: Self.ramSize)
@@ -45,9 +47,18 @@ final class TargetMachine {
             .init(id: "serial0", type: "isa-serial", properties: [:]),
             .init(id: "net0", type: "virtio-net-pci", properties: ["max_queue_pairs": "2", "mq": "on", "mac": "52:54:0:12:34:56", "local-migration": "on"]),
         ])
-        incoming = IncomingMigration(expectsCPR: false, target: IncomingTarget(
+        target = IncomingTarget(
             description: description, devices: [serial, pciBus, transport], memory: memory, netdevOf: [nic.id: backend.id],
-            progress: MigrationState(), restoreVCPU: { _ in }))
+            progress: MigrationState(), restoreVCPU: { _ in })
+        incoming = IncomingMigration(expectsCPR: false, target: target)
+    }
+
+    /// A cpr channel's one section with any payload (mode 3): the cpr state decoder,
+    /// through a cpr-transfer target's state machine.
+    func receiveCPR(_ payload: [UInt8]) throws {
+        let cpr = IncomingMigration(expectsCPR: true, target: target)
+        try cpr.begin(.cpr, header: MigrationStream.header(), fds: ReceivedFDs())
+        _ = try cpr.receive(.init(kind: .cprState, payload: payload), on: .cpr)
     }
 
     /// A whole stream, header first, each section a transition of the state machine.
@@ -90,8 +101,12 @@ func fixingChecksums(_ stream: [UInt8]) -> [UInt8] {
 @_cdecl("LLVMFuzzerTestOneInput")
 public func fuzz(_ data: UnsafePointer<UInt8>?, _ size: Int) -> CInt {
     var input = FuzzInput(data, size)
-    let mode = input.u8() % 3
+    let mode = input.u8() % 4
     let machine = try! TargetMachine()
+    if mode == 3 {
+        try? machine.receiveCPR(input.rest())
+        return 0
+    }
     if mode == 2 {
         let (kind, name) = loaders[Int(input.u8()) % loaders.count]
         try? machine.receive(.init(kind: kind, name: name, payload: input.rest()))

@@ -12,8 +12,9 @@ import QMPWire
 ///
 /// The dispatcher here has no `Machine` (that needs /dev/kvm): it registers the VMM's
 /// command names with the argument tables the machine uses where those are shared
-/// (`NetdevSpec.keys`, `DeviceSpec.keys`), and the migration commands parse their
-/// `uri`/`channels` with the real `MigrationURI`. What the other handlers do is not covered here.
+/// (`NetdevSpec.keys`, `DeviceSpec.keys`), the migration commands parse their
+/// `uri`/`channels` with the real `MigrationURI`, and `chardev-add` its nested backend
+/// with the real `Machine.socketChardev`. What the other handlers do is not covered here.
 @main enum FuzzQMP {
     static func main() { runLibFuzzer(fuzz) }
 }
@@ -57,16 +58,20 @@ enum FuzzDispatcher {
         d.register("qmp_capabilities", arguments: ["enable": .array]) { _ in [:] }
         for name in ["query-status", "stop", "cont", "query-version", "query-name", "query-kvm", "query-cpus-fast",
                      "query-commands", "query-pci", "migrate_cancel", "query-migrate-capabilities",
-                     "query-migrate-parameters", "query-migrate"] {
+                     "query-migrate-parameters", "query-migrate", "query-chardev"] {
             d.register(name) { _ in [:] }
         }
         d.register("getfd", arguments: ["fdname": .string], required: ["fdname"]) { _ in [:] }
         d.register("closefd", arguments: ["fdname": .string], required: ["fdname"]) { _ in [:] }
         d.register("netdev_del", arguments: ["id": .string], required: ["id"]) { _ in [:] }
-        let netdevArgs = Dictionary(uniqueKeysWithValues: NetdevSpec.keys.map { ($0, QMPDispatcher.ArgumentType.any) })
+        let netdevArgs = Dictionary(uniqueKeysWithValues: NetdevSpec.keys.union(NetdevSpec.vhostUserKeys).map { ($0, QMPDispatcher.ArgumentType.any) })
         d.register("netdev_add", arguments: netdevArgs, required: ["type", "id"]) { _ in [:] }
         let deviceArgs = Dictionary(uniqueKeysWithValues: DeviceSpec.keys.map { ($0, QMPDispatcher.ArgumentType.any) })
         d.register("device_add", arguments: deviceArgs, required: ["driver"]) { _ in [:] }
+        d.register("chardev-add", arguments: ["id": .string, "backend": .object], required: ["id", "backend"]) { args in
+            .string(try Machine.socketChardev(id: args["id"]!.stringValue!, backend: args["backend"]!.objectValue!).described)
+        }
+        d.register("chardev-remove", arguments: ["id": .string], required: ["id"]) { _ in [:] }
         d.register("migrate", arguments: ["uri": .string, "channels": .array, "detach": .boolean, "resume": .boolean]) { args in
             .string("\(try Machine.migrationChannels(args))")
         }

@@ -18,11 +18,13 @@ public struct GuestNetwork: Sendable, Equatable {
     /// `-netdev ...,id=` and `-device ...,id=`.
     public var netdevID: String
     public var deviceID: String
+    /// What moves the frames (`Datapath`); the NIC's `-netdev` follows it.
+    public var datapath: Datapath
 
     public init(
         tap: String = "tap0", queues: Int = 1, hostAddress: String = "192.168.100.1", guestAddress: String = "192.168.100.2",
         prefixLength: Int = 24, hostMAC: String = "e6:1d:44:b5:03:5d", guestMAC: String = "52:54:00:12:34:56",
-        netdevID: String = "n0", deviceID: String = "nic0"
+        netdevID: String = "n0", deviceID: String = "nic0", datapath: Datapath = .userspace
     ) {
         self.tap = tap
         self.queues = queues
@@ -33,6 +35,7 @@ public struct GuestNetwork: Sendable, Equatable {
         self.guestMAC = guestMAC
         self.netdevID = netdevID
         self.deviceID = deviceID
+        self.datapath = datapath
     }
 
     /// `192.168.100.1/24`.
@@ -40,14 +43,50 @@ public struct GuestNetwork: Sendable, Equatable {
     /// `192.168.100.2/24`.
     public var guestCIDR: String { "\(guestAddress)/\(prefixLength)" }
 
-    /// `-netdev tap,...` on the TAP named `ifname` (default: `tap`) and the matching `-device`.
-    public func arguments(ifname: String? = nil) -> [String] {
-        ["-netdev", "tap,id=\(netdevID),ifname=\(ifname ?? tap),queues=\(queues),script=no,downscript=no"] + deviceArguments
+    /// The NIC's `-netdev` (and `-chardev`) on the TAP named `ifname` (default: `tap`), and the
+    /// matching `-device`. `vhostUserSocket`: the backend's socket (`.vhostUser`; see
+    /// `startBackend`). `cpr`: `cpr=on`, so a cpr-transfer hands the netdev's host side
+    /// (TAP queues, vhost fds) to the next VMM.
+    public func arguments(ifname: String? = nil, vhostUserSocket: String? = nil, cpr: Bool = false) -> [String] {
+        let tapOptions = "id=\(netdevID),ifname=\(ifname ?? tap),queues=\(queues),script=no,downscript=no"
+        let cprOption = cpr ? ",cpr=on" : ""
+        switch datapath {
+        case .userspace:
+            return ["-netdev", "tap,\(tapOptions)\(cprOption)"] + deviceArguments
+        case .vhostKernel:
+            return ["-netdev", "tap,\(tapOptions),vhost=on\(cprOption)"] + deviceArguments
+        case .vhostUser:
+            return ["-chardev", "socket,id=\(chardevID),path=\(vhostUserSocket ?? "<no vhost-user socket>")",
+                    "-netdev", "vhost-user,id=\(netdevID),chardev=\(chardevID),queues=\(queues)\(cprOption)"] + deviceArguments
+        }
     }
 
-    /// A migration target's NIC whose TAP queues arrive with the stream (local migration).
+    /// `-chardev socket,id=` of a `.vhostUser` NIC.
+    public var chardevID: String { "chr-\(netdevID)" }
+
+    /// A migration target's NIC whose host side arrives with the stream (local migration):
+    /// the TAP queues, or the vhost-user backend's connection.
     public var incomingArguments: [String] {
-        ["-netdev", "tap,id=\(netdevID),incoming-fds=on,queues=\(queues),script=no,downscript=no"] + deviceArguments
+        switch datapath {
+        case .userspace:
+            return ["-netdev", "tap,id=\(netdevID),incoming-fds=on,queues=\(queues),script=no,downscript=no"] + deviceArguments
+        case .vhostKernel:
+            return ["-netdev", "tap,id=\(netdevID),incoming-fds=on,queues=\(queues),script=no,downscript=no,vhost=on"] + deviceArguments
+        case .vhostUser:
+            return ["-netdev", "vhost-user,id=\(netdevID),queues=\(queues),incoming-fds=on"] + deviceArguments
+        }
+    }
+
+    /// Starts what the datapath needs beside the VMM in `namespace`: for `.vhostUser`, the
+    /// bundled backend on `tap` (its log in `artifacts`, stopped when `artifacts` ends, after
+    /// the machines launched later), returning its socket for `arguments(vhostUserSocket:)`.
+    /// nil for the others. Cancels the test case when this host cannot run the datapath.
+    public func startBackend(in namespace: NetworkNamespace, artifacts: ArtifactDirectory) async throws -> String? {
+        try datapath.requireAvailable()
+        guard datapath == .vhostUser else { return nil }
+        let backend = try await VhostUserBackendProcess.start(tap: tap, queues: queues, in: namespace, logDirectory: artifacts.path)
+        artifacts.addCleanup { backend.stop() }
+        return backend.socketPath
     }
 
     public var deviceArguments: [String] {
@@ -101,12 +140,15 @@ extension NetworkedGuest {
         sourceLocation: SourceLocation = #_sourceLocation,
         _ body: (NetworkedGuest) async throws -> T
     ) async throws -> T {
-        try await NetworkNamespace.with { namespace in
+        try network.datapath.requireAvailable(sourceLocation: sourceLocation)
+        return try await NetworkNamespace.with { namespace in
             try await network.createTap(in: namespace)
-            var options = options
-            options.namespace = namespace
-            options.arguments = network.arguments() + options.arguments
-            return try await Machine.with(options, sourceLocation: sourceLocation) { machine in
+            return try await withArtifacts(sourceLocation: sourceLocation) { artifacts in
+                let socket = try await network.startBackend(in: namespace, artifacts: artifacts)
+                var options = options
+                options.namespace = namespace
+                options.arguments = network.arguments(vhostUserSocket: socket) + options.arguments
+                let machine = try await Machine.launch(options, in: artifacts)
                 try await machine.console.waitForPrompt(timeout: .seconds(20))
                 try await machine.guest.configureNetwork(address: network.guestCIDR)
                 return try await body(NetworkedGuest(machine: machine, namespace: namespace, network: network))

@@ -12,9 +12,12 @@ public final class VhostUserBackendProcess: Sendable {
     public let logPath: String
     private let process: ChildProcess
     private let socketDirectory: String
+    /// 1 for the first backend on a socket, then one more per `replacing:`.
+    private let generation: Int
 
-    private init(socketPath: String, logPath: String, process: ChildProcess, socketDirectory: String) {
+    private init(socketPath: String, logPath: String, process: ChildProcess, socketDirectory: String, generation: Int) {
         (self.socketPath, self.logPath, self.process, self.socketDirectory) = (socketPath, logPath, process, socketDirectory)
+        self.generation = generation
     }
 
     /// The log so far.
@@ -27,22 +30,38 @@ public final class VhostUserBackendProcess: Sendable {
 
     /// Starts `vhost-user-net --tap TAP --queues N` in `namespace`, runs `body`, then stops it.
     /// `logDirectory`: where `vhost-user-net.log` goes (kept by the caller's artifacts).
+    /// `replacing`: a backend that was killed; the new one serves on its socket path (a
+    /// front-end with `reconnect=` finds it there) and logs to `vhost-user-net.N.log`.
     public static func with<T>(
         tap: String, queues: Int, in namespace: NetworkNamespace, logDirectory: String,
+        replacing previous: VhostUserBackendProcess? = nil,
         isolation: isolated (any Actor)? = #isolation,
         _ body: (VhostUserBackendProcess) async throws -> T
     ) async throws -> T {
-        let backend = try await start(tap: tap, queues: queues, in: namespace, logDirectory: logDirectory)
+        let backend = try await start(tap: tap, queues: queues, in: namespace, logDirectory: logDirectory, replacing: previous)
         defer { backend.stop() }
         return try await body(backend)
     }
 
-    static func start(tap: String, queues: Int, in namespace: NetworkNamespace, logDirectory: String) async throws -> VhostUserBackendProcess {
+    static func start(tap: String, queues: Int, in namespace: NetworkNamespace, logDirectory: String,
+                      replacing previous: VhostUserBackendProcess? = nil) async throws -> VhostUserBackendProcess {
         let vmm = try VMMBinary.bundled()
         let path = ((vmm.path as NSString).deletingLastPathComponent as NSString).appendingPathComponent(executableName)
-        let directory = try ArtifactDirectory.makeShortSocketDirectory()
-        let socketPath = directory + "/vhost-user.sock"
-        let logPath = (logDirectory as NSString).appendingPathComponent("\(executableName).log")
+        let generation = (previous?.generation ?? 0) + 1
+        let directory: String
+        let socketPath: String
+        if let previous {
+            guard !previous.isRunning else { throw SystemError("\(executableName) on \(previous.socketPath) still runs; kill() it first", code: EBUSY) }
+            directory = previous.socketDirectory
+            socketPath = previous.socketPath
+            // The killed backend's socket file stays; the wait below must see the new one.
+            unlink(socketPath)
+        } else {
+            directory = try ArtifactDirectory.makeShortSocketDirectory()
+            socketPath = directory + "/vhost-user.sock"
+        }
+        let logName = generation == 1 ? "\(executableName).log" : "\(executableName).\(generation).log"
+        let logPath = (logDirectory as NSString).appendingPathComponent(logName)
         let process: ChildProcess
         do {
             let log = open(logPath, O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0o644)
@@ -55,7 +74,8 @@ public final class VhostUserBackendProcess: Sendable {
             try? FileManager.default.removeItem(atPath: directory)
             throw error
         }
-        let backend = VhostUserBackendProcess(socketPath: socketPath, logPath: logPath, process: process, socketDirectory: directory)
+        let backend = VhostUserBackendProcess(socketPath: socketPath, logPath: logPath, process: process, socketDirectory: directory,
+                                              generation: generation)
         // The socket file appears once it listens (bound under a temporary name, renamed).
         let deadline = ContinuousClock.now + .seconds(10)
         while !FileManager.default.fileExists(atPath: socketPath) {
@@ -67,6 +87,13 @@ public final class VhostUserBackendProcess: Sendable {
             try await Task.sleep(for: .milliseconds(20))
         }
         return backend
+    }
+
+    /// Kills (SIGKILL) and reaps the backend, as a crash would end it; its socket file and
+    /// directory stay, for a backend started `replacing:` it.
+    public func kill() async throws {
+        _ = process.signal(SIGKILL)
+        _ = try await process.wait(timeout: .seconds(10))
     }
 
     /// Kills and reaps the backend and removes its socket directory (idempotent).

@@ -39,12 +39,15 @@ public final class Machine: @unchecked Sendable {
     var devices: [any MachineDevice] = []
     /// Netdev id → the id of the device using it.
     var netdevUsers: [String: String] = [:]
+    /// Socket chardevs (`-chardev`, `chardev-add`) by id, and the netdev using each.
+    var chardevs: [String: SocketChardev] = [:]
+    var chardevUsers: [String: String] = [:]
     /// fds named by QMP `getfd`, owned here until a netdev claims them.
     var namedFDs: [String: FileDescriptor] = [:]
     let dispatcher = QMPDispatcher()
     let qmp: QMPServer
     /// Created first, before any thread or endpoint, so every wait can watch it.
-    private let signals: TerminationSignals
+    let signals: TerminationSignals
 
     var runState: RunState
     let migration = MigrationState()
@@ -107,10 +110,12 @@ public final class Machine: @unchecked Sendable {
         exitHandler.machine = self
         exitHandler.loop = loop
         devices = [serial, pciBus]
-        for netdev in config.netdevs { try addNetdev(netdev) }
-        for device in config.devices { try addNIC(device) }
+        chardevs = config.socketChardevs
+        // cpr-transfer: the netdevs take their fds from the cpr state, which `start` reads first.
+        if config.incoming?.cpr == nil { try addConfiguredNICs() }
         registerCommands()
         registerNetworkCommands()
+        registerChardevCommands()
         registerMigrationCommands()
         migration.capabilities["events"] = config.migrationEvents
     }
@@ -160,8 +165,27 @@ public final class Machine: @unchecked Sendable {
         return status
     }
 
+    private func addConfiguredNICs() throws {
+        for netdev in config.netdevs { try addNetdev(netdev) }
+        for device in config.devices { try addNIC(device) }
+    }
+
     private func start() throws {
         installSignalHandling()
+        // cpr-transfer, as QEMU's cpr_state_load: the RAM and the `cpr=on` netdevs' fds
+        // come before any netdev, device or monitor exists.
+        if let cpr = config.incoming?.cpr {
+            do {
+                try receiveCPRState(cpr)
+            } catch let error as VMMConfiguration.Error {
+                throw error
+            } catch let signal as TerminationRequested {
+                throw signal
+            } catch {
+                throw VMMConfiguration.Error("-incoming cpr channel \(cpr): \(error)")
+            }
+            try addConfiguredNICs()
+        }
         for backend in serialBackends { try backend.waitForFirstClient(signals) }
         try qmp.open(config.qmp, signals: signals)
         for backend in serialBackends {
@@ -176,12 +200,12 @@ public final class Machine: @unchecked Sendable {
         if runState != .inmigrate { resumeDevices() }
         try vcpuRunner.start()
         if runState == .running { vcpuRunner.resume() }
-        if let incoming = config.incoming, incoming != MigrationChannels() {
+        // The cpr channel, if any, was read in `init`; the main one may wait for migrate-incoming.
+        if let main = config.incoming?.main {
             do {
-                try startIncoming(incoming)
+                try startIncoming(MigrationChannels(main: main))
             } catch {
-                let given = MigrationChannelType.allCases.compactMap { incoming[$0]?.description }
-                throw VMMConfiguration.Error("-incoming \(given.joined(separator: ", ")): \(error)")
+                throw VMMConfiguration.Error("-incoming \(main): \(error)")
             }
         }
     }
@@ -192,6 +216,7 @@ public final class Machine: @unchecked Sendable {
         for backend in serialBackends { backend.close() }
         closeIncomingListeners()
         for device in devices { device.shutdown() }
+        for netdev in netdevs.values { netdev.shutdown() }
         namedFDs.removeAll()
         loop.unwatch(signals.fd)
         signals.close()

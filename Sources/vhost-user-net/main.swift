@@ -72,12 +72,42 @@ do {
 }
 say("listening on \(socketPath) (TAP \(tap.ifname), \(tap.queueCount) queue pair\(tap.queueCount == 1 ? "" : "s"))")
 
-// This (main) thread is the socket thread: one front-end at a time, each served to its
-// end; the datapath runs on the backend's own thread.
+// This (main) thread accepts; each front-end is served on a thread of its own, one at a
+// time: the rings have one owner. A front-end that connects while another is served
+// waits up to `handoverGrace` for it to leave (a VMM that quits and one that starts at
+// once), then is refused: closed unanswered, so its first request sees the end at once
+// (our front-end reports it, and retries with reconnect=). The datapath runs on the
+// backend's own thread throughout.
+let handoverGrace: Int = 500
+let serving = ConditionLock(false)
+var frontEnd: OSThread?
+var frontEnds = 0
 while true {
     guard let fd = listener.withRaw({ UnixSocket.accept($0) }) else { failAndExit("accept on \(socketPath): \(String(cString: strerror(errno)))") }
-    say("front-end connected")
-    backend.serve(VhostUserConnection(socket: FileDescriptor(adopting: fd, label: "front-end connection")))
-    let stats = backend.statistics
-    say("front-end gone (frames so far: \(stats.rx) to the guest, \(stats.tx) from it); waiting for the next")
+    let connection = VhostUserConnection(socket: FileDescriptor(adopting: fd, label: "front-end connection"))
+    let claimed = serving.wait(until: { !$0 }, timeoutMilliseconds: handoverGrace) { busy -> Bool in
+        busy = true
+        return true
+    }
+    guard claimed == true else {
+        say("refusing a front-end: another one owns the rings (one front-end at a time); it may connect again once that one is gone")
+        connection.socket.close()
+        continue
+    }
+    frontEnd?.join()
+    frontEnds += 1
+    let number = frontEnds
+    say("front-end connected (#\(number))")
+    do {
+        frontEnd = try OSThread(name: "vu-net frontend") {
+            backend.serve(connection)
+            let stats = backend.statistics
+            say("front-end gone (#\(number); frames so far: \(stats.rx) to the guest, \(stats.tx) from it); waiting for the next")
+            serving.update { $0 = false }
+        }
+    } catch {
+        say("cannot serve the front-end: \(error)")
+        connection.socket.close()
+        serving.update { $0 = false }
+    }
 }

@@ -5,14 +5,15 @@ import TestKit
 import Testing
 
 /// Live migration of a running guest with a host -> guest pinger running across it: the
-/// bundled vmm's local mode (RAM memfd and TAP fds handed over the unix socket), its normal
-/// mode (RAM copied, a new TAP) and QEMU q35's normal mode, a fresh source and target each
-/// round. Downtime and total time as each VMM reports them; loss, longest reply gap and the
+/// bundled vmm's local mode (RAM memfd and TAP fds handed over the unix socket), its
+/// cpr-transfer (live update: the RAM memfd and the `cpr=on` TAP's fds on the cpr channel,
+/// the target started with the migration), its normal mode (RAM copied, a new TAP) and
+/// QEMU q35's normal mode, a fresh source and target each round. Downtime and total time as each VMM reports them; loss, longest reply gap and the
 /// freeze window as the pinger and the benchmark see them.
 struct MigrationBenchmark: AsyncParsableCommand {
     static let configuration = CommandConfiguration(
         commandName: "migrate",
-        abstract: "Live migration downtime, total time and ping loss: vmm local, vmm normal, QEMU q35 normal.")
+        abstract: "Live migration downtime, total time and ping loss: vmm local, vmm cpr-transfer, vmm normal, QEMU q35 normal.")
 
     @Option(help: "Rounds per case, alternating between the cases (a fresh source and target each); the median counts.")
     var rounds = 5
@@ -20,8 +21,8 @@ struct MigrationBenchmark: AsyncParsableCommand {
     @Option(help: "Guest RAM sizes, comma-separated.")
     var sizes = "128M,1G"
 
-    @Option(help: "Cases, comma-separated: vmm-local, vmm-normal, qemu.")
-    var cases = "vmm-local,vmm-normal,qemu"
+    @Option(help: "Cases, comma-separated: vmm-local, vmm-cpr, vmm-normal, qemu.")
+    var cases = "vmm-local,vmm-cpr,vmm-normal,qemu"
 
     @Option(help: "QEMU binary to compare with; 'none' skips it.")
     var qemu = "qemu-system-x86_64"
@@ -39,6 +40,7 @@ struct MigrationBenchmark: AsyncParsableCommand {
 
     enum Mode: String {
         case local = "vmm local"
+        case cpr = "vmm cpr"
         case normal = "vmm normal"
         case qemu = "qemu q35"
     }
@@ -84,6 +86,7 @@ struct MigrationBenchmark: AsyncParsableCommand {
         let sizeList = sizes.split(separator: ",").map(String.init)
         var modes: [(Mode, VMMBinary)] = []
         if wanted.contains("vmm-local") { modes.append((.local, vmm)) }
+        if wanted.contains("vmm-cpr") { modes.append((.cpr, vmm)) }
         if wanted.contains("vmm-normal") { modes.append((.normal, vmm)) }
         if wanted.contains("qemu") {
             if qemu == "none" {
@@ -178,6 +181,22 @@ struct MigrationBenchmark: AsyncParsableCommand {
             print("  \(c.size): median \(whole(downtime.median)) us, \(lost) lost over \(c.rounds.count) rounds"
                   + (c.failures.isEmpty ? "" : ", \(c.failures.count) failed rounds") + ": \(met ? "met" : "NOT met")")
         }
+        print("goal: vmm cpr downtime median < 1 ms with 0 lost packets; total time independent of RAM size (1G within 1.2x of 128M)")
+        for c in all where c.mode == .cpr {
+            guard let downtime = c.summary(\Round.downtimeMicroseconds) else {
+                print("  \(c.size): no completed round: not met")
+                continue
+            }
+            let lost = c.rounds.map(\.lost).reduce(0, +)
+            let met = downtime.median < 1000 && lost == 0 && c.failures.isEmpty
+            print("  \(c.size): median \(whole(downtime.median)) us, \(lost) lost over \(c.rounds.count) rounds"
+                  + (c.failures.isEmpty ? "" : ", \(c.failures.count) failed rounds") + ": \(met ? "met" : "NOT met")")
+        }
+        let cprTotals = all.filter { $0.mode == .cpr }.compactMap { c in c.summary(\Round.totalMilliseconds).map { (c.size, $0.median) } }
+        if let small = cprTotals.first(where: { $0.0.uppercased() == "128M" }), let large = cprTotals.first(where: { $0.0.uppercased() == "1G" }) {
+            let ratio = large.1 / max(small.1, 1)
+            print("  total time 1G vs 128M: \(whole(large.1)) ms vs \(whole(small.1)) ms, ratio \(format(ratio, decimals: 3)): \(ratio <= 1.2 ? "met" : "NOT met")")
+        }
         var sizes: [String] = []
         for c in all where !sizes.contains(c.size) { sizes.append(c.size) }
         for size in sizes {
@@ -205,12 +224,12 @@ struct MigrationBenchmark: AsyncParsableCommand {
         let socketDirectory = String(decoding: template.prefix { $0 != 0 }.map { UInt8(bitPattern: $0) }, as: UTF8.self)
         defer { try? FileManager.default.removeItem(atPath: socketDirectory) }
         let uri = "unix:\(socketDirectory)/migration.sock"
-        let needsSettings = c.settings == nil && mode != .local
+        let needsSettings = c.settings == nil && mode != .local && mode != .cpr
         let (round, settings) = try await NetworkNamespace.with(prefix: "bench-migrate") { ns in
             // QEMU opens a one-queue TAP without IFF_MULTI_QUEUE, which a multi-queue TAP refuses.
             let multiQueue = mode != .qemu
             _ = try await ns.createTap("tap0", queues: 1, multiQueue: multiQueue)
-            if mode != .local { _ = try await ns.createTap("tap1", queues: 1, multiQueue: multiQueue) }
+            if mode != .local && mode != .cpr { _ = try await ns.createTap("tap1", queues: 1, multiQueue: multiQueue) }
             try await ns.withRoute { route in
                 try route.setMAC(Self.hostMAC, of: "tap0")
                 try route.addAddress("\(Self.hostAddress)/24", to: "tap0")
@@ -235,14 +254,22 @@ struct MigrationBenchmark: AsyncParsableCommand {
                 try pinger.start()
                 try await pinger.waitForReplies(50, timeout: .seconds(30))
 
-                let target = try await Machine.launch(machineOptions(c, target: true, namespace: ns), in: artifacts)
-                try await prepare(target.qmp, mode: mode, source: false)
-                try await target.qmp.execute("migrate-incoming", arguments: ["uri": .string(uri)])
-
-                var freeze = FreezeWindow.begin()
-                try await source.qmp.execute("migrate", arguments: ["uri": .string(uri)])
-                try await MigrationWaiter.waitForFinish(source: source.qmp, target: target.qmp, timeout: .seconds(300))
-                if mode != .local { try await ns.moveHostAddress("\(Self.hostAddress)/24", mac: Self.hostMAC, from: "tap0", to: "tap1") }
+                var freeze: FreezeWindow
+                let target: Machine
+                if mode == .cpr {
+                    // The target starts with the migration: its monitor opens once the cpr state arrived.
+                    freeze = FreezeWindow.begin()
+                    target = try await MigrationPair.cprTransfer(
+                        from: source, launching: machineOptions(c, target: true, namespace: ns), in: artifacts, timeout: .seconds(300)).target
+                } else {
+                    target = try await Machine.launch(machineOptions(c, target: true, namespace: ns), in: artifacts)
+                    try await prepare(target.qmp, mode: mode, source: false)
+                    try await target.qmp.execute("migrate-incoming", arguments: ["uri": .string(uri)])
+                    freeze = FreezeWindow.begin()
+                    try await source.qmp.execute("migrate", arguments: ["uri": .string(uri)])
+                    try await MigrationWaiter.waitForFinish(source: source.qmp, target: target.qmp, timeout: .seconds(300))
+                }
+                if mode != .local && mode != .cpr { try await ns.moveHostAddress("\(Self.hostAddress)/24", mac: Self.hostMAC, from: "tap0", to: "tap1") }
                 try await target.qmp.execute("cont")
                 freeze.close()
                 try await Task.sleep(for: .milliseconds(300))
@@ -250,7 +277,7 @@ struct MigrationBenchmark: AsyncParsableCommand {
                 let report = await pinger.finish(timeout: .seconds(10))
                 let info = try await source.qmp.execute("query-migrate")
                 var counters: String?
-                if mode == .local {
+                if mode == .local || mode == .cpr {
                     let (fromSource, fromTarget) = (try await Self.framesDelivered(source), try await Self.framesDelivered(target))
                     let stats = try await target.console.run("stats", expect: " send drops", timeout: .seconds(30))
                     let taken = stats.split(whereSeparator: \.isNewline).first { $0.contains("total:") }
@@ -289,7 +316,7 @@ struct MigrationBenchmark: AsyncParsableCommand {
                             + (sample.sendError.map { " (send errno \($0))" } ?? "")
                     },
                     counters: counters)
-                if mode == .local && report.lost > 0 { artifacts.keep("local migration lost \(report.lost) pings") }
+                if (mode == .local || mode == .cpr) && report.lost > 0 { artifacts.keep("\(mode.rawValue) migration lost \(report.lost) pings") }
                 if round.repliesAfter == 0 {
                     let logs = [source, target].map { vm in "\(vm.name) stderr: " + vm.stderrTail(5).joined(separator: "\n  ") }
                     throw BenchmarkError(description: "no reply from the guest after the target's cont; query-migrate: \(info.serialized)\n"
@@ -305,16 +332,19 @@ struct MigrationBenchmark: AsyncParsableCommand {
     /// Local: RAM in a memfd the target adopts, the target's netdev waiting for the source's
     /// TAP queues. Normal: plain -m RAM and a TAP per side. QEMU's target starts with -S:
     /// unlike the vmm it would run as soon as the stream is loaded, before the TAP switch.
+    /// cpr: the same memfd RAM and `cpr=on` on both sides; the target's channels come from
+    /// `MigrationPair.cprTransfer`.
     func machineOptions(_ c: Case, target: Bool, namespace: NetworkNamespace) -> MachineOptions {
         var arguments: [String] = []
-        if c.mode == .local {
+        if c.mode == .local || c.mode == .cpr {
             arguments += ["-object", "memory-backend-memfd,id=ram0,size=\(c.size),share=on", "-machine", "memory-backend=ram0"]
         }
-        let tap = c.mode == .local && target ? "incoming-fds=on" : "ifname=\(target ? "tap1" : "tap0")"
+        let tap = c.mode == .local && target ? "incoming-fds=on" : "ifname=\(target && c.mode != .cpr ? "tap1" : "tap0")"
         var netdev = ["tap", "id=n0", tap, "queues=1", "script=no", "downscript=no"]
         if c.mode == .qemu { netdev.append("vhost=off") }
+        if c.mode == .cpr { netdev.append("cpr=on") }
         arguments += ["-netdev", netdev.joined(separator: ","), "-device", "virtio-net-pci,netdev=n0,id=nic0,mac=\(Self.guestMAC)"]
-        if target { arguments += ["-incoming", "defer"] }
+        if target && c.mode != .cpr { arguments += ["-incoming", "defer"] }
         var options = MachineOptions(
             binary: c.binary, name: target ? "target" : "source", kernel: BundledGuest.image, memory: c.size,
             startPaused: target && c.mode == .qemu, arguments: arguments, startupTimeout: .seconds(60))
@@ -322,7 +352,8 @@ struct MigrationBenchmark: AsyncParsableCommand {
         return options
     }
 
-    /// Both sides need `events` for MigrationWaiter. Only normal-mode sources copy RAM, so
+    /// Both sides need `events` for MigrationWaiter (a cpr target has it from its command
+    /// line; `MigrationPair.cprTransfer` sets the source's mode). Only normal-mode sources copy RAM, so
     /// only they get the bandwidth cap lifted; downtime-limit stays at the default 300 ms.
     func prepare(_ qmp: QMPClient, mode: Mode, source: Bool) async throws {
         var capabilities: [JSON] = [["capability": "events", "state": true]]

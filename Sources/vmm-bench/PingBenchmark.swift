@@ -7,7 +7,9 @@ func microseconds(_ d: Duration) -> Double { Double(d.components.seconds) * 1e6 
 
 /// Host -> guest ping over a TAP in a fresh network namespace: RTT percentiles, then
 /// the highest request rate that loses nothing over a fixed window, for the bundled
-/// VMM and for QEMU q35 with the same guest image.
+/// VMM and for QEMU q35 with the same guest image, per datapath: userspace virtio-net
+/// on the TAP, and vhost-user with the bundled `vhost-user-net` backend on the TAP (the
+/// same backend behind both VMMs).
 struct PingBenchmark: AsyncParsableCommand {
     static let configuration = CommandConfiguration(
         commandName: "ping", abstract: "Host to guest ICMP RTT and loss-free packet rate, bundled vmm vs QEMU q35.")
@@ -36,6 +38,17 @@ struct PingBenchmark: AsyncParsableCommand {
     @Option(help: "RTT rounds per VMM, alternating between them (a fresh VM each); the median round counts.")
     var rounds = 3
 
+    @Option(help: "Datapaths, comma-separated: userspace, vhost-user, vhost-kernel (needs /dev/vhost-net).")
+    var datapaths = "userspace,vhost-user"
+
+    /// One VMM on one datapath.
+    struct Contender {
+        var name: String
+        var binary: VMMBinary
+        var datapath: Datapath
+        var isQEMU: Bool
+    }
+
     struct Result {
         var name: String
         var rtts: [RTTStatistics] = []
@@ -51,56 +64,83 @@ struct PingBenchmark: AsyncParsableCommand {
     func run() async throws {
         let vmm = try VMMBinary.bundled()
         let extra = vmmArguments.split(separator: " ").map(String.init)
-        var contenders: [(String, VMMBinary, [String])] = [("vmm", VMMBinary(path: vmm.path, defaultArguments: vmm.defaultArguments + extra), [])]
-        if qemu != "none", let path = VMMBinary.findExecutable(qemu) {
-            contenders.append(("qemu q35", VMMBinary(path: path, defaultArguments: [
-                "-machine", "q35", "-accel", "kvm", "-nodefaults", "-no-user-config", "-display", "none"]), ["vhost=off"]))
-        }
-        let rateList = rates.split(separator: ",").compactMap { Int($0) }
-        var results = contenders.map { Result(name: $0.0) }
-        // Rounds alternate between the VMMs so that drift on the machine hits both alike.
-        for _ in 0..<rounds {
-            for (index, (name, binary, extraNetdev)) in contenders.enumerated() {
-                try await session(name: name, binary: binary, extraNetdev: extraNetdev, rates: [], into: &results[index])
+        let qemuPath = qemu == "none" ? nil : VMMBinary.findExecutable(qemu)
+        if qemu != "none", qemuPath == nil { print("note: \(qemu) not found, QEMU skipped") }
+        var contenders: [Contender] = []
+        for name in datapaths.split(separator: ",").map({ $0.trimmingCharacters(in: .whitespaces) }) {
+            guard let datapath = Datapath(rawValue: name) else { throw ValidationError("unknown datapath '\(name)' (userspace, vhost-user, vhost-kernel)") }
+            if let reason = datapath.unavailableReason {
+                print("note: \(name) skipped: \(reason)")
+                continue
+            }
+            let suffix = datapath == .userspace ? "" : " " + name
+            contenders.append(Contender(name: "vmm" + suffix, binary: VMMBinary(path: vmm.path, defaultArguments: vmm.defaultArguments + extra),
+                                        datapath: datapath, isQEMU: false))
+            if let qemuPath {
+                contenders.append(Contender(name: "qemu q35" + suffix, binary: VMMBinary(path: qemuPath, defaultArguments: [
+                    "-machine", "q35", "-accel", "kvm", "-nodefaults", "-no-user-config", "-display", "none"]), datapath: datapath, isQEMU: true))
             }
         }
-        for (index, (name, binary, extraNetdev)) in contenders.enumerated() {
-            try await session(name: name, binary: binary, extraNetdev: extraNetdev, rates: rateList, into: &results[index])
+        let rateList = rates.split(separator: ",").compactMap { Int($0) }
+        var results = contenders.map { Result(name: $0.name) }
+        // Rounds alternate between the VMMs so that drift on the machine hits both alike.
+        for _ in 0..<rounds {
+            for (index, contender) in contenders.enumerated() {
+                try await session(contender, rates: [], into: &results[index])
+            }
+        }
+        for (index, contender) in contenders.enumerated() {
+            try await session(contender, rates: rateList, into: &results[index])
         }
         print("ping: host -> guest over a TAP in a network namespace, queues=\(queues); RTT: \(rounds) rounds of \(rttCount) pings every \(rttIntervalMs) ms, median round; rates held \(seconds) s")
-        print(pad("", 10) + pad("p50 us", 9) + pad("p99 us", 9) + pad("rtt loss", 10) + "max rate with 0 loss (pps)")
+        print(pad("", 22) + pad("p50 us", 9) + pad("p99 us", 9) + pad("rtt loss", 10) + "max rate with 0 loss (pps)")
         for r in results {
             let p50 = r.median(\.p50).map { format($0, decimals: 0) } ?? "-"
             let p99 = r.median(\.p99).map { format($0, decimals: 0) } ?? "-"
-            print(pad(r.name, 10) + pad(p50, 9) + pad(p99, 9) + pad(String(r.rttLoss), 10) + (r.bestRate.map(String.init) ?? "none"))
+            print(pad(r.name, 22) + pad(p50, 9) + pad(p99, 9) + pad(String(r.rttLoss), 10) + (r.bestRate.map(String.init) ?? "none"))
             print("  \(r.name): p50 per round " + r.rtts.map { format(microseconds($0.p50), decimals: 0) }.joined(separator: ", ") + " us")
             for line in r.rateLog { print("  \(r.name): \(line)") }
         }
-        if results.count == 2, let a = results[0].median(\.p50), let b = results[1].median(\.p50) {
-            print("ratio vmm/qemu RTT p50: \(format(a / b, decimals: 3))")
-        }
-        if results.count == 2, let a = results[0].bestRate, let b = results[1].bestRate {
-            print("ratio vmm/qemu loss-free rate: \(format(Double(a) / Double(b), decimals: 3))")
+        // Each vmm beside the QEMU on the same datapath, which follows it in `contenders`.
+        for (index, contender) in contenders.enumerated() where !contender.isQEMU && index + 1 < contenders.count && contenders[index + 1].isQEMU {
+            let (ours, theirs) = (results[index], results[index + 1])
+            if let a = ours.median(\.p50), let b = theirs.median(\.p50) {
+                print("ratio \(ours.name)/\(theirs.name) RTT p50: \(format(a / b, decimals: 3))")
+            }
+            if let a = ours.bestRate, let b = theirs.bestRate {
+                print("ratio \(ours.name)/\(theirs.name) loss-free rate: \(format(Double(a) / Double(b), decimals: 3))")
+            }
         }
     }
 
     /// One fresh VM: an RTT round when `rates` is empty, else the loss-free rate search.
-    func session(name: String, binary: VMMBinary, extraNetdev: [String], rates: [Int], into result: inout Result) async throws {
+    func session(_ contender: Contender, rates: [Int], into result: inout Result) async throws {
+        let network = GuestNetwork(queues: queues, datapath: contender.datapath)
         try await NetworkNamespace.with(prefix: "bench") { ns in
-            _ = try await ns.createTap("tap0", queues: queues, multiQueue: queues > 1)
+            // Multi-queue only with several queues: QEMU opens a single queue without
+            // IFF_MULTI_QUEUE, which a multi-queue TAP refuses.
+            _ = try await ns.createTap(network.tap, queues: queues, multiQueue: queues > 1)
             try await ns.withRoute { route in
-                try route.addAddress("192.168.100.1/24", to: "tap0")
-                try route.setLink("tap0", up: true)
+                try route.setMAC(network.hostMAC, of: network.tap)
+                try route.addAddress(network.hostCIDR, to: network.tap)
+                try route.setLink(network.tap, up: true)
             }
-            let netdev = (["tap", "id=n0", "ifname=tap0", "queues=\(queues)", "script=no", "downscript=no"] + extraNetdev).joined(separator: ",")
-            var options = MachineOptions(
-                binary: binary, kernel: BundledGuest.image, memory: "128M",
-                arguments: ["-netdev", netdev, "-device", "virtio-net-pci,netdev=n0,mq=\(queues > 1 ? "on" : "off")"],
-                startupTimeout: .seconds(60))
-            options.namespace = ns
-            result = try await withArtifacts(testName: "bench-ping-\(name)") { [result] artifacts in
+            result = try await withArtifacts(testName: "bench-ping-\(contender.name)") { [result] artifacts in
                 var result = result
-                // The artifact scope shuts the machine down however this body ends.
+                let socket = try await network.startBackend(in: ns, artifacts: artifacts)
+                var arguments = network.arguments(vhostUserSocket: socket)
+                if contender.isQEMU {
+                    // QEMU's default would be in-kernel vhost where /dev/vhost-net exists.
+                    if contender.datapath == .userspace { arguments[1] += ",vhost=off" }
+                    // vhost-user needs RAM the backend can map.
+                    if contender.datapath == .vhostUser {
+                        arguments += ["-object", "memory-backend-memfd,id=ram0,size=128M,share=on", "-machine", "memory-backend=ram0"]
+                    }
+                }
+                var options = MachineOptions(binary: contender.binary, kernel: BundledGuest.image, memory: "128M", arguments: arguments,
+                                             startupTimeout: .seconds(60))
+                options.namespace = ns
+                // The artifact scope shuts the machine (then the backend) down however this body ends.
                 let vm = try await Machine.launch(options, in: artifacts)
                 let console = try vm.console
                 try await console.waitForPrompt(timeout: .seconds(120))

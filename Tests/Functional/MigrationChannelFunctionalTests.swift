@@ -110,83 +110,20 @@ struct MigrationChannelFunctionalTests {
         }
     }
 
-    /// Until cpr-transfer exists, the source says so instead of migrating some other way,
-    /// and the guest runs on.
-    @Test func sourceRefusesCPRChannelsAndModeUntilCPRTransferExists() async throws {
+    /// A bad mode and an fd channel on the source are refused; the guest runs on.
+    /// (cpr-transfer's own channel checks: CPRTransferFunctionalTests.)
+    @Test func sourceRefusesABadModeAndAnFDChannel() async throws {
         try await withArtifacts { artifacts in
             let source = try await Machine.launch(.bundledGuest(name: "source"), in: artifacts)
             try await source.qmp.execute("migrate-set-capabilities", arguments: ["capabilities": [["capability": "events", "state": true]]])
-            let main = try artifacts.socketPath("main.sock")
-            let cpr = try artifacts.socketPath("cpr.sock")
-            let channels: JSON = [Self.channelJSON("main", main), Self.channelJSON("cpr", cpr)]
-            let normal = await Self.refusal(try source.qmp, "migrate", ["channels": channels])
-            #expect(normal?.contains("A cpr channel (unix:\(cpr)) is only used by migration mode 'cpr-transfer', but mode is 'normal'") == true,
-                    "\(normal ?? "accepted")")
             let bad = await Self.refusal(try source.qmp, "migrate-set-parameters", ["mode": "cpr-reboot"])
             #expect(bad?.contains("Parameter 'mode' does not accept value 'cpr-reboot' (normal or cpr-transfer)") == true, "\(bad ?? "accepted")")
-            try await source.qmp.execute("migrate-set-parameters", arguments: ["mode": "cpr-transfer"])
-            #expect(try await source.qmp.execute("query-migrate-parameters")["mode"] == "cpr-transfer")
-            let transfer = await Self.refusal(try source.qmp, "migrate", ["channels": channels])
-            #expect(transfer?.contains("Migration mode 'cpr-transfer' is not implemented yet; set mode 'normal'") == true, "\(transfer ?? "accepted")")
-            try await source.qmp.execute("migrate-set-parameters", arguments: ["mode": "normal"])
             let fd = await Self.refusal(try source.qmp, "migrate", ["channels": [["channel-type": "main", "addr": ["transport": "socket", "type": "fd", "str": "3"]]]])
             #expect(fd?.contains("migrate: channel fd:3 is not supported; an fd channel is for the target's listening socket only") == true, "\(fd ?? "accepted")")
             try await source.qmp.expectNoEvent("MIGRATION", within: .milliseconds(200))
             #expect(try await source.qmp.execute("query-status")["status"] == "running")
             #expect(try await source.qmp.execute("query-migrate") == [:])
             _ = await source.shutdown()
-        }
-    }
-
-    /// A target given a cpr channel (the series author's flow: `-incoming defer` plus the
-    /// cpr channel) listens on it and reads it before anything else: a stream there that
-    /// is not a cpr state fails the target, saying so.
-    @Test func cprChannelOnTheCommandLineCarriesOnlyTheCPRState() async throws {
-        try await withArtifacts { artifacts in
-            let cpr = try artifacts.socketPath("cpr.sock")
-            let target = try await Machine.launch(
-                .bundledGuest(arguments: ["-incoming", "defer", "-incoming", Self.channel("cpr", cpr), "-global", "migration.x-events=on"], name: "target"),
-                in: artifacts)
-            #expect(try await target.qmp.execute("query-status")["status"] == "inmigrate")
-            let fd = try UnixSocket.connect(path: cpr)
-            defer { close(fd) }
-            let bytes = Self.streamHeader + Self.frame(kind: 1)  // a configuration section
-            #expect(bytes.withUnsafeBytes { write(fd, $0.baseAddress, $0.count) } == bytes.count)
-            _ = try await target.qmp.waitForEvent("MIGRATION", matching: ["status": "failed"], timeout: .seconds(10))
-            #expect(try await target.wait(timeout: .seconds(10)) == .exited(1))
-            let log = target.stderrTail(20).joined(separator: "\n")
-            #expect(log.contains("incoming migration failed: the cpr channel carries the cpr state only, not configuration"), "\(log)")
-        }
-    }
-
-    /// With both channels, the main channel's stream waits, unread, until the cpr state
-    /// was applied (here an empty one: cpr-transfer does not fill it yet), then loads.
-    @Test func mainChannelWaitsForTheCPRState() async throws {
-        try await withArtifacts { artifacts in
-            let main = try artifacts.socketPath("main.sock")
-            let cpr = try artifacts.socketPath("cpr.sock")
-            let source = try await Machine.launch(.bundledGuest(name: "source"), in: artifacts)
-            let target = try await Machine.launch(
-                .bundledGuest(arguments: ["-incoming", Self.channel("main", main), "-incoming", Self.channel("cpr", cpr),
-                                          "-global", "migration.x-events=on"], name: "target"),
-                in: artifacts)
-            try await source.console.waitForPrompt(timeout: .seconds(20))
-            try await source.qmp.execute("migrate-set-capabilities", arguments: ["capabilities": [["capability": "events", "state": true]]])
-            try await source.qmp.execute("migrate", arguments: ["uri": .string("unix:" + main)])
-            _ = try await target.qmp.waitForEvent("MIGRATION", matching: ["status": "active"], timeout: .seconds(10))
-            // Connected but held: nothing completes without the cpr state.
-            try await Task.sleep(for: .milliseconds(300))
-            #expect(try await target.qmp.execute("query-migrate")["status"] == "active")
-            #expect(try await target.qmp.execute("query-status")["status"] == "inmigrate")
-            let fd = try UnixSocket.connect(path: cpr)
-            defer { close(fd) }
-            let bytes = Self.streamHeader + Self.frame(kind: 7)  // an empty cpr state
-            #expect(bytes.withUnsafeBytes { write(fd, $0.baseAddress, $0.count) } == bytes.count)
-            try await MigrationWaiter.waitForFinish(source: source, target: target, timeout: .seconds(30))
-            try await target.qmp.execute("cont")
-            try await target.console.run("echo on the target", expect: "on the target")
-            _ = await source.shutdown()
-            _ = await target.shutdown()
         }
     }
 

@@ -16,7 +16,7 @@ extension SerializedNetworkSuites {
     /// swapped, and the few further changes listed at the top of
     /// Resources/test_tap_migration.py (no `&&` in the bundled guest's shell; the series'
     /// own incoming-fds check; late-but-answered pings on a loaded host). The vhost
-    /// variants wait for vhost.
+    /// variants (kernel vhost-net) run where /dev/vhost-net exists and skip elsewhere.
     @Suite(.requiresKVM, .requiresGuestImage, .requiresVMM, .requiresNetworkNamespaces)
     struct SeedTapMigrationFunctionalTests {
         static let script = URL(fileURLWithPath: #filePath).deletingLastPathComponent()
@@ -25,6 +25,16 @@ extension SerializedNetworkSuites {
         @Test(.enabled(if: seedTapMigrationUnavailable == nil, Comment(rawValue: seedTapMigrationUnavailable ?? "")),
               arguments: ["test_tap_fd_migration", "test_tap_new_tap_migration"])
         func seedTestRunsThroughQemuQMP(test: String) async throws {
+            try await Self.runSeed(test)
+        }
+
+        @Test(.requiresVhostNet, .enabled(if: seedTapMigrationUnavailable == nil, Comment(rawValue: seedTapMigrationUnavailable ?? "")),
+              arguments: ["test_tap_fd_migration_vhost", "test_tap_new_tap_migration_vhost"])
+        func seedVhostTestRunsThroughQemuQMP(test: String) async throws {
+            try await Self.runSeed(test)
+        }
+
+        static func runSeed(_ test: String) async throws {
             let python = try #require(VMMBinary.findExecutable("python3"))
             let process = Process()
             process.executableURL = URL(fileURLWithPath: python)

@@ -25,8 +25,9 @@ extension SerializedNetworkSuites {
             try await Self.run(local: false)
         }
 
-        /// The seed's flow (`_test_tap_migration`), step by step.
-        static func run(local: Bool) async throws {
+        /// The seed's flow (`_test_tap_migration`), step by step; `vhost`: both sides'
+        /// netdevs with vhost=on (the seed's `*_vhost` cases, VhostKernelFunctionalTests).
+        static func run(local: Bool, vhost: Bool = false) async throws {
             let ramPath = "/dev/shm/vmm-tap-migration-\(getpid())-\(local ? "local" : "normal")"
             defer { unlink(ramPath) }
             try await NetworkNamespace.with { ns in
@@ -43,7 +44,7 @@ extension SerializedNetworkSuites {
                 let uri = "unix:\(socketDirectory)/migration.sock"
                 try await withArtifacts { artifacts in
                     let source = try await launch("source", ns: ns, ramPath: ramPath, incoming: false, in: artifacts)
-                    try await configure(source, ifname: "tap0", incomingFDs: false, local: local)
+                    try await configure(source, ifname: "tap0", incomingFDs: false, local: local, vhost: vhost)
                     try await source.qmp.execute("cont")
                     try await source.console.waitForPrompt(timeout: .seconds(20))
                     try await source.console.run("ip addr add \(guestAddress)/24 dev eth0", failure: "no such device", timeout: .seconds(30))
@@ -57,7 +58,7 @@ extension SerializedNetworkSuites {
                     try await pinger.waitForReplies(50, timeout: .seconds(10))
 
                     let target = try await launch("target", ns: ns, ramPath: ramPath, incoming: true, in: artifacts)
-                    try await configure(target, ifname: "tap1", incomingFDs: local, local: local)
+                    try await configure(target, ifname: "tap1", incomingFDs: local, local: local, vhost: vhost)
                     try await target.qmp.execute("migrate-incoming", arguments: ["uri": .string(uri)])
 
                     var freeze = FreezeWindow.begin()
@@ -86,6 +87,7 @@ extension SerializedNetworkSuites {
                     let nic = try await NetworkDeviceFunctionalTests.nicInfo(target.qmp, id: "vnet.1")
                     // The guest's queue-pair setting came along with the device state.
                     #expect(nic["x-virtio-net"]?["queue-pairs"]?.intValue == Int64(queues), "\(nic.serialized)")
+                    #expect(nic["x-virtio-net"]?["datapath"] == (vhost ? "vhost-kernel" : "userspace"), "\(nic.serialized)")
                     #expect(try await ns.withRoute { try $0.tunInfo(local ? "tap0" : "tap1") }.queues == queues)
                 }
             }
@@ -107,8 +109,9 @@ extension SerializedNetworkSuites {
         /// The seed's netdev_add/device_add and migration settings; a local target's netdev
         /// waits for the source's queues (without the ifname/vnet_hdr the seed's test still
         /// passed there, which its own v13 check rejects).
-        static func configure(_ vm: Machine, ifname: String, incomingFDs: Bool, local: Bool) async throws {
+        static func configure(_ vm: Machine, ifname: String, incomingFDs: Bool, local: Bool, vhost: Bool = false) async throws {
             var netdev: JSONObject = ["id": "netdev.1", "type": "tap", "queues": .int(Int64(queues)), "script": "no", "downscript": "no"]
+            if vhost { netdev["vhost"] = true }
             if incomingFDs {
                 netdev["incoming-fds"] = true
             } else {

@@ -9,7 +9,7 @@ import TestKit
 @testable import VMMCore
 
 /// Keeps every log message, so a test can check what a user would read on stderr.
-private struct CapturingLogHandler: LogHandler {
+struct CapturingLogHandler: LogHandler {
     let messages: Mutex<[String]>.Box
     var metadata: Logger.Metadata = [:]
     var logLevel: Logger.Level = .trace

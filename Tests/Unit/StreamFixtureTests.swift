@@ -20,13 +20,17 @@ import Testing
         Fixture(name: "\(version)-normal-4queues", queuePairs: 4, local: false),
     ] }
 
-    static func bytes(_ fixture: Fixture) throws -> [UInt8] {
-        Array(try Data(contentsOf: URL(fileURLWithPath: "\(packageRoot)/Tests/Fixtures/streams/\(fixture.name).stream")))
+    static func bytes(_ fixture: Fixture) throws -> [UInt8] { try bytes(fixture.name) }
+
+    static func bytes(_ name: String) throws -> [UInt8] {
+        Array(try Data(contentsOf: URL(fileURLWithPath: "\(packageRoot)/Tests/Fixtures/streams/\(name).stream")))
     }
 
     /// The fds the source passed, as capture.py recorded them: (section name, count).
-    static func recordedFDClaims(_ fixture: Fixture) throws -> [String: Int] {
-        let data = try Data(contentsOf: URL(fileURLWithPath: "\(packageRoot)/Tests/Fixtures/streams/\(fixture.name).fds.json"))
+    static func recordedFDClaims(_ fixture: Fixture) throws -> [String: Int] { try recordedFDClaims(fixture.name) }
+
+    static func recordedFDClaims(_ name: String) throws -> [String: Int] {
+        let data = try Data(contentsOf: URL(fileURLWithPath: "\(packageRoot)/Tests/Fixtures/streams/\(name).fds.json"))
         let json = try #require(try JSONSerialization.jsonObject(with: data) as? [String: Any])
         let claims = try #require(json["claims"] as? [[String: Any]])
         var result: [String: Int] = [:]
@@ -62,6 +66,44 @@ import Testing
         #expect(target.transport.negotiatedFeatures & VirtioPCITransport.featureVersion1 != 0)
         // Local: the TAP queues came as fds and went to the netdev; the RAM memfd replaced RAM.
         #expect(target.backend.adopted == (fixture.local ? fixture.queuePairs : 0))
+    }
+}
+
+extension StreamFixtureTests {
+    /// cpr-transfer (capture.py --cpr): the cpr channel's stream, one cpr state section with
+    /// the RAM memfd and the TAP queues, and the main channel's stream without RAM. The
+    /// cpr state goes through the target's state machine first, the `cpr=on` netdev claims
+    /// its queues by id, then the main stream loads and completes.
+    @Test func capturedCPRTransferLoads() throws {
+        let name = "v3-cpr-transfer-4queues"
+        let cprBytes = try Self.bytes(name + ".cpr")
+        #expect(try MigrationStream.checkHeader(cprBytes) == 3)
+        let length = try MigrationStream.frameLength(Array(cprBytes[12..<16]))
+        #expect(cprBytes.count == 16 + length, "the cpr channel carries one section")
+        let section = try MigrationStream.decode(frame: Array(cprBytes[16...]))
+        #expect(section.kind == .cprState)
+        #expect(section.fdNames == ["machine/ram"] + (0..<4).map { "netdev/n0/tap.\($0)" })
+        let state = try CPRState.decode(section.payload, owner: "cpr")
+        #expect(state.ramKind == .memfd && state.ramSize == 64 << 20)
+        #expect(state.netdevs.map { "\($0.id) \($0.queues) \($0.ifname)" } == ["n0 4 tap0"])
+
+        let main = try Self.bytes(name)
+        let sections = try MigrationStream.decodeAll(main)
+        let description = try MachineDescription.decode(try #require(sections.first).payload)
+        #expect(description.properties["mode"] == "cpr-transfer")
+        #expect(!sections.contains { $0.kind == .ram || $0.kind == .sharedRAM }, "no RAM on the main channel")
+        #expect(try Self.recordedFDClaims(name) == [:])
+
+        let target = try FixtureTarget(description, recordedFDs: [:])
+        let cprFDs = ReceivedFDs()
+        cprFDs.append([try GuestMemory(size: 64 << 20, shared: true).fd.duplicate()])
+        cprFDs.append((0..<4).map { _ in FileDescriptor(adopting: open("/dev/null", O_RDONLY | O_CLOEXEC), label: "TAP queue stand-in") })
+        try target.load(sections, header: Array(main.prefix(MigrationStream.headerSize)), configuration: description,
+                        cpr: (Array(cprBytes.prefix(MigrationStream.headerSize)), section, cprFDs))
+        #expect(cprFDs.closeUnclaimed() == [] && target.received.closeUnclaimed() == [])
+        #expect(target.backend.adopted == 4)
+        #expect(target.transport.status & VirtioPCITransport.Status.driverOK != 0)
+        #expect(target.nic.queuePairsInUse == 4)
     }
 }
 
@@ -122,10 +164,19 @@ final class FixtureTarget {
     }
 
     /// The whole stream through the target's receive state machine, as it arrives.
-    func load(_ sections: [MigrationStream.Section], header: [UInt8], configuration: MachineDescription) throws {
+    /// `cpr`: a cpr-transfer's cpr channel (header, cpr state, its fds), read first; the
+    /// netdev then claims its queues from it, as a `cpr=on` netdev does.
+    func load(_ sections: [MigrationStream.Section], header: [UInt8], configuration: MachineDescription,
+              cpr: (header: [UInt8], section: MigrationStream.Section, fds: ReceivedFDs)? = nil) throws {
         let target = IncomingTarget(description: configuration, devices: [serial, pciBus, transport], memory: memory,
                                     netdevOf: [nic.id: backend.id], progress: MigrationState(), restoreVCPU: { _ in })
-        let incoming = IncomingMigration(expectsCPR: false, target: target)
+        let incoming = IncomingMigration(expectsCPR: cpr != nil, target: target)
+        if let cpr {
+            try incoming.begin(.cpr, header: cpr.header, fds: cpr.fds)
+            #expect(try incoming.receive(cpr.section, on: .cpr) == .finished)
+            let (entry, queues) = try incoming.claimCPRNetdev(backend.id)
+            try backend.adoptIncoming(queues, vnetHeader: entry.vnetHeader)
+        }
         try incoming.begin(.main, header: header, fds: received)
         for section in sections {
             if section.kind == .ram { ramPages += 1 }

@@ -84,3 +84,24 @@ import Testing
         #expect(passing.allSatisfy { fcntl($0, F_GETFD) >= 0 })
     }
 }
+
+@Suite struct DatapathArgumentTests {
+    @Test func eachDatapathSpellsItsNetdevAsQEMUDoes() {
+        var network = GuestNetwork(queues: 2)
+        #expect(network.arguments()[0...1] == ["-netdev", "tap,id=n0,ifname=tap0,queues=2,script=no,downscript=no"])
+        network.datapath = .vhostKernel
+        #expect(network.arguments()[1] == "tap,id=n0,ifname=tap0,queues=2,script=no,downscript=no,vhost=on")
+        #expect(network.incomingArguments[1] == "tap,id=n0,incoming-fds=on,queues=2,script=no,downscript=no,vhost=on")
+        network.datapath = .vhostUser
+        #expect(Array(network.arguments(vhostUserSocket: "/run/b.sock")[0...3]) == [
+            "-chardev", "socket,id=chr-n0,path=/run/b.sock", "-netdev", "vhost-user,id=n0,chardev=chr-n0,queues=2"])
+        #expect(network.incomingArguments[1] == "vhost-user,id=n0,queues=2,incoming-fds=on")
+        #expect(network.arguments().last == network.deviceArguments.last)
+    }
+
+    @Test func onlyKernelVhostDependsOnTheHost() {
+        #expect(Datapath.userspace.unavailableReason == nil)
+        #expect(Datapath.vhostUser.unavailableReason == nil)
+        #expect(Datapath.vhostKernel.unavailableReason == HostRequirement.vhostNetUnavailable())
+    }
+}

@@ -17,9 +17,9 @@ import Testing
     final class Rig: @unchecked Sendable {
         let memory: GuestMemory
         let backend: VhostUserNetBackend
-        let front: VhostUserConnection
+        var front: VhostUserConnection
         let tapPeer: Int32
-        let server: OSThread
+        var server: OSThread
         final class Lines: Sendable { let lines = Mutex<[String]>([]) }
         let log = Lines()
         let kicks: [EventFD]
@@ -43,6 +43,18 @@ import Testing
             server = try OSThread(name: "vu-test serve") { backend.serve(back) }
             kicks = try [EventFD(label: "kick 0"), EventFD(label: "kick 1")]
             calls = try [EventFD(label: "call 0"), EventFD(label: "call 1")]
+        }
+
+        /// The current front-end leaves (its socket closes) and a new one connects.
+        func nextFrontEnd() throws {
+            front.socket.close()
+            server.join()
+            var pair: [Int32] = [-1, -1]
+            socketpair(AF_UNIX, Int32(SOCK_STREAM.rawValue) | Int32(SOCK_CLOEXEC.rawValue), 0, &pair)
+            front = VhostUserConnection(socket: FileDescriptor(adopting: pair[0], label: "next front-end"))
+            let back = VhostUserConnection(socket: FileDescriptor(adopting: pair[1], label: "backend"))
+            let backend = self.backend
+            server = try OSThread(name: "vu-test serve") { backend.serve(back) }
         }
 
         func finish() {
@@ -155,6 +167,26 @@ import Testing
         // GET_VRING_BASE stops the ring and says where: one entry taken.
         #expect(try rig.request(.getVringBase(VhostUserVringState(index: 0, num: 0))) == .vringBaseReply(VhostUserVringState(index: 0, num: 1)))
     }
+
+    /// A frame that reaches the TAP between two front-ends waits there (no ring runs, so
+    /// nothing reads it) and goes to the next front-end's guest.
+    @Test func aFrameQueuedInTheTAPBetweenFrontEndsReachesTheNext() throws {
+        let rig = try Rig()
+        defer { rig.finish() }
+        try rig.setUp()
+        try rig.nextFrontEnd()
+        let sent = [UInt8](repeating: 0, count: 12) + Self.frame
+        #expect(send(rig.tapPeer, sent, sent.count, 0) == sent.count)
+        usleep(50_000)
+        try rig.setUp()
+        try rig.post(ring: 0, slot: 0, address: 0x60000, length: 2048, writable: true)
+        rig.kicks[0].signal()
+        #expect(try rig.waitForUsed(ring: 0, count: 1))
+        var expected = sent
+        expected[10] = 1  // num_buffers
+        #expect(try rig.memory.read(at: 0x60000, count: sent.count) == expected)
+    }
+
 
     /// Each bad request: an error reply (NEED_REPLY), a log line naming the message, the
     /// connection closed; the backend then serves the next front-end.

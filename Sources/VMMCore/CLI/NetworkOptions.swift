@@ -8,20 +8,26 @@ public struct NetdevSpec: Sendable, Equatable {
     public var vnetHeader: Bool?
     /// Inherited fds (`fd=N` or `fds=N:M:...`), used instead of opening `ifname`.
     public var fds: [Int32]?
+    /// `vhost=on`: the kernel's vhost-net runs the TAP's rings.
+    public var vhost: VhostKernelOptions?
     /// `incoming-fds=on`: open nothing; the queues come from a local migration's stream.
     public var incomingFDs = false
     /// `-netdev vhost-user,chardev=ID`: the rings run in the backend behind that socket chardev.
     public var vhostUserChardev: String?
     /// `-netdev vhost-user`: with `incoming-fds=on` its connection comes from a local migration.
     public var vhostUser = false
+    /// `cpr=on` (default off): a cpr-transfer hands this TAP's fds to the next process,
+    /// and on a cpr-transfer target the netdev takes them from the cpr state by its id.
+    public var cpr = false
 
     static let vhostUserKeys: Set<String> = ["type", "id", "chardev", "queues", "incoming-fds"]
 
-    static let keys: Set<String> = ["type", "id", "ifname", "queues", "script", "downscript", "vnet_hdr", "fd", "fds", "vhost", "sndbuf", "incoming-fds", "helper", "br"]
+    static let keys: Set<String> = ["type", "id", "ifname", "queues", "script", "downscript", "vnet_hdr", "fd", "fds", "vhost", "vhostforce",
+                                     "vhostfd", "vhostfds", "sndbuf", "incoming-fds", "helper", "br", "cpr"]
     /// What `incoming-fds` excludes, in the series' order and wording: all of it describes
-    /// how to open or configure a TAP, which comes from the source instead. (The series
-    /// accepts `vhost=`, `vhostfds=`, `vhostforce=` and `poll-us=` beside it: vhost is set
-    /// up after the load. They join `keys` when vhost does.)
+    /// how to open or configure a TAP, which comes from the source instead. (`vhost=`,
+    /// `vhostforce=`, `vhostfd(s)=` stay allowed: the target's own vhost devices are set up
+    /// on the TAP once it arrived.)
     static let excludedByIncomingFDs = ["fd", "fds", "helper", "br", "ifname", "sndbuf", "vnet_hdr"]
 
     /// `script=no` and, as in QEMU, `script=` (empty): no script runs.
@@ -72,11 +78,12 @@ public struct NetdevSpec: Sendable, Equatable {
                 throw VMMConfiguration.Error("\(option) \(value): \(key)=\(script) is not supported, use \(key)=no and set the TAP up beforehand")
             }
         }
-        if try list.bool("vhost", default: false) {
-            throw VMMConfiguration.Error("\(option) \(value): vhost=on is not supported yet")
-        }
         var spec = NetdevSpec(id: id, ifname: list["ifname"], queues: 1, vnetHeader: nil, fds: nil)
         spec.incomingFDs = incomingFDs
+        spec.cpr = try list.bool("cpr", default: false)
+        if spec.cpr && incomingFDs {
+            throw VMMConfiguration.Error("\(option) \(value): cpr=on and incoming-fds=on exclude each other (cpr-transfer passes the fds on the cpr channel, local migration in the stream)")
+        }
         if let queues = list["queues"] {
             guard let n = Int(queues), n >= 1, n <= 256 else { throw VMMConfiguration.Error("\(option) \(value): queues=\(queues) must be 1..256") }
             spec.queues = n
@@ -99,6 +106,7 @@ public struct NetdevSpec: Sendable, Equatable {
             }
             spec.queues = fds.count
         }
+        spec.vhost = try VhostKernelOptions.parse(list, queues: spec.queues, option: option, value: value)
         return spec
     }
 
@@ -108,6 +116,40 @@ public struct NetdevSpec: Sendable, Equatable {
             guard fcntl(fd, F_GETFD) >= 0 else { throw VMMConfiguration.Error("\(option) \(value): fd \(fd) is not open in this process") }
             return fd
         }
+    }
+}
+
+/// A TAP's `vhost=on[,vhostforce=on][,vhostfd=N|vhostfds=N:M:...]`, as QEMU reads them
+/// (`tap_parse_vhost_fds`): `vhost=` decides when given; without it, vhostfd(s) or
+/// vhostforce=on turn vhost on. There is no fallback to the userspace datapath: vhost
+/// that cannot be set up is an error, so `vhostforce` (which once meant "no fallback")
+/// changes nothing beyond turning vhost on.
+public struct VhostKernelOptions: Sendable, Equatable {
+    /// Inherited `/dev/vhost-net` fds, one per queue; nil: the VMM opens its own.
+    public var fds: [Int32]?
+    /// The option as given, for errors at netdev creation ("-netdev tap,id=n1,vhost=on").
+    public var origin: String
+
+    static func parse(_ list: KeyValueList, queues: Int, option: String, value: String) throws -> VhostKernelOptions? {
+        let fail = { (message: String) in VMMConfiguration.Error("\(option) \(value): \(message)") }
+        let force = try list.bool("vhostforce", default: false)
+        let given = list["vhostfd"] ?? list["vhostfds"]
+        if list["vhostfd"] != nil && list["vhostfds"] != nil { throw fail("vhostfd= and vhostfds= exclude each other") }
+        let wanted = list["vhost"] != nil ? try list.bool("vhost", default: false) : (given != nil || force)
+        guard wanted else {
+            if let key = ["vhostfd", "vhostfds"].first(where: { list[$0] != nil }) { throw fail("\(key)= needs vhost=on, but vhost=off was given") }
+            return nil
+        }
+        var options = VhostKernelOptions(fds: nil, origin: "\(option) \(value)")
+        if let given {
+            let key = list["vhostfd"] != nil ? "vhostfd" : "vhostfds"
+            let fds = try NetdevSpec.parseFDs(given, option: option, value: value)
+            guard fds.count == queues else {
+                throw fail("\(key)=\(given) gives \(fds.count) vhost-net fd\(fds.count == 1 ? "" : "s") for netdev '\(list["id"] ?? "")', which has \(queues) queue\(queues == 1 ? "" : "s") (one per queue)")
+            }
+            options.fds = fds
+        }
+        return options
     }
 }
 
@@ -214,12 +256,47 @@ public enum PCIBridgeSpec {
     }
 }
 
-/// `-chardev socket,id=ID,path=PATH`: a unix socket the VMM connects to (a vhost-user
-/// backend's). Only the client side: server=on is not supported.
+/// `-chardev socket,id=ID,path=PATH[,reconnect=SECONDS]` (and QMP `chardev-add`'s socket
+/// backend): a unix socket the VMM connects to, a vhost-user backend's. Only the client
+/// side: server=on is not supported. The netdev using it connects (QEMU connects at
+/// chardev creation; here a chardev nobody uses holds no socket).
+public struct SocketChardev: Sendable, Equatable {
+    public var id: String
+    public var path: String
+    /// QEMU 7.2's `reconnect`: seconds between connection attempts once the peer went
+    /// away (or could not be reached at start-up); 0, the default, never reconnects.
+    public var reconnect: Int
+
+    /// The largest `reconnect` taken: a day. (QEMU takes any int64; past that the
+    /// nanosecond timer would overflow, and nobody means it.)
+    public static let maxReconnect = 86_400
+
+    /// Validates what both spellings share; `context` starts each message
+    /// (`-chardev socket,id=c,...` or `chardev-add`).
+    public init(id: String, path: String, reconnect: Int = 0, context: String) throws {
+        guard !path.isEmpty else { throw VMMConfiguration.Error("\(context): the socket path is empty") }
+        guard path.utf8.count <= UnixSocket.maxPathLength else {
+            throw VMMConfiguration.Error("\(context): UNIX socket path '\(path)' is too long (\(path.utf8.count) bytes, at most \(UnixSocket.maxPathLength))")
+        }
+        guard (0...Self.maxReconnect).contains(reconnect) else {
+            throw VMMConfiguration.Error("\(context): reconnect=\(reconnect) must be 0..\(Self.maxReconnect) seconds (0: never)")
+        }
+        self.id = id
+        self.path = path
+        self.reconnect = reconnect
+    }
+
+    /// `query-chardev`'s `filename`, as QEMU's char-socket writes it.
+    public func filename(connected: Bool) -> String { (connected ? "" : "disconnected:") + "unix:\(path)" }
+
+    /// How messages name it: `chardev 'c' (unix:/run/vu.sock)`.
+    public var described: String { "chardev '\(id)' (unix:\(path))" }
+}
+
 public enum SocketChardevSpec {
     static let keys: Set<String> = ["backend", "id", "path", "server", "wait", "reconnect"]
 
-    public static func parse(_ value: String, option: String) throws -> (id: String, path: String) {
+    public static func parse(_ value: String, option: String) throws -> SocketChardev {
         let list = try KeyValueList(value, option: option, impliedKey: "backend")
         guard list["backend"] == "socket" else {
             throw VMMConfiguration.Error("\(option) \(value): unsupported chardev backend '\(list["backend"] ?? "")' (only 'socket')")
@@ -228,7 +305,14 @@ public enum SocketChardevSpec {
         if try list.bool("server", default: false) {
             throw VMMConfiguration.Error("\(option) \(value): server=on is not supported (the VMM connects to the backend)")
         }
-        if list["reconnect"] != nil { throw VMMConfiguration.Error("\(option) \(value): reconnect= is not supported yet") }
-        return (try list.required("id", in: value), try list.required("path", in: value))
+        var reconnect = 0
+        if let text = list["reconnect"] {
+            guard let seconds = Int(text), seconds >= 0 else {
+                throw VMMConfiguration.Error("\(option) \(value): reconnect=\(text) is not a number of seconds (0 or more)")
+            }
+            reconnect = seconds
+        }
+        return try SocketChardev(id: try list.required("id", in: value), path: try list.required("path", in: value),
+                                 reconnect: reconnect, context: "\(option) \(value)")
     }
 }

@@ -19,8 +19,8 @@ public struct VMMConfiguration: Sendable, Equatable {
     public var serial: [ChardevSpec] = []
     public var qmp: [ChardevSpec] = []
     public var netdevs: [NetdevSpec] = []
-    /// `-chardev socket,id=,path=`: id → socket path.
-    public var socketChardevs: [String: String] = [:]
+    /// `-chardev socket,id=,path=[,reconnect=]`, by id.
+    public var socketChardevs: [String: SocketChardev] = [:]
     public var devices: [DeviceSpec] = []
     /// Ids of `-device pcie-pci-bridge` aliases: bus names a NIC may give.
     public var pciBridges: [String] = []
@@ -55,7 +55,10 @@ public struct VMMConfiguration: Sendable, Equatable {
           -append STRING           guest command line
           -serial stdio|file:PATH|unix:PATH[,server=on[,wait=off]]|none
           -qmp unix:PATH[,server=on[,wait=off]]
-          -netdev tap,id=ID[,ifname=NAME][,queues=N][,vnet_hdr=on|off][,fd=N|fds=N:M:...],script=no,downscript=no
+          -netdev tap,id=ID[,ifname=NAME][,queues=N][,vnet_hdr=on|off][,fd=N|fds=N:M:...][,cpr=on],script=no,downscript=no
+                   [,vhost=on[,vhostforce=on][,vhostfd=N|vhostfds=N:M:...]]   (kernel vhost-net, /dev/vhost-net)
+          -chardev socket,id=ID,path=PATH[,reconnect=SECONDS]   a vhost-user backend's socket
+          -netdev vhost-user,id=ID,chardev=ID[,queues=N]
           -device virtio-net-pci,netdev=ID[,id=ID][,mac=MAC][,mq=on|off][,local-migration=on|off][,bus=BUS]
           -device pcie-pci-bridge,id=ID[,bus=pcie.0]   (alias: adds bus name ID, see docs/cli.md)
           -incoming unix:PATH|tcp:HOST:PORT|defer|'{"channel-type": "main"|"cpr", "addr": {...}}'
@@ -126,8 +129,10 @@ public struct VMMConfiguration: Sendable, Equatable {
                 case "object": config.memoryBackends.append(try parseObject(value, option: raw))
                 case "netdev": config.netdevs.append(try NetdevSpec.parse(value, option: raw))
                 case "chardev":
-                    let (id, path) = try SocketChardevSpec.parse(value, option: raw)
-                    guard config.socketChardevs.updateValue(path, forKey: id) == nil else { throw fail("\(raw) \(value): duplicate chardev id '\(id)'") }
+                    let chardev = try SocketChardevSpec.parse(value, option: raw)
+                    guard config.socketChardevs.updateValue(chardev, forKey: chardev.id) == nil else {
+                        throw fail("\(raw) \(value): duplicate chardev id '\(chardev.id)'")
+                    }
                 case "device":
                     if PCIBridgeSpec.isBridge(value) {
                         config.pciBridges.append(try PCIBridgeSpec.parse(value, option: raw))

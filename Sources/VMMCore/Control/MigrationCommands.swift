@@ -5,7 +5,7 @@ extension Machine {
     func registerMigrationCommands() {
         let d = dispatcher
         d.register("migrate", arguments: ["uri": .string, "channels": .array, "detach": .boolean, "resume": .boolean]) { [unowned self] args in
-            try startMigration(to: try outgoingMainChannel(try Self.migrationChannels(args)))
+            try startMigration(to: try outgoingChannels(try Self.migrationChannels(args)))
             return [:]
         }
         d.register("migrate-incoming", arguments: ["uri": .string, "channels": .array, "exit-on-error": .boolean]) { [unowned self] args in
@@ -98,11 +98,21 @@ extension Machine {
     }
 
     /// The source's channels against the migration mode: normal and local use the main
-    /// channel only; cpr-transfer (main and cpr) is refused until it is implemented.
-    func outgoingMainChannel(_ channels: MigrationChannels) throws -> MigrationURI {
+    /// channel only; cpr-transfer needs the main and the cpr channel, both unix sockets
+    /// (fds travel on both). Refused here, before anything happens to the guest.
+    func outgoingChannels(_ channels: MigrationChannels) throws -> OutgoingChannels {
         let mode = migration.parameters["mode"]?.stringValue ?? "normal"
-        guard mode != "cpr-transfer" else {
-            throw QMPCommandError("Migration mode 'cpr-transfer' is not implemented yet; set mode 'normal'")
+        if mode == "cpr-transfer" {
+            guard let main = channels.main else {
+                throw QMPCommandError("migrate: mode 'cpr-transfer' needs a main channel besides the cpr channel (\(channels.cpr.map { "\($0)" } ?? "none")); give channels [main, cpr]")
+            }
+            guard let cpr = channels.cpr else {
+                throw QMPCommandError("migrate: mode 'cpr-transfer' needs a cpr channel besides the main channel (\(main)); give channels [main, cpr]")
+            }
+            for (type, uri) in [("main", main), ("cpr", cpr)] where !uri.carriesFileDescriptors {
+                throw QMPCommandError("migrate: mode 'cpr-transfer' passes file descriptors, which only a unix socket carries; the \(type) channel is '\(uri)'")
+            }
+            return OutgoingChannels(main: main, cpr: cpr)
         }
         if let cpr = channels.cpr {
             throw QMPCommandError("A cpr channel (\(cpr)) is only used by migration mode 'cpr-transfer', but mode is '\(mode)'")
@@ -111,7 +121,13 @@ extension Machine {
         if case .fd = main {
             throw QMPCommandError("migrate: channel \(main) is not supported; an fd channel is for the target's listening socket only")
         }
-        return main
+        return OutgoingChannels(main: main, cpr: nil)
+    }
+
+    struct OutgoingChannels: Sendable {
+        var main: MigrationURI
+        /// cpr-transfer only.
+        var cpr: MigrationURI?
     }
 
     /// QEMU's MigrationInfo; times in ms, plus `x-downtime-us` (the downtime in

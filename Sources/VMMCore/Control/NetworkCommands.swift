@@ -7,29 +7,57 @@ import QMPWire
 extension Machine {
     func addNetdev(_ spec: NetdevSpec) throws {
         guard netdevs[spec.id] == nil else { throw QMPCommandError("Duplicate ID '\(spec.id)' for netdev") }
+        if let vhost = spec.vhost {
+            try addVhostKernelNetdev(spec, vhost)
+            return
+        }
         if spec.incomingFDs {
             // The seed's wording: such a netdev only makes sense on a migration target.
             guard runState == .inmigrate else { throw QMPCommandError("Peers wait for incoming, but it's not an incoming migration.") }
-            netdevs[spec.id] = spec.vhostUser ? VhostUserNetdev(id: spec.id, incomingQueues: spec.queues)
+            netdevs[spec.id] = spec.vhostUser ? VhostUserNetdev(id: spec.id, incomingQueues: spec.queues, loop: loop, logger: logger)
                                               : TapBackend(id: spec.id, incomingQueues: spec.queues)
             return
         }
-        if let chardev = spec.vhostUserChardev {
-            guard let path = config.socketChardevs[chardev] else {
-                throw QMPCommandError("netdev \(spec.id): chardev '\(chardev)' not found (give -chardev socket,id=\(chardev),path=PATH)")
+        if let chardevID = spec.vhostUserChardev {
+            guard let chardev = chardevs[chardevID] else {
+                throw QMPCommandError("netdev \(spec.id): chardev '\(chardevID)' not found (add it with -chardev socket,id=\(chardevID),path=PATH or chardev-add)")
             }
-            netdevs[spec.id] = try VhostUserNetdev(id: spec.id, socketPath: path, queues: spec.queues)
+            if let user = chardevUsers[chardevID] {
+                throw QMPCommandError("netdev \(spec.id): chardev '\(chardevID)' is already used by netdev '\(user)'")
+            }
+            netdevs[spec.id] = try VhostUserNetdev(id: spec.id, chardev: chardev, queues: spec.queues, loop: loop, logger: logger)
+            chardevUsers[chardevID] = spec.id
             return
         }
-        if let fds = spec.fds {
+        let backend: TapBackend
+        if spec.cpr, let incoming = migration.incoming, incoming.cprState != nil {
+            backend = try cprTap(spec, from: incoming)
+        } else if let fds = spec.fds {
             // The backend owns copies; the originals stay with whoever passed them.
-            netdevs[spec.id] = try TapBackend(id: spec.id, adopting: try fds.enumerated().map { index, fd in
+            backend = try TapBackend(id: spec.id, adopting: try fds.enumerated().map { index, fd in
                 try FileDescriptor.duplicating(inherited: fd, label: TapBackend.queueLabel(spec.id, index))
             }, vnetHeader: spec.vnetHeader)
         } else {
-            netdevs[spec.id] = try TapBackend(id: spec.id, ifname: spec.ifname, queues: spec.queues, vnetHeader: spec.vnetHeader)
+            backend = try TapBackend(id: spec.id, ifname: spec.ifname, queues: spec.queues, vnetHeader: spec.vnetHeader)
         }
+        backend.cpr = spec.cpr
+        netdevs[spec.id] = backend
         logger.debug("netdev \(spec.id): TAP \(netdevs[spec.id]!.ifname), \(netdevs[spec.id]!.queueFDs.count) queue(s)")
+    }
+
+    /// A cpr-transfer target's `cpr=on` TAP: the source's queues, from the cpr state by the
+    /// netdev's id (no fd=, fds= or incoming-fds needed); what the options say must agree.
+    private func cprTap(_ spec: NetdevSpec, from incoming: IncomingMigration) throws -> TapBackend {
+        let (entry, fds) = try incoming.claimCPRNetdev(spec.id)
+        let backend = try TapBackend(id: spec.id, adopting: fds, vnetHeader: entry.vnetHeader)
+        if let ifname = spec.ifname, ifname != backend.ifname {
+            throw QMPCommandError("netdev \(spec.id): ifname=\(ifname), but the TAP handed over by the cpr state is '\(backend.ifname)'")
+        }
+        if spec.queues != 1 && spec.queues != backend.queueCount {
+            throw QMPCommandError("netdev \(spec.id): queues=\(spec.queues), but the cpr state hands over \(backend.queueCount) TAP queue(s)")
+        }
+        logger.info("netdev \(spec.id): took over TAP \(backend.ifname) (\(backend.queueCount) queue(s)) from the cpr state")
+        return backend
     }
 
     func addNIC(_ spec: DeviceSpec) throws {
@@ -62,6 +90,30 @@ extension Machine {
         for note in spec.notes(msixVectors: transport.msixVectors) { logger.debug("\(id): \(note)") }
     }
 
+    /// `-netdev tap,...,vhost=on`: the TAP exactly as without vhost (opened, passed in, or
+    /// awaiting a migration's queues), wrapped with its vhost devices. The devices are
+    /// opened first, so failing there creates no TAP; every error names the option. Never
+    /// a fallback to the userspace datapath.
+    private func addVhostKernelNetdev(_ spec: NetdevSpec, _ vhost: VhostKernelOptions) throws {
+        do {
+            let devices: [any VhostKernelIO] = try vhost.fds.map { fds in
+                try fds.enumerated().map { pair, fd in
+                    VhostNetDevice(fd: try FileDescriptor.duplicating(inherited: fd, label: VhostKernelNetdev.deviceLabel(spec.id, pair)))
+                }
+            } ?? VhostKernelNetdev.openDevices(id: spec.id, count: spec.queues)
+            var tapOnly = spec
+            tapOnly.vhost = nil
+            try addNetdev(tapOnly)
+            guard let tap = netdevs.removeValue(forKey: spec.id) else { return }
+            netdevs[spec.id] = try VhostKernelNetdev(id: spec.id, tap: tap, devices: devices, logger: logger)
+        } catch let error as QMPCommandError {
+            throw error  // the TAP's own refusals, in their (the seed's) words
+        } catch {
+            throw QMPCommandError("\(vhost.origin): \(error)")
+        }
+        logger.debug("netdev \(spec.id): on vhost-net, \(spec.queues) queue pair(s)")
+    }
+
     /// QMP arguments as a QEMU option string, so QMP and the command line share one parser.
     /// Named fds (from `getfd`) are replaced by their numbers.
     func optionString(_ leading: String, _ args: JSONObject, skip: Set<String>, resolveFDs: Bool) throws -> (String, [String]) {
@@ -75,7 +127,7 @@ extension Machine {
             case .int(let i): text = String(i)
             default: throw QMPCommandError("Invalid parameter type for '\(key)', expected: string")
             }
-            if resolveFDs && (key == "fd" || key == "fds") {
+            if resolveFDs && ["fd", "fds", "vhostfd", "vhostfds"].contains(key) {
                 text = try text.split(separator: ":").map { name -> String in
                     if Int32(name) != nil { return String(name) }
                     guard let fd = namedFDs[String(name)] else { throw QMPCommandError("File descriptor named '\(name)' has not been found") }
@@ -89,10 +141,10 @@ extension Machine {
         return (parts.joined(separator: ","), claimed)
     }
 
-    /// QAPI's types for `netdev_add` tap arguments (NetdevTapOptions); every other key is a string.
+    /// QAPI's types for `netdev_add` arguments (NetdevTapOptions, NetdevVhostUserOptions); every other key is a string.
     static let netdevArgumentTypes: [String: QMPDispatcher.ArgumentType] = [
         "queues": .uint32, "poll-us": .uint32, "sndbuf": .size,
-        "vnet_hdr": .boolean, "vhost": .boolean, "vhostforce": .boolean, "incoming-fds": .boolean,
+        "vnet_hdr": .boolean, "vhost": .boolean, "vhostforce": .boolean, "incoming-fds": .boolean, "cpr": .boolean,
     ]
 
     func registerNetworkCommands() {
@@ -112,7 +164,7 @@ extension Machine {
             guard namedFDs.removeValue(forKey: name) != nil else { throw QMPCommandError("File descriptor named '\(name)' not found") }
             return [:]
         }
-        let netdevArgs = Dictionary(uniqueKeysWithValues: NetdevSpec.keys.map { ($0, Self.netdevArgumentTypes[$0] ?? .string) })
+        let netdevArgs = Dictionary(uniqueKeysWithValues: NetdevSpec.keys.union(NetdevSpec.vhostUserKeys).map { ($0, Self.netdevArgumentTypes[$0] ?? .string) })
         d.register("netdev_add", arguments: netdevArgs, required: ["type", "id"]) { [unowned self] args in
             let (text, claimed) = try optionString(args["type"]?.stringValue ?? "", args, skip: ["type"], resolveFDs: true)
             // Parse errors become GenericError replies in the dispatcher, with their text.
@@ -124,7 +176,8 @@ extension Machine {
             let id = args["id"]!.stringValue!
             guard netdevs[id] != nil else { throw QMPCommandError("Device '\(id)' not found") }
             guard netdevUsers[id] == nil else { throw QMPCommandError("Device '\(id)' is in use by a NIC") }
-            netdevs[id] = nil
+            netdevs.removeValue(forKey: id)?.shutdown()
+            chardevUsers = chardevUsers.filter { $0.value != id }
             return [:]
         }
         let deviceArgs = Dictionary(uniqueKeysWithValues: DeviceSpec.keys.map { ($0, QMPDispatcher.ArgumentType.any) })

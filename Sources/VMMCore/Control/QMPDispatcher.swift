@@ -155,12 +155,18 @@ public final class QMPDispatcher {
     }
 
     func validate(_ arguments: JSONObject, for command: Command) throws {
-        for (key, value) in arguments.pairs {
-            guard let type = command.arguments[key] else { throw QMPCommandError("Parameter '\(key)' is unexpected") }
-            if let mismatch = type.mismatch(value, key: key) { throw QMPCommandError(mismatch) }
+        try Self.validate(arguments, types: command.arguments, required: command.required)
+    }
+
+    /// Checks an object's members as QEMU's QAPI input visitor does; `path` names a nested
+    /// object's members as QEMU does (`backend.data.addr`).
+    public static func validate(_ object: JSONObject, types: [String: ArgumentType], required: Set<String>, path: String = "") throws {
+        for (key, value) in object.pairs {
+            guard let type = types[key] else { throw QMPCommandError("Parameter '\(path)\(key)' is unexpected") }
+            if let mismatch = type.mismatch(value, key: path + key) { throw QMPCommandError(mismatch) }
         }
-        for key in command.required.sorted() where arguments[key] == nil {
-            throw QMPCommandError("Parameter '\(key)' is missing")
+        for key in required.sorted() where object[key] == nil {
+            throw QMPCommandError("Parameter '\(path)\(key)' is missing")
         }
     }
 }

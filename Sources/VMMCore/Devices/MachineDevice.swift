@@ -42,7 +42,9 @@ extension VersionedState {
 
 /// What the source hands over, which decides what the devices put in the stream.
 public struct HandoverContext: Sendable {
-    public enum Mode: Sendable { case normal, local }
+    /// `local`: fds travel with the device sections; `cprTransfer`: the guest is stopped
+    /// first and `cpr=on` netdevs' fds travel in the cpr state, before any device section.
+    public enum Mode: Sendable { case normal, local, cprTransfer }
     public var mode: Mode
     public init(mode: Mode) { self.mode = mode }
 }
@@ -84,6 +86,15 @@ public protocol MachineDevice: AnyObject, Sendable {
     /// Why this device cannot migrate now (`migrate` is refused up front, naming it, as
     /// QEMU's migration blockers are); nil when it can.
     var migrationBlocker: String? { get }
+    /// cpr-transfer, after `pause` and before the cpr state is sent (003's setup
+    /// notifiers): let go of what the next process takes over, so it can take it at once
+    /// (a `cpr=on` TAP stops being polled; a vhost device resets its owner, so that the
+    /// target's VHOST_SET_OWNER cannot fail with EBUSY). Returns fds the cpr state carries
+    /// beyond the netdev's TAP queues (e.g. `netdev/<id>/vhost.<i>`). Loop thread.
+    func prepareForHandover(_ context: HandoverContext) throws -> [NamedFD]
+    /// The inverse, when the migration failed or was cancelled after `prepareForHandover`
+    /// (or during it): take everything back as it was, before `resume`. Idempotent.
+    func cancelHandover(_ context: HandoverContext)
     /// Pre-copy starts (control thread, before the first pass): a device whose host side
     /// writes guest RAM behind the VMM (vhost: the kernel or a vhost-user back-end) starts
     /// logging those pages. Devices that write RAM in this process mark
@@ -130,6 +141,8 @@ extension MachineDevice {
     public func checkReadyToRun() throws {}
     public var queryInfo: JSONObject? { nil }
     public var migrationBlocker: String? { nil }
+    public func prepareForHandover(_ context: HandoverContext) throws -> [NamedFD] { [] }
+    public func cancelHandover(_ context: HandoverContext) {}
     public func startDirtyLog() throws {}
     public func collectDirty(into bitmap: inout [UInt64]) {}
     public func stopDirtyLog() {}

@@ -69,7 +69,12 @@ final class IncomingMigration: @unchecked Sendable {
     var state: State { current.withLock { $0 } }
     /// A cpr channel was set up: the cpr state must arrive before the main channel's stream.
     let expectsCPR: Bool
-    private let target: IncomingTarget
+    /// Replaced when the main channel starts (`retarget`): a cpr-transfer target reads the
+    /// cpr state before its devices exist.
+    private var target: IncomingTarget
+    /// The cpr state once applied (its RAM adopted); its netdevs' fds wait in the cpr
+    /// channel's `ReceivedFDs` until each netdev claims them (`claimCPRNetdev`).
+    private(set) var cprState: CPRState?
     private var fds: [MigrationChannelType: ReceivedFDs] = [:]
     private var versions: [MigrationChannelType: UInt32] = [:]
     private var legacy: LegacyStreamV2?
@@ -80,11 +85,41 @@ final class IncomingMigration: @unchecked Sendable {
         self.target = target
     }
 
+    /// The machine as it is when its main channel starts: a cpr-transfer target has built
+    /// its netdevs and devices since the cpr state arrived. Control thread, before `begin(.main)`.
+    func retarget(_ target: IncomingTarget) {
+        precondition(state == .cprStateApplied || state == .waitingForChannels, "retarget in state \(state)")
+        self.target = target
+    }
+
+    /// The TAP queues of `cpr=on` netdev `id`, claimed from the cpr state (control thread,
+    /// before the main channel started): its entry and the fds, now the caller's.
+    func claimCPRNetdev(_ id: String) throws -> (CPRState.Netdev, [FileDescriptor]) {
+        guard let cprState else { throw StreamError("netdev '\(id)': cpr=on, but no cpr state arrived") }
+        guard state == .cprStateApplied else {
+            throw StreamError("netdev '\(id)': cpr=on netdevs take their fds before the main channel's stream starts (state \(state))")
+        }
+        guard let entry = cprState.netdev(id) else {
+            let carried = cprState.netdevs.map(\.id)
+            throw StreamError("netdev '\(id)': cpr=on, but the cpr state carries no netdev '\(id)' (it carries \(carried.isEmpty ? "none" : carried.joined(separator: ", "))): is cpr=on set for it on the source?")
+        }
+        let queues = try (0..<Int(entry.queues)).map { try claimCPRFD(entry.tapFDName(queue: $0), by: "netdev '\(id)'") }
+        return (entry, queues)
+    }
+
+    /// Any fd of the cpr state by its stream name, e.g. a vhost datapath's
+    /// `netdev/<id>/vhost.<i>` (what its source's `prepareForHandover` returned).
+    func claimCPRFD(_ name: String, by claimant: String) throws -> FileDescriptor {
+        guard cprState != nil, let fds = fds[.cpr] else { throw StreamError("\(claimant) expects \(name), but no cpr state arrived") }
+        return try fds.claim(name, by: claimant)
+    }
+
     /// The version of the stream `channel` carries (its header was checked).
     func version(of channel: MigrationChannelType) -> UInt32 { versions[channel] ?? MigrationStream.version }
 
-    /// Poll rather than sleep for the next section: the source is in its downtime.
-    var pollsForNext: Bool { state == .switchingOver }
+    /// Poll rather than sleep for the next section: the source is in its downtime (after
+    /// the switch-over, or all along in cpr-transfer, whose source stopped first).
+    var pollsForNext: Bool { state == .switchingOver || cprState != nil }
 
     /// A channel's first bytes arrived: its stream header.
     func begin(_ channel: MigrationChannelType, header: [UInt8], fds received: ReceivedFDs) throws {
@@ -160,9 +195,9 @@ final class IncomingMigration: @unchecked Sendable {
             throw StreamError("the cpr channel carries the cpr state only, not \(section.label)")
         }
         try fds[.cpr]!.bind(section.fdNames, for: section.label)
-        guard section.payload.isEmpty else {
-            throw StreamError("a cpr state of \(section.payload.count) bytes: this build has no cpr-transfer yet and reads only an empty one")
-        }
+        let cpr = try CPRState.decode(section.payload, owner: "cpr")
+        try cpr.adoptRAM(into: target.memory, fds: fds[.cpr]!)
+        cprState = cpr
         target.progress.mark("cpr state applied")
         state = .cprStateApplied
         return .finished
@@ -177,6 +212,8 @@ final class IncomingMigration: @unchecked Sendable {
         legacy = version(of: .main) == 2 ? LegacyStreamV2(netdevOf: target.netdevOf) : nil
         loader = IncomingSections(devices: target.devices, memory: target.memory, sourceRAMFile: source.properties["ram-file"],
                                   fds: main, progress: target.progress)
+        // cpr-transfer: the RAM came with the cpr state, and the main channel carries none.
+        loader!.ramArrived = cprState != nil
         state = .receivingState
     }
 

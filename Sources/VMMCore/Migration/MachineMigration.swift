@@ -14,14 +14,26 @@ extension Machine {
     func machineDescription() -> MachineDescription {
         let context = handoverContext
         let devices = devices.compactMap { $0.configuration(context) }
-        var properties = ["ram-size": String(memory.size), "vcpus": "1", "local": isLocalMigration ? "on" : "off"]
+        // cpr-transfer passes fds by itself (004's rule): `local` does not apply there.
+        let local = isLocalMigration && !isCPRTransfer
+        var properties = ["ram-size": String(memory.size), "vcpus": "1", "local": local ? "on" : "off"]
+        // Only cpr-transfer adds the mode: streams of the other modes stay as they were.
+        if isCPRTransfer { properties["mode"] = "cpr-transfer" }
         if let file = memory.fileIdentity { properties["ram-file"] = file }
         return MachineDescription(properties: properties, devices: devices)
     }
 
     var isLocalMigration: Bool { migration.parameters["local"]?.boolValue == true }
 
-    var handoverContext: HandoverContext { HandoverContext(mode: isLocalMigration ? .local : .normal) }
+    /// The source's `mode` parameter, or a target that received a cpr state (its
+    /// command-line flow sets no parameter: the cpr channel says it all, as in QEMU).
+    var isCPRTransfer: Bool {
+        migration.incoming?.cprState != nil || migration.parameters["mode"]?.stringValue == "cpr-transfer"
+    }
+
+    var handoverContext: HandoverContext {
+        HandoverContext(mode: isCPRTransfer ? .cprTransfer : isLocalMigration ? .local : .normal)
+    }
 
     func setMigrationStatus(_ status: MigrationState.Status) {
         migration.status = status

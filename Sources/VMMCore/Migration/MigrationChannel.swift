@@ -96,6 +96,29 @@ public final class MigrationChannel: @unchecked Sendable {
         return bytes
     }
 
+    /// Waits until the peer closes the connection (cpr-transfer's HUP: the target took the
+    /// cpr state and is ready for the main channel). Bytes from it are an error; so is
+    /// anything but an orderly close. A shutdown by `abort` also returns here (the caller
+    /// checks for the cancel).
+    public func waitForPeerClose(what: String) throws {
+        var byte: UInt8 = 0
+        // The guest is stopped while the target builds its devices: poll a while before
+        // sleeping, as `receive(pollFirst:)` does, yielding the core to the target.
+        var spinUntil = monotonicNanoseconds() + Self.spinNanoseconds
+        while true {
+            let n = socket.withRaw { recv($0, &byte, 1, spinUntil > 0 ? Int32(MSG_DONTWAIT) : 0) }
+            if n == 0 { return }
+            if n < 0 && (errno == EAGAIN || errno == EWOULDBLOCK) {
+                if monotonicNanoseconds() >= spinUntil { spinUntil = 0 }
+                sched_yield()
+                continue
+            }
+            if n < 0 && errno == EINTR { continue }
+            if n < 0 { throw SystemError("migration channel: waiting for \(what)") }
+            throw StreamError("migration channel: the peer sent data while this side waited for \(what) (it should close the channel)")
+        }
+    }
+
     public func receiveSection(version: UInt32 = MigrationStream.version, pollFirst: Bool = false) throws -> MigrationStream.Section {
         let length = try MigrationStream.frameLength(try receive(4, what: "a section length", pollFirst: pollFirst))
         return try MigrationStream.decode(frame: try receive(length, what: "a \(length)-byte section"), version: version)

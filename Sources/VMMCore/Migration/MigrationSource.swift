@@ -6,7 +6,8 @@ import QMPWire
 /// the device state, and the target's acknowledgement. Any failure or migrate_cancel
 /// puts the source back where it was.
 extension Machine {
-    func startMigration(to uri: MigrationURI) throws {
+    func startMigration(to channels: OutgoingChannels) throws {
+        let uri = channels.main
         guard !migration.isActive else { throw QMPCommandError("There's a migration process in progress") }
         guard [.running, .paused, .prelaunch].contains(runState) else {
             throw QMPCommandError("Cannot migrate in state '\(runState.rawValue)'")
@@ -19,7 +20,12 @@ extension Machine {
         if isLocalMigration && !uri.carriesFileDescriptors {
             throw QMPCommandError("Migration parameter 'local' requires a unix socket channel, got '\(uri)'")
         }
-        let sharedRAM = migration.capabilities["x-ignore-shared"] == true ? try SharedRAM.describing(memory) : nil
+        if channels.cpr != nil && !memory.shared {
+            // The next process maps this RAM; a private mapping cannot be handed over.
+            let backend = config.machineMemoryBackend.map { "memory backend '\($0)'" } ?? "guest RAM"
+            throw QMPCommandError("Migration mode 'cpr-transfer' needs guest RAM the next process can map: \(backend) is private (share=off); use memory-backend-memfd or memory-backend-file with share=on")
+        }
+        let sharedRAM = migration.capabilities["x-ignore-shared"] == true && channels.cpr == nil ? try SharedRAM.describing(memory) : nil
         if case .memfd = sharedRAM, !uri.carriesFileDescriptors {
             throw QMPCommandError("x-ignore-shared: guest RAM is a shared memfd, which reaches the target only as a file descriptor over a unix socket, not '\(uri)'")
         }
@@ -27,7 +33,7 @@ extension Machine {
         migration.outgoing = true
         setMigrationStatus(.setup)
         // Pre-copy only pays when the guest runs and its RAM must be copied.
-        let live = runState == .running && sharedRAM == nil
+        let live = runState == .running && sharedRAM == nil && channels.cpr == nil
         if live {
             do {
                 try vm.setDirtyLogging(true, memory: memory)
@@ -51,7 +57,7 @@ extension Machine {
         memory.deviceDirty.take(into: &discard)
 
         let plan = OutgoingPlan(
-            uri: uri, sharedRAM: sharedRAM, live: live, configuration: machineDescription().encode(), devices: devices,
+            uri: uri, cpr: channels.cpr, sharedRAM: sharedRAM, live: live, configuration: machineDescription().encode(), devices: devices,
             maxBandwidth: UInt64(max(0, migration.parameters["max-bandwidth"]?.intValue ?? 0)),
             downtimeLimit: (migration.parameters["downtime-limit"]?.intValue ?? 300) * 1_000_000)
         let stopper = GuestStopper(machine: self)
@@ -61,7 +67,7 @@ extension Machine {
                 var failure: String?
                 var acknowledged: Int64 = 0
                 do {
-                    acknowledged = try transferOutgoing(plan, stopper: stopper)
+                    acknowledged = plan.cpr != nil ? try transferCPR(plan, stopper: stopper) : try transferOutgoing(plan, stopper: stopper)
                 } catch {
                     failure = "\(error)"
                 }
@@ -77,6 +83,8 @@ extension Machine {
     /// What the transfer thread needs to know, fixed when `migrate` is issued.
     struct OutgoingPlan: Sendable {
         var uri: MigrationURI
+        /// cpr-transfer's cpr channel.
+        var cpr: MigrationURI?
         /// Set when x-ignore-shared lets the RAM stay where it is.
         var sharedRAM: SharedRAM?
         /// Pre-copy while the guest runs (it runs, and its RAM must be copied).
@@ -122,7 +130,7 @@ extension Machine {
         }
         migration.mark("target ready")
         try migration.checkCancelled()
-        let sections = try stopper.stop()
+        let sections = try stopper.stop().sections
         if plan.sharedRAM == nil {
             // Stopped: what is still dirty, or everything if the guest never ran.
             let final = plan.live ? try transfer.collectDirty(vm: vm, into: dirty) : nil
@@ -141,12 +149,75 @@ extension Machine {
         return acknowledged
     }
 
+    /// cpr-transfer, in 003's order: (1) stop the guest and capture its state, (2) the
+    /// devices let go of what the next process takes over (`prepareForHandover`), (3) the
+    /// cpr state with the RAM fd and every `cpr=on` netdev's fds on the cpr channel, then
+    /// wait until the target closes it (it listens on the main channel by then: QEMU's
+    /// HUP), (4) the main channel as in local mode without RAM: configuration, vCPU,
+    /// devices, end, acknowledgement. Nothing is copied, so nothing runs while the guest
+    /// runs: the downtime is the whole migration.
+    func transferCPR(_ plan: OutgoingPlan, stopper: GuestStopper) throws -> Int64 {
+        let stopped = try stopper.stop(handover: true)
+        guard let cprState = stopped.cprState else { throw StreamError("cpr-transfer: no cpr state was built") }
+        let cpr = try MigrationChannel.connect(uri: plan.cpr!)
+        migration.channel.withLock { $0 = cpr }
+        try migration.checkCancelled()
+        loop.post { [self] in
+            migration.setupDoneTime = monotonicNanoseconds()
+            if migration.status == .setup { setMigrationStatus(.active) }
+        }
+        try cpr.send(MigrationStream.header())
+        try cpr.send(cprState.section, fds: cprState.fds)
+        migration.mark("cpr state sent")
+        try cpr.waitForPeerClose(what: "the target to take the cpr state and listen on the main channel")
+        try migration.checkCancelled()
+        migration.mark("cpr channel closed")
+        let main: MigrationChannel
+        do {
+            main = try MigrationChannel.connect(uri: plan.uri)
+        } catch {
+            throw StreamError("cpr-transfer: the target closed the cpr channel, but its main channel \(plan.uri) cannot be reached (did the target exit?): \(error)")
+        }
+        migration.channel.withLock { $0 = main }
+        try migration.checkCancelled()
+        try main.send(MigrationStream.header())
+        try main.send(.init(kind: .configuration, payload: plan.configuration))
+        for (section, fds) in stopped.sections { try main.send(section, fds: fds) }
+        try main.send(.init(kind: .end))
+        migration.mark("sent")
+        let ack = try main.receive(1, what: "the target's acknowledgement", pollFirst: true)
+        guard ack == [Self.acknowledgement] else { throw StreamError("the target answered \(ack) instead of an acknowledgement") }
+        let acknowledged = monotonicNanoseconds()
+        migration.mark("acknowledged")
+        return acknowledged
+    }
+
+    /// The cpr state section and its fds (control thread, guest stopped): after every
+    /// device let go of what the target takes over.
+    func handOverForCPR() throws -> CPRHandover {
+        let context = handoverContext
+        migration.handoverPrepared = true
+        var extra: [NamedFD] = []
+        for device in devices { extra += try device.prepareForHandover(context) }
+        var fds = [NamedFD(name: CPRState.ramFDName, fd: memory.fd)]
+        var entries: [CPRState.Netdev] = []
+        for id in netdevs.keys.sorted() {
+            let backend = netdevs[id]!
+            guard backend.cpr, !backend.queueFDs.isEmpty else { continue }
+            entries.append(CPRState.Netdev(id: id, queues: UInt16(backend.queueFDs.count), vnetHeader: backend.vnetHeader, ifname: backend.ifname))
+            fds += backend.queueFDs.enumerated().map { NamedFD(name: NamedFD.tapQueueName(netdev: id, queue: $0), fd: $1) }
+        }
+        let ramKind: CPRState.RAMKind = memory.backing == .memfd ? .memfd : .file
+        let state = CPRState(ramKind: ramKind, ramSize: memory.size, netdevs: entries)
+        return CPRHandover(section: .init(kind: .cprState, payload: state.encoded()), fds: fds + extra)
+    }
+
     /// Stops the guest for the final pass (control thread, which owns the run state): the
     /// vCPU, then the NICs' receiving, so from here every frame waits in the TAP (local)
     /// or stays with the old TAP (normal) and the source takes none after the snapshot.
     /// (Stopping from the migration thread instead measured 0.5 ms slower here: the
     /// vCPU took longer to park.)
-    func stopForCompletion() throws -> [(MigrationStream.Section, [NamedFD])] {
+    func stopForCompletion(handover: Bool = false) throws -> StoppedGuest {
         try migration.checkCancelled()
         // The outage starts here, before the vCPU is even asked to stop, as QEMU counts it.
         migration.stopTime = monotonicNanoseconds()
@@ -164,7 +235,9 @@ extension Machine {
         setMigrationStatus(.device)
         let sections = try captureState()
         migration.mark("state captured")
-        return sections
+        let cpr = handover ? try handOverForCPR() : nil
+        if handover { migration.mark("handed over") }
+        return StoppedGuest(sections: sections, cprState: cpr)
     }
 
     func cancelMigration() {
@@ -199,8 +272,14 @@ extension Machine {
         }
         if migration.stopTime > 0 {
             runState = migration.runStateBefore
+            if migration.handoverPrepared {
+                // Before resume: vhost ownership back, TAP polling on again.
+                let context = handoverContext
+                for device in devices { device.cancelHandover(context) }
+            }
             resumeDevices()
         }
+        migration.handoverPrepared = false
         setMigrationStatus(cancelled ? .cancelled : .failed)
         if migration.stopTime > 0 && runState == .running {
             vcpuRunner.resume()
@@ -209,17 +288,31 @@ extension Machine {
     }
 }
 
+/// The cpr state section and the fds that go with it.
+struct CPRHandover {
+    var section: MigrationStream.Section
+    var fds: [NamedFD]
+}
+
+/// What stopping the guest captured: the vCPU and device sections, and for
+/// cpr-transfer the cpr state.
+struct StoppedGuest {
+    var sections: [(MigrationStream.Section, [NamedFD])]
+    var cprState: CPRHandover?
+}
+
 /// Lets the migration thread stop the guest on the control thread and wait for the
 /// captured state.
 final class GuestStopper: @unchecked Sendable {
     private unowned let machine: Machine
-    private let result = ConditionLock<Result<[(MigrationStream.Section, [NamedFD])], any Error>?>(nil)
+    private let result = ConditionLock<Result<StoppedGuest, any Error>?>(nil)
 
     init(machine: Machine) { self.machine = machine }
 
-    func stop() throws -> [(MigrationStream.Section, [NamedFD])] {
+    /// `handover`: cpr-transfer, also let the devices go and build the cpr state.
+    func stop(handover: Bool = false) throws -> StoppedGuest {
         machine.loop.post { [self] in
-            let outcome = Result(catching: { try machine.stopForCompletion() })
+            let outcome = Result(catching: { try machine.stopForCompletion(handover: handover) })
             result.update { $0 = outcome }
         }
         // Poll (yielding) before sleeping: the stop takes a few hundred microseconds, and

@@ -35,6 +35,8 @@ public final class MigrationState: @unchecked Sendable {
     /// migrate_cancel (control thread) can shut it down.
     let channel = Mutex<MigrationChannel?>(nil)
     var dirtyLogging = false
+    /// cpr-transfer: the devices let go (`prepareForHandover`); a failure takes it back.
+    var handoverPrepared = false
     /// migrate-incoming's `exit-on-error`: a target whose load failed exits (status 1).
     var exitOnError = true
     /// The target's migration, from the first `-incoming`/`migrate-incoming` on.
@@ -45,8 +47,9 @@ public final class MigrationState: @unchecked Sendable {
     /// Accept each listener's one connection, backing off when out of fds (as QMP's do).
     var incomingAcceptors: [MigrationChannelType: ClientAcceptor] = [:]
     var incomingPaths: [MigrationChannelType: String] = [:]
-    /// A main channel that connected before the cpr state was applied.
-    var waitingMainChannel: MigrationChannel?
+    /// A cpr-transfer target's cpr channel, held open until the main channel listens:
+    /// the source connects that one once this one closes (QEMU's HUP).
+    var cprChannel: MigrationChannel?
 
     func reset(ramTotal: UInt64, now: Int64) {
         error = nil

@@ -13,37 +13,103 @@ extension Machine {
         guard migration.status != .failed else {
             throw QMPCommandError("An incoming migration failed here before (\(migration.error ?? "")); start a new target")
         }
-        let given = MigrationChannelType.allCases.filter { channels[$0] != nil }
-        guard !given.contains(where: { migration.incomingChannels[$0] != nil }), migration.status != .completed,
-              !(migration.isActive && given.contains(.cpr)) else {
+        // The cpr channel is read first in `start`, before netdevs and the monitor exist.
+        precondition(channels.cpr == nil, "the cpr channel is given to receiveCPRState")
+        guard let main = channels.main, migration.incomingChannels.main == nil, migration.status != .completed else {
             throw QMPCommandError("An incoming migration is already set up")
         }
         migration.exitOnError = exitOnError
-        if migration.incoming == nil {
-            let cpr = channels.cpr != nil || migration.incomingChannels.cpr != nil
-            migration.incoming = IncomingMigration(expectsCPR: cpr, target: incomingTarget())
+        let listener = try incomingListener(main, for: .main)
+        if let incoming = migration.incoming {
+            // cpr-transfer: the cpr state came first; the devices exist only now.
+            incoming.retarget(incomingTarget())
+        } else {
+            migration.incoming = IncomingMigration(expectsCPR: false, target: incomingTarget())
         }
-        for type in given {
-            let uri = channels[type]!
-            let listener: FileDescriptor
-            switch uri {
-            case .unix(let path):
-                listener = FileDescriptor(adopting: try UnixSocket.listen(path: path, backlog: 1), label: "\(type) migration listener")
-                migration.incomingPaths[type] = path
-            case .tcp(let host, let port):
-                listener = FileDescriptor(adopting: try TCPSocket.listen(host: host, port: port), label: "\(type) migration listener")
-            case .fd(let name):
-                listener = try listeningSocket(name, for: type)
-            }
-            migration.incomingChannels[type] = uri
-            migration.incomingListeners[type] = listener
-            migration.incomingAcceptors[type] = listener.withRaw { raw in
-                ClientAcceptor(fd: raw, what: "\(type) migration listener", loop: loop, logger: logger) { [unowned self] fd in
-                    closeIncomingListener(type)
-                    connected(MigrationChannel(socket: FileDescriptor(adopting: fd, label: "\(type) migration connection")), type)
-                }
+        migration.incomingChannels.main = main
+        migration.incomingListeners[.main] = listener
+        migration.incomingAcceptors[.main] = listener.withRaw { raw in
+            ClientAcceptor(fd: raw, what: "main migration listener", loop: loop, logger: logger) { [unowned self] fd in
+                closeIncomingListener(.main)
+                connected(MigrationChannel(socket: FileDescriptor(adopting: fd, label: "main migration connection")), .main)
             }
         }
+        // The source waits for the cpr channel to close (QEMU's HUP) before it connects
+        // the main channel: now there is a listener for it.
+        if let cpr = migration.cprChannel {
+            migration.cprChannel = nil
+            cpr.abort()
+        }
+    }
+
+    /// A listening socket for one channel: a unix path (unlinked when closed), tcp, or an
+    /// inherited / `getfd` fd.
+    private func incomingListener(_ uri: MigrationURI, for type: MigrationChannelType) throws -> FileDescriptor {
+        switch uri {
+        case .unix(let path):
+            let listener = FileDescriptor(adopting: try UnixSocket.listen(path: path, backlog: 1), label: "\(type) migration listener")
+            migration.incomingPaths[type] = path
+            return listener
+        case .tcp(let host, let port):
+            return FileDescriptor(adopting: try TCPSocket.listen(host: host, port: port), label: "\(type) migration listener")
+        case .fd(let name):
+            return try listeningSocket(name, for: type)
+        }
+    }
+
+    /// cpr-transfer's first step on the target, as QEMU's `cpr_state_load`: called by
+    /// `start`, after RAM exists and before netdevs, devices and the monitor. Blocks (the
+    /// control thread has nothing else to do yet) until the source connected the cpr
+    /// channel and its cpr state was applied: the RAM fd mapped in place, the netdevs'
+    /// fds kept for `cpr=on` netdevs to claim by id. A termination signal ends the wait.
+    /// The channel stays open until the main channel listens: its closing tells the
+    /// source to connect that one.
+    func receiveCPRState(_ uri: MigrationURI) throws {
+        let listener = try incomingListener(uri, for: .cpr)
+        migration.incomingChannels.cpr = uri
+        logger.info("cpr-transfer: waiting for the cpr state on \(uri)")
+        let client: Int32
+        do {
+            client = try listener.withRaw { try signals.waitForClient(on: $0) }
+        } catch {
+            listener.close()
+            if let path = migration.incomingPaths.removeValue(forKey: .cpr) { unlink(path) }
+            throw error
+        }
+        listener.close()
+        if let path = migration.incomingPaths.removeValue(forKey: .cpr) { unlink(path) }
+        let channel = MigrationChannel(socket: FileDescriptor(adopting: client, label: "cpr migration connection"))
+        let incoming = IncomingMigration(expectsCPR: true, target: incomingTarget())
+        migration.incoming = incoming
+        // Read on a thread of its own, so that this one can watch for termination signals.
+        let done = try EventFD(label: "cpr state received")
+        let failure = ConditionLock<String?>(nil)
+        _ = try OSThread(name: "migration-in-cpr") {
+            do {
+                try incoming.begin(.cpr, header: try channel.receive(MigrationStream.headerSize, what: "the cpr channel's stream header"),
+                                   fds: channel.received)
+                while try incoming.receive(try channel.receiveSection(version: incoming.version(of: .cpr)), on: .cpr) != .finished {}
+            } catch {
+                let message = incoming.fail(error)
+                failure.update { $0 = message }
+            }
+            done.signal()
+        }
+        while true {
+            var fds = [done.fd.pollRequest(), pollfd(fd: signals.fd, events: Int16(POLLIN), revents: 0)]
+            if poll(&fds, 2, -1) < 0 { continue }
+            if fds[0].revents != 0 { break }
+            if fds[1].revents != 0, let signal = signals.take() {
+                channel.abort()
+                done.wait(timeoutMilliseconds: -1)
+                throw TerminationRequested(signal: signal)
+            }
+        }
+        if let message = failure.read({ $0 }) {
+            throw VMMConfiguration.Error("-incoming cpr channel \(uri): the cpr state could not be applied: \(message)")
+        }
+        migration.cprChannel = channel
+        logger.info("cpr-transfer: cpr state applied (\(incoming.cprState?.netdevs.count ?? 0) netdev(s) handed over)")
     }
 
     /// `fd:N`: a listening socket this process inherited (the command line) or got with
@@ -86,8 +152,7 @@ extension Machine {
         for type in MigrationChannelType.allCases { closeIncomingListener(type) }
     }
 
-    /// A channel connected. The main channel waits while a cpr state is still to come
-    /// (the source sends it first, but this side may not have applied it yet).
+    /// The main channel connected (the cpr state, if any, was applied in `start`).
     private func connected(_ channel: MigrationChannel, _ type: MigrationChannelType) {
         guard let incoming = migration.incoming else { return }
         if migration.status == .none {
@@ -95,10 +160,6 @@ extension Machine {
             migration.outgoing = false
             setMigrationStatus(.setup)
             setMigrationStatus(.active)
-        }
-        if type == .main && incoming.expectsCPR && [.waitingForChannels, .receivingCPRState].contains(incoming.state) {
-            migration.waitingMainChannel = channel
-            return
         }
         receive(on: channel, type, into: incoming)
     }
@@ -108,7 +169,8 @@ extension Machine {
             _ = try OSThread(name: "migration-in-\(type)") { [self] in
                 var failure: String?
                 do {
-                    try incoming.begin(type, header: try channel.receive(MigrationStream.headerSize, what: "the \(type) channel's stream header"),
+                    try incoming.begin(type, header: try channel.receive(MigrationStream.headerSize, what: "the \(type) channel's stream header",
+                                                                         pollFirst: incoming.pollsForNext),
                                        fds: channel.received)
                     while true {
                         let section = try channel.receiveSection(version: incoming.version(of: type), pollFirst: incoming.pollsForNext)
@@ -131,17 +193,9 @@ extension Machine {
         }
     }
 
-    /// Back on the control thread: the cpr channel lets a waiting main channel go on; the
-    /// main channel ends the migration.
+    /// Back on the control thread: the main channel ends the migration.
     private func channelFinished(_ type: MigrationChannelType, error: String?) {
-        if type == .cpr && error == nil {
-            if let main = migration.waitingMainChannel, let incoming = migration.incoming {
-                migration.waitingMainChannel = nil
-                receive(on: main, .main, into: incoming)
-            }
-            return
-        }
-        guard migration.status == .active else { return }  // the other channel failed first
+        guard migration.status == .active else { return }
         finishIncoming(error: error)
     }
 
@@ -149,7 +203,6 @@ extension Machine {
         migration.endTime = monotonicNanoseconds()
         migration.mark("finished")
         logger.debug("incoming migration timeline: \(migration.takeTimeline())")
-        migration.waitingMainChannel = nil
         if let error {
             closeIncomingListeners()
             migration.error = error

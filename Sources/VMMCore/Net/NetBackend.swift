@@ -16,9 +16,15 @@ public protocol NetBackend: AnyObject, Sendable {
     var awaitsIncomingQueues: Bool { get }
     /// Takes over the queues a local migration passed in (closed on failure).
     func adoptIncoming(_ fds: [FileDescriptor], vnetHeader: Bool) throws
+    /// `cpr=on`: a cpr-transfer hands this netdev's fds to the next process.
+    var cpr: Bool { get }
     /// The datapath a NIC with `pairs` queue pairs runs on this netdev. `memoryBackend`:
     /// the guest RAM's `-object` id, for messages.
     func makeDatapath(pairs: Int, memory: GuestMemory, memoryBackend: String?) throws -> NetDatapath
+    /// Whether frames can move (a vhost-user backend is connected); a TAP's always can.
+    var linkUp: Bool { get }
+    /// The netdev is removed or the machine ends (loop thread): stop watching its fds.
+    func shutdown()
 }
 
 extension NetBackend {
@@ -28,6 +34,9 @@ extension NetBackend {
         UserspaceTapDatapath(queues: self, pairs: pairs)
     }
     public var awaitsIncomingQueues: Bool { false }
+    public var linkUp: Bool { true }
+    public func shutdown() {}
+    public var cpr: Bool { false }
     public func adoptIncoming(_ fds: [FileDescriptor], vnetHeader: Bool) throws {
         throw StreamError("netdev '\(id)' cannot take queues from a migration")
     }

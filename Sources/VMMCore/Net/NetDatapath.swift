@@ -1,6 +1,7 @@
 /// Which implementation moves a virtio-net device's frames (`query-pci` reports it).
 public enum DatapathKind: String, Sendable {
     case userspace
+    case vhostKernel = "vhost-kernel"
     case vhostUser = "vhost-user"
 }
 
@@ -60,6 +61,8 @@ public protocol NetDatapath: AnyObject, Sendable {
     var statistics: (rx: [UInt64], tx: [UInt64]) { get }
     /// Why a migration would lose state with this datapath; nil when it would not.
     var migrationBlocker: String? { get }
+    /// virtio-net's VIRTIO_NET_S_LINK_UP: false while a vhost-user backend is away.
+    var linkUp: Bool { get }
     /// Dirty logging for pre-copy (see `MachineDevice.startDirtyLog`): a datapath whose
     /// back-end writes guest RAM outside this process logs those pages from here until
     /// `stopDirtyLog`, across its own stops and starts. In-process datapaths mark
@@ -73,10 +76,24 @@ public protocol NetDatapath: AnyObject, Sendable {
     /// `incoming-fds=on` and the fds have not come yet.
     var awaitsIncomingFDs: Bool { get }
     func adoptIncoming(_ fds: [FileDescriptor], vnetHeader: Bool) throws
+    /// The netdev is `cpr=on`: a cpr-transfer hands its fds to the next process.
+    var handsOverForCPR: Bool { get }
+    /// cpr-transfer, the device paused: stop using the host fds the next process takes
+    /// over (a TAP: no more polling; kernel vhost: VHOST_RESET_OWNER; vhost-user: its
+    /// equivalent) and return any fds beyond the TAP queues the cpr state must carry.
+    /// Default: nothing to let go of.
+    func prepareForHandover(_ context: HandoverContext) throws -> [NamedFD]
+    /// The inverse after a failed or cancelled handover (idempotent): own and watch the
+    /// fds again on `host`, as before `prepareForHandover`.
+    func cancelHandover(_ context: HandoverContext, host: DeviceHost)
 }
 
 extension NetDatapath {
     public var migrationBlocker: String? { nil }
+    public var linkUp: Bool { true }
+    public var handsOverForCPR: Bool { false }
+    public func prepareForHandover(_ context: HandoverContext) throws -> [NamedFD] { [] }
+    public func cancelHandover(_ context: HandoverContext, host: DeviceHost) {}
     public func startDirtyLog() throws {}
     public func collectDirty(into bitmap: inout [UInt64]) {}
     public func stopDirtyLog() {}

@@ -10,6 +10,8 @@ public final class TapBackend: @unchecked Sendable {
 
     public let id: String
     public let queueCount: Int
+    /// `cpr=on`: set once, when the netdev is created (loop thread).
+    public internal(set) var cpr = false
 
     struct Queues {
         var fds: [FileDescriptor]

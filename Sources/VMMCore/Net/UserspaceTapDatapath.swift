@@ -91,10 +91,24 @@ public final class UserspaceTapDatapath: NetDatapath, @unchecked Sendable {
     }
 
     public func handedOverFDs() -> [NamedFD] {
-        queues.queueFDs.enumerated().map { NamedFD(name: "netdev/\(queues.id)/tap.\($0)", fd: $1) }
+        queues.queueFDs.enumerated().map { NamedFD(name: NamedFD.tapQueueName(netdev: queues.id, queue: $0), fd: $1) }
     }
 
     public var awaitsIncomingFDs: Bool { queues.awaitsIncomingQueues }
+
+    public var handsOverForCPR: Bool { queues.cpr }
+
+    /// The queues stop being polled, by the loop and by a halted vCPU: from here on the
+    /// next process reads them. Frames that arrive meanwhile wait in the TAP.
+    public func prepareForHandover(_ context: HandoverContext) throws -> [NamedFD] {
+        guard let host else { return [] }
+        detach()
+        host.setHaltWakeSources("netdev \(queues.id)", [])
+        self.host = nil
+        return []
+    }
+
+    public func cancelHandover(_ context: HandoverContext, host: DeviceHost) { attach(to: host) }
 
     public func adoptIncoming(_ fds: [FileDescriptor], vnetHeader: Bool) throws {
         try queues.adoptIncoming(fds, vnetHeader: vnetHeader)

@@ -1,202 +1,613 @@
+import CLinux
 import Glibc
+import Logging
 import Synchronization
 
-/// `-netdev vhost-user,id=ID,chardev=CHARDEV,queues=N`: a connection to a vhost-user
-/// backend (e.g. the bundled `vhost-user-net`), set up as QEMU does at connect:
-/// GET_FEATURES, GET/SET_PROTOCOL_FEATURES (MQ, REPLY_ACK, LOG_SHMFD), GET_QUEUE_NUM,
-/// SET_OWNER. The rings then run in the backend; the VMM only relays kicks and watches
-/// calls. With `incoming-fds=on` (no chardev) the connection comes from a local
-/// migration's source instead.
+/// `-netdev vhost-user,id=ID,chardev=CHARDEV,queues=N`: the VMM's end of a vhost-user
+/// backend (e.g. the bundled `vhost-user-net`), and the one owner of "the connection":
+/// `connect` (socket and QEMU's handshake: GET_FEATURES, GET/SET_PROTOCOL_FEATURES with
+/// MQ, REPLY_ACK and LOG_SHMFD, GET_QUEUE_NUM, SET_OWNER), `sendRunning` (what the rings
+/// need: SET_FEATURES, the memory table, pre-copy's dirty log, each ring), `linkLost`
+/// (the backend closed, timed out or garbled a reply: link down, rings stopped where
+/// guest RAM's used index says) and `reconnect` (chardev `reconnect=N`: every N s on the
+/// loop, then `sendRunning` again). With `incoming-fds=on` (no chardev) the connection
+/// comes from a local migration's source instead (`adoptIncoming`), and goes through the
+/// same handshake, without SET_OWNER, at its first use. The rings run in the backend;
+/// the VMM only relays kicks and watches calls.
 public final class VhostUserNetdev: NetBackend, @unchecked Sendable {
     public let id: String
-    public let ifname: String
+    /// nil with `incoming-fds=on`: the connection comes from the migration source.
+    public let chardev: SocketChardev?
+    public var ifname: String { chardev.map { "vhost-user:\($0.path)" } ?? "vhost-user:(from the migration source)" }
     public let queueCount: Int
     public var queueFDs: [FileDescriptor] { [] }
     public var vnetHeader: Bool { true }
     public func attachQueues(count: Int) {}
 
-    /// What the connection negotiated (QEMU's connect-time exchange).
-    struct Negotiated: Sendable {
-        var backendFeatures: UInt64
-        var replyAck: Bool
-        /// LOG_SHMFD negotiated and LOG_ALL offered: the backend can log its writes for pre-copy.
-        var logs: Bool
-    }
-    /// The connection and what was negotiated on it. Both nil while an `incoming-fds=on`
-    /// netdev waits for a local migration's connection; `negotiated` stays nil after the
-    /// handover until the first exchange (see `adoptIncoming`).
-    private struct Link {
-        var connection: VhostUserConnection?
-        var negotiated: Negotiated?
-    }
-    /// One request and its reply at a time (vCPU thread at DRIVER_OK, QMP's thread for a reset).
-    private let link: Mutex<Link>
+    /// How long any answer may take. A backend that never answers (stopped, or one that
+    /// leaves a second front-end in its listen queue) is a lost link, not a hang.
     let replyTimeout: Duration
+    let loop: EventLoop
+    let logger: Logger
 
-    /// `replyTimeout`: how long any answer may take. A backend that serves one front-end
-    /// at a time leaves a second one's connection in its listen queue, unanswered: that
-    /// is an error at startup, not a hang.
-    public init(id: String, socketPath: String, queues: Int, replyTimeout: Duration = .seconds(5)) throws {
+    /// One connection after its handshake; `number` tells a stale one from its successor.
+    struct Link: @unchecked Sendable {
+        let connection: VhostUserConnection
+        let backendFeatures: UInt64
+        let replyAck: Bool
+        /// LOG_SHMFD negotiated and LOG_ALL offered: the backend can log its writes for pre-copy.
+        let logs: Bool
+        let number: Int
+    }
+
+    /// What the backend must hold while the device runs, sent again after a reconnect.
+    struct Running {
+        var rings: [Int: RingHandoff]
+        var memory: GuestMemory
+        var activePairs: Int
+        var context: DatapathContext
+        /// The backend refused part of it: the device needs a reset, no replay.
+        var refused = false
+    }
+
+    struct Session {
+        var link: Link?
+        var running: Running?
+        /// Pre-copy's dirty log (`startDirtyLog` to `stopDirtyLog`): sent with the running
+        /// rings, so a reconnect during pre-copy sends SET_LOG_BASE and LOG_ALL again.
+        var log: VhostDirtyLog?
+        /// `incoming-fds=on`: no connection has come from a migration yet.
+        var awaitsConnection = false
+        /// A connection a local migration handed over, not spoken on yet (`adoptIncoming`).
+        var adopted: VhostUserConnection?
+        /// The link's socket went to a local migration's target, which shares it from now
+        /// on: this end only ever closes its copy (a shutdown would end the target's link
+        /// too) and does not reconnect (it would race the target for the backend), until
+        /// its own rings start again (the migration failed).
+        var handedOver = false
+        var connections = 0
+        var closed = false
+        var reconnectScheduled = false
+        /// The last reconnect failure logged, so a backend that stays away logs once.
+        var lastFailure: String?
+    }
+
+    /// One request and its reply at a time, from any thread (the vCPU at DRIVER_OK, the
+    /// loop for reconnects and pauses); every change of the link happens under it.
+    private let session = Mutex(Session())
+    /// Read by the guest's config-space reads (vCPU) without waiting for a request.
+    private let up = Atomic<Bool>(false)
+
+    /// Connects at once; a backend that cannot be reached (or refuses) is an error, unless
+    /// the chardev has `reconnect=`: then the link starts down and the loop retries.
+    public init(id: String, chardev: SocketChardev, queues: Int, loop: EventLoop, logger: Logger,
+                replyTimeout: Duration = .seconds(5)) throws {
         self.id = id
-        ifname = "vhost-user:\(socketPath)"
+        self.chardev = chardev
         queueCount = queues
+        self.loop = loop
+        self.logger = logger
         self.replyTimeout = replyTimeout
-        let socket: Int32
-        do { socket = try UnixSocket.connect(path: socketPath) } catch {
-            throw VhostUserError("netdev \(id): cannot connect to the vhost-user backend: \(error)")
+        do {
+            let link = try connect(number: 1)
+            session.withLock { s in
+                s.link = link
+                s.connections = 1
+            }
+            up.store(true, ordering: .relaxed)
+            watch(link)
+        } catch let failure as LinkFailure where chardev.reconnect > 0 {
+            // Not there (yet), or busy: what reconnect= is for. A backend that answers
+            // but does not fit (queues, features) stays a start-up error.
+            logger.warning("\(failure); link down, retrying every \(chardev.reconnect) s (reconnect=\(chardev.reconnect))")
+            session.withLock { $0.lastFailure = "\(failure)" }
+            scheduleReconnect()
         }
-        let connection = Self.connection(FileDescriptor(adopting: socket, label: "netdev \(id) vhost-user socket"), replyTimeout: replyTimeout)
-        let negotiated = try Self.negotiate(connection, id: id, queues: queues, backend: "at \(socketPath)", replyTimeout: replyTimeout, takeOwnership: true)
-        link = Mutex(Link(connection: connection, negotiated: negotiated))
     }
 
-    /// `-netdev vhost-user,id=ID,queues=N,incoming-fds=on`: no connection of its own; a local
-    /// migration hands the source's over (`adoptIncoming`).
-    public init(id: String, incomingQueues queues: Int, replyTimeout: Duration = .seconds(5)) {
+    /// `-netdev vhost-user,id=ID,queues=N,incoming-fds=on`: no connection of its own; a
+    /// local migration hands the source's over (`adoptIncoming`).
+    public init(id: String, incomingQueues queues: Int, loop: EventLoop, logger: Logger, replyTimeout: Duration = .seconds(5)) {
         self.id = id
-        ifname = "vhost-user:(from the migration source)"
+        chardev = nil
         queueCount = queues
+        self.loop = loop
+        self.logger = logger
         self.replyTimeout = replyTimeout
-        link = Mutex(Link())
+        session.withLock { $0.awaitsConnection = true }
     }
 
-    /// Answers must come within `replyTimeout` (SO_RCVTIMEO).
-    private static func connection(_ socket: FileDescriptor, replyTimeout: Duration) -> VhostUserConnection {
-        let connection = VhostUserConnection(socket: socket)
+    public var linkUp: Bool { up.load(ordering: .relaxed) }
+
+    /// `netdev n0: chardev 'c' (unix:/run/vu.sock): ...`.
+    func described(_ message: String) -> String {
+        "netdev \(id): \(chardev?.described ?? "the connection from the migration source"): \(message)"
+    }
+
+    // MARK: the connection
+
+    /// The connection is unusable (closed, timed out, garbled): lose the link.
+    struct LinkFailure: Error, CustomStringConvertible { let description: String }
+
+    /// A new connection with QEMU's handshake done. Throws, naming the netdev, the
+    /// chardev and what failed, `LinkFailure` when the backend is not there, busy or
+    /// silent, `VhostUserError` when it answers but does not fit.
+    func connect(number: Int) throws -> Link {
+        guard let chardev else { throw LinkFailure(description: described("no chardev to connect through")) }
+        let socket: Int32
+        do { socket = try UnixSocket.connect(path: chardev.path) } catch {
+            throw LinkFailure(description: described("cannot connect to the vhost-user backend: \(error)"))
+        }
+        return try handshake(VhostUserConnection(socket: FileDescriptor(adopting: socket, label: "netdev \(id) vhost-user socket")),
+                             number: number)
+    }
+
+    /// QEMU's handshake on a connected socket (also one that came from a migration
+    /// source: `owned`, the backend's owner already, so no SET_OWNER), with every answer
+    /// bounded by `replyTimeout`.
+    func handshake(_ connection: VhostUserConnection, number: Int, owned: Bool = false) throws -> Link {
         let (seconds, attoseconds) = replyTimeout.components
         var timeout = timeval(tv_sec: Int(seconds), tv_usec: Int(attoseconds / 1_000_000_000_000))
-        _ = connection.socket.withRaw { setsockopt($0, SOL_SOCKET, SO_RCVTIMEO, &timeout, socklen_t(MemoryLayout<timeval>.size)) }
-        return connection
-    }
-
-    /// QEMU's connect-time exchange: GET_FEATURES (PROTOCOL_FEATURES required),
-    /// GET/SET_PROTOCOL_FEATURES (MQ, REPLY_ACK, LOG_SHMFD when offered), GET_QUEUE_NUM
-    /// for several queues, and SET_OWNER unless the connection is owned already (handed
-    /// over by a migration source).
-    private static func negotiate(_ connection: VhostUserConnection, id: String, queues: Int, backend: String,
-                                  replyTimeout: Duration, takeOwnership: Bool) throws -> Negotiated {
-        func get(_ m: VhostUserMessage) throws -> UInt64 {
-            try connection.send(m)
-            let reply: VhostUserMessage?
-            do {
-                reply = try connection.receive()?.message
-            } catch let error as SystemError where error.errno == EAGAIN {
-                throw VhostUserError("netdev \(id): the vhost-user backend \(backend) did not answer \(m.request.name) within \(replyTimeout) (is it serving another front-end?)")
-            }
-            guard case .reply(m.request, let value)? = reply else {
-                throw VhostUserError("netdev \(id): the vhost-user backend did not answer \(m.request.name)")
-            }
-            return value
+        for option in [SO_RCVTIMEO, SO_SNDTIMEO] {
+            _ = connection.socket.withRaw { setsockopt($0, SOL_SOCKET, option, &timeout, socklen_t(MemoryLayout<timeval>.size)) }
         }
-        let backendFeatures = try get(.getFeatures)
-        guard backendFeatures & VhostUserFeature.protocolFeatures != 0 else {
-            throw VhostUserError("netdev \(id): the vhost-user backend lacks PROTOCOL_FEATURES (features \(hex(backendFeatures)))")
-        }
-        let protocolFeatures = try get(.getProtocolFeatures)
-        let wanted = protocolFeatures & (VhostUserProtocolFeature.mq | VhostUserProtocolFeature.replyAck | VhostUserProtocolFeature.logSHMFD)
-        try connection.send(.setProtocolFeatures(wanted))
-        let negotiated = Negotiated(
-            backendFeatures: backendFeatures, replyAck: wanted & VhostUserProtocolFeature.replyAck != 0,
-            logs: wanted & VhostUserProtocolFeature.logSHMFD != 0 && backendFeatures & VhostUserFeature.logAll != 0)
-        if queues > 1 {
-            guard wanted & VhostUserProtocolFeature.mq != 0 else {
-                throw VhostUserError("netdev \(id): queues=\(queues) but the vhost-user backend lacks the MQ protocol feature")
+        do {
+            func get(_ m: VhostUserMessage) throws -> UInt64 {
+                guard case .reply(m.request, let value)? = try exchange(connection, m, expectingReply: true) else {
+                    throw LinkFailure(description: "the vhost-user backend answered \(m.request.name) with another message")
+                }
+                return value
             }
-            let served = try get(.getQueueNum)
-            guard served >= UInt64(queues) else {
-                throw VhostUserError("netdev \(id): queues=\(queues) but the vhost-user backend serves \(served) queue pair\(served == 1 ? "" : "s")")
+            let backendFeatures = try get(.getFeatures)
+            guard backendFeatures & VhostUserFeature.protocolFeatures != 0 else {
+                throw VhostUserError(described("the vhost-user backend lacks PROTOCOL_FEATURES (features \(hex(backendFeatures)))"))
             }
-        }
-        if takeOwnership { try send(.setOwner, on: connection, id: id, replyAck: negotiated.replyAck) }
-        return negotiated
-    }
-
-    /// Sends a request without a reply of its own; with REPLY_ACK waits for its ack and
-    /// throws when the backend refused it.
-    private static func send(_ message: VhostUserMessage, on connection: VhostUserConnection, id: String, replyAck: Bool,
-                             fds: [FileDescriptor] = []) throws {
-        try connection.send(message, flags: replyAck ? .needReply : [], fds: fds)
-        guard replyAck else { return }
-        guard case .reply(message.request, let status)? = try connection.receive()?.message else {
-            throw VhostUserError("netdev \(id): no ack from the vhost-user backend for \(message.request.name)")
-        }
-        guard status == 0 else { throw VhostUserError("netdev \(id): the vhost-user backend refused \(message.request.name)") }
-    }
-
-    /// Runs one exchange with the backend. An adopted connection is negotiated first, here:
-    /// the target speaks to the backend only once it runs, after the source stopped for good.
-    private func exchange<R>(_ body: (VhostUserConnection, Negotiated) throws -> R) throws -> R {
-        try link.withLock { link in
-            guard let connection = link.connection else {
-                throw VhostUserError("netdev \(id): no vhost-user connection (incoming-fds=on, and no migration handed one over)")
+            let protocolFeatures = try get(.getProtocolFeatures)
+            let wanted = protocolFeatures & (VhostUserProtocolFeature.mq | VhostUserProtocolFeature.replyAck | VhostUserProtocolFeature.logSHMFD)
+            _ = try exchange(connection, .setProtocolFeatures(wanted), expectingReply: false)
+            if queueCount > 1 {
+                guard wanted & VhostUserProtocolFeature.mq != 0 else {
+                    throw VhostUserError(described("queues=\(queueCount) but the vhost-user backend lacks the MQ protocol feature"))
+                }
+                let served = try get(.getQueueNum)
+                guard served >= UInt64(queueCount) else {
+                    throw VhostUserError(described("queues=\(queueCount) but the vhost-user backend serves \(served) queue pair\(served == 1 ? "" : "s")"))
+                }
             }
-            if link.negotiated == nil {
-                link.negotiated = try Self.negotiate(connection, id: id, queues: queueCount, backend: "handed over by the migration source",
-                                                     replyTimeout: replyTimeout, takeOwnership: false)
-            }
-            return try body(connection, link.negotiated!)
+            let link = Link(connection: connection, backendFeatures: backendFeatures,
+                            replyAck: wanted & VhostUserProtocolFeature.replyAck != 0,
+                            logs: wanted & VhostUserProtocolFeature.logSHMFD != 0 && backendFeatures & VhostUserFeature.logAll != 0,
+                            number: number)
+            if !owned { try request(.setOwner, on: link) }
+            return link
+        } catch let failure as LinkFailure {
+            throw LinkFailure(description: described(failure.description))
         }
     }
 
-    /// What the connection negotiated (negotiating an adopted one first).
-    var negotiated: Negotiated { get throws { try exchange { $1 } } }
-
-    /// The connection's socket (tests close it to end the backend's session).
-    var connection: VhostUserConnection? { link.withLock { $0.connection } }
-
-    func request(_ message: VhostUserMessage, fds: [FileDescriptor] = []) throws {
-        try exchange { connection, negotiated in
-            try Self.send(message, on: connection, id: id, replyAck: negotiated.replyAck, fds: fds)
+    /// Sends one message. A connection that takes no more is a `LinkFailure`.
+    private func send(_ connection: VhostUserConnection, _ message: VhostUserMessage, flags: VhostUserFlags = [],
+                      fds: [FileDescriptor] = []) throws {
+        do {
+            try connection.send(message, flags: flags, fds: fds)
+        } catch {
+            throw LinkFailure(description: "cannot send \(message.request.name) to the vhost-user backend: \(error)")
         }
     }
 
-    /// SET_LOG_BASE with the log's memfd (LOG_SHMFD); the backend always answers it.
-    func setLogBase(_ log: VhostDirtyLog) throws {
-        try exchange { connection, _ in
-            try connection.send(.setLogBase(size: log.size, offset: 0), fds: log.fd.map { [$0] } ?? [])
-            guard case .reply(.setLogBase, _)? = try connection.receive()?.message else {
-                throw VhostUserError("netdev \(id): no SET_LOG_BASE reply from the vhost-user backend")
-            }
+    /// Reads the answer to `request` (its name is for messages). Anything that leaves the
+    /// connection unusable is a `LinkFailure` saying what happened.
+    private func receive(_ connection: VhostUserConnection, answering request: VhostUserRequest) throws -> VhostUserMessage {
+        let name = request.name
+        let closed = LinkFailure(description: "the vhost-user backend closed the connection before answering \(name) (a backend serving another front-end refuses the next)")
+        do {
+            guard let reply = try connection.receive() else { throw closed }
+            return reply.message
+        } catch let error as SystemError where error.errno == ECONNRESET {
+            // Closed with our request unread: the kernel resets instead of ending the stream.
+            throw closed
+        } catch let error as SystemError where error.errno == EAGAIN || error.errno == EWOULDBLOCK {
+            throw LinkFailure(description: "the vhost-user backend did not answer \(name) within \(replyTimeout) (is it serving another front-end?)")
+        } catch let failure as LinkFailure {
+            throw failure
+        } catch {
+            throw LinkFailure(description: "bad answer to \(name) from the vhost-user backend: \(error)")
         }
+    }
+
+    /// Sends one message and, with `expectingReply`, reads the next one.
+    private func exchange(_ connection: VhostUserConnection, _ message: VhostUserMessage, flags: VhostUserFlags = [],
+                          fds: [FileDescriptor] = [], expectingReply: Bool) throws -> VhostUserMessage? {
+        try send(connection, message, flags: flags, fds: fds)
+        return expectingReply ? try receive(connection, answering: message.request) : nil
+    }
+
+    /// A request without a reply of its own; with REPLY_ACK waits for its ack. A refusal
+    /// throws `VhostUserError`, a broken connection `LinkFailure`.
+    private func request(_ message: VhostUserMessage, on link: Link, fds: [FileDescriptor] = []) throws {
+        let reply = try exchange(link.connection, message, flags: link.replyAck ? .needReply : [], fds: fds, expectingReply: link.replyAck)
+        guard link.replyAck else { return }
+        guard case .reply(message.request, let status)? = reply else {
+            throw LinkFailure(description: "no ack from the vhost-user backend for \(message.request.name)")
+        }
+        guard status == 0 else { throw VhostUserError(described("the vhost-user backend refused \(message.request.name)")) }
     }
 
     /// GET_VRING_BASE for each ring: stops them in the backend; their next available
     /// indices. All requests go out before the first reply is read (the backend answers
     /// in order), so a pause costs about one round trip, not one per ring: it is part of
     /// a migration's downtime.
-    func stopRings(_ indices: [Int]) throws -> [Int: UInt16] {
-        try exchange { connection, _ in
-            for index in indices { try connection.send(.getVringBase(VhostUserVringState(index: UInt32(index), num: 0))) }
-            var bases: [Int: UInt16] = [:]
-            for index in indices {
-                guard case .vringBaseReply(let state)? = try connection.receive()?.message, state.index == UInt32(index) else {
-                    throw VhostUserError("netdev \(id): no GET_VRING_BASE reply for ring \(index)")
-                }
-                bases[index] = UInt16(truncatingIfNeeded: state.num)
+    private func stopRings(_ indices: [Int], on link: Link) throws -> [Int: UInt16] {
+        for index in indices { try send(link.connection, .getVringBase(VhostUserVringState(index: UInt32(index), num: 0))) }
+        var bases: [Int: UInt16] = [:]
+        for index in indices {
+            guard case .vringBaseReply(let state) = try receive(link.connection, answering: .getVringBase), state.index == UInt32(index) else {
+                throw LinkFailure(description: "no GET_VRING_BASE reply for ring \(index)")
             }
-            return bases
+            bases[index] = UInt16(truncatingIfNeeded: state.num)
         }
+        return bases
+    }
+
+    /// SET_LOG_BASE with the log's memfd (LOG_SHMFD, size in the payload); the backend
+    /// answers it whether or not REPLY_ACK was negotiated, and QEMU waits for that answer.
+    private func setLogBase(_ log: VhostDirtyLog, on link: Link) throws {
+        let reply = try exchange(link.connection, .setLogBase(size: log.size, offset: 0), fds: log.fd.map { [$0] } ?? [], expectingReply: true)
+        guard case .reply(.setLogBase, _)? = reply else { throw LinkFailure(description: "no SET_LOG_BASE reply from the vhost-user backend") }
+    }
+
+    /// SET_FEATURES: virtio 1, MQ for several pairs, and LOG_ALL while pre-copy logs.
+    private func setFeatures(logging: Bool, on link: Link) throws {
+        var features = VhostUserNetBackend.versionOne | VhostUserFeature.protocolFeatures
+        if queueCount > 1 { features |= VhostUserNetBackend.netMultiQueue }
+        if logging { features |= VhostUserFeature.logAll }
+        try request(.setFeatures(features & link.backendFeatures), on: link)
+    }
+
+    /// SET_VRING_ADDR in this process's addresses; with `logging`, VHOST_VRING_F_LOG and
+    /// the used ring's guest address.
+    private func setRingAddress(_ index: Int, _ q: Virtqueue, memory: GuestMemory, logging: Bool, on link: Link) throws {
+        func user(_ gpa: UInt64) throws -> UInt64 { UInt64(UInt(bitPattern: try memory.slice(at: gpa, count: 1).baseAddress!)) }
+        try request(.setVringAddr(VhostUserVringAddress(
+            index: UInt32(index), flags: logging ? VhostUserVringAddress.logUsed : 0, descriptor: user(q.descriptorTable),
+            used: user(q.deviceArea), available: user(q.driverArea), log: logging ? q.deviceArea : 0)), on: link)
+    }
+
+    /// A live migration needs the backend to log its writes to guest RAM.
+    private func checkLogs(_ link: Link) throws {
+        guard !link.logs else { return }
+        throw VhostUserError("netdev \(id): the vhost-user backend cannot log its writes to guest RAM (it lacks \(link.backendFeatures & VhostUserFeature.logAll == 0 ? "the LOG_ALL feature" : "the LOG_SHMFD protocol feature")); migrate with x-ignore-shared and local on, or with the guest paused")
+    }
+
+    /// Everything the rings need, in QEMU's vhost_dev_start order: SET_FEATURES (LOG_ALL
+    /// while `log`), the memory table (the RAM memfd per region, user addresses in this
+    /// process), SET_LOG_BASE while `log`, then per ring NUM, BASE, ADDR, KICK, CALL, ENABLE.
+    private func sendRunning(_ running: Running, log: VhostDirtyLog?, on link: Link) throws {
+        if log != nil { try checkLogs(link) }
+        try setFeatures(logging: log != nil, on: link)
+        let memory = running.memory
+        let regions = memory.regions.map { r in
+            VhostUserMemoryRegion(guestAddress: r.guestAddress, size: r.size,
+                                  userAddress: UInt64(UInt(bitPattern: memory.hostAddress(of: r))), mmapOffset: r.hostOffset)
+        }
+        try request(.setMemTable(regions), on: link, fds: regions.map { _ in memory.fd })
+        if let log { try setLogBase(log, on: link) }
+        for (index, ring) in running.rings.sorted(by: { $0.key < $1.key }) {
+            let q = ring.queue
+            let i = UInt32(index)
+            try request(.setVringNum(VhostUserVringState(index: i, num: UInt32(q.size))), on: link)
+            try request(.setVringBase(VhostUserVringState(index: i, num: UInt32(q.lastAvailable))), on: link)
+            try setRingAddress(index, q, memory: memory, logging: log != nil, on: link)
+            guard let kick = ring.kick, let call = ring.call else { throw VhostUserError(described("ring \(index) has no kick/call eventfd")) }
+            try request(.setVringKick(VhostUserVringFile(index: UInt8(index), hasFD: true)), on: link, fds: [kick.fd])
+            try request(.setVringCall(VhostUserVringFile(index: UInt8(index), hasFD: true)), on: link, fds: [call.fd])
+            try request(.setVringEnable(VhostUserVringState(index: i, num: index / 2 < running.activePairs ? 1 : 0)), on: link)
+        }
+    }
+
+    /// The link is gone (any thread, under the session lock): the rings count as stopped
+    /// where guest RAM's used index says (QEMU's virtio_queue_restore_last_avail_idx: what
+    /// the backend took but never used is offered again), the link is down, and the loop
+    /// forgets the socket and, with `reconnect=`, tries again later.
+    private func linkLost(_ s: inout Session, _ link: Link, _ reason: String) {
+        guard s.link?.number == link.number else { return }
+        s.link = nil
+        up.store(false, ordering: .relaxed)
+        let lent = s.handedOver
+        // The backend sees the end now; the fd number stays taken until the loop unwatched
+        // it. A socket a migration target shares is only closed here: shutting it down
+        // would end the target's link too.
+        if !lent { _ = link.connection.socket.withRaw { Glibc.shutdown($0, Int32(SHUT_RDWR)) } }
+        if var running = s.running {
+            for (index, ring) in running.rings {
+                running.rings[index]!.queue = Self.stoppedAtUsedIndex(ring.queue, memory: running.memory)
+            }
+            s.running = running
+        }
+        let rings = s.running?.rings.count ?? 0
+        loop.post { [self] in
+            loop.unwatch(link.connection.socket.withRaw { $0 })
+            link.connection.socket.close()
+            let message = described("\(reason); link down" + (rings > 0 ? " (\(rings) rings stopped at the used index in guest RAM)" : ""))
+            if lent {
+                logger.warning("\(message); the connection was handed over to a migration target, so this netdev does not reconnect unless its rings start here again")
+            } else if let reconnect = chardev?.reconnect, reconnect > 0 {
+                logger.warning("\(message); reconnecting every \(reconnect) s (reconnect=\(reconnect))")
+                scheduleReconnect()
+            } else if chardev == nil {
+                logger.error("\(message); it stays down: the connection came from a migration source (no chardev to reconnect through)")
+            } else {
+                logger.error("\(message); it stays down: the chardev has no reconnect= (-chardev socket,...,reconnect=SECONDS)")
+            }
+        }
+    }
+
+    /// A ring's progress when its backend can no longer say: the used index, read from
+    /// guest RAM, for both the next available and the used index.
+    static func stoppedAtUsedIndex(_ queue: Virtqueue, memory: GuestMemory) -> Virtqueue {
+        var queue = queue
+        if let used = try? memory.load(UInt16.self, at: queue.deviceArea + 2) {
+            queue.usedIndex = used
+            queue.lastAvailable = used
+        }
+        return queue
+    }
+
+    /// Notices the backend closing its end (loop thread). Only hang-ups are watched: the
+    /// replies are read by whoever sent the request.
+    private func watch(_ link: Link) {
+        let fd = link.connection.socket.withRaw { $0 }
+        loop.watch(fd, interest: { Int16(0x2000) /* POLLRDHUP */ }) { [weak self] _ in self?.hungUp(link.number) }
+    }
+
+    /// The backend closed its end of link `number` (nil: the current link), as the loop's
+    /// watch saw it.
+    func hungUp(_ number: Int? = nil) {
+        session.withLock { s in
+            guard let link = s.link, link.number == number ?? link.number else { return }
+            linkLost(&s, link, "the vhost-user backend closed the connection")
+        }
+    }
+
+    /// Loop thread: one attempt `reconnect` seconds from now.
+    private func scheduleReconnect() {
+        guard let reconnect = chardev?.reconnect, reconnect > 0 else { return }
+        let due = session.withLock { s -> Bool in
+            guard !s.closed, s.link == nil, !s.handedOver, !s.reconnectScheduled else { return false }
+            s.reconnectScheduled = true
+            return true
+        }
+        guard due else { return }
+        loop.after(nanoseconds: Int64(reconnect) * 1_000_000_000) { [weak self] in self?.reconnect() }
+    }
+
+    /// Loop thread: connects and sends the running rings again (bases from the used
+    /// index, with pre-copy's log if it runs), then the link is up; a failure waits for
+    /// the next attempt. The wait for each answer is bounded by `replyTimeout`.
+    func reconnect() {
+        guard session.withLock({ s in s.reconnectScheduled = false; return !s.closed && s.link == nil && !s.handedOver }) else { return }
+        let number = session.withLock { s in s.connections += 1; return s.connections }
+        do {
+            let link = try connect(number: number)
+            let restored = try session.withLock { s -> Int? in
+                guard !s.closed, !s.handedOver else { return nil }
+                if let running = s.running, !running.refused { try sendRunning(running, log: s.log, on: link) }
+                s.link = link
+                s.lastFailure = nil
+                up.store(true, ordering: .relaxed)
+                return s.running?.refused == false ? s.running!.rings.count : 0
+            }
+            guard let restored else {
+                link.connection.socket.close()
+                return
+            }
+            watch(link)
+            logger.info("\(described("reconnected to the vhost-user backend; link up"))\(restored > 0 ? " (\(restored) rings restored)" : "")")
+        } catch {
+            let message = "\(error)"
+            let first = session.withLock { s in defer { s.lastFailure = message }; return s.lastFailure != message }
+            if first { logger.warning("\(message); retrying every \(chardev?.reconnect ?? 0) s") }
+            scheduleReconnect()
+        }
+    }
+
+    /// `netdev_del` and machine shutdown (loop thread): no more attempts, socket closed
+    /// (never shut down: a migration target may share it).
+    public func shutdown() {
+        let (link, adopted) = session.withLock { s -> (Link?, VhostUserConnection?) in
+            s.closed = true
+            defer {
+                s.link = nil
+                s.adopted = nil
+            }
+            return (s.link, s.adopted)
+        }
+        up.store(false, ordering: .relaxed)
+        if let link {
+            loop.unwatch(link.connection.socket.withRaw { $0 })
+            link.connection.socket.close()
+        }
+        adopted?.socket.close()
     }
 
     // MARK: local migration (the connection travels as fd `netdev/<id>/vhost-user`)
 
-    /// The connection a local migration hands over; the source keeps its reference, and
-    /// with it the connection if the migration fails. Only after the source stopped its
-    /// rings (`pause`) does the target get it, and it stays silent until it runs.
-    var handedOverConnection: FileDescriptor? { link.withLock { $0.connection?.socket } }
+    /// The connection a local migration hands over, once `pause` stopped the rings; the
+    /// source keeps its reference, and with it the connection if the migration fails.
+    /// From here on the socket is shared (see `Session.handedOver`).
+    func handOverConnection() -> FileDescriptor? {
+        session.withLock { s in
+            guard let socket = s.link?.connection.socket ?? s.adopted?.socket else { return nil }
+            s.handedOver = true
+            return socket
+        }
+    }
 
-    public var awaitsIncomingQueues: Bool { link.withLock { $0.connection == nil } }
+    public var awaitsIncomingQueues: Bool { session.withLock { $0.awaitsConnection } }
 
-    /// Takes the connection a local migration passed in. Nothing is sent now: the source's
-    /// migration may still fail and resume on it; the first exchange (at `cont`) negotiates.
+    /// Takes the connection a local migration passed in. Nothing is sent now: the
+    /// source's migration may still fail and resume on it; the first start of the rings
+    /// (`cont`) runs the handshake (`startRings`).
     public func adoptIncoming(_ fds: [FileDescriptor], vnetHeader: Bool) throws {
         guard fds.count == 1 else {
             throw StreamError("netdev '\(id)' (vhost-user) takes one connection from a migration, not \(fds.count) fds")
         }
-        let connection = Self.connection(fds[0].take(label: "netdev \(id) vhost-user socket (handed over)"), replyTimeout: replyTimeout)
-        try link.withLock { link in
-            guard link.connection == nil else { throw StreamError("netdev '\(id)' (vhost-user) already has its connection") }
-            link = Link(connection: connection, negotiated: nil)
+        let connection = VhostUserConnection(socket: fds[0].take(label: "netdev \(id) vhost-user socket (handed over)"))
+        try session.withLock { s in
+            guard s.awaitsConnection else { throw StreamError("netdev '\(id)' (vhost-user) already has its connection") }
+            s.awaitsConnection = false
+            s.adopted = connection
+        }
+        up.store(true, ordering: .relaxed)
+    }
+
+    /// An adopted connection becomes the link at its first use: the handshake without
+    /// SET_OWNER (the source owned it). A failure takes the link down for good (no
+    /// chardev to reconnect through); a backend that does not fit is a refusal.
+    private func negotiateAdopted(_ s: inout Session) throws {
+        guard s.link == nil, let adopted = s.adopted else { return }
+        s.adopted = nil
+        s.connections += 1
+        do {
+            let link = try handshake(adopted, number: s.connections, owned: true)
+            s.link = link
+            watch(link)
+        } catch {
+            up.store(false, ordering: .relaxed)
+            adopted.socket.close()
+            if error is LinkFailure { logger.error("\(error); link down; it stays down: the connection came from a migration source (no chardev to reconnect through)") }
+            throw error
+        }
+    }
+
+    // MARK: the rings (for VhostUserDatapath)
+
+    func startRings(_ running: Running) {
+        let reconnect = session.withLock { s -> Bool in
+            s.running = running
+            // Running here again: the connection is this netdev's alone once more.
+            let wasLent = s.handedOver
+            s.handedOver = false
+            do {
+                try negotiateAdopted(&s)
+            } catch is LinkFailure {
+                return false
+            } catch {
+                s.running?.refused = true
+                running.context.ringFailed(running.rings.keys.min() ?? 0, "\(error)")
+                return false
+            }
+            // Without a link the rings wait for the next connection.
+            guard let link = s.link else { return wasLent }
+            do {
+                try sendRunning(running, log: s.log, on: link)
+            } catch let failure as LinkFailure {
+                linkLost(&s, link, failure.description)
+            } catch {
+                s.running?.refused = true
+                running.context.ringFailed(running.rings.keys.min() ?? 0, "\(error)")
+            }
+            return false
+        }
+        // A link lost while it was lent was not reconnected; now it may be.
+        if reconnect { loop.post { [weak self] in self?.scheduleReconnect() } }
+    }
+
+    /// GET_VRING_BASE for all rings (pipelined) with the used index from guest RAM; rings
+    /// whose backend is gone stop at the used index.
+    func stopRings() -> [Int: Virtqueue] {
+        session.withLock { s in
+            guard let running = s.running else { return [:] }
+            s.running = nil
+            var bases: [Int: UInt16] = [:]
+            if let link = s.link {
+                do {
+                    bases = try stopRings(running.rings.keys.sorted(), on: link)
+                } catch {
+                    linkLost(&s, link, "\(error)")
+                }
+            }
+            return running.rings.reduce(into: [:]) { returned, ring in
+                guard let base = bases[ring.key] else {
+                    returned[ring.key] = Self.stoppedAtUsedIndex(ring.value.queue, memory: running.memory)
+                    return
+                }
+                var queue = ring.value.queue
+                queue.lastAvailable = base
+                if let used = try? running.memory.load(UInt16.self, at: queue.deviceArea + 2) { queue.usedIndex = used }
+                returned[ring.key] = queue
+            }
+        }
+    }
+
+    func setActivePairs(_ pairs: Int) {
+        session.withLock { s in
+            guard var running = s.running else { return }
+            running.activePairs = pairs
+            s.running = running
+            guard let link = s.link else { return }
+            do {
+                for index in running.rings.keys.sorted() {
+                    try request(.setVringEnable(VhostUserVringState(index: UInt32(index), num: index / 2 < pairs ? 1 : 0)), on: link)
+                }
+            } catch let failure as LinkFailure {
+                linkLost(&s, link, failure.description)
+            } catch {
+                logger.error("\(error)")
+            }
+        }
+    }
+
+    // MARK: dirty log (pre-copy)
+
+    /// As QEMU's vhost_migration_log: the log first (SET_LOG_BASE), then LOG_ALL and each
+    /// running ring's used-ring logging. Rings that start later, or again after a
+    /// reconnect, get them with `sendRunning`. A backend without logging fails it.
+    func startDirtyLog(covering memory: GuestMemory) throws {
+        try session.withLock { s in
+            guard s.log == nil else { return }
+            if let link = s.link { try checkLogs(link) }
+            let log = try VhostDirtyLog(covering: memory)
+            guard let running = s.running, !running.refused, let link = s.link else {
+                s.log = log
+                return
+            }
+            do {
+                try setLogBase(log, on: link)
+                try setFeatures(logging: true, on: link)
+                for (index, ring) in running.rings.sorted(by: { $0.key < $1.key }) {
+                    try setRingAddress(index, ring.queue, memory: running.memory, logging: true, on: link)
+                }
+                s.log = log
+            } catch let failure as LinkFailure {
+                // The backend is away and writes nothing; the reconnect sends the log first.
+                s.log = log
+                linkLost(&s, link, failure.description)
+            }
+        }
+    }
+
+    func collectDirty(into bitmap: inout [UInt64]) {
+        session.withLock { $0.log }?.collect(into: &bitmap)
+    }
+
+    /// LOG_ALL off and the rings' logging off; the backend keeps the mapping until the
+    /// next SET_LOG_BASE or reset, as with QEMU.
+    func stopDirtyLog() {
+        session.withLock { s in
+            guard s.log != nil else { return }
+            s.log = nil
+            guard let running = s.running, !running.refused, let link = s.link else { return }
+            do {
+                try setFeatures(logging: false, on: link)
+                for (index, ring) in running.rings.sorted(by: { $0.key < $1.key }) {
+                    try setRingAddress(index, ring.queue, memory: running.memory, logging: false, on: link)
+                }
+            } catch let failure as LinkFailure {
+                linkLost(&s, link, failure.description)
+            } catch {
+                logger.error("\(error)")
+            }
         }
     }
 
@@ -208,21 +619,12 @@ public final class VhostUserNetdev: NetBackend, @unchecked Sendable {
     }
 }
 
-/// The rings of a vhost-user netdev, run by the backend: `start` sends the memory table
-/// and each ring (NUM, BASE, ADDR in this process's addresses, KICK, CALL, ENABLE);
-/// `stop` takes them back with GET_VRING_BASE and the used index from guest RAM.
+/// The rings of a vhost-user netdev, run by the backend; the netdev keeps them (to send
+/// them again after a reconnect), pre-copy's dirty log, and talks to the backend.
 public final class VhostUserDatapath: NetDatapath, @unchecked Sendable {
     let netdev: VhostUserNetdev
     public let queuePairs: Int
     let memory: GuestMemory
-    /// The running rings (empty while stopped) and the dirty log while pre-copy runs. Held
-    /// across each whole exchange with the backend (start, stop, log on/off), which the
-    /// vCPU (DRIVER_OK), the control thread and the migration thread may each begin.
-    private struct Session {
-        var rings: [Int: Virtqueue] = [:]
-        var log: VhostDirtyLog?
-    }
-    private let session = Mutex(Session())
 
     init(netdev: VhostUserNetdev, pairs: Int, memory: GuestMemory) {
         self.netdev = netdev
@@ -242,131 +644,21 @@ public final class VhostUserDatapath: NetDatapath, @unchecked Sendable {
     public func notified(_ index: Int) {}
     /// Local migration: the backend connection, as `netdev/<id>/vhost-user`.
     public func handedOverFDs() -> [NamedFD] {
-        netdev.handedOverConnection.map { [NamedFD(name: VirtioNet.DatapathDescriptor.vhostUserFDName(netdev: netdev.id), fd: $0)] } ?? []
+        netdev.handOverConnection().map { [NamedFD(name: NamedFD.vhostUserConnectionName(netdev: netdev.id), fd: $0)] } ?? []
     }
     public func adoptIncoming(_ fds: [FileDescriptor], vnetHeader: Bool) throws { try netdev.adoptIncoming(fds, vnetHeader: vnetHeader) }
 
+    public var linkUp: Bool { netdev.linkUp }
+
     public func start(_ rings: [Int: RingHandoff], activePairs: Int, context: DatapathContext) {
-        session.withLock { s in
-            do {
-                try sendFeatures(logging: s.log != nil)
-                try sendMemoryTable()
-                if let log = s.log { try netdev.setLogBase(log) }
-                for (index, ring) in rings.sorted(by: { $0.key < $1.key }) {
-                    try sendRing(index, ring, enabled: index / 2 < activePairs, logging: s.log != nil)
-                }
-                s.rings = rings.mapValues(\.queue)
-            } catch {
-                context.ringFailed(rings.keys.min() ?? 0, "\(error)")
-            }
-        }
+        netdev.startRings(.init(rings: rings, memory: context.memory, activePairs: activePairs, context: context))
     }
 
-    public func stop() -> [Int: Virtqueue] {
-        session.withLock { s in
-            defer { s.rings = [:] }
-            return stopRings(s.rings)
-        }
-    }
+    public func stop() -> [Int: Virtqueue] { netdev.stopRings() }
 
-    public func setActivePairs(_ pairs: Int) {
-        session.withLock { s in
-            for index in s.rings.keys {
-                try? netdev.request(.setVringEnable(VhostUserVringState(index: UInt32(index), num: index / 2 < pairs ? 1 : 0)))
-            }
-        }
-    }
+    public func setActivePairs(_ pairs: Int) { netdev.setActivePairs(pairs) }
 
-    // MARK: messages to the backend (each exchange runs under `session`)
-
-    /// SET_FEATURES: virtio 1, MQ for several pairs, and LOG_ALL while pre-copy logs.
-    private func sendFeatures(logging: Bool) throws {
-        var features = VhostUserNetBackend.versionOne | VhostUserFeature.protocolFeatures
-        if queuePairs > 1 { features |= VhostUserNetBackend.netMultiQueue }
-        if logging { features |= VhostUserFeature.logAll }
-        try netdev.request(.setFeatures(features & netdev.negotiated.backendFeatures))
-    }
-
-    /// SET_MEM_TABLE: each RAM region with the RAM memfd and its user address here.
-    private func sendMemoryTable() throws {
-        let regions = memory.regions.map { r in
-            VhostUserMemoryRegion(guestAddress: r.guestAddress, size: r.size,
-                                  userAddress: UInt64(UInt(bitPattern: memory.hostAddress(of: r))), mmapOffset: r.hostOffset)
-        }
-        try netdev.request(.setMemTable(regions), fds: regions.map { _ in memory.fd })
-    }
-
-    private func userAddress(_ gpa: UInt64) throws -> UInt64 {
-        UInt64(UInt(bitPattern: try memory.slice(at: gpa, count: 1).baseAddress!))
-    }
-
-    /// SET_VRING_ADDR: with `logging`, VHOST_VRING_F_LOG and the used ring's guest address.
-    private func sendRingAddress(_ index: Int, _ q: Virtqueue, logging: Bool) throws {
-        try netdev.request(.setVringAddr(VhostUserVringAddress(
-            index: UInt32(index), flags: logging ? VhostUserVringAddress.logUsed : 0, descriptor: userAddress(q.descriptorTable),
-            used: userAddress(q.deviceArea), available: userAddress(q.driverArea), log: logging ? q.deviceArea : 0)))
-    }
-
-    /// One ring: NUM, BASE, ADDR, KICK, CALL, ENABLE.
-    private func sendRing(_ index: Int, _ ring: RingHandoff, enabled: Bool, logging: Bool) throws {
-        let q = ring.queue
-        let i = UInt32(index)
-        try netdev.request(.setVringNum(VhostUserVringState(index: i, num: UInt32(q.size))))
-        try netdev.request(.setVringBase(VhostUserVringState(index: i, num: UInt32(q.lastAvailable))))
-        try sendRingAddress(index, q, logging: logging)
-        guard let kick = ring.kick, let call = ring.call else { throw VhostUserError("netdev \(netdev.id): ring \(index) has no kick/call eventfd") }
-        try netdev.request(.setVringKick(VhostUserVringFile(index: UInt8(index), hasFD: true)), fds: [kick.fd])
-        try netdev.request(.setVringCall(VhostUserVringFile(index: UInt8(index), hasFD: true)), fds: [call.fd])
-        try netdev.request(.setVringEnable(VhostUserVringState(index: i, num: enabled ? 1 : 0)))
-    }
-
-    /// GET_VRING_BASE, then each used index from guest RAM (the backend's last write).
-    private func stopRings(_ rings: [Int: Virtqueue]) -> [Int: Virtqueue] {
-        guard let bases = try? netdev.stopRings(rings.keys.sorted()) else {
-            return rings  // The backend is gone: the rings resume where the device last knew them.
-        }
-        return rings.reduce(into: [:]) { returned, ring in
-            var queue = ring.value
-            queue.lastAvailable = bases[ring.key] ?? queue.lastAvailable
-            if let used = try? memory.load(UInt16.self, at: queue.deviceArea + 2) { queue.usedIndex = used }
-            returned[ring.key] = queue
-        }
-    }
-
-    // MARK: dirty log (pre-copy)
-
-    /// As QEMU's vhost_migration_log: the log first (SET_LOG_BASE), then LOG_ALL and each
-    /// running ring's used-ring logging. Rings that start later get them in `start`.
-    public func startDirtyLog() throws {
-        let negotiated = try netdev.negotiated
-        guard negotiated.logs else {
-            throw VhostUserError("netdev \(netdev.id): the vhost-user backend cannot log its writes to guest RAM (it lacks \(negotiated.backendFeatures & VhostUserFeature.logAll == 0 ? "the LOG_ALL feature" : "the LOG_SHMFD protocol feature")); migrate with x-ignore-shared and local on, or with the guest paused")
-        }
-        try session.withLock { s in
-            guard s.log == nil else { return }
-            let log = try VhostDirtyLog(covering: memory)
-            if !s.rings.isEmpty {
-                try netdev.setLogBase(log)
-                try sendFeatures(logging: true)
-                for (index, queue) in s.rings.sorted(by: { $0.key < $1.key }) { try sendRingAddress(index, queue, logging: true) }
-            }
-            s.log = log
-        }
-    }
-
-    public func collectDirty(into bitmap: inout [UInt64]) {
-        session.withLock { $0.log }?.collect(into: &bitmap)
-    }
-
-    /// LOG_ALL off and the rings' logging off; the backend keeps the mapping until the
-    /// next SET_LOG_BASE or reset, as with QEMU.
-    public func stopDirtyLog() {
-        session.withLock { s in
-            guard s.log != nil else { return }
-            s.log = nil
-            guard !s.rings.isEmpty else { return }
-            try? sendFeatures(logging: false)
-            for (index, queue) in s.rings.sorted(by: { $0.key < $1.key }) { try? sendRingAddress(index, queue, logging: false) }
-        }
-    }
+    public func startDirtyLog() throws { try netdev.startDirtyLog(covering: memory) }
+    public func collectDirty(into bitmap: inout [UInt64]) { netdev.collectDirty(into: &bitmap) }
+    public func stopDirtyLog() { netdev.stopDirtyLog() }
 }

@@ -3,6 +3,9 @@ import Glibc
 
 /// Unix stream sockets for QMP, the serial console and (later) migration channels.
 public enum UnixSocket {
+    /// The longest path a `sockaddr_un` holds (107 bytes on Linux).
+    public static let maxPathLength = MemoryLayout.size(ofValue: sockaddr_un().sun_path) - 1
+
     static func address(_ path: String) throws -> (sockaddr_un, socklen_t) {
         var addr = sockaddr_un()
         addr.sun_family = sa_family_t(AF_UNIX)

@@ -15,6 +15,8 @@ public final class VirtioNet: VirtioDeviceModel, @unchecked Sendable {
     }
 
     static let queueSize: UInt16 = 256
+    /// Config `status`'s VIRTIO_NET_S_LINK_UP.
+    static let statusLinkUp: UInt16 = 1
     static let maxFrame = 65550
 
     public let id: String
@@ -55,7 +57,8 @@ public final class VirtioNet: VirtioDeviceModel, @unchecked Sendable {
     var controlQueueIndex: Int { 2 * maxQueuePairs }
 
     public func readConfig(offset: Int, size: Int) -> UInt32 {
-        var bytes = mac + le16(1) + le16(UInt16(maxQueuePairs)) + le16(1500)
+        let status: UInt16 = datapath.linkUp ? Self.statusLinkUp : 0
+        var bytes = mac + le16(status) + le16(UInt16(maxQueuePairs)) + le16(1500)
         bytes += [UInt8](repeating: 0, count: 16)
         guard offset >= 0, offset + size <= bytes.count else { return 0 }
         var value: UInt32 = 0
@@ -74,6 +77,17 @@ public final class VirtioNet: VirtioDeviceModel, @unchecked Sendable {
     }
 
     public func shutdown() { datapath.detach() }
+
+    /// Only a `cpr=on` netdev is handed over; the datapath knows how to let go of it.
+    public func prepareForHandover(_ context: HandoverContext) throws -> [NamedFD] {
+        guard context.mode == .cprTransfer, datapath.handsOverForCPR else { return [] }
+        return try datapath.prepareForHandover(context)
+    }
+
+    public func cancelHandover(_ context: HandoverContext) {
+        guard context.mode == .cprTransfer, datapath.handsOverForCPR else { return }
+        if let host { datapath.cancelHandover(context, host: host) }
+    }
 
     public func configuration(_ context: HandoverContext) -> MachineDescription.Device? {
         var properties = [
@@ -97,6 +111,7 @@ public final class VirtioNet: VirtioDeviceModel, @unchecked Sendable {
         let stats = statistics
         return ["x-virtio-net": [
             "netdev": .string(datapath.netdevID), "ifname": .string(datapath.ifname), "datapath": .string(datapath.kind.rawValue),
+            "link": .string(datapath.linkUp ? "up" : "down"),
             "max-queue-pairs": .int(Int64(maxQueuePairs)), "queue-pairs": .int(Int64(queuePairsInUse)),
             "queues": .int(Int64(queueMaxSizes.count)), "status": .int(Int64(status)),
             "rx-packets": .array(stats.rx.map { .int(Int64($0)) }), "tx-packets": .array(stats.tx.map { .int(Int64($0)) }),
@@ -215,11 +230,10 @@ public final class VirtioNet: VirtioDeviceModel, @unchecked Sendable {
         public var queuePairs: UInt16
         public var vnetHeader: Bool
 
-        public func fdName(queue: Int) -> String { "netdev/\(netdev)/tap.\(queue)" }
-        public static func vhostUserFDName(netdev: String) -> String { "netdev/\(netdev)/vhost-user" }
+        public func fdName(queue: Int) -> String { NamedFD.tapQueueName(netdev: netdev, queue: queue) }
         /// Every fd the descriptor's kind travels with, in order.
         public var fdNames: [String] {
-            kind == Self.kindVhostUserConnection ? [Self.vhostUserFDName(netdev: netdev)] : (0..<Int(queuePairs)).map(fdName(queue:))
+            kind == Self.kindVhostUserConnection ? [NamedFD.vhostUserConnectionName(netdev: netdev)] : (0..<Int(queuePairs)).map(fdName(queue:))
         }
         /// For messages.
         var what: String { kind == Self.kindVhostUserConnection ? "a vhost-user connection" : "TAP queues" }

@@ -39,6 +39,9 @@ public protocol VirtioDeviceModel: AnyObject, Sendable {
     func queryInfo(status: UInt8, notifyExits: [UInt64]) -> JSONObject?
     /// See `MachineDevice.migrationBlocker`.
     var migrationBlocker: String? { get }
+    /// See `MachineDevice.prepareForHandover` and `cancelHandover`.
+    func prepareForHandover(_ context: HandoverContext) throws -> [NamedFD]
+    func cancelHandover(_ context: HandoverContext)
     /// See `MachineDevice`'s dirty-log hooks.
     func startDirtyLog() throws
     func collectDirty(into bitmap: inout [UInt64])
@@ -59,6 +62,8 @@ extension VirtioDeviceModel {
     public func handedOverFDs(_ context: HandoverContext) -> [NamedFD] { [] }
     public func checkReadyToRun() throws {}
     public func queryInfo(status: UInt8, notifyExits: [UInt64]) -> JSONObject? { nil }
+    public func prepareForHandover(_ context: HandoverContext) throws -> [NamedFD] { [] }
+    public func cancelHandover(_ context: HandoverContext) {}
     public func startDirtyLog() throws {}
     public func collectDirty(into bitmap: inout [UInt64]) {}
     public func stopDirtyLog() {}
@@ -394,6 +399,8 @@ public final class VirtioPCITransport: PCIDevice, StatefulDevice {
     public func checkReadyToRun() throws { try model.checkReadyToRun() }
     public var queryInfo: JSONObject? { model.queryInfo(status: status, notifyExits: notifyExitCounts) }
     public var migrationBlocker: String? { model.migrationBlocker }
+    public func prepareForHandover(_ context: HandoverContext) throws -> [NamedFD] { try model.prepareForHandover(context) }
+    public func cancelHandover(_ context: HandoverContext) { model.cancelHandover(context) }
     public func startDirtyLog() throws { try model.startDirtyLog() }
     public func collectDirty(into bitmap: inout [UInt64]) { model.collectDirty(into: &bitmap) }
     public func stopDirtyLog() { model.stopDirtyLog() }

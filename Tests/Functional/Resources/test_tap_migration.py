@@ -28,8 +28,8 @@
 #       TAPFdMigrationOnThisHost runs the seed's check first and, when it fails,
 #       passes only if every request outside the window was answered (late,
 #       not lost), saying so; a lost request still fails.
-#     The vhost variants need /dev/vhost-net and vhost support, which this VMM
-#     does not have yet; the Swift driver runs the two others.
+#     The vhost variants need /dev/vhost-net (kernel vhost-net); the Swift
+#     driver runs them where it exists and skips them, with the reason, elsewhere.
 #
 # Run by Tests/Functional/SeedTapMigrationFunctionalTests.swift with VMM_BINARY
 # and VMM_GUEST_KERNEL in the environment.
