@@ -107,4 +107,6 @@ public struct CPRState: VersionedState {
 extension NamedFD {
     /// A TAP queue's stream-wide name, by the source's netdev id.
     public static func tapQueueName(netdev: String, queue: Int) -> String { "netdev/\(netdev)/tap.\(queue)" }
+    /// A vhost-user netdev's backend connection (local migration, descriptor kind 2).
+    public static func vhostUserConnectionName(netdev: String) -> String { "netdev/\(netdev)/vhost-user" }
 }
