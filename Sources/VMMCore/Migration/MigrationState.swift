@@ -65,7 +65,8 @@ public final class MigrationState: @unchecked Sendable {
         dirtySyncCount.store(0, ordering: .relaxed)
         expectedDowntime.store(0, ordering: .relaxed)
         cancelRequested.store(false, ordering: .relaxed)
-        _ = takeTimeline()
+        // The timeline is not cleared: the end of every migration takes it, and a
+        // cpr-transfer target's marks from before its main channel connected belong to it.
     }
 
     /// Named moments of the switch-over, from any thread, logged at debug level when the
