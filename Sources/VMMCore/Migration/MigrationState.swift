@@ -50,6 +50,8 @@ public final class MigrationState: @unchecked Sendable {
     /// A cpr-transfer target's cpr channel, held open until the main channel listens:
     /// the source connects that one once this one closes (QEMU's HUP).
     var cprChannel: MigrationChannel?
+    /// The thread that read the cpr state, waiting to read the main channel too.
+    var incomingReader: IncomingReader?
 
     func reset(ramTotal: UInt64, now: Int64) {
         error = nil
