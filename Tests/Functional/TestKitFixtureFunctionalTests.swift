@@ -104,7 +104,7 @@ extension SerializedNetworkSuites {
         @Test func launchingOutsideTheNamespaceScopeIsRefused() async throws {
             try await NetworkNamespace.with { ns in
                 // Refused inside the scope, so the artifact directory sees no failure and goes.
-                try await withArtifacts { artifacts in
+                _ = try await withArtifacts { artifacts in
                     await #expect {
                         _ = try await Machine.launch(.bundledGuest(), in: artifacts)
                     } throws: { "\($0)".contains("launched outside \(ns)") }
