@@ -564,7 +564,8 @@ import Testing
         var thread: OSThread?
         /// The answers each flush sent, as request names, in order.
         let flushes = Mutex<[[String]]>([])
-        init() throws {
+        /// `refusing`: answered with a non-zero status instead of being applied.
+        init(refusing: VhostUserRequest? = nil) throws {
             var tap: [Int32] = [0, 0]
             socketpair(AF_UNIX, Int32(SOCK_SEQPACKET.rawValue), 0, &tap)
             tapPeer = tap[1]
@@ -579,7 +580,18 @@ import Testing
                 while let received = try? connection.receive() {
                     let request = received.message.request
                     let answer: VhostUserMessage?
-                    do { answer = try backend.handle(received) } catch { break }
+                    if request == refusing {
+                        answer = .reply(request, 1)
+                    } else {
+                        do {
+                            answer = try backend.handle(received)
+                        } catch {
+                            // As the real one: a NACK, then the connection ends.
+                            if received.flags.contains(.needReply) { held.append(.reply(request, 1)) }
+                            for reply in held { try? connection.send(reply) }
+                            break
+                        }
+                    }
                     if let reply = answer ?? (received.flags.contains(.needReply) ? .reply(request, 0) : nil) { held.append(reply) }
                     let last: Bool
                     switch received.message {
@@ -631,6 +643,28 @@ import Testing
         let flushes = served.flushes.withLock { $0 }
         #expect(flushes.map(\.count) == [2, 14, 2], "\(flushes)")
         #expect(flushes.first == ["GET_FEATURES", "GET_PROTOCOL_FEATURES"])
+    }
+
+    /// The rings' start returns once its batch is out; a refusal among the answers, read
+    /// on the loop, still fails the device's ring naming the request.
+    @Test func aRefusalAmongTheStartsAnswersFailsTheRing() throws {
+        let served = try BatchingBackend(refusing: .setMemTable)
+        defer { served.finish() }
+        try VhostUserConnection(socket: served.frontEnd.duplicate()).send(.setOwner)
+        let loop = try LoopThread()
+        let target = VhostUserNetdev(id: "n0", incomingQueues: 1, loop: loop.loop, logger: Logger(label: "test"), replyTimeout: .milliseconds(500))
+        try loop.run()
+        defer {
+            loop.sync { target.shutdown() }
+            loop.finish()
+        }
+        let ram = try GuestMemory(size: 1 << 20, backing: .memfd, shared: true)
+        let rings = Rings(ram: ram)
+        let datapath = try target.makeDatapath(pairs: 1, memory: ram, memoryBackend: nil)
+        try datapath.adoptIncoming([try served.frontEnd.duplicate()], vnetHeader: true)
+        _ = try rings.start(datapath)
+        #expect(Self.eventually { !rings.failures.withLock { $0 }.isEmpty })
+        #expect(rings.failures.withLock { $0 } == ["netdev n0: the connection from the migration source: the vhost-user backend refused SET_MEM_TABLE"])
     }
 
     /// The stream's descriptor for a vhost-user connection: kind 2, one fd by name.

@@ -70,6 +70,15 @@ public final class VhostUserNetdev: NetBackend, @unchecked Sendable {
         var reconnectScheduled = false
         /// The last reconnect failure logged, so a backend that stays away logs once.
         var lastFailure: String?
+        /// The answers to the rings' last start, not read yet (see `startRings`).
+        var unanswered: Unanswered?
+    }
+
+    /// A start whose batch went out: a refusal among its answers fails `ring` through `context`.
+    struct Unanswered {
+        var batch: Batch
+        var context: DatapathContext
+        var ring: Int
     }
 
     /// One request and its reply at a time, from any thread (the vCPU at DRIVER_OK, the
@@ -225,7 +234,7 @@ public final class VhostUserNetdev: NetBackend, @unchecked Sendable {
     /// are read once the last one went out (the backend answers in order), so a batch
     /// costs one round trip, not one per request: a local migration target's start at
     /// `cont` is downtime. QEMU does not wait for most of these at all.
-    private struct Batch {
+    struct Batch {
         let link: Link
         /// Requests whose answer (an ack, or SET_LOG_BASE's reply) is still to be read, in order.
         var awaiting: [VhostUserRequest] = []
@@ -309,8 +318,8 @@ public final class VhostUserNetdev: NetBackend, @unchecked Sendable {
     /// Everything the rings need, in QEMU's vhost_dev_start order, as one batch:
     /// SET_FEATURES (LOG_ALL while `log`), the memory table (the RAM memfd per region, user
     /// addresses in this process), SET_LOG_BASE while `log`, then per ring NUM, BASE, ADDR,
-    /// KICK, CALL, ENABLE.
-    private func sendRunning(_ running: Running, log: VhostDirtyLog?, on link: Link) throws {
+    /// KICK, CALL, ENABLE. Returns the batch, its answers still to be read (`finish`).
+    private func sendRunning(_ running: Running, log: VhostDirtyLog?, on link: Link) throws -> Batch {
         if log != nil { try checkLogs(link) }
         if let index = running.rings.first(where: { $0.value.kick == nil || $0.value.call == nil })?.key {
             throw VhostUserError(described("ring \(index) has no kick/call eventfd"))
@@ -334,7 +343,24 @@ public final class VhostUserNetdev: NetBackend, @unchecked Sendable {
             try post(.setVringCall(VhostUserVringFile(index: UInt8(index), hasFD: true)), fds: [ring.call!.fd], in: &batch)
             try post(.setVringEnable(VhostUserVringState(index: i, num: index / 2 < running.activePairs ? 1 : 0)), in: &batch)
         }
-        try finish(batch)
+        return batch
+    }
+
+    /// Reads the answers `startRings` left (any thread, under the session lock): every
+    /// exchange does this first, as the answers come before its own; the loop does it soon
+    /// after the start anyway. A refusal fails the device's ring, as at the start itself.
+    private func settle(_ s: inout Session) {
+        guard let pending = s.unanswered else { return }
+        s.unanswered = nil
+        guard let link = s.link, link.number == pending.batch.link.number else { return }
+        do {
+            try finish(pending.batch)
+        } catch let failure as LinkFailure {
+            linkLost(&s, link, failure.description)
+        } catch {
+            s.running?.refused = true
+            pending.context.ringFailed(pending.ring, "\(error)")
+        }
     }
 
     /// The link is gone (any thread, under the session lock): the rings count as stopped
@@ -344,6 +370,7 @@ public final class VhostUserNetdev: NetBackend, @unchecked Sendable {
     private func linkLost(_ s: inout Session, _ link: Link, _ reason: String) {
         guard s.link?.number == link.number else { return }
         s.link = nil
+        s.unanswered = nil
         up.store(false, ordering: .relaxed)
         let lent = s.handedOver
         // The backend sees the end now; the fd number stays taken until the loop unwatched
@@ -423,7 +450,7 @@ public final class VhostUserNetdev: NetBackend, @unchecked Sendable {
             let link = try connect(number: number)
             let restored = try session.withLock { s -> Int? in
                 guard !s.closed, !s.handedOver else { return nil }
-                if let running = s.running, !running.refused { try sendRunning(running, log: s.log, on: link) }
+                if let running = s.running, !running.refused { try finish(sendRunning(running, log: s.log, on: link)) }
                 s.link = link
                 s.lastFailure = nil
                 up.store(true, ordering: .relaxed)
@@ -469,6 +496,7 @@ public final class VhostUserNetdev: NetBackend, @unchecked Sendable {
     /// From here on the socket is shared (see `Session.handedOver`).
     func handOverConnection() -> FileDescriptor? {
         session.withLock { s in
+            settle(&s)  // No answer of ours may be left for the target to read.
             guard let socket = s.link?.connection.socket ?? s.adopted?.socket else { return nil }
             s.handedOver = true
             return socket
@@ -515,35 +543,43 @@ public final class VhostUserNetdev: NetBackend, @unchecked Sendable {
 
     // MARK: the rings (for VhostUserDatapath)
 
+    /// Sends what the rings need and returns without waiting for the answers: the device
+    /// (and at a local migration target's `cont`, the guest) runs on while the backend
+    /// works through them, in order; `settle` reads them on the loop or before the next
+    /// exchange, whichever comes first. QEMU does not wait for most of them at all.
     func startRings(_ running: Running) {
         let began = monotonicNanoseconds()
         defer { logTiming("rings started", since: began) }
-        let reconnect = session.withLock { s -> Bool in
+        let (reconnect, unanswered) = session.withLock { s -> (Bool, Bool) in
+            settle(&s)
             s.running = running
             // Running here again: the connection is this netdev's alone once more.
             let wasLent = s.handedOver
             s.handedOver = false
+            let ring = running.rings.keys.min() ?? 0
             do {
                 try negotiateAdopted(&s)
             } catch is LinkFailure {
-                return false
+                return (false, false)
             } catch {
                 s.running?.refused = true
-                running.context.ringFailed(running.rings.keys.min() ?? 0, "\(error)")
-                return false
+                running.context.ringFailed(ring, "\(error)")
+                return (false, false)
             }
             // Without a link the rings wait for the next connection.
-            guard let link = s.link else { return wasLent }
+            guard let link = s.link else { return (wasLent, false) }
             do {
-                try sendRunning(running, log: s.log, on: link)
+                s.unanswered = Unanswered(batch: try sendRunning(running, log: s.log, on: link), context: running.context, ring: ring)
+                return (false, true)
             } catch let failure as LinkFailure {
                 linkLost(&s, link, failure.description)
             } catch {
                 s.running?.refused = true
-                running.context.ringFailed(running.rings.keys.min() ?? 0, "\(error)")
+                running.context.ringFailed(ring, "\(error)")
             }
-            return false
+            return (false, false)
         }
+        if unanswered { loop.post { [weak self] in self?.session.withLock { self?.settle(&$0) } } }
         // A link lost while it was lent was not reconnected; now it may be.
         if reconnect { loop.post { [weak self] in self?.scheduleReconnect() } }
     }
@@ -554,6 +590,7 @@ public final class VhostUserNetdev: NetBackend, @unchecked Sendable {
         let began = monotonicNanoseconds()
         defer { logTiming("rings stopped", since: began) }
         return session.withLock { s in
+            settle(&s)
             guard let running = s.running else { return [:] }
             s.running = nil
             var bases: [Int: UInt16] = [:]
@@ -586,6 +623,7 @@ public final class VhostUserNetdev: NetBackend, @unchecked Sendable {
 
     func setActivePairs(_ pairs: Int) {
         session.withLock { s in
+            settle(&s)
             guard var running = s.running else { return }
             running.activePairs = pairs
             s.running = running
@@ -611,6 +649,7 @@ public final class VhostUserNetdev: NetBackend, @unchecked Sendable {
     /// reconnect, get them with `sendRunning`. A backend without logging fails it.
     func startDirtyLog(covering memory: GuestMemory) throws {
         try session.withLock { s in
+            settle(&s)
             guard s.log == nil else { return }
             if let link = s.link { try checkLogs(link) }
             let log = try VhostDirtyLog(covering: memory)
@@ -643,6 +682,7 @@ public final class VhostUserNetdev: NetBackend, @unchecked Sendable {
     /// next SET_LOG_BASE or reset, as with QEMU.
     func stopDirtyLog() {
         session.withLock { s in
+            settle(&s)
             guard s.log != nil else { return }
             s.log = nil
             guard let running = s.running, !running.refused, let link = s.link else { return }
