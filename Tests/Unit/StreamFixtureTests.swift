@@ -11,6 +11,9 @@ import Testing
         var name: String
         var queuePairs: Int
         var local: Bool
+        /// The NIC on vhost-user (capture.py --vhost-user): locally, its backend connection
+        /// travels as the one fd of datapath descriptor kind 2.
+        var vhostUser = false
         var testDescription: String { name }
     }
 
@@ -18,7 +21,7 @@ import Testing
         Fixture(name: "\(version)-normal-1queue", queuePairs: 1, local: false),
         Fixture(name: "\(version)-local-tap-fds", queuePairs: 1, local: true),
         Fixture(name: "\(version)-normal-4queues", queuePairs: 4, local: false),
-    ] }
+    ] } + [Fixture(name: "v3-local-vhost-user-2queues", queuePairs: 2, local: true, vhostUser: true)]
 
     static func bytes(_ fixture: Fixture) throws -> [UInt8] { try bytes(fixture.name) }
 
@@ -56,7 +59,7 @@ import Testing
         #expect(nic.id == "net0")
         #expect(nic.properties["max_queue_pairs"] == String(fixture.queuePairs))
 
-        let target = try FixtureTarget(description, recordedFDs: try Self.recordedFDClaims(fixture))
+        let target = try FixtureTarget(description, recordedFDs: try Self.recordedFDClaims(fixture), vhostUser: fixture.vhostUser)
         try target.load(sections, header: Array(bytes.prefix(MigrationStream.headerSize)), configuration: description)
         #expect(target.received.closeUnclaimed() == [], "every fd the source passed was claimed")
         #expect(target.ramPages > 0 || fixture.local)
@@ -64,8 +67,13 @@ import Testing
         #expect(target.transport.status & VirtioPCITransport.Status.driverOK != 0)
         #expect(target.nic.queuePairsInUse == fixture.queuePairs)
         #expect(target.transport.negotiatedFeatures & VirtioPCITransport.featureVersion1 != 0)
-        // Local: the TAP queues came as fds and went to the netdev; the RAM memfd replaced RAM.
-        #expect(target.backend.adopted == (fixture.local ? fixture.queuePairs : 0))
+        // Local: the TAP queues (or the vhost-user connection) came as fds and went to the
+        // netdev; the RAM memfd replaced RAM.
+        if let netdev = target.vhostUser {
+            #expect(!netdev.awaitsIncomingQueues && target.nic.datapath.kind == .vhostUser)
+        } else {
+            #expect(target.backend.adopted == (fixture.local ? fixture.queuePairs : 0))
+        }
     }
 }
 
@@ -135,12 +143,15 @@ final class FixtureTarget {
     let serial = Serial16550(output: { _ in })
     let pciBus: PCIBus
     let backend: IncomingBackend
+    /// `vhostUser`: the NIC's netdev, an `incoming-fds=on` vhost-user one (it adopts the
+    /// connection's stand-in silently: nothing is sent before the rings start).
+    let vhostUser: VhostUserNetdev?
     let nic: VirtioNet
     let transport: VirtioPCITransport
     let received = ReceivedFDs()
     private(set) var ramPages = 0
 
-    init(_ description: MachineDescription, recordedFDs: [String: Int]) throws {
+    init(_ description: MachineDescription, recordedFDs: [String: Int], vhostUser: Bool = false) throws {
         let size = try #require(description.properties["ram-size"].flatMap { UInt64($0) })
         memory = try GuestMemory(size: size, shared: description.properties["local"] == "on")
         let device = try #require(description.devices.first { $0.type == "virtio-net-pci" })
@@ -148,8 +159,11 @@ final class FixtureTarget {
         backend = IncomingBackend(queues: pairs, incoming: device.properties["local-migration"] == "on")
         let mac = try #require(device.properties["mac"]).split(separator: ":").compactMap { UInt8($0, radix: 16) }
         let multiQueue = device.properties["mq"] == "on"
-        nic = VirtioNet(id: device.id, mac: mac, datapath: UserspaceTapDatapath(queues: backend, pairs: VirtioNet.queuePairs(multiQueue: multiQueue, netdev: backend)),
-                        multiQueue: multiQueue, logger: .init(label: "fixture"))
+        let pairsUsed = VirtioNet.queuePairs(multiQueue: multiQueue, netdev: backend)
+        self.vhostUser = vhostUser ? VhostUserNetdev(id: backend.id, incomingQueues: pairs, loop: try EventLoop(), logger: .init(label: "fixture")) : nil
+        let datapath = try self.vhostUser?.makeDatapath(pairs: pairsUsed, memory: memory, memoryBackend: nil)
+            ?? UserspaceTapDatapath(queues: backend, pairs: pairsUsed)
+        nic = VirtioNet(id: device.id, mac: mac, datapath: datapath, multiQueue: multiQueue, logger: .init(label: "fixture"))
         nic.localMigration = device.properties["local-migration"] == "on"
         transport = VirtioPCITransport(name: device.id, model: nic, memory: memory, logger: .init(label: "fixture"))
         pciBus = try PCIBus()

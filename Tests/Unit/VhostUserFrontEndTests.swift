@@ -553,6 +553,120 @@ import Testing
         #expect(rings.failures.withLock { $0 } == [])
     }
 
+    /// The in-process backend behind a connection that holds every answer until the
+    /// front-end sent the last request of what it sends as one batch (the handshake's two
+    /// questions, the rings' start, their stop): a front-end that waits for an answer in
+    /// the middle of a batch gets none within its reply timeout.
+    final class BatchingBackend: @unchecked Sendable {
+        let backend: VhostUserNetBackend
+        let frontEnd: FileDescriptor
+        let tapPeer: Int32
+        var thread: OSThread?
+        /// The answers each flush sent, as request names, in order.
+        let flushes = Mutex<[[String]]>([])
+        /// `refusing`: answered with a non-zero status instead of being applied.
+        init(refusing: VhostUserRequest? = nil) throws {
+            var tap: [Int32] = [0, 0]
+            socketpair(AF_UNIX, Int32(SOCK_SEQPACKET.rawValue), 0, &tap)
+            tapPeer = tap[1]
+            backend = try VhostUserNetBackend(queuePairs: 1, tapFDs: [FileDescriptor(adopting: tap[0], label: "tap")], tapVnetHeader: true)
+            try backend.start()
+            var pair: [Int32] = [0, 0]
+            socketpair(AF_UNIX, Int32(SOCK_STREAM.rawValue), 0, &pair)
+            frontEnd = FileDescriptor(adopting: pair[0], label: "front-end")
+            let connection = VhostUserConnection(socket: FileDescriptor(adopting: pair[1], label: "backend"))
+            thread = try OSThread(name: "vu-batching") { [self] in
+                var held: [VhostUserMessage] = []
+                while let received = try? connection.receive() {
+                    let request = received.message.request
+                    let answer: VhostUserMessage?
+                    if request == refusing {
+                        answer = .reply(request, 1)
+                    } else {
+                        do {
+                            answer = try backend.handle(received)
+                        } catch {
+                            // As the real one: a NACK, then the connection ends.
+                            if received.flags.contains(.needReply) { held.append(.reply(request, 1)) }
+                            for reply in held { try? connection.send(reply) }
+                            break
+                        }
+                    }
+                    if let reply = answer ?? (received.flags.contains(.needReply) ? .reply(request, 0) : nil) { held.append(reply) }
+                    let last: Bool
+                    switch received.message {
+                    case .getProtocolFeatures, .getQueueNum: last = true
+                    case .setVringEnable(let state), .getVringBase(let state): last = state.index == 1
+                    default: last = false
+                    }
+                    guard last else { continue }
+                    flushes.withLock { $0.append(held.map(\.request.name)) }
+                    for reply in held { try? connection.send(reply) }
+                    held = []
+                }
+                backend.resetDevice()
+            }
+        }
+        func finish() {
+            frontEnd.close()
+            thread?.join()
+            backend.shutdown()
+            close(tapPeer)
+        }
+    }
+
+    /// A local migration target's start at `cont` is downtime: the adopted connection's
+    /// handshake asks GET_FEATURES and GET_PROTOCOL_FEATURES at once, and the memory table
+    /// and rings go out as one batch whose acks are read at the end; the stop sends every
+    /// GET_VRING_BASE before reading a reply. Against a backend that answers only at the
+    /// end of each batch the rings start and stop with the link up. (Waiting for each
+    /// answer, the handshake timed out at GET_FEATURES: link down, rings never started.)
+    @Test func aTargetsStartAndStopGoOutInBatches() throws {
+        let served = try BatchingBackend()
+        defer { served.finish() }
+        // The source owned the connection; the target's handshake sends no SET_OWNER.
+        try VhostUserConnection(socket: served.frontEnd.duplicate()).send(.setOwner)
+        let loop = try EventLoop()
+        let target = VhostUserNetdev(id: "n0", incomingQueues: 1, loop: loop, logger: Logger(label: "test"), replyTimeout: .milliseconds(500))
+        defer { target.shutdown() }
+        let ram = try GuestMemory(size: 1 << 20, backing: .memfd, shared: true)
+        let rings = Rings(ram: ram)
+        let datapath = try target.makeDatapath(pairs: 1, memory: ram, memoryBackend: nil)
+        try datapath.adoptIncoming([try served.frontEnd.duplicate()], vnetHeader: true)
+        let handed = try rings.start(datapath)
+        #expect(rings.failures.withLock { $0 } == [])
+        #expect(target.linkUp)
+        #expect(try rings.receive(slot: 0, tapPeer: served.tapPeer, kick: handed[0]?.kick))
+        let stopped = datapath.stop()
+        #expect(target.linkUp)
+        #expect(stopped[0]?.lastAvailable == 1 && stopped[0]?.usedIndex == 1)
+        let flushes = served.flushes.withLock { $0 }
+        #expect(flushes.map(\.count) == [2, 14, 2], "\(flushes)")
+        #expect(flushes.first == ["GET_FEATURES", "GET_PROTOCOL_FEATURES"])
+    }
+
+    /// The rings' start returns once its batch is out; a refusal among the answers, read
+    /// on the loop, still fails the device's ring naming the request.
+    @Test func aRefusalAmongTheStartsAnswersFailsTheRing() throws {
+        let served = try BatchingBackend(refusing: .setMemTable)
+        defer { served.finish() }
+        try VhostUserConnection(socket: served.frontEnd.duplicate()).send(.setOwner)
+        let loop = try LoopThread()
+        let target = VhostUserNetdev(id: "n0", incomingQueues: 1, loop: loop.loop, logger: Logger(label: "test"), replyTimeout: .milliseconds(500))
+        try loop.run()
+        defer {
+            loop.sync { target.shutdown() }
+            loop.finish()
+        }
+        let ram = try GuestMemory(size: 1 << 20, backing: .memfd, shared: true)
+        let rings = Rings(ram: ram)
+        let datapath = try target.makeDatapath(pairs: 1, memory: ram, memoryBackend: nil)
+        try datapath.adoptIncoming([try served.frontEnd.duplicate()], vnetHeader: true)
+        _ = try rings.start(datapath)
+        #expect(Self.eventually { !rings.failures.withLock { $0 }.isEmpty })
+        #expect(rings.failures.withLock { $0 } == ["netdev n0: the connection from the migration source: the vhost-user backend refused SET_MEM_TABLE"])
+    }
+
     /// The stream's descriptor for a vhost-user connection: kind 2, one fd by name.
     @Test func handoverDescriptorNamesTheConnection() throws {
         let descriptor = VirtioNet.DatapathDescriptor(kind: VirtioNet.DatapathDescriptor.kindVhostUserConnection, netdev: "n0",

@@ -70,6 +70,15 @@ public final class VhostUserNetdev: NetBackend, @unchecked Sendable {
         var reconnectScheduled = false
         /// The last reconnect failure logged, so a backend that stays away logs once.
         var lastFailure: String?
+        /// The answers to the rings' last start, not read yet (see `startRings`).
+        var unanswered: Unanswered?
+    }
+
+    /// A start whose batch went out: a refusal among its answers fails `ring` through `context`.
+    struct Unanswered {
+        var batch: Batch
+        var context: DatapathContext
+        var ring: Int
     }
 
     /// One request and its reply at a time, from any thread (the vCPU at DRIVER_OK, the
@@ -152,24 +161,30 @@ public final class VhostUserNetdev: NetBackend, @unchecked Sendable {
             _ = connection.socket.withRaw { setsockopt($0, SOL_SOCKET, option, &timeout, socklen_t(MemoryLayout<timeval>.size)) }
         }
         do {
-            func get(_ m: VhostUserMessage) throws -> UInt64 {
-                guard case .reply(m.request, let value)? = try exchange(connection, m, expectingReply: true) else {
-                    throw LinkFailure(description: "the vhost-user backend answered \(m.request.name) with another message")
+            func value(answering request: VhostUserRequest) throws -> UInt64 {
+                guard case .reply(request, let value) = try receive(connection, answering: request) else {
+                    throw LinkFailure(description: "the vhost-user backend answered \(request.name) with another message")
                 }
                 return value
             }
-            let backendFeatures = try get(.getFeatures)
+            // Both questions at once (one round trip: at a local migration target's `cont`
+            // this handshake is downtime). Without PROTOCOL_FEATURES the second one is
+            // unanswerable, but then the connection is given up anyway.
+            try send(connection, .getFeatures)
+            try send(connection, .getProtocolFeatures)
+            let backendFeatures = try value(answering: .getFeatures)
             guard backendFeatures & VhostUserFeature.protocolFeatures != 0 else {
                 throw VhostUserError(described("the vhost-user backend lacks PROTOCOL_FEATURES (features \(hex(backendFeatures)))"))
             }
-            let protocolFeatures = try get(.getProtocolFeatures)
+            let protocolFeatures = try value(answering: .getProtocolFeatures)
             let wanted = protocolFeatures & (VhostUserProtocolFeature.mq | VhostUserProtocolFeature.replyAck | VhostUserProtocolFeature.logSHMFD)
-            _ = try exchange(connection, .setProtocolFeatures(wanted), expectingReply: false)
+            if queueCount > 1 && wanted & VhostUserProtocolFeature.mq == 0 {
+                throw VhostUserError(described("queues=\(queueCount) but the vhost-user backend lacks the MQ protocol feature"))
+            }
+            try send(connection, .setProtocolFeatures(wanted))
             if queueCount > 1 {
-                guard wanted & VhostUserProtocolFeature.mq != 0 else {
-                    throw VhostUserError(described("queues=\(queueCount) but the vhost-user backend lacks the MQ protocol feature"))
-                }
-                let served = try get(.getQueueNum)
+                try send(connection, .getQueueNum)
+                let served = try value(answering: .getQueueNum)
                 guard served >= UInt64(queueCount) else {
                     throw VhostUserError(described("queues=\(queueCount) but the vhost-user backend serves \(served) queue pair\(served == 1 ? "" : "s")"))
                 }
@@ -215,22 +230,43 @@ public final class VhostUserNetdev: NetBackend, @unchecked Sendable {
         }
     }
 
-    /// Sends one message and, with `expectingReply`, reads the next one.
-    private func exchange(_ connection: VhostUserConnection, _ message: VhostUserMessage, flags: VhostUserFlags = [],
-                          fds: [FileDescriptor] = [], expectingReply: Bool) throws -> VhostUserMessage? {
-        try send(connection, message, flags: flags, fds: fds)
-        return expectingReply ? try receive(connection, answering: message.request) : nil
+    /// Requests without replies of their own, sent back to back; their acks (REPLY_ACK)
+    /// are read once the last one went out (the backend answers in order), so a batch
+    /// costs one round trip, not one per request: a local migration target's start at
+    /// `cont` is downtime. QEMU does not wait for most of these at all.
+    struct Batch {
+        let link: Link
+        /// Requests whose answer (an ack, or SET_LOG_BASE's reply) is still to be read, in order.
+        var awaiting: [VhostUserRequest] = []
     }
 
-    /// A request without a reply of its own; with REPLY_ACK waits for its ack. A refusal
-    /// throws `VhostUserError`, a broken connection `LinkFailure`.
-    private func request(_ message: VhostUserMessage, on link: Link, fds: [FileDescriptor] = []) throws {
-        let reply = try exchange(link.connection, message, flags: link.replyAck ? .needReply : [], fds: fds, expectingReply: link.replyAck)
-        guard link.replyAck else { return }
-        guard case .reply(message.request, let status)? = reply else {
-            throw LinkFailure(description: "no ack from the vhost-user backend for \(message.request.name)")
+    private func post(_ message: VhostUserMessage, fds: [FileDescriptor] = [], in batch: inout Batch) throws {
+        try send(batch.link.connection, message, flags: batch.link.replyAck ? .needReply : [], fds: fds)
+        if batch.link.replyAck { batch.awaiting.append(message.request) }
+    }
+
+    /// Reads the batch's answers. A refusal (non-zero status) throws `VhostUserError` for
+    /// the first refused request once the answers still coming were read (a backend that
+    /// closes after a refusal just ends that); a broken connection throws `LinkFailure`.
+    private func finish(_ batch: Batch) throws {
+        var refused: VhostUserRequest?
+        for request in batch.awaiting {
+            let reply: VhostUserMessage
+            do { reply = try receive(batch.link.connection, answering: request) } catch where refused != nil { break }
+            guard case .reply(request, let status) = reply else {
+                if refused != nil { break }
+                throw LinkFailure(description: "no ack from the vhost-user backend for \(request.name)")
+            }
+            if status != 0 && refused == nil { refused = request }
         }
-        guard status == 0 else { throw VhostUserError(described("the vhost-user backend refused \(message.request.name)")) }
+        if let refused { throw VhostUserError(described("the vhost-user backend refused \(refused.name)")) }
+    }
+
+    /// One request without a reply of its own; with REPLY_ACK waits for its ack.
+    private func request(_ message: VhostUserMessage, on link: Link, fds: [FileDescriptor] = []) throws {
+        var batch = Batch(link: link)
+        try post(message, fds: fds, in: &batch)
+        try finish(batch)
     }
 
     /// GET_VRING_BASE for each ring: stops them in the backend; their next available
@@ -251,26 +287,26 @@ public final class VhostUserNetdev: NetBackend, @unchecked Sendable {
 
     /// SET_LOG_BASE with the log's memfd (LOG_SHMFD, size in the payload); the backend
     /// answers it whether or not REPLY_ACK was negotiated, and QEMU waits for that answer.
-    private func setLogBase(_ log: VhostDirtyLog, on link: Link) throws {
-        let reply = try exchange(link.connection, .setLogBase(size: log.size, offset: 0), fds: log.fd.map { [$0] } ?? [], expectingReply: true)
-        guard case .reply(.setLogBase, _)? = reply else { throw LinkFailure(description: "no SET_LOG_BASE reply from the vhost-user backend") }
+    private func setLogBase(_ log: VhostDirtyLog, in batch: inout Batch) throws {
+        try send(batch.link.connection, .setLogBase(size: log.size, offset: 0), fds: log.fd.map { [$0] } ?? [])
+        batch.awaiting.append(.setLogBase)
     }
 
     /// SET_FEATURES: virtio 1, MQ for several pairs, and LOG_ALL while pre-copy logs.
-    private func setFeatures(logging: Bool, on link: Link) throws {
+    private func setFeatures(logging: Bool, in batch: inout Batch) throws {
         var features = VhostUserNetBackend.versionOne | VhostUserFeature.protocolFeatures
         if queueCount > 1 { features |= VhostUserNetBackend.netMultiQueue }
         if logging { features |= VhostUserFeature.logAll }
-        try request(.setFeatures(features & link.backendFeatures), on: link)
+        try post(.setFeatures(features & batch.link.backendFeatures), in: &batch)
     }
 
     /// SET_VRING_ADDR in this process's addresses; with `logging`, VHOST_VRING_F_LOG and
     /// the used ring's guest address.
-    private func setRingAddress(_ index: Int, _ q: Virtqueue, memory: GuestMemory, logging: Bool, on link: Link) throws {
+    private func setRingAddress(_ index: Int, _ q: Virtqueue, memory: GuestMemory, logging: Bool, in batch: inout Batch) throws {
         func user(_ gpa: UInt64) throws -> UInt64 { UInt64(UInt(bitPattern: try memory.slice(at: gpa, count: 1).baseAddress!)) }
-        try request(.setVringAddr(VhostUserVringAddress(
+        try post(.setVringAddr(VhostUserVringAddress(
             index: UInt32(index), flags: logging ? VhostUserVringAddress.logUsed : 0, descriptor: user(q.descriptorTable),
-            used: user(q.deviceArea), available: user(q.driverArea), log: logging ? q.deviceArea : 0)), on: link)
+            used: user(q.deviceArea), available: user(q.driverArea), log: logging ? q.deviceArea : 0)), in: &batch)
     }
 
     /// A live migration needs the backend to log its writes to guest RAM.
@@ -279,29 +315,51 @@ public final class VhostUserNetdev: NetBackend, @unchecked Sendable {
         throw VhostUserError("netdev \(id): the vhost-user backend cannot log its writes to guest RAM (it lacks \(link.backendFeatures & VhostUserFeature.logAll == 0 ? "the LOG_ALL feature" : "the LOG_SHMFD protocol feature")); migrate with x-ignore-shared and local on, or with the guest paused")
     }
 
-    /// Everything the rings need, in QEMU's vhost_dev_start order: SET_FEATURES (LOG_ALL
-    /// while `log`), the memory table (the RAM memfd per region, user addresses in this
-    /// process), SET_LOG_BASE while `log`, then per ring NUM, BASE, ADDR, KICK, CALL, ENABLE.
-    private func sendRunning(_ running: Running, log: VhostDirtyLog?, on link: Link) throws {
+    /// Everything the rings need, in QEMU's vhost_dev_start order, as one batch:
+    /// SET_FEATURES (LOG_ALL while `log`), the memory table (the RAM memfd per region, user
+    /// addresses in this process), SET_LOG_BASE while `log`, then per ring NUM, BASE, ADDR,
+    /// KICK, CALL, ENABLE. Returns the batch, its answers still to be read (`finish`).
+    private func sendRunning(_ running: Running, log: VhostDirtyLog?, on link: Link) throws -> Batch {
         if log != nil { try checkLogs(link) }
-        try setFeatures(logging: log != nil, on: link)
+        if let index = running.rings.first(where: { $0.value.kick == nil || $0.value.call == nil })?.key {
+            throw VhostUserError(described("ring \(index) has no kick/call eventfd"))
+        }
+        var batch = Batch(link: link)
+        try setFeatures(logging: log != nil, in: &batch)
         let memory = running.memory
         let regions = memory.regions.map { r in
             VhostUserMemoryRegion(guestAddress: r.guestAddress, size: r.size,
                                   userAddress: UInt64(UInt(bitPattern: memory.hostAddress(of: r))), mmapOffset: r.hostOffset)
         }
-        try request(.setMemTable(regions), on: link, fds: regions.map { _ in memory.fd })
-        if let log { try setLogBase(log, on: link) }
+        try post(.setMemTable(regions), fds: regions.map { _ in memory.fd }, in: &batch)
+        if let log { try setLogBase(log, in: &batch) }
         for (index, ring) in running.rings.sorted(by: { $0.key < $1.key }) {
             let q = ring.queue
             let i = UInt32(index)
-            try request(.setVringNum(VhostUserVringState(index: i, num: UInt32(q.size))), on: link)
-            try request(.setVringBase(VhostUserVringState(index: i, num: UInt32(q.lastAvailable))), on: link)
-            try setRingAddress(index, q, memory: memory, logging: log != nil, on: link)
-            guard let kick = ring.kick, let call = ring.call else { throw VhostUserError(described("ring \(index) has no kick/call eventfd")) }
-            try request(.setVringKick(VhostUserVringFile(index: UInt8(index), hasFD: true)), on: link, fds: [kick.fd])
-            try request(.setVringCall(VhostUserVringFile(index: UInt8(index), hasFD: true)), on: link, fds: [call.fd])
-            try request(.setVringEnable(VhostUserVringState(index: i, num: index / 2 < running.activePairs ? 1 : 0)), on: link)
+            try post(.setVringNum(VhostUserVringState(index: i, num: UInt32(q.size))), in: &batch)
+            try post(.setVringBase(VhostUserVringState(index: i, num: UInt32(q.lastAvailable))), in: &batch)
+            try setRingAddress(index, q, memory: memory, logging: log != nil, in: &batch)
+            try post(.setVringKick(VhostUserVringFile(index: UInt8(index), hasFD: true)), fds: [ring.kick!.fd], in: &batch)
+            try post(.setVringCall(VhostUserVringFile(index: UInt8(index), hasFD: true)), fds: [ring.call!.fd], in: &batch)
+            try post(.setVringEnable(VhostUserVringState(index: i, num: index / 2 < running.activePairs ? 1 : 0)), in: &batch)
+        }
+        return batch
+    }
+
+    /// Reads the answers `startRings` left (any thread, under the session lock): every
+    /// exchange does this first, as the answers come before its own; the loop does it soon
+    /// after the start anyway. A refusal fails the device's ring, as at the start itself.
+    private func settle(_ s: inout Session) {
+        guard let pending = s.unanswered else { return }
+        s.unanswered = nil
+        guard let link = s.link, link.number == pending.batch.link.number else { return }
+        do {
+            try finish(pending.batch)
+        } catch let failure as LinkFailure {
+            linkLost(&s, link, failure.description)
+        } catch {
+            s.running?.refused = true
+            pending.context.ringFailed(pending.ring, "\(error)")
         }
     }
 
@@ -312,6 +370,7 @@ public final class VhostUserNetdev: NetBackend, @unchecked Sendable {
     private func linkLost(_ s: inout Session, _ link: Link, _ reason: String) {
         guard s.link?.number == link.number else { return }
         s.link = nil
+        s.unanswered = nil
         up.store(false, ordering: .relaxed)
         let lent = s.handedOver
         // The backend sees the end now; the fd number stays taken until the loop unwatched
@@ -391,7 +450,7 @@ public final class VhostUserNetdev: NetBackend, @unchecked Sendable {
             let link = try connect(number: number)
             let restored = try session.withLock { s -> Int? in
                 guard !s.closed, !s.handedOver else { return nil }
-                if let running = s.running, !running.refused { try sendRunning(running, log: s.log, on: link) }
+                if let running = s.running, !running.refused { try finish(sendRunning(running, log: s.log, on: link)) }
                 s.link = link
                 s.lastFailure = nil
                 up.store(true, ordering: .relaxed)
@@ -437,6 +496,7 @@ public final class VhostUserNetdev: NetBackend, @unchecked Sendable {
     /// From here on the socket is shared (see `Session.handedOver`).
     func handOverConnection() -> FileDescriptor? {
         session.withLock { s in
+            settle(&s)  // No answer of ours may be left for the target to read.
             guard let socket = s.link?.connection.socket ?? s.adopted?.socket else { return nil }
             s.handedOver = true
             return socket
@@ -471,7 +531,8 @@ public final class VhostUserNetdev: NetBackend, @unchecked Sendable {
         do {
             let link = try handshake(adopted, number: s.connections, owned: true)
             s.link = link
-            watch(link)
+            // From any thread (cont, or DRIVER_OK on the vCPU): the loop's sources are its own.
+            loop.post { [self] in watch(link) }
         } catch {
             up.store(false, ordering: .relaxed)
             adopted.socket.close()
@@ -482,33 +543,43 @@ public final class VhostUserNetdev: NetBackend, @unchecked Sendable {
 
     // MARK: the rings (for VhostUserDatapath)
 
+    /// Sends what the rings need and returns without waiting for the answers: the device
+    /// (and at a local migration target's `cont`, the guest) runs on while the backend
+    /// works through them, in order; `settle` reads them on the loop or before the next
+    /// exchange, whichever comes first. QEMU does not wait for most of them at all.
     func startRings(_ running: Running) {
-        let reconnect = session.withLock { s -> Bool in
+        let began = monotonicNanoseconds()
+        defer { logTiming("rings started", since: began) }
+        let (reconnect, unanswered) = session.withLock { s -> (Bool, Bool) in
+            settle(&s)
             s.running = running
             // Running here again: the connection is this netdev's alone once more.
             let wasLent = s.handedOver
             s.handedOver = false
+            let ring = running.rings.keys.min() ?? 0
             do {
                 try negotiateAdopted(&s)
             } catch is LinkFailure {
-                return false
+                return (false, false)
             } catch {
                 s.running?.refused = true
-                running.context.ringFailed(running.rings.keys.min() ?? 0, "\(error)")
-                return false
+                running.context.ringFailed(ring, "\(error)")
+                return (false, false)
             }
             // Without a link the rings wait for the next connection.
-            guard let link = s.link else { return wasLent }
+            guard let link = s.link else { return (wasLent, false) }
             do {
-                try sendRunning(running, log: s.log, on: link)
+                s.unanswered = Unanswered(batch: try sendRunning(running, log: s.log, on: link), context: running.context, ring: ring)
+                return (false, true)
             } catch let failure as LinkFailure {
                 linkLost(&s, link, failure.description)
             } catch {
                 s.running?.refused = true
-                running.context.ringFailed(running.rings.keys.min() ?? 0, "\(error)")
+                running.context.ringFailed(ring, "\(error)")
             }
-            return false
+            return (false, false)
         }
+        if unanswered { loop.post { [weak self] in self?.session.withLock { self?.settle(&$0) } } }
         // A link lost while it was lent was not reconnected; now it may be.
         if reconnect { loop.post { [weak self] in self?.scheduleReconnect() } }
     }
@@ -516,7 +587,10 @@ public final class VhostUserNetdev: NetBackend, @unchecked Sendable {
     /// GET_VRING_BASE for all rings (pipelined) with the used index from guest RAM; rings
     /// whose backend is gone stop at the used index.
     func stopRings() -> [Int: Virtqueue] {
-        session.withLock { s in
+        let began = monotonicNanoseconds()
+        defer { logTiming("rings stopped", since: began) }
+        return session.withLock { s in
+            settle(&s)
             guard let running = s.running else { return [:] }
             s.running = nil
             var bases: [Int: UInt16] = [:]
@@ -540,16 +614,26 @@ public final class VhostUserNetdev: NetBackend, @unchecked Sendable {
         }
     }
 
+    /// A migration's downtime contains the rings' stop and start: the debug log says when
+    /// (monotonic, as the migration timelines) and how long each took.
+    private func logTiming(_ what: String, since began: Int64) {
+        let now = monotonicNanoseconds()
+        logger.debug("\(described("\(what) at \(now / 1000) us in \((now - began) / 1000) us"))")
+    }
+
     func setActivePairs(_ pairs: Int) {
         session.withLock { s in
+            settle(&s)
             guard var running = s.running else { return }
             running.activePairs = pairs
             s.running = running
             guard let link = s.link else { return }
             do {
+                var batch = Batch(link: link)
                 for index in running.rings.keys.sorted() {
-                    try request(.setVringEnable(VhostUserVringState(index: UInt32(index), num: index / 2 < pairs ? 1 : 0)), on: link)
+                    try post(.setVringEnable(VhostUserVringState(index: UInt32(index), num: index / 2 < pairs ? 1 : 0)), in: &batch)
                 }
+                try finish(batch)
             } catch let failure as LinkFailure {
                 linkLost(&s, link, failure.description)
             } catch {
@@ -565,6 +649,7 @@ public final class VhostUserNetdev: NetBackend, @unchecked Sendable {
     /// reconnect, get them with `sendRunning`. A backend without logging fails it.
     func startDirtyLog(covering memory: GuestMemory) throws {
         try session.withLock { s in
+            settle(&s)
             guard s.log == nil else { return }
             if let link = s.link { try checkLogs(link) }
             let log = try VhostDirtyLog(covering: memory)
@@ -573,11 +658,13 @@ public final class VhostUserNetdev: NetBackend, @unchecked Sendable {
                 return
             }
             do {
-                try setLogBase(log, on: link)
-                try setFeatures(logging: true, on: link)
+                var batch = Batch(link: link)
+                try setLogBase(log, in: &batch)
+                try setFeatures(logging: true, in: &batch)
                 for (index, ring) in running.rings.sorted(by: { $0.key < $1.key }) {
-                    try setRingAddress(index, ring.queue, memory: running.memory, logging: true, on: link)
+                    try setRingAddress(index, ring.queue, memory: running.memory, logging: true, in: &batch)
                 }
+                try finish(batch)
                 s.log = log
             } catch let failure as LinkFailure {
                 // The backend is away and writes nothing; the reconnect sends the log first.
@@ -595,14 +682,17 @@ public final class VhostUserNetdev: NetBackend, @unchecked Sendable {
     /// next SET_LOG_BASE or reset, as with QEMU.
     func stopDirtyLog() {
         session.withLock { s in
+            settle(&s)
             guard s.log != nil else { return }
             s.log = nil
             guard let running = s.running, !running.refused, let link = s.link else { return }
             do {
-                try setFeatures(logging: false, on: link)
+                var batch = Batch(link: link)
+                try setFeatures(logging: false, in: &batch)
                 for (index, ring) in running.rings.sorted(by: { $0.key < $1.key }) {
-                    try setRingAddress(index, ring.queue, memory: running.memory, logging: false, on: link)
+                    try setRingAddress(index, ring.queue, memory: running.memory, logging: false, in: &batch)
                 }
+                try finish(batch)
             } catch let failure as LinkFailure {
                 linkLost(&s, link, failure.description)
             } catch {

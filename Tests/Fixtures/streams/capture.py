@@ -2,7 +2,7 @@
 """Captures a migration stream of the current format from a real vmm, for the fixtures here.
 
 usage (root, from the repository root, after `swift build`):
-    Tests/Fixtures/streams/capture.py NAME [--queues N] [--local | --cpr]
+    Tests/Fixtures/streams/capture.py NAME [--queues N] [--local | --cpr] [--vhost-user]
 NAME starts with the stream version the build writes (v2-..., v3-...); keep every
 version's fixtures: a unit test loads them all with the current code.
 Boots the bundled guest (64M) with one virtio-net NIC on a TAP in a scratch network
@@ -14,27 +14,37 @@ stored; the loader test binds stand-ins for them). --local: migration parameter
 --cpr: mode `cpr-transfer` with the netdev `cpr=on`: the cpr channel's stream (header and
 the cpr state, with the RAM memfd and the TAP queues) goes to NAME.cpr.stream and
 NAME.cpr.fds.json, the main channel's to NAME.stream and NAME.fds.json.
+--vhost-user: the NIC on the bundled vhost-user-net (on the TAP; RAM a shared memfd);
+with --local its backend connection travels as the NIC's one fd (descriptor kind 2).
 """
 import argparse, array, json, os, socket, struct, subprocess, sys, tempfile, time
 
 ap = argparse.ArgumentParser()
 ap.add_argument("name"); ap.add_argument("--queues", type=int, default=1); ap.add_argument("--local", action="store_true")
-ap.add_argument("--cpr", action="store_true")
+ap.add_argument("--cpr", action="store_true"); ap.add_argument("--vhost-user", action="store_true")
 args = ap.parse_args()
 here = os.path.dirname(os.path.abspath(__file__))
 tmp = tempfile.mkdtemp(prefix="svmm-capture-")
 ns = f"svmm-capture-{os.getpid()}"
 subprocess.run(["ip", "netns", "add", ns], check=True)
-proc = None
+proc = backend = None
 try:
     mq = ["multi_queue"] if args.queues > 1 else []
     subprocess.run(["ip", "-n", ns, "tuntap", "add", "dev", "tap0", "mode", "tap"] + mq, check=True)
     subprocess.run(["ip", "-n", ns, "link", "set", "tap0", "up"], check=True)
     console, qmp_path, mig = f"{tmp}/console", f"{tmp}/qmp.sock", f"{tmp}/mig.sock"
-    ram = ["-object", "memory-backend-memfd,id=m0,size=64M,share=on", "-machine", "memory-backend=m0"] if args.local else []
+    ram = ["-object", "memory-backend-memfd,id=m0,size=64M,share=on", "-machine", "memory-backend=m0"] if args.local or args.vhost_user else []
+    netdev = ["-netdev", f"tap,id=n0,ifname=tap0,queues={args.queues},script=no,downscript=no{',cpr=on' if args.cpr else ''}"]
+    if args.vhost_user:
+        vu = f"{tmp}/vu.sock"
+        backend = subprocess.Popen(["ip", "netns", "exec", ns, ".build/debug/vhost-user-net", "--socket", vu, "--tap", "tap0",
+                                    "--queues", str(args.queues)])
+        while not os.path.exists(vu):
+            if backend.poll() is not None: raise SystemExit("vhost-user-net did not start")
+            time.sleep(0.05)
+        netdev = ["-chardev", f"socket,id=c0,path={vu}", "-netdev", f"vhost-user,id=n0,chardev=c0,queues={args.queues}"]
     cmd = ["ip", "netns", "exec", ns, ".build/debug/vmm", "-m", "64M", "-kernel", "assets/guest/guest.elf", *ram,
-           "-serial", f"unix:{console},server=on,wait=off", "-qmp", f"unix:{qmp_path},server=on,wait=off",
-           "-netdev", f"tap,id=n0,ifname=tap0,queues={args.queues},script=no,downscript=no{',cpr=on' if args.cpr else ''}",
+           "-serial", f"unix:{console},server=on,wait=off", "-qmp", f"unix:{qmp_path},server=on,wait=off", *netdev,
            "-device", f"virtio-net-pci,netdev=n0,id=net0,mac=52:54:00:12:34:56,mq={'on' if args.queues > 1 else 'off'}"]
     proc = subprocess.Popen(cmd)
     deadline = time.time() + 60
@@ -119,5 +129,6 @@ finally:
     if proc:
         try: proc.wait(10)
         except subprocess.TimeoutExpired: proc.kill(); proc.wait()
+    if backend: backend.terminate(); backend.wait()
     subprocess.run(["ip", "netns", "del", ns])
     subprocess.run(["rm", "-rf", tmp])
