@@ -89,17 +89,15 @@ extension Machine {
         for note in spec.notes(msixVectors: transport.msixVectors) { logger.debug("\(id): \(note)") }
     }
 
-    /// `-netdev tap,...,vhost=on`: the TAP exactly as without vhost (opened, passed in, or
-    /// awaiting a migration's queues), wrapped with its vhost devices. The devices are
+    /// `-netdev tap,...,vhost=on`: the TAP exactly as without vhost (opened, passed in,
+    /// awaiting a migration's queues, or taken from a cpr state), wrapped with its vhost
+    /// devices (`VhostKernelNetdev.devices`: a `cpr=on` netdev's come from the cpr state too). The devices are
     /// opened first, so failing there creates no TAP; every error names the option. Never
     /// a fallback to the userspace datapath.
     private func addVhostKernelNetdev(_ spec: NetdevSpec, _ vhost: VhostKernelOptions) throws {
         do {
-            let devices: [any VhostKernelIO] = try vhost.fds.map { fds in
-                try fds.enumerated().map { pair, fd in
-                    VhostNetDevice(fd: try FileDescriptor.duplicating(inherited: fd, label: VhostKernelNetdev.deviceLabel(spec.id, pair)))
-                }
-            } ?? VhostKernelNetdev.openDevices(id: spec.id, count: spec.queues)
+            let cpr = spec.cpr ? migration.incoming.flatMap { $0.cprState != nil ? $0 : nil } : nil
+            let devices = try VhostKernelNetdev.devices(id: spec.id, queues: spec.queues, cpr: cpr, inherited: vhost.fds)
             var tapOnly = spec
             tapOnly.vhost = nil
             try addNetdev(tapOnly)

@@ -43,6 +43,30 @@ public final class VhostKernelNetdev: NetBackend, @unchecked Sendable {
 
     static func deviceLabel(_ id: String, _ pair: Int) -> String { "netdev \(id) vhost-net \(pair)" }
 
+    /// Where a `vhost=on` netdev's devices come from: on a cpr-transfer target, for a
+    /// `cpr=on` netdev (`cpr`: the migration whose cpr state arrived), the source's fds by
+    /// name, `netdev/<id>/vhost.<pair>`, which the source gave up (RESET_OWNER) before it
+    /// sent them, so this process's SET_OWNER succeeds, and nothing is opened; else the
+    /// inherited `vhostfds=` (copies; the originals stay with whoever passed them); else
+    /// `/dev/vhost-net` at `path`, once per queue. `device` wraps each fd (tests record).
+    static func devices(id: String, queues: Int, cpr: IncomingMigration?, inherited: [Int32]?, path: String = VhostKernel.devicePath,
+                        device: (FileDescriptor) -> any VhostKernelIO = { VhostNetDevice(fd: $0) }) throws -> [any VhostKernelIO] {
+        if let cpr {
+            guard let entry = cpr.cprState?.netdev(id), entry.vhostKind == .kernel else {
+                throw VhostKernelError("netdev '\(id)' is cpr=on, but the cpr state hands over no vhost-net devices for it (was the source's netdev vhost=on and cpr=on?)")
+            }
+            return try (0..<Int(entry.queues)).map { pair in
+                device(try cpr.claimCPRFD(entry.vhostFDName(pair: pair), by: "netdev '\(id)' (vhost=on)"))
+            }
+        }
+        if let inherited {
+            return try inherited.enumerated().map { pair, fd in
+                device(try FileDescriptor.duplicating(inherited: fd, label: deviceLabel(id, pair)))
+            }
+        }
+        return try openDevices(id: id, count: queues, path: path)
+    }
+
     /// Runs `request` on pair `pair`'s device; errors name the netdev, the pair and the ioctl.
     @discardableResult
     func perform(_ request: VhostKernelRequest, pair: Int) throws -> UInt64 {
@@ -101,6 +125,8 @@ public final class VhostKernelNetdev: NetBackend, @unchecked Sendable {
     // MARK: NetBackend
 
     public var ifname: String { tap.ifname }
+    public var cpr: Bool { tap.cpr }
+    public var cprVhostKind: CPRState.VhostKind { .kernel }
     public var queueFDs: [FileDescriptor] { tap.queueFDs }
     public var queueCount: Int { tap.queueCount }
     public var vnetHeader: Bool { tap.vnetHeader }
@@ -364,6 +390,26 @@ public final class VhostKernelDatapath: NetDatapath, @unchecked Sendable {
     }
 
     // MARK: ownership
+
+    public var handsOverForCPR: Bool { netdev.cpr }
+
+    /// cpr-transfer's setup notifier (003's `vhost_reset_owner`), the device paused: the
+    /// rings stop (already, by the pause) and every pair's device is given up
+    /// (RESET_OWNER) before the cpr state is sent, so the next process's SET_OWNER cannot
+    /// fail with EBUSY; the devices' fds travel beside the TAP queues as
+    /// `netdev/<id>/vhost.<pair>`. From here this process issues no ioctl on them unless
+    /// the handover is cancelled.
+    public func prepareForHandover(_ context: HandoverContext) throws -> [NamedFD] {
+        _ = try releaseOwnership()
+        return netdev.devices.enumerated().map { pair, device in NamedFD(name: NamedFD.vhostDeviceName(netdev: netdev.id, pair: pair), fd: device.fd) }
+    }
+
+    /// The handover failed or was cancelled: own the devices again (SET_OWNER, features)
+    /// now, so the resume that follows starts the rings as before. A failure is logged; the
+    /// next start retries it and marks the device NEEDS_RESET if it fails again.
+    public func cancelHandover(_ context: HandoverContext, host: DeviceHost) {
+        do { try netdev.setUp() } catch { netdev.logger.error("taking vhost-net back after a cancelled cpr-transfer: \(error)") }
+    }
 
     /// Gives the devices up (VHOST_RESET_OWNER), stopping the rings first, so another
     /// process can own them (cpr-transfer passes vhost fds); the returned rings are the
