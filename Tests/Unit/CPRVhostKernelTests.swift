@@ -227,3 +227,28 @@ import Testing
         #expect { _ = try CPRState.decode(bytes, owner: "cpr") } throws: { "\($0)" == "cpr state: netdev 'n1' has vhost kind 9, unknown to this build" }
     }
 }
+
+extension CPRVhostKernelTests {
+    /// A target that took the devices over and then ends (its migration failed, or it was
+    /// shut down) gives them up, so the source can take them back; a source whose
+    /// handover completed owns nothing any more and sends nothing at its end.
+    @Test func anEndingNetdevGivesUpOnlyWhatItOwns() throws {
+        let kernel = FakeKernel()
+        let memory = try GuestMemory(size: 4 << 20, backing: .memfd, shared: true)
+        let source = try Self.runningSource(kernel, memory: memory)
+        try source.transport.pause()
+        _ = try source.transport.prepareForHandover(Self.cpr)
+        let target = try VhostKernelNetdev(id: "n1", tap: FakeQueues(queues: 1),
+                                           devices: [kernel.device("target", pair: 0, fd: try source.netdev.devices[0].fd.duplicate())], logger: Logger(label: "test"))
+        kernel.clear()
+        source.netdev.shutdown()
+        #expect(kernel.recorded == [], "the source's end after the handover")
+        target.shutdown()
+        #expect(kernel.recorded == ["target 0: VHOST_RESET_OWNER"])
+        // The migration failed: the source owns its device again.
+        source.transport.cancelHandover(Self.cpr)
+        #expect(kernel.recorded.suffix(2) == ["source 0: VHOST_SET_OWNER", "source 0: VHOST_GET_FEATURES"])
+        target.shutdown()
+        #expect(kernel.recorded.count == 3, "once")
+    }
+}

@@ -143,6 +143,21 @@ public final class VhostKernelNetdev: NetBackend, @unchecked Sendable {
     public func makeDatapath(pairs: Int, memory: GuestMemory, memoryBackend: String?) throws -> NetDatapath {
         try VhostKernelDatapath(netdev: self, pairs: pairs, memory: memory)
     }
+
+    /// The netdev ends (after its NIC stopped the rings): the pairs this process owns are
+    /// given up. Closing is not enough for a device another process holds too (a
+    /// cpr-transfer target that failed, whose source still has the same device): the
+    /// kernel keeps it owned by this process's memory until RESET_OWNER or the last
+    /// close, and the source's SET_OWNER would fail with EBUSY for good. A source whose
+    /// handover completed owns nothing any more, so it sends nothing.
+    public func shutdown() {
+        let owned = offered.withLock { owned in
+            defer { owned = [] }
+            return owned.count
+        }
+        for pair in 0..<owned { _ = try? perform(.resetOwner, pair: pair) }
+        tap.shutdown()
+    }
 }
 
 /// The rings of a vhost=on TAP, run by the kernel: `start` gives each pair's device the
