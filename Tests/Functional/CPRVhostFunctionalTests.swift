@@ -1,0 +1,102 @@
+import Foundation
+import Glibc
+import QMPWire
+import TestKit
+import Testing
+
+extension SerializedNetworkSuites {
+    /// cpr-transfer with the vhost datapaths: the next VMM takes over the TAP queues with
+    /// the `/dev/vhost-net` fds (`tap,vhost=on,cpr=on`), which the old one gave up first
+    /// (VHOST_RESET_OWNER), so the new one's SET_OWNER cannot fail with EBUSY.
+    @Suite(.requiresKVM, .requiresGuestImage, .requiresVMM, .requiresNetworkNamespaces)
+    struct CPRVhostFunctionalTests {
+        /// The live update with a pinger at 500/s: both sides complete, 0 pings lost, no RAM
+        /// copied, the target's NIC on the same datapath; `check` adds the datapath's own proof.
+        static func liveUpdate(_ network: GuestNetwork, check: (MigrationPair) async throws -> Void) async throws {
+            try await MigrationPair.with(mode: .cprTransfer, network: network) { pair in
+                let ticks = try await pair.source.guest.ticks()
+                let pinger = try pair.pinger()
+                try pinger.start()
+                try await pinger.waitForReplies(50, timeout: .seconds(10))
+                let result = try await pair.migrate()
+                #expect(result.outcome == MigrationOutcome(sourceStatus: "completed", targetStatus: "completed",
+                                                           sourceRunState: "postmigrate", targetRunState: "paused"))
+                try await pinger.waitForReplies(pinger.report().received + 50, timeout: .seconds(10))
+                pinger.stop()
+                let report = await pinger.finish(timeout: .seconds(10))
+                #expect(report.lost == 0, "\(report)")
+                #expect(result.info["ram"]?["normal"]?.intValue == 0, "\(result.info.serialized)")
+                #expect(try await pair.target.guest.ticks(after: .milliseconds(100)) > ticks)
+                let nic = try await NetworkDeviceFunctionalTests.nicInfo(pair.target.qmp, id: network.deviceID)
+                #expect(nic["x-virtio-net"]?["datapath"] == .string(network.datapath.rawValue), "\(nic.serialized)")
+                #expect(try await pair.target.guest.ping(network.hostAddress, count: 3, waitSeconds: 2).received == 3)
+                try await check(pair)
+            }
+        }
+
+        /// Kernel vhost, 2 pairs: the target took the source's vhost devices and owns them
+        /// (a SET_OWNER refused with EBUSY would have failed its netdev and the migration).
+        @Test(.requiresVhostNet) func liveUpdateWithKernelVhost() async throws {
+            try await Self.liveUpdate(GuestNetwork(queues: 2, datapath: .vhostKernel)) { pair in
+                let log = pair.target.stderrTail(200).joined(separator: "\n")
+                #expect(!log.contains("Device or resource busy") && !log.contains("VHOST_SET_OWNER"), "\(log)")
+            }
+        }
+
+        /// Cancelled after the cpr state went out (the series author's flow: the target has
+        /// the fds but no netdev claimed them yet): the source takes its host side back (kernel
+        /// vhost: SET_OWNER after its RESET_OWNER) and resumes, answering every ping, on the
+        /// same datapath; `check` adds the datapath's own proof.
+        static func cancelAfterTheCPRState(_ network: GuestNetwork, check: (VhostUserBackendProcess?) async throws -> Void) async throws {
+            try await NetworkNamespace.with { namespace in
+                try await network.createTap(in: namespace)
+                try await withArtifacts { artifacts in
+                    let backend = try await network.startBackendProcess(in: namespace, artifacts: artifacts)
+                    var options = MachineOptions.bundledGuest(arguments: network.arguments(vhostUserSocket: backend?.socketPath, cpr: true), name: "source")
+                    options.namespace = namespace
+                    let source = try await Machine.launch(options, in: artifacts)
+                    try await source.console.waitForPrompt(timeout: .seconds(20))
+                    try await source.guest.configureNetwork(address: network.guestCIDR)
+                    let across = try Pinger(namespace: namespace, destination: network.guestAddress, interval: .milliseconds(5), replyTimeout: .seconds(10))
+                    try across.start()
+                    try await across.waitForReplies(10, timeout: .seconds(10))
+                    let main = try artifacts.socketPath("main.sock")
+                    let cpr = try artifacts.socketPath("cpr.sock")
+                    var targetOptions = MachineOptions.bundledGuest(
+                        arguments: ["-incoming", "defer", "-incoming", CPRTransferFunctionalTests.unix("cpr", cpr).serialized], name: "target")
+                    targetOptions.namespace = namespace
+                    let launch = Task { try await Machine.launch(targetOptions, in: artifacts) }
+                    try await CPRTransferFunctionalTests.waitForSocket(cpr)
+                    try await MigrationWaiter.enableEvents(on: source)
+                    try await source.qmp.execute("migrate-set-parameters", arguments: ["mode": "cpr-transfer"])
+                    try await source.qmp.execute("migrate", arguments: ["channels": [CPRTransferFunctionalTests.unix("main", main), CPRTransferFunctionalTests.unix("cpr", cpr)]])
+                    // The target's monitor is up: it holds the cpr state's fds now.
+                    let target = try await launch.value
+                    #expect(try await source.qmp.execute("query-status")["status"] == "finish-migrate")
+                    try await source.qmp.execute("migrate_cancel")
+                    _ = try await source.qmp.waitForEvent("MIGRATION", matching: ["status": "cancelled"], timeout: .seconds(10))
+                    _ = await target.shutdown()
+                    #expect(try await source.qmp.execute("query-status")["status"] == "running")
+                    try await across.waitForReplies(across.report().received + 20, timeout: .seconds(10))
+                    across.stop()
+                    let acrossReport = await across.finish(timeout: .seconds(15))
+                    #expect(acrossReport.lost == 0, "across the attempt: \(acrossReport)")
+                    let pinger = try Pinger(namespace: namespace, destination: network.guestAddress, interval: .milliseconds(2), count: 100)
+                    try pinger.start()
+                    let report = await pinger.finish(timeout: .seconds(20))
+                    #expect(report.lost == 0, "\(report)")
+                    let nic = try await NetworkDeviceFunctionalTests.nicInfo(source.qmp, id: network.deviceID)
+                    #expect(nic["x-virtio-net"]?["datapath"] == .string(network.datapath.rawValue), "\(nic.serialized)")
+                    let log = source.stderrTail(200).joined(separator: "\n")
+                    #expect(!log.contains("Device or resource busy") && !log.contains("NEEDS_RESET"), "\(log)")
+                    try await check(backend)
+                    _ = await source.shutdown()
+                }
+            }
+        }
+
+        @Test(.requiresVhostNet) func cancelAfterTheCPRStateWithKernelVhost() async throws {
+            try await Self.cancelAfterTheCPRState(GuestNetwork(queues: 2, datapath: .vhostKernel)) { _ in }
+        }
+    }
+}
