@@ -6,7 +6,8 @@ import Glibc
 ///
 /// - `0`: a message: 12 header bytes, then the payload (as long as the header says, up
 ///   to the codec's limit), then a byte whose value % 10 is the number of fds attached
-///   (the RAM memfd for SET_MEM_TABLE, eventfds otherwise). Decoded by `VhostUserCodec`;
+///   (the RAM memfd for SET_MEM_TABLE, the dirty log's memfd (32 bytes, covering the
+///   1 MiB of RAM) for SET_LOG_BASE, eventfds otherwise). Decoded by `VhostUserCodec`;
 ///   what decodes goes to `VhostUserNetBackend.handle`, whose errors reset the device
 ///   as a closed connection does.
 /// - `1`: a guest write into the shared RAM: offset (u16), length (u8), bytes — rings
@@ -26,6 +27,8 @@ import Glibc
 enum FuzzRAM {
     static let size = 1 << 20
     nonisolated(unsafe) static let memory: GuestMemory = try! GuestMemory(size: UInt64(size), backing: .memfd, shared: true, name: "fuzz-ram")
+    /// SET_LOG_BASE's fd; its size and offset come from the input.
+    nonisolated(unsafe) static let log = try! VhostDirtyLog(covering: memory)
 }
 
 @_cdecl("LLVMFuzzerTestOneInput")
@@ -49,7 +52,11 @@ public func fuzz(_ data: UnsafePointer<UInt8>?, _ size: Int) -> CInt {
             let payload = (0..<Int(header.size)).map { _ in input.u8() }
             let fdCount = Int(input.u8() % 10)
             let fds: [FileDescriptor] = (0..<fdCount).map { _ in
-                header.request == VhostUserRequest.setMemTable.rawValue ? try! memory.fd.duplicate() : try! EventFD().fd.take()
+                switch VhostUserRequest(rawValue: header.request) {
+                case .setMemTable: try! memory.fd.duplicate()
+                case .setLogBase: try! FuzzRAM.log.fd!.duplicate()
+                default: try! EventFD().fd.take()
+                }
             }
             guard let received = try? VhostUserCodec.decode(header: header, payload: payload, fds: fds) else { continue }
             let encoded = VhostUserCodec.encode(received.message)

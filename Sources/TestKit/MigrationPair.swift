@@ -138,21 +138,32 @@ extension MigrationPair {
     /// target (`"type": "fd"`), so `migrate` cannot race the target's start-up; the main
     /// channel is a unix path the target listens on once the cpr state arrived. The target's
     /// MIGRATION events are on from its command line (`-global migration.x-events=on`).
+    /// `migrate` waits until the target logs that it waits for the cpr state, so that its
+    /// start-up is not downtime. `targetBindsCPRChannel`: for QEMU, whose cpr channel must be
+    /// a unix path it binds itself (and which logs no such line): `migrate` waits until the
+    /// target has bound it instead.
     public static func cprTransfer(
-        from source: Machine, launching options: MachineOptions, in artifacts: ArtifactDirectory, timeout: Duration = .seconds(30)
+        from source: Machine, launching options: MachineOptions, in artifacts: ArtifactDirectory,
+        targetBindsCPRChannel: Bool = false, timeout: Duration = .seconds(30)
     ) async throws -> (target: Machine, outcome: MigrationOutcome) {
         let leaf = options.name ?? "target"
         let mainPath = try artifacts.socketPath("\(leaf)-main.sock")
-        let cprListener = try UnixListener(path: try artifacts.socketPath("\(leaf)-cpr.sock"))
+        let cprPath = try artifacts.socketPath("\(leaf)-cpr.sock")
+        let cprListener = targetBindsCPRChannel ? nil : try UnixListener(path: cprPath)
         // Once the target has it (or failed to start), a connection still queued would keep
         // the source waiting: closing the listener resets it.
-        defer { cprListener.close() }
+        defer { cprListener?.close() }
         var targetOptions = options
-        let cprFD = MachineOptions.inheritedNumber(of: targetOptions.inheritedFDs.count)
-        targetOptions.inheritedFDs.append(cprListener.fd)
+        let cprAddress: JSON
+        if let cprListener {
+            cprAddress = ["transport": "socket", "type": "fd", "str": .string(String(MachineOptions.inheritedNumber(of: targetOptions.inheritedFDs.count)))]
+            targetOptions.inheritedFDs.append(cprListener.fd)
+        } else {
+            cprAddress = ["transport": "socket", "type": "unix", "path": .string(cprPath)]
+        }
         targetOptions.arguments += [
             "-incoming", channelJSON("main", ["transport": "socket", "type": "unix", "path": .string(mainPath)]).serialized,
-            "-incoming", channelJSON("cpr", ["transport": "socket", "type": "fd", "str": .string(String(cprFD))]).serialized,
+            "-incoming", channelJSON("cpr", cprAddress).serialized,
             "-global", "migration.x-events=on",
         ]
         try await source.qmp.execute("migrate-set-capabilities", arguments: ["capabilities": [["capability": "events", "state": true]]])
@@ -162,20 +173,33 @@ extension MigrationPair {
         // started up and waits on the cpr channel, or its start-up counts as downtime.
         targetOptions.name = leaf
         let stderrPath = (try artifacts.directory(forMachine: leaf) as NSString).appendingPathComponent("stderr.log")
+        let deadline = ContinuousClock.now + targetOptions.startupTimeout
         let ended = Mutex(false)
         let launch = Task {
             defer { ended.withLock { $0 = true } }
             return try await Machine.launch(targetOptions, in: artifacts)
         }
-        let deadline = ContinuousClock.now + targetOptions.startupTimeout
-        while ContinuousClock.now < deadline, !ended.withLock({ $0 }),
-              !((try? String(contentsOfFile: stderrPath, encoding: .utf8))?.contains(cprWaitingLine) ?? false) {
+        func waiting() -> Bool {
+            if targetBindsCPRChannel { return FileManager.default.fileExists(atPath: cprPath) }
+            return (try? String(contentsOfFile: stderrPath, encoding: .utf8))?.contains(cprWaitingLine) ?? false
+        }
+        while ContinuousClock.now < deadline, !ended.withLock({ $0 }), !waiting() {
             try await Task.sleep(for: .milliseconds(2))
         }
-        try await source.qmp.execute("migrate", arguments: ["channels": [
+        let channels: JSON = [
             channelJSON("main", ["transport": "socket", "type": "unix", "path": .string(mainPath)]),
-            channelJSON("cpr", ["transport": "socket", "type": "unix", "path": .string(cprListener.path)]),
-        ]])
+            channelJSON("cpr", ["transport": "socket", "type": "unix", "path": .string(cprPath)]),
+        ]
+        while true {
+            do {
+                try await source.qmp.execute("migrate", arguments: ["channels": channels])
+                break
+            } catch let error as QMPError where targetBindsCPRChannel && "\(error)".contains("Connection refused") && ContinuousClock.now < deadline {
+                // The target's socket file exists between its bind and its listen. QEMU's source
+                // fails such a migrate before it stops the guest, so trying again is harmless.
+                try await Task.sleep(for: .milliseconds(2))
+            }
+        }
         let target: Machine
         do {
             target = try await launch.value

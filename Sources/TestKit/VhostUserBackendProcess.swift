@@ -25,6 +25,9 @@ public final class VhostUserBackendProcess: Sendable {
 
     public var isRunning: Bool { process.status == nil }
 
+    /// The backend's process id (a migration that keeps the backend keeps this).
+    public var pid: pid_t { process.pid }
+
     /// Starts `vhost-user-net --tap TAP --queues N` in `namespace`, runs `body`, then stops it.
     /// `logDirectory`: where `vhost-user-net.log` goes (kept by the caller's artifacts).
     /// `replacing`: a backend that was killed; the new one serves on its socket path (a

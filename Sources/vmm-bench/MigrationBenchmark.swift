@@ -21,11 +21,14 @@ struct MigrationBenchmark: AsyncParsableCommand {
     @Option(help: "Guest RAM sizes, comma-separated.")
     var sizes = "128M,1G"
 
-    @Option(help: "Cases, comma-separated: vmm-local, vmm-cpr, vmm-normal, qemu.")
+    @Option(help: "Cases, comma-separated: vmm-local, vmm-cpr, vmm-normal, qemu, qemu-cpr.")
     var cases = "vmm-local,vmm-cpr,vmm-normal,qemu"
 
     @Option(help: "QEMU binary to compare with; 'none' skips it.")
     var qemu = "qemu-system-x86_64"
+
+    @Option(help: "QEMU with cpr-transfer (10.0 or later, installed by ci/install-qemu-cpr) for the qemu-cpr case.")
+    var qemuCpr = "/opt/qemu-cpr/bin/qemu-system-x86_64"
 
     @Option(help: "max-bandwidth in bytes/s for normal-mode sources, vmm and QEMU alike (the default, 128 MiB/s in QEMU 7.2, would throttle).")
     var maxBandwidth: Int64 = 10_000_000_000
@@ -43,6 +46,12 @@ struct MigrationBenchmark: AsyncParsableCommand {
         case cpr = "vmm cpr"
         case normal = "vmm normal"
         case qemu = "qemu q35"
+        /// QEMU 10's cpr-transfer (ci/install-qemu-cpr), the live-update peer: QEMU 7.2 has none.
+        case qemuCPR = "qemu10 cpr"
+
+        var isQEMU: Bool { self == .qemu || self == .qemuCPR }
+        /// The target serves the guest on the source's TAP (no second TAP, no address move).
+        var keepsTap: Bool { self == .local || self == .cpr || self == .qemuCPR }
     }
 
     struct Round {
@@ -98,6 +107,14 @@ struct MigrationBenchmark: AsyncParsableCommand {
                 print("note: \(qemu) not found, QEMU skipped")
             }
         }
+        if wanted.contains("qemu-cpr") {
+            if let path = VMMBinary.findExecutable(qemuCpr) {
+                modes.append((.qemuCPR, VMMBinary(path: path, defaultArguments: [
+                    "-machine", "q35", "-accel", "kvm", "-nodefaults", "-no-user-config", "-display", "none"])))
+            } else {
+                print("note: \(qemuCpr) not found (ci/install-qemu-cpr installs it), qemu-cpr skipped")
+            }
+        }
         var all: [Case] = []
         for size in sizeList {
             for (mode, binary) in modes { all.append(Case(mode: mode, size: size, binary: binary)) }
@@ -126,7 +143,7 @@ struct MigrationBenchmark: AsyncParsableCommand {
     }
 
     func describe(_ r: Round, mode: Mode) -> String {
-        "downtime \(whole(r.downtimeMicroseconds)) us\(mode == .qemu ? " (1 ms resolution)" : ""), "
+        "downtime \(whole(r.downtimeMicroseconds)) us\(mode.isQEMU ? " (1 ms resolution)" : ""), "
             + "paused \(format(r.pausedMilliseconds, decimals: 2)) ms, total \(whole(r.totalMilliseconds)) ms, lost \(r.lost), "
             + "longest gap \(format(r.longestGapMilliseconds, decimals: 1)) ms, freeze \(format(r.freezeMilliseconds, decimals: 1)) ms, "
             + "RAM sent \(format(Double(r.transferredBytes) / 1_048_576, decimals: 1)) MiB, replies after cont \(r.repliesAfter)"
@@ -143,7 +160,11 @@ struct MigrationBenchmark: AsyncParsableCommand {
         for c in all where c.settings != nil && (c.mode == .qemu || c.mode == .normal) {
             print("\(c.name) source: \(c.settings!)")
         }
-        if all.contains(where: { $0.mode == .qemu }) {
+        if all.contains(where: { $0.mode == .qemuCPR }) {
+            print("QEMU 10 has no cpr=on for TAP: its target attaches its own queues to the same multi-queue TAP (queues=2, mq=on),")
+            print("so frames the kernel steers to the stopped source's queues during the switch are lost.")
+        }
+        if all.contains(where: { $0.mode.isQEMU }) {
             print("QEMU reports downtime in whole ms; its column is that value times 1000 (1 ms resolution).")
         }
         print("")
@@ -224,12 +245,13 @@ struct MigrationBenchmark: AsyncParsableCommand {
         let socketDirectory = String(decoding: template.prefix { $0 != 0 }.map { UInt8(bitPattern: $0) }, as: UTF8.self)
         defer { try? FileManager.default.removeItem(atPath: socketDirectory) }
         let uri = "unix:\(socketDirectory)/migration.sock"
-        let needsSettings = c.settings == nil && mode != .local && mode != .cpr
+        let needsSettings = c.settings == nil && mode != .local && mode != .cpr && mode != .qemuCPR
         let (round, settings) = try await NetworkNamespace.with(prefix: "bench-migrate") { ns in
             // QEMU opens a one-queue TAP without IFF_MULTI_QUEUE, which a multi-queue TAP refuses.
+            // QEMU 10's cpr target re-opens tap0 beside the source: that needs two multi-queue opens.
             let multiQueue = mode != .qemu
-            _ = try await ns.createTap("tap0", queues: 1, multiQueue: multiQueue)
-            if mode != .local && mode != .cpr { _ = try await ns.createTap("tap1", queues: 1, multiQueue: multiQueue) }
+            _ = try await ns.createTap("tap0", queues: mode == .qemuCPR ? 2 : 1, multiQueue: multiQueue)
+            if !mode.keepsTap { _ = try await ns.createTap("tap1", queues: 1, multiQueue: multiQueue) }
             try await ns.withRoute { route in
                 try route.setMAC(Self.hostMAC, of: "tap0")
                 try route.addAddress("\(Self.hostAddress)/24", to: "tap0")
@@ -256,11 +278,13 @@ struct MigrationBenchmark: AsyncParsableCommand {
 
                 var freeze: FreezeWindow
                 let target: Machine
-                if mode == .cpr {
+                if mode == .cpr || mode == .qemuCPR {
                     // The target starts with the migration: its monitor opens once the cpr state arrived.
+                    // QEMU's cpr channel must be a unix path it binds itself.
                     freeze = FreezeWindow.begin()
                     target = try await MigrationPair.cprTransfer(
-                        from: source, launching: machineOptions(c, target: true, namespace: ns), in: artifacts, timeout: .seconds(300)).target
+                        from: source, launching: machineOptions(c, target: true, namespace: ns), in: artifacts,
+                        targetBindsCPRChannel: mode == .qemuCPR, timeout: .seconds(300)).target
                 } else {
                     target = try await Machine.launch(machineOptions(c, target: true, namespace: ns), in: artifacts)
                     try await prepare(target.qmp, mode: mode, source: false)
@@ -269,13 +293,20 @@ struct MigrationBenchmark: AsyncParsableCommand {
                     try await source.qmp.execute("migrate", arguments: ["uri": .string(uri)])
                     try await MigrationWaiter.waitForFinish(source: source.qmp, target: target.qmp, timeout: .seconds(300))
                 }
-                if mode != .local && mode != .cpr { try await ns.moveHostAddress("\(Self.hostAddress)/24", mac: Self.hostMAC, from: "tap0", to: "tap1") }
+                // QEMU 10's source holds its queues of the shared TAP until it exits, and the kernel
+                // steers each flow to one queue: quit it before the target runs, as a live update does.
+                let early = mode == .qemuCPR
+                    ? (info: try await source.qmp.execute("query-migrate"), stop: try source.qmp.events.last(where: { $0.name == "STOP" }))
+                    : nil
+                if early != nil { _ = await source.shutdown() }
+                if !mode.keepsTap { try await ns.moveHostAddress("\(Self.hostAddress)/24", mac: Self.hostMAC, from: "tap0", to: "tap1") }
                 try await target.qmp.execute("cont")
                 freeze.close()
                 try await Task.sleep(for: .milliseconds(300))
                 pinger.stop()
                 let report = await pinger.finish(timeout: .seconds(10))
-                let info = try await source.qmp.execute("query-migrate")
+                let info: JSON
+                if let early { info = early.info } else { info = try await source.qmp.execute("query-migrate") }
                 var counters: String?
                 if mode == .local || mode == .cpr {
                     let (fromSource, fromTarget) = (try await Self.framesDelivered(source), try await Self.framesDelivered(target))
@@ -285,7 +316,7 @@ struct MigrationBenchmark: AsyncParsableCommand {
                     counters = "RX frames: vmm source \(fromSource) + target \(fromTarget) = \(fromSource + fromTarget), "
                         + "guest took \(taken.map(String.init) ?? "?")"
                 }
-                guard let stop = try source.qmp.events.last(where: { $0.name == "STOP" }),
+                guard let stop = try early?.stop ?? source.qmp.events.last(where: { $0.name == "STOP" }),
                       let resume = try target.qmp.events.last(where: { $0.name == "RESUME" }) else {
                     throw BenchmarkError(description: "no STOP on the source or no RESUME on the target")
                 }
@@ -293,7 +324,7 @@ struct MigrationBenchmark: AsyncParsableCommand {
                 _ = await target.shutdown()
 
                 let downtime: Double
-                if mode == .qemu {
+                if mode.isQEMU {
                     guard let ms = info["downtime"]?.intValue else { throw BenchmarkError(description: "no downtime in \(info.serialized)") }
                     downtime = Double(ms) * 1000
                 } else {
@@ -339,15 +370,23 @@ struct MigrationBenchmark: AsyncParsableCommand {
         if c.mode == .local || c.mode == .cpr {
             arguments += ["-object", "memory-backend-memfd,id=ram0,size=\(c.size),share=on", "-machine", "memory-backend=ram0"]
         }
-        let tap = c.mode == .local && target ? "incoming-fds=on" : "ifname=\(target && c.mode != .cpr ? "tap1" : "tap0")"
+        let tap = c.mode == .local && target ? "incoming-fds=on" : "ifname=\(target && !c.mode.keepsTap ? "tap1" : "tap0")"
         var netdev = ["tap", "id=n0", tap, "queues=1", "script=no", "downscript=no"]
-        if c.mode == .qemu { netdev.append("vhost=off") }
+        if c.mode.isQEMU { netdev.append("vhost=off") }
         if c.mode == .cpr { netdev.append("cpr=on") }
-        arguments += ["-netdev", netdev.joined(separator: ","), "-device", "virtio-net-pci,netdev=n0,id=nic0,mac=\(Self.guestMAC)"]
-        if target && c.mode != .cpr { arguments += ["-incoming", "defer"] }
+        var device = "virtio-net-pci,netdev=n0,id=nic0,mac=\(Self.guestMAC)"
+        if c.mode == .qemuCPR {
+            // RAM and QEMU's own RAM blocks (ROMs) shared, so the target maps them; two queue pairs
+            // on the multi-queue TAP both sides open (see tap0 in migrateOnce).
+            arguments += ["-object", "memory-backend-memfd,id=ram0,size=\(c.size),share=on", "-machine", "memory-backend=ram0,aux-ram-share=on"]
+            netdev[netdev.firstIndex(of: "queues=1")!] = "queues=2"
+            device += ",mq=on"
+        }
+        arguments += ["-netdev", netdev.joined(separator: ","), "-device", device]
+        if target && c.mode != .cpr && c.mode != .qemuCPR { arguments += ["-incoming", "defer"] }
         var options = MachineOptions(
             binary: c.binary, name: target ? "target" : "source", kernel: BundledGuest.image, memory: c.size,
-            startPaused: target && c.mode == .qemu, arguments: arguments, startupTimeout: .seconds(60))
+            startPaused: target && c.mode.isQEMU, arguments: arguments, startupTimeout: .seconds(60))
         options.namespace = namespace
         return options
     }

@@ -89,38 +89,6 @@ extension SerializedNetworkSuites {
         }
 
 
-        /// The backend writes guest RAM without a dirty log and its connection is not
-        /// handed over yet, so a migration would lose frames: `migrate` is refused up
-        /// front, naming the device and the netdev, and the guest runs on.
-        @Test func migrationIsRefusedWhileANICUsesVhostUser() async throws {
-            let network = GuestNetwork()
-            try await withArtifacts { artifacts in
-                try await NetworkNamespace.with { namespace in
-                    try await network.createTap(in: namespace)
-                    try await VhostUserBackendProcess.with(tap: network.tap, queues: network.queues, in: namespace,
-                                                           logDirectory: artifacts.path) { backend in
-                        var options = MachineOptions.bundledGuest()
-                        options.namespace = namespace
-                        options.arguments = [
-                            "-chardev", "socket,id=c,path=\(backend.socketPath)",
-                            "-netdev", "vhost-user,id=\(network.netdevID),chardev=c,queues=\(network.queues)",
-                        ] + network.deviceArguments
-                        try await Machine.with(options) { vm in
-                            try await vm.console.waitForPrompt(timeout: .seconds(30))
-                            let path = try artifacts.socketPath("never.sock")
-                            let error = await #expect(throws: QMPError.self) {
-                                try await vm.qmp.execute("migrate", arguments: ["uri": .string("unix:\(path)")])
-                            }
-                            #expect("\(error.map { "\($0)" } ?? "")".contains(
-                                "disallowing migration: device 'nic0': vhost-user netdev 'n0' cannot migrate yet"), "\(String(describing: error))")
-                            #expect(try await vm.qmp.execute("query-status")["status"] == "running")
-                            try await vm.console.run("echo still running", expect: "still running")
-                        }
-                    }
-                }
-            }
-        }
-
         /// The backend outlives its front-ends: a second VMM gets the same TAP and pings
         /// flow again; a backend killed under a running VMM leaves the VMM serving QMP
         /// and the console (its NIC just stops moving frames).

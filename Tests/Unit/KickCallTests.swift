@@ -160,4 +160,43 @@ final class LoopbackDatapath: NetDatapath, @unchecked Sendable {
         #expect(!options.ioeventfd)
         #expect(try DeviceSpec.parse("virtio-net-pci,netdev=n0", option: "-device").ioeventfd)
     }
+
+}
+
+/// Records KVM_IOEVENTFD assigns and deassigns, refusing a second registration of one
+/// address as KVM does (EEXIST).
+final class RecordingIOEventFDHost: IOEventFDHost, @unchecked Sendable {
+    let log = Mutex<[String]>([])
+    let assigned = Mutex<Set<UInt64>>([])
+    func attachIOEventFD(_ eventFD: EventFD, mmio address: UInt64, length: UInt32) throws -> IOEventFDRegistration {
+        guard assigned.withLock({ $0.insert(address).inserted }) else { throw SystemError("KVM_IOEVENTFD \(hex(address))", errno: EEXIST) }
+        log.withLock { $0.append("assign \(hex(address))") }
+        return IOEventFDRegistration(eventFD: eventFD, address: address, length: length)
+    }
+    func detach(_ registration: IOEventFDRegistration) {
+        assigned.withLock { _ = $0.remove(registration.address) }
+        log.withLock { $0.append("deassign \(hex(registration.address))") }
+    }
+}
+
+@Suite struct DoorbellRegistrationTests {
+    /// Deassigning waits for an SRCU grace period, so a stop (a migration's downtime)
+    /// leaves the registration in KVM: it goes when the queue gets its next doorbell (no
+    /// EEXIST), or at shutdown.
+    @Test func aStoppedDoorbellIsDeassignedOnlyWhenReplacedOrAtShutdown() throws {
+        let host = RecordingIOEventFDHost()
+        let memory = try GuestMemory(size: 2 << 20)
+        let transport = VirtioPCITransport(name: "t", model: VirtioPCITransportTests.FakeModel(), memory: memory,
+                                           logger: .init(label: "t"), ioeventfds: (host, 0))
+        transport.configWrite(offset: 0x10, size: 4, value: 0xE000_0000)
+        transport.configWrite(offset: 0x04, size: 2, value: 0x6)
+        transport.attachDoorbell(queue: 0, kick: try EventFD(label: "kick 0"))
+        transport.detachDoorbells()
+        #expect(host.log.withLock { $0 } == ["assign 0xe0003000"], "nothing deassigned at the stop")
+        transport.attachDoorbell(queue: 0, kick: try EventFD(label: "kick 0 again"))
+        #expect(host.log.withLock { $0 } == ["assign 0xe0003000", "deassign 0xe0003000", "assign 0xe0003000"])
+        transport.detachDoorbells()
+        transport.shutdown()
+        #expect(host.assigned.withLock { $0 }.isEmpty, "\(host.log.withLock { $0 })")
+    }
 }

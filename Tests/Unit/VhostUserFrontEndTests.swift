@@ -315,6 +315,10 @@ import Testing
         #expect(config.socketChardevs == ["c": try Self.chardev("/tmp/vu.sock")])
         #expect(config.netdevs.first?.vhostUserChardev == "c")
         #expect(config.netdevs.first?.queues == 2)
+        // A local migration target's netdev: the connection comes with the stream.
+        let incoming = try VMMConfiguration.parse(["-kernel", "k", "-netdev", "vhost-user,id=n0,queues=2,incoming-fds=on"])
+        #expect(incoming.netdevs.first?.incomingFDs == true && incoming.netdevs.first?.vhostUser == true)
+        #expect(incoming.netdevs.first?.vhostUserChardev == nil && incoming.netdevs.first?.queues == 2)
         let bad: [([String], String)] = [
             (["-chardev", "socket,id=c,path=/p,server=on"], "server=on is not supported"),
             (["-chardev", "file,id=c,path=/p"], "unsupported chardev backend 'file'"),
@@ -327,9 +331,236 @@ import Testing
             (["-netdev", "vhost-user,id=n0"], "chardev"),
             (["-netdev", "vhost-user,id=n0,chardev=c,ifname=tap0"], "ifname"),
             (["-netdev", "vhost-user,id=n0,chardev=c,queues=0"], "queues=0 must be 1..128"),
+            (["-netdev", "vhost-user,id=n0,chardev=c,incoming-fds=on"],
+             "incoming-fds is incompatible with chardev= (the backend connection comes from the migration source)"),
         ]
         for (arguments, expected) in bad {
             #expect { _ = try VMMConfiguration.parse(["-kernel", "k"] + arguments) } throws: { "\($0)".contains(expected) }
         }
+    }
+
+    /// Pre-copy's log through the front-end: rings running, `startDirtyLog` sends the log,
+    /// LOG_ALL and the rings' used-ring logging; an RX frame the backend then writes shows
+    /// in `collectDirty` as the buffer's and the used ring's pages, and one before does not.
+    @Test func backendWritesReachCollectDirtyOnceLogging() throws {
+        let served = try Served(queuePairs: 1)
+        defer { served.finish() }
+        let loop = try EventLoop()
+        let netdev = try Self.netdev(served.path, loop: loop)
+        defer { netdev.shutdown() }
+        let ram = try GuestMemory(size: 1 << 20, backing: .memfd, shared: true)
+        let datapath = try netdev.makeDatapath(pairs: 1, memory: ram, memoryBackend: nil)
+        var rings: [Int: RingHandoff] = [:]
+        for index in 0..<2 {
+            var q = Virtqueue(maxSize: 256)
+            q.size = 16
+            q.ready = true
+            q.descriptorTable = 0x10000 + UInt64(index) * 0x1000
+            q.driverArea = 0x20000 + UInt64(index) * 0x1000
+            q.deviceArea = 0x30000 + UInt64(index) * 0x1000
+            rings[index] = RingHandoff(queue: q, kick: try EventFD(label: "kick"), call: try EventFD(label: "call"))
+        }
+        let failures = Mutex<[String]>([])
+        datapath.start(rings, activePairs: 1, context: DatapathContext(
+            memory: ram, ringFailed: { _, m in failures.withLock { $0.append(m) } }, attachDoorbell: { _, _ in }, detachDoorbells: {}))
+        let frame = [UInt8](repeating: 0, count: 12) + [UInt8](repeating: 0xFF, count: 6) + Array(0..<54)
+        func receiveOne(slot: UInt16) throws -> [Int] {
+            let d = 0x10000 + 16 * UInt64(slot)
+            try ram.store(0x60000 + 0x1000 * UInt64(slot), at: d)
+            try ram.store(UInt32(2048), at: d + 8)
+            try ram.store(UInt16(2), at: d + 12)
+            try ram.store(slot, at: 0x20000 + 4 + 2 * UInt64(slot))
+            try ram.store(slot + 1, at: 0x20000 + 2)
+            rings[0]!.kick!.signal()
+            #expect(send(served.tapPeer, frame, frame.count, 0) == frame.count)
+            for _ in 0..<400 where try ram.load(UInt16.self, at: 0x30002) != slot + 1 { usleep(5000) }
+            #expect(try ram.load(UInt16.self, at: 0x30002) == slot + 1)
+            var bitmap = [UInt64](repeating: 0, count: ram.deviceDirty.wordCount)
+            datapath.collectDirty(into: &bitmap)
+            return bitmap.enumerated().flatMap { i, w in (0..<64).filter { w >> UInt64($0) & 1 != 0 }.map { i * 64 + $0 } }
+        }
+        #expect(try receiveOne(slot: 0) == [], "not logging yet")
+        try datapath.startDirtyLog()
+        #expect(try receiveOne(slot: 1) == [0x30, 0x61], "the used ring's page and the buffer's")
+        datapath.stopDirtyLog()
+        #expect(try receiveOne(slot: 2) == [])
+        let stopped = datapath.stop()
+        #expect(stopped[0]?.lastAvailable == 3 && stopped[0]?.usedIndex == 3)
+        #expect(failures.withLock { $0 } == [])
+    }
+
+    /// Two rings (RX 0, TX 1) of 16 entries in `ram`, handed to a datapath as the device does.
+    final class Rings: @unchecked Sendable {
+        let ram: GuestMemory
+        var queues: [Int: Virtqueue] = [:]
+        let failures = Mutex<[String]>([])
+        init(ram: GuestMemory) {
+            self.ram = ram
+            for index in 0..<2 {
+                var q = Virtqueue(maxSize: 256)
+                q.size = 16
+                q.ready = true
+                q.descriptorTable = 0x10000 + UInt64(index) * 0x1000
+                q.driverArea = 0x20000 + UInt64(index) * 0x1000
+                q.deviceArea = 0x30000 + UInt64(index) * 0x1000
+                queues[index] = q
+            }
+        }
+        /// Starts `datapath` on the rings as they are now (with fresh kick/call eventfds).
+        func start(_ datapath: NetDatapath) throws -> [Int: RingHandoff] {
+            let rings = try queues.mapValues { RingHandoff(queue: $0, kick: try EventFD(label: "kick"), call: try EventFD(label: "call")) }
+            datapath.start(rings, activePairs: 1, context: DatapathContext(
+                memory: ram, ringFailed: { [self] _, m in failures.withLock { $0.append(m) } }, attachDoorbell: { _, _ in }, detachDoorbells: {}))
+            return rings
+        }
+        /// Posts RX buffer `slot`, sends a frame into the TAP and waits for its used entry.
+        func receive(slot: UInt16, tapPeer: Int32, kick: EventFD?) throws -> Bool {
+            let d = 0x10000 + 16 * UInt64(slot)
+            try ram.store(0x60000 + 0x1000 * UInt64(slot), at: d)
+            try ram.store(UInt32(2048), at: d + 8)
+            try ram.store(UInt16(2), at: d + 12)
+            try ram.store(slot, at: 0x20000 + 4 + 2 * UInt64(slot))
+            try ram.store(slot + 1, at: 0x20000 + 2)
+            kick?.signal()
+            let frame = [UInt8](repeating: 0, count: 12) + [UInt8](repeating: 0xFF, count: 6) + Array(0..<54)
+            guard send(tapPeer, frame, frame.count, 0) == frame.count else { return false }
+            for _ in 0..<400 where try ram.load(UInt16.self, at: 0x30002) != slot + 1 { usleep(5000) }
+            return try ram.load(UInt16.self, at: 0x30002) == slot + 1
+        }
+    }
+
+    /// A local migration's handover in one process: the source stops its rings, its
+    /// connection goes (as `netdev/n0/vhost-user`) to an `incoming-fds=on` netdev, which
+    /// stays silent until it starts, then negotiates without SET_OWNER and resumes the
+    /// rings where the source stopped them; the backend served one connection throughout.
+    @Test func targetAdoptsTheSourcesConnectionAndResumesTheRings() throws {
+        let served = try Served(queuePairs: 1)
+        defer { served.finish() }
+        let loop = try EventLoop()
+        let source = try Self.netdev(served.path, loop: loop)
+        defer { source.shutdown() }
+        let ram = try GuestMemory(size: 1 << 20, backing: .memfd, shared: true)
+        let rings = Rings(ram: ram)
+        let sourcePath = try source.makeDatapath(pairs: 1, memory: ram, memoryBackend: nil)
+        var handed = try rings.start(sourcePath)
+        #expect(try rings.receive(slot: 0, tapPeer: served.tapPeer, kick: handed[0]?.kick))
+        rings.queues = sourcePath.stop()
+        #expect(rings.queues[0]?.lastAvailable == 1)
+        let fds = sourcePath.handedOverFDs()
+        #expect(fds.map(\.name) == ["netdev/n0/vhost-user"])
+
+        let target = VhostUserNetdev(id: "n0", incomingQueues: 1, loop: loop, logger: Logger(label: "test"))
+        let targetPath = try target.makeDatapath(pairs: 1, memory: ram, memoryBackend: nil)
+        #expect(targetPath.awaitsIncomingFDs)
+        try targetPath.adoptIncoming([try fds[0].fd.duplicate()], vnetHeader: true)
+        #expect(!targetPath.awaitsIncomingFDs)
+        handed = try rings.start(targetPath)
+        #expect(try rings.receive(slot: 1, tapPeer: served.tapPeer, kick: handed[0]?.kick), "the target's rings run in the same backend")
+        rings.queues = targetPath.stop()
+        #expect(rings.queues[0]?.lastAvailable == 2 && rings.queues[0]?.usedIndex == 2)
+        #expect(rings.failures.withLock { $0 } == [])
+        target.shutdown()
+    }
+
+    /// The handover failed after the fd went out (the target never ran): the source's
+    /// rings start again on its own reference to the connection.
+    @Test func sourceResumesOnItsConnectionAfterAFailedHandover() throws {
+        let served = try Served(queuePairs: 1)
+        defer { served.finish() }
+        let loop = try EventLoop()
+        let source = try Self.netdev(served.path, loop: loop)
+        defer { source.shutdown() }
+        let ram = try GuestMemory(size: 1 << 20, backing: .memfd, shared: true)
+        let rings = Rings(ram: ram)
+        let datapath = try source.makeDatapath(pairs: 1, memory: ram, memoryBackend: nil)
+        _ = try rings.start(datapath)
+        rings.queues = datapath.stop()
+        do {
+            // A target took the fd and died: its copy closes, the connection lives on.
+            let target = VhostUserNetdev(id: "n0", incomingQueues: 1, loop: loop, logger: Logger(label: "test"))
+            try target.adoptIncoming([try datapath.handedOverFDs()[0].fd.duplicate()], vnetHeader: true)
+        }
+        let handed = try rings.start(datapath)
+        #expect(try rings.receive(slot: 0, tapPeer: served.tapPeer, kick: handed[0]?.kick))
+        #expect(rings.failures.withLock { $0 } == [])
+    }
+
+    /// After the handover the socket is shared with the target: a link the source then
+    /// loses (its watch reporting a hang-up) is only closed on its side, never shut down,
+    /// and the source does not reconnect (reconnect=1): the target's rings go on in the
+    /// backend on the one connection it accepted.
+    @Test func afterAHandoverTheSourceOnlyClosesItsCopy() throws {
+        let served = try Served(queuePairs: 1)
+        defer { served.finish() }
+        let logs = Mutex<[String]>.Box([])
+        let loop = try LoopThread()
+        let source = try Self.netdev(served.path, reconnect: 1, loop: loop.loop,
+                                     logger: Logger(label: "test") { _ in CapturingLogHandler(messages: logs) })
+        let target = VhostUserNetdev(id: "n0", incomingQueues: 1, loop: loop.loop, logger: Logger(label: "test"))
+        try loop.run()
+        defer {
+            loop.sync { source.shutdown(); target.shutdown() }
+            loop.finish()
+        }
+        let ram = try GuestMemory(size: 1 << 20, backing: .memfd, shared: true)
+        let rings = Rings(ram: ram)
+        let sourcePath = try source.makeDatapath(pairs: 1, memory: ram, memoryBackend: nil)
+        _ = try rings.start(sourcePath)
+        rings.queues = sourcePath.stop()
+        let targetPath = try target.makeDatapath(pairs: 1, memory: ram, memoryBackend: nil)
+        try targetPath.adoptIncoming([try sourcePath.handedOverFDs()[0].fd.duplicate()], vnetHeader: true)
+        let handed = try rings.start(targetPath)
+        #expect(try rings.receive(slot: 0, tapPeer: served.tapPeer, kick: handed[0]?.kick))
+        source.hungUp()
+        #expect(Self.eventually { logs.value.withLock { $0 }.contains {
+            $0 == "warning netdev n0: chardev 'c' (unix:\(served.path)): the vhost-user backend closed the connection; link down; the connection was handed over to a migration target, so this netdev does not reconnect unless its rings start here again"
+        } }, "\(logs.value.withLock { $0 })")
+        #expect(!source.linkUp && target.linkUp)
+        #expect(try rings.receive(slot: 1, tapPeer: served.tapPeer, kick: handed[0]?.kick), "the target's link still works")
+        usleep(1_500_000)
+        #expect(served.accepted.load(ordering: .relaxed) == 1, "the source did not reconnect")
+        #expect(rings.failures.withLock { $0 } == [])
+    }
+
+    /// A backend that comes back during pre-copy gets the log again with the rings
+    /// (SET_LOG_BASE, LOG_ALL, the rings' used-ring logging): its RX writes after the
+    /// reconnect reach `collectDirty`.
+    @Test func aReconnectDuringPreCopySendsTheLogAgain() throws {
+        let served = try Served(queuePairs: 1)
+        defer { served.finish() }
+        let loop = try LoopThread()
+        let netdev = try Self.netdev(served.path, reconnect: 1, loop: loop.loop)
+        try loop.run()
+        defer {
+            loop.sync { netdev.shutdown() }
+            loop.finish()
+        }
+        let ram = try GuestMemory(size: 1 << 20, backing: .memfd, shared: true)
+        let rings = Rings(ram: ram)
+        let datapath = try netdev.makeDatapath(pairs: 1, memory: ram, memoryBackend: nil)
+        let handed = try rings.start(datapath)
+        try datapath.startDirtyLog()
+        served.dropFrontEnd()
+        #expect(Self.eventually { !netdev.linkUp })
+        #expect(Self.eventually { netdev.linkUp && served.backend.state.withLock { $0.rings[0].queue != nil } })
+        #expect(try rings.receive(slot: 0, tapPeer: served.tapPeer, kick: handed[0]?.kick))
+        var bitmap = [UInt64](repeating: 0, count: ram.deviceDirty.wordCount)
+        datapath.collectDirty(into: &bitmap)
+        let pages = bitmap.enumerated().flatMap { i, w in (0..<64).filter { w >> UInt64($0) & 1 != 0 }.map { i * 64 + $0 } }
+        #expect(pages == [0x30, 0x60], "the used ring's page and the buffer's")
+        datapath.stopDirtyLog()
+        _ = datapath.stop()
+        #expect(rings.failures.withLock { $0 } == [])
+    }
+
+    /// The stream's descriptor for a vhost-user connection: kind 2, one fd by name.
+    @Test func handoverDescriptorNamesTheConnection() throws {
+        let descriptor = VirtioNet.DatapathDescriptor(kind: VirtioNet.DatapathDescriptor.kindVhostUserConnection, netdev: "n0",
+                                                      queuePairs: 2, vnetHeader: true)
+        #expect(descriptor.fdNames == ["netdev/n0/vhost-user"])
+        let state = VirtioNet.SavedState(activePairs: 2, handover: descriptor)
+        #expect(try VirtioNet.SavedState.decode(state.encoded(), owner: "nic0") == state)
+        let tap = VirtioNet.DatapathDescriptor(kind: VirtioNet.DatapathDescriptor.kindTapQueues, netdev: "n0", queuePairs: 2, vnetHeader: true)
+        #expect(tap.fdNames == ["netdev/n0/tap.0", "netdev/n0/tap.1"])
     }
 }

@@ -78,10 +78,12 @@ import Testing
 
         /// QEMU's start sequence for both rings.
         /// `kickFDs: false`: SET_VRING_KICK with NOFD (the front-end asks the backend to poll).
-        func setUp(kickFDs: Bool = true) throws {
+        /// `logSHMFD`: negotiates LOG_SHMFD (SET_LOG_BASE with an fd); LOG_ALL is left to the test.
+        func setUp(kickFDs: Bool = true, logSHMFD: Bool = false) throws {
             #expect(try request(.getFeatures) == .reply(.getFeatures, VhostUserNetBackend.features))
-            try request(.setFeatures(VhostUserNetBackend.features))
-            try request(.setProtocolFeatures(VhostUserProtocolFeature.mq | VhostUserProtocolFeature.replyAck))
+            try request(.setFeatures(VhostUserNetBackend.features & ~VhostUserFeature.logAll))
+            try request(.setProtocolFeatures(VhostUserProtocolFeature.mq | VhostUserProtocolFeature.replyAck
+                | (logSHMFD ? VhostUserProtocolFeature.logSHMFD : 0)))
             #expect(try request(.getQueueNum) == .reply(.getQueueNum, 1))
             try request(.setOwner)
             #expect(try request(.setMemTable([region]), fds: [memory.fd.duplicate()]) == .reply(.setMemTable, 0))
@@ -206,7 +208,8 @@ import Testing
             return (.setMemTable([r]), [try! rig.memory.fd.duplicate()])
         }, "mmap offset 0x10 is not page-aligned"),
         ("an eventfd as RAM", { rig in (.setMemTable([rig.region]), [try! EventFD().fd.take()]) }, "or the fd is not a file"),
-        ("log base", { _ in (.setLogBase(size: 4096, offset: 0), [try! EventFD().fd.take()]) }, "SET_LOG_BASE: dirty logging is not supported"),
+        ("log base without LOG_SHMFD", { _ in (.setLogBase(size: 4096, offset: 0), [try! EventFD().fd.take()]) },
+         "SET_LOG_BASE: the log comes as an fd only with LOG_SHMFD, which was not negotiated"),
         ("ring outside the table", { rig in
             (.setVringAddr(VhostUserVringAddress(index: 1, descriptor: rig.userBase + (1 << 20) - 8, used: rig.userBase + used(1),
                                                 available: rig.userBase + avail(1))), [])
@@ -235,5 +238,57 @@ import Testing
         #expect(try next.receive()?.message == .reply(.getQueueNum, 1))
         next.socket.close()
         thread.join()
+    }
+
+    // MARK: dirty log
+
+    /// SET_LOG_BASE answers without NEED_REPLY (QEMU reads that reply).
+    static func setLog(_ rig: Rig, _ log: VhostDirtyLog) throws {
+        try rig.front.send(.setLogBase(size: log.size, offset: 0), fds: [log.fd!])
+        #expect(try rig.front.receive()?.message == .reply(.setLogBase, 0))
+    }
+
+    /// With LOG_ALL, an RX frame marks the buffer's page and the used ring's page, and
+    /// nothing else; before LOG_ALL, nothing is marked.
+    @Test func receivedFrameIsLoggedOnlyWithLogAll() throws {
+        let rig = try Rig()
+        defer { rig.finish() }
+        try rig.setUp(logSHMFD: true)
+        let log = try VhostDirtyLog(covering: rig.memory)
+        try Self.setLog(rig, log)
+        let sent = [UInt8](repeating: 0, count: 12) + Self.frame
+        func receiveOne(slot: UInt16) throws -> [Int] {
+            try rig.post(ring: 0, slot: slot, address: 0x60000 + 0x1000 * UInt64(slot), length: 2048, writable: true)
+            rig.kicks[0].signal()
+            #expect(send(rig.tapPeer, sent, sent.count, 0) == sent.count)
+            #expect(try rig.waitForUsed(ring: 0, count: slot + 1))
+            var bitmap = [UInt64](repeating: 0, count: rig.memory.deviceDirty.wordCount)
+            log.collect(into: &bitmap)
+            return bitmap.enumerated().flatMap { i, w in (0..<64).filter { w >> UInt64($0) & 1 != 0 }.map { i * 64 + $0 } }
+        }
+        #expect(try receiveOne(slot: 0) == [], "LOG_ALL not negotiated: no marks")
+        try rig.request(.setFeatures(VhostUserNetBackend.features))
+        #expect(try receiveOne(slot: 1) == [0x30, 0x61], "the used ring's page and the buffer's")
+        try rig.request(.setFeatures(VhostUserNetBackend.features & ~VhostUserFeature.logAll))
+        #expect(try receiveOne(slot: 2) == [], "LOG_ALL off again")
+    }
+
+    /// Bad logs (LOG_SHMFD negotiated): an error reply naming the value, the connection closed.
+    @Test(arguments: [
+        ("zero size", UInt64(0), UInt64(0), "SET_LOG_BASE: log size 0 is out of range"),
+        ("unaligned offset", UInt64(32), UInt64(8), "SET_LOG_BASE: log offset 0x8 is not page-aligned"),
+        ("past the fd", UInt64(64), UInt64(0), "SET_LOG_BASE: log offset 0x0 + size 64 exceeds its fd's 32 bytes"),
+        ("smaller than the table", UInt64(16), UInt64(0), "SET_LOG_BASE: the log of 16 bytes covers guest memory up to 0x80000, but the memory table reaches 0x100000"),
+    ])
+    func badLogIsRefusedNamingIt(_ what: String, size: UInt64, offset: UInt64, expected: String) throws {
+        let rig = try Rig()
+        defer { rig.finish() }
+        try rig.setUp(logSHMFD: true)
+        let log = try VhostDirtyLog(covering: rig.memory)
+        try rig.front.send(.setLogBase(size: size, offset: offset), flags: .needReply, fds: [log.fd!])
+        #expect(try rig.front.receive()?.message == .reply(.setLogBase, 1), "\(what): error reply")
+        #expect(try rig.front.receive() == nil, "\(what): the backend closed the connection")
+        rig.server.join()
+        #expect(rig.log.lines.withLock { $0 }.contains { $0.contains(expected) }, "\(what): \(rig.log.lines.withLock { $0 })")
     }
 }

@@ -14,11 +14,13 @@ public struct NetdevSpec: Sendable, Equatable {
     public var incomingFDs = false
     /// `-netdev vhost-user,chardev=ID`: the rings run in the backend behind that socket chardev.
     public var vhostUserChardev: String?
+    /// `-netdev vhost-user`: with `incoming-fds=on` its connection comes from a local migration.
+    public var vhostUser = false
     /// `cpr=on` (default off): a cpr-transfer hands this TAP's fds to the next process,
     /// and on a cpr-transfer target the netdev takes them from the cpr state by its id.
     public var cpr = false
 
-    static let vhostUserKeys: Set<String> = ["type", "id", "chardev", "queues"]
+    static let vhostUserKeys: Set<String> = ["type", "id", "chardev", "queues", "incoming-fds"]
 
     static let keys: Set<String> = ["type", "id", "ifname", "queues", "script", "downscript", "vnet_hdr", "fd", "fds", "vhost", "vhostforce",
                                      "vhostfd", "vhostfds", "sndbuf", "incoming-fds", "helper", "br", "cpr"]
@@ -36,7 +38,16 @@ public struct NetdevSpec: Sendable, Equatable {
         if list["type"] == "vhost-user" {
             try list.checkKeys(vhostUserKeys, context: value)
             var spec = NetdevSpec(id: try list.required("id", in: value), ifname: nil, queues: 1, vnetHeader: nil, fds: nil)
-            spec.vhostUserChardev = try list.required("chardev", in: value)
+            spec.vhostUser = true
+            // As a TAP's: the connection comes from the source, so no chardev names one here.
+            if try list.bool("incoming-fds", default: false) {
+                guard list["chardev"] == nil else {
+                    throw VMMConfiguration.Error("\(option) \(value): incoming-fds is incompatible with chardev= (the backend connection comes from the migration source)")
+                }
+                spec.incomingFDs = true
+            } else {
+                spec.vhostUserChardev = try list.required("chardev", in: value)
+            }
             if let queues = list["queues"] {
                 guard let n = Int(queues), n >= 1, n <= 128 else { throw VMMConfiguration.Error("\(option) \(value): queues=\(queues) must be 1..128") }
                 spec.queues = n

@@ -14,7 +14,8 @@ extension Machine {
         if spec.incomingFDs {
             // The seed's wording: such a netdev only makes sense on a migration target.
             guard runState == .inmigrate else { throw QMPCommandError("Peers wait for incoming, but it's not an incoming migration.") }
-            netdevs[spec.id] = TapBackend(id: spec.id, incomingQueues: spec.queues)
+            netdevs[spec.id] = spec.vhostUser ? VhostUserNetdev(id: spec.id, incomingQueues: spec.queues, loop: loop, logger: logger)
+                                              : TapBackend(id: spec.id, incomingQueues: spec.queues)
             return
         }
         if let chardevID = spec.vhostUserChardev {

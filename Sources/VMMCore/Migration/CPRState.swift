@@ -135,4 +135,6 @@ extension NamedFD {
     public static func tapQueueName(netdev: String, queue: Int) -> String { "netdev/\(netdev)/tap.\(queue)" }
     /// A kernel vhost device's stream-wide name (cpr-transfer), by netdev id and queue pair.
     public static func vhostDeviceName(netdev: String, pair: Int) -> String { "netdev/\(netdev)/vhost.\(pair)" }
+    /// A vhost-user netdev's backend connection (local migration, descriptor kind 2; cpr-transfer).
+    public static func vhostUserConnectionName(netdev: String) -> String { "netdev/\(netdev)/vhost-user" }
 }

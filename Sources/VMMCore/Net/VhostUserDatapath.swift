@@ -6,15 +6,19 @@ import Synchronization
 /// `-netdev vhost-user,id=ID,chardev=CHARDEV,queues=N`: the VMM's end of a vhost-user
 /// backend (e.g. the bundled `vhost-user-net`), and the one owner of "the connection":
 /// `connect` (socket and QEMU's handshake: GET_FEATURES, GET/SET_PROTOCOL_FEATURES with
-/// MQ and REPLY_ACK, GET_QUEUE_NUM, SET_OWNER), `sendRunning` (what the rings need:
-/// SET_FEATURES, the memory table, each ring), `linkLost` (the backend closed, timed out
-/// or garbled a reply: link down, rings stopped where guest RAM's used index says) and
-/// `reconnect` (chardev `reconnect=N`: every N s on the loop, then `sendRunning` again).
-/// The rings run in the backend; the VMM only relays kicks and watches calls.
+/// MQ, REPLY_ACK and LOG_SHMFD, GET_QUEUE_NUM, SET_OWNER), `sendRunning` (what the rings
+/// need: SET_FEATURES, the memory table, pre-copy's dirty log, each ring), `linkLost`
+/// (the backend closed, timed out or garbled a reply: link down, rings stopped where
+/// guest RAM's used index says) and `reconnect` (chardev `reconnect=N`: every N s on the
+/// loop, then `sendRunning` again). With `incoming-fds=on` (no chardev) the connection
+/// comes from a local migration's source instead (`adoptIncoming`), and goes through the
+/// same handshake, without SET_OWNER, at its first use. The rings run in the backend;
+/// the VMM only relays kicks and watches calls.
 public final class VhostUserNetdev: NetBackend, @unchecked Sendable {
     public let id: String
-    public let chardev: SocketChardev
-    public var ifname: String { "vhost-user:\(chardev.path)" }
+    /// nil with `incoming-fds=on`: the connection comes from the migration source.
+    public let chardev: SocketChardev?
+    public var ifname: String { chardev.map { "vhost-user:\($0.path)" } ?? "vhost-user:(from the migration source)" }
     public let queueCount: Int
     public var queueFDs: [FileDescriptor] { [] }
     public var vnetHeader: Bool { true }
@@ -31,6 +35,8 @@ public final class VhostUserNetdev: NetBackend, @unchecked Sendable {
         let connection: VhostUserConnection
         let backendFeatures: UInt64
         let replyAck: Bool
+        /// LOG_SHMFD negotiated and LOG_ALL offered: the backend can log its writes for pre-copy.
+        let logs: Bool
         let number: Int
     }
 
@@ -47,6 +53,18 @@ public final class VhostUserNetdev: NetBackend, @unchecked Sendable {
     struct Session {
         var link: Link?
         var running: Running?
+        /// Pre-copy's dirty log (`startDirtyLog` to `stopDirtyLog`): sent with the running
+        /// rings, so a reconnect during pre-copy sends SET_LOG_BASE and LOG_ALL again.
+        var log: VhostDirtyLog?
+        /// `incoming-fds=on`: no connection has come from a migration yet.
+        var awaitsConnection = false
+        /// A connection a local migration handed over, not spoken on yet (`adoptIncoming`).
+        var adopted: VhostUserConnection?
+        /// The link's socket went to a local migration's target, which shares it from now
+        /// on: this end only ever closes its copy (a shutdown would end the target's link
+        /// too) and does not reconnect (it would race the target for the backend), until
+        /// its own rings start again (the migration failed).
+        var handedOver = false
         var connections = 0
         var closed = false
         var reconnectScheduled = false
@@ -87,10 +105,24 @@ public final class VhostUserNetdev: NetBackend, @unchecked Sendable {
         }
     }
 
+    /// `-netdev vhost-user,id=ID,queues=N,incoming-fds=on`: no connection of its own; a
+    /// local migration hands the source's over (`adoptIncoming`).
+    public init(id: String, incomingQueues queues: Int, loop: EventLoop, logger: Logger, replyTimeout: Duration = .seconds(5)) {
+        self.id = id
+        chardev = nil
+        queueCount = queues
+        self.loop = loop
+        self.logger = logger
+        self.replyTimeout = replyTimeout
+        session.withLock { $0.awaitsConnection = true }
+    }
+
     public var linkUp: Bool { up.load(ordering: .relaxed) }
 
     /// `netdev n0: chardev 'c' (unix:/run/vu.sock): ...`.
-    func described(_ message: String) -> String { "netdev \(id): \(chardev.described): \(message)" }
+    func described(_ message: String) -> String {
+        "netdev \(id): \(chardev?.described ?? "the connection from the migration source"): \(message)"
+    }
 
     // MARK: the connection
 
@@ -101,6 +133,7 @@ public final class VhostUserNetdev: NetBackend, @unchecked Sendable {
     /// chardev and what failed, `LinkFailure` when the backend is not there, busy or
     /// silent, `VhostUserError` when it answers but does not fit.
     func connect(number: Int) throws -> Link {
+        guard let chardev else { throw LinkFailure(description: described("no chardev to connect through")) }
         let socket: Int32
         do { socket = try UnixSocket.connect(path: chardev.path) } catch {
             throw LinkFailure(description: described("cannot connect to the vhost-user backend: \(error)"))
@@ -109,9 +142,10 @@ public final class VhostUserNetdev: NetBackend, @unchecked Sendable {
                              number: number)
     }
 
-    /// QEMU's handshake on a connected socket (also one that came from elsewhere), with
-    /// every answer bounded by `replyTimeout`.
-    func handshake(_ connection: VhostUserConnection, number: Int) throws -> Link {
+    /// QEMU's handshake on a connected socket (also one that came from a migration
+    /// source: `owned`, the backend's owner already, so no SET_OWNER), with every answer
+    /// bounded by `replyTimeout`.
+    func handshake(_ connection: VhostUserConnection, number: Int, owned: Bool = false) throws -> Link {
         let (seconds, attoseconds) = replyTimeout.components
         var timeout = timeval(tv_sec: Int(seconds), tv_usec: Int(attoseconds / 1_000_000_000_000))
         for option in [SO_RCVTIMEO, SO_SNDTIMEO] {
@@ -129,7 +163,7 @@ public final class VhostUserNetdev: NetBackend, @unchecked Sendable {
                 throw VhostUserError(described("the vhost-user backend lacks PROTOCOL_FEATURES (features \(hex(backendFeatures)))"))
             }
             let protocolFeatures = try get(.getProtocolFeatures)
-            let wanted = protocolFeatures & (VhostUserProtocolFeature.mq | VhostUserProtocolFeature.replyAck)
+            let wanted = protocolFeatures & (VhostUserProtocolFeature.mq | VhostUserProtocolFeature.replyAck | VhostUserProtocolFeature.logSHMFD)
             _ = try exchange(connection, .setProtocolFeatures(wanted), expectingReply: false)
             if queueCount > 1 {
                 guard wanted & VhostUserProtocolFeature.mq != 0 else {
@@ -141,25 +175,30 @@ public final class VhostUserNetdev: NetBackend, @unchecked Sendable {
                 }
             }
             let link = Link(connection: connection, backendFeatures: backendFeatures,
-                            replyAck: wanted & VhostUserProtocolFeature.replyAck != 0, number: number)
-            try request(.setOwner, on: link)
+                            replyAck: wanted & VhostUserProtocolFeature.replyAck != 0,
+                            logs: wanted & VhostUserProtocolFeature.logSHMFD != 0 && backendFeatures & VhostUserFeature.logAll != 0,
+                            number: number)
+            if !owned { try request(.setOwner, on: link) }
             return link
         } catch let failure as LinkFailure {
             throw LinkFailure(description: described(failure.description))
         }
     }
 
-    /// Sends one message and, with `expectingReply`, reads the next one. Anything that
-    /// leaves the connection unusable is a `LinkFailure` saying what happened.
-    private func exchange(_ connection: VhostUserConnection, _ message: VhostUserMessage, flags: VhostUserFlags = [],
-                          fds: [FileDescriptor] = [], expectingReply: Bool) throws -> VhostUserMessage? {
-        let name = message.request.name
+    /// Sends one message. A connection that takes no more is a `LinkFailure`.
+    private func send(_ connection: VhostUserConnection, _ message: VhostUserMessage, flags: VhostUserFlags = [],
+                      fds: [FileDescriptor] = []) throws {
         do {
             try connection.send(message, flags: flags, fds: fds)
         } catch {
-            throw LinkFailure(description: "cannot send \(name) to the vhost-user backend: \(error)")
+            throw LinkFailure(description: "cannot send \(message.request.name) to the vhost-user backend: \(error)")
         }
-        guard expectingReply else { return nil }
+    }
+
+    /// Reads the answer to `request` (its name is for messages). Anything that leaves the
+    /// connection unusable is a `LinkFailure` saying what happened.
+    private func receive(_ connection: VhostUserConnection, answering request: VhostUserRequest) throws -> VhostUserMessage {
+        let name = request.name
         let closed = LinkFailure(description: "the vhost-user backend closed the connection before answering \(name) (a backend serving another front-end refuses the next)")
         do {
             guard let reply = try connection.receive() else { throw closed }
@@ -176,6 +215,13 @@ public final class VhostUserNetdev: NetBackend, @unchecked Sendable {
         }
     }
 
+    /// Sends one message and, with `expectingReply`, reads the next one.
+    private func exchange(_ connection: VhostUserConnection, _ message: VhostUserMessage, flags: VhostUserFlags = [],
+                          fds: [FileDescriptor] = [], expectingReply: Bool) throws -> VhostUserMessage? {
+        try send(connection, message, flags: flags, fds: fds)
+        return expectingReply ? try receive(connection, answering: message.request) : nil
+    }
+
     /// A request without a reply of its own; with REPLY_ACK waits for its ack. A refusal
     /// throws `VhostUserError`, a broken connection `LinkFailure`.
     private func request(_ message: VhostUserMessage, on link: Link, fds: [FileDescriptor] = []) throws {
@@ -187,36 +233,71 @@ public final class VhostUserNetdev: NetBackend, @unchecked Sendable {
         guard status == 0 else { throw VhostUserError(described("the vhost-user backend refused \(message.request.name)")) }
     }
 
-    /// GET_VRING_BASE: stops ring `index` in the backend; its next available index.
-    private func stopRing(_ index: Int, on link: Link) throws -> UInt16 {
-        let reply = try exchange(link.connection, .getVringBase(VhostUserVringState(index: UInt32(index), num: 0)), expectingReply: true)
-        guard case .vringBaseReply(let state)? = reply, state.index == UInt32(index) else {
-            throw LinkFailure(description: "no GET_VRING_BASE reply for ring \(index)")
+    /// GET_VRING_BASE for each ring: stops them in the backend; their next available
+    /// indices. All requests go out before the first reply is read (the backend answers
+    /// in order), so a pause costs about one round trip, not one per ring: it is part of
+    /// a migration's downtime.
+    private func stopRings(_ indices: [Int], on link: Link) throws -> [Int: UInt16] {
+        for index in indices { try send(link.connection, .getVringBase(VhostUserVringState(index: UInt32(index), num: 0))) }
+        var bases: [Int: UInt16] = [:]
+        for index in indices {
+            guard case .vringBaseReply(let state) = try receive(link.connection, answering: .getVringBase), state.index == UInt32(index) else {
+                throw LinkFailure(description: "no GET_VRING_BASE reply for ring \(index)")
+            }
+            bases[index] = UInt16(truncatingIfNeeded: state.num)
         }
-        return UInt16(truncatingIfNeeded: state.num)
+        return bases
     }
 
-    /// Everything the rings need, in QEMU's vhost_dev_start order: SET_FEATURES, the
-    /// memory table (the RAM memfd per region, user addresses in this process), then per
-    /// ring NUM, BASE, ADDR, KICK, CALL, ENABLE.
-    private func sendRunning(_ running: Running, on link: Link) throws {
+    /// SET_LOG_BASE with the log's memfd (LOG_SHMFD, size in the payload); the backend
+    /// answers it whether or not REPLY_ACK was negotiated, and QEMU waits for that answer.
+    private func setLogBase(_ log: VhostDirtyLog, on link: Link) throws {
+        let reply = try exchange(link.connection, .setLogBase(size: log.size, offset: 0), fds: log.fd.map { [$0] } ?? [], expectingReply: true)
+        guard case .reply(.setLogBase, _)? = reply else { throw LinkFailure(description: "no SET_LOG_BASE reply from the vhost-user backend") }
+    }
+
+    /// SET_FEATURES: virtio 1, MQ for several pairs, and LOG_ALL while pre-copy logs.
+    private func setFeatures(logging: Bool, on link: Link) throws {
         var features = VhostUserNetBackend.versionOne | VhostUserFeature.protocolFeatures
         if queueCount > 1 { features |= VhostUserNetBackend.netMultiQueue }
+        if logging { features |= VhostUserFeature.logAll }
         try request(.setFeatures(features & link.backendFeatures), on: link)
+    }
+
+    /// SET_VRING_ADDR in this process's addresses; with `logging`, VHOST_VRING_F_LOG and
+    /// the used ring's guest address.
+    private func setRingAddress(_ index: Int, _ q: Virtqueue, memory: GuestMemory, logging: Bool, on link: Link) throws {
+        func user(_ gpa: UInt64) throws -> UInt64 { UInt64(UInt(bitPattern: try memory.slice(at: gpa, count: 1).baseAddress!)) }
+        try request(.setVringAddr(VhostUserVringAddress(
+            index: UInt32(index), flags: logging ? VhostUserVringAddress.logUsed : 0, descriptor: user(q.descriptorTable),
+            used: user(q.deviceArea), available: user(q.driverArea), log: logging ? q.deviceArea : 0)), on: link)
+    }
+
+    /// A live migration needs the backend to log its writes to guest RAM.
+    private func checkLogs(_ link: Link) throws {
+        guard !link.logs else { return }
+        throw VhostUserError("netdev \(id): the vhost-user backend cannot log its writes to guest RAM (it lacks \(link.backendFeatures & VhostUserFeature.logAll == 0 ? "the LOG_ALL feature" : "the LOG_SHMFD protocol feature")); migrate with x-ignore-shared and local on, or with the guest paused")
+    }
+
+    /// Everything the rings need, in QEMU's vhost_dev_start order: SET_FEATURES (LOG_ALL
+    /// while `log`), the memory table (the RAM memfd per region, user addresses in this
+    /// process), SET_LOG_BASE while `log`, then per ring NUM, BASE, ADDR, KICK, CALL, ENABLE.
+    private func sendRunning(_ running: Running, log: VhostDirtyLog?, on link: Link) throws {
+        if log != nil { try checkLogs(link) }
+        try setFeatures(logging: log != nil, on: link)
         let memory = running.memory
         let regions = memory.regions.map { r in
             VhostUserMemoryRegion(guestAddress: r.guestAddress, size: r.size,
                                   userAddress: UInt64(UInt(bitPattern: memory.hostAddress(of: r))), mmapOffset: r.hostOffset)
         }
         try request(.setMemTable(regions), on: link, fds: regions.map { _ in memory.fd })
-        func user(_ gpa: UInt64) throws -> UInt64 { UInt64(UInt(bitPattern: try memory.slice(at: gpa, count: 1).baseAddress!)) }
+        if let log { try setLogBase(log, on: link) }
         for (index, ring) in running.rings.sorted(by: { $0.key < $1.key }) {
             let q = ring.queue
             let i = UInt32(index)
             try request(.setVringNum(VhostUserVringState(index: i, num: UInt32(q.size))), on: link)
             try request(.setVringBase(VhostUserVringState(index: i, num: UInt32(q.lastAvailable))), on: link)
-            try request(.setVringAddr(VhostUserVringAddress(index: i, descriptor: user(q.descriptorTable),
-                                                            used: user(q.deviceArea), available: user(q.driverArea))), on: link)
+            try setRingAddress(index, q, memory: memory, logging: log != nil, on: link)
             guard let kick = ring.kick, let call = ring.call else { throw VhostUserError(described("ring \(index) has no kick/call eventfd")) }
             try request(.setVringKick(VhostUserVringFile(index: UInt8(index), hasFD: true)), on: link, fds: [kick.fd])
             try request(.setVringCall(VhostUserVringFile(index: UInt8(index), hasFD: true)), on: link, fds: [call.fd])
@@ -232,8 +313,11 @@ public final class VhostUserNetdev: NetBackend, @unchecked Sendable {
         guard s.link?.number == link.number else { return }
         s.link = nil
         up.store(false, ordering: .relaxed)
-        // The backend sees the end now; the fd number stays taken until the loop unwatched it.
-        _ = link.connection.socket.withRaw { Glibc.shutdown($0, Int32(SHUT_RDWR)) }
+        let lent = s.handedOver
+        // The backend sees the end now; the fd number stays taken until the loop unwatched
+        // it. A socket a migration target shares is only closed here: shutting it down
+        // would end the target's link too.
+        if !lent { _ = link.connection.socket.withRaw { Glibc.shutdown($0, Int32(SHUT_RDWR)) } }
         if var running = s.running {
             for (index, ring) in running.rings {
                 running.rings[index]!.queue = Self.stoppedAtUsedIndex(ring.queue, memory: running.memory)
@@ -245,9 +329,13 @@ public final class VhostUserNetdev: NetBackend, @unchecked Sendable {
             loop.unwatch(link.connection.socket.withRaw { $0 })
             link.connection.socket.close()
             let message = described("\(reason); link down" + (rings > 0 ? " (\(rings) rings stopped at the used index in guest RAM)" : ""))
-            if chardev.reconnect > 0 {
-                logger.warning("\(message); reconnecting every \(chardev.reconnect) s (reconnect=\(chardev.reconnect))")
+            if lent {
+                logger.warning("\(message); the connection was handed over to a migration target, so this netdev does not reconnect unless its rings start here again")
+            } else if let reconnect = chardev?.reconnect, reconnect > 0 {
+                logger.warning("\(message); reconnecting every \(reconnect) s (reconnect=\(reconnect))")
                 scheduleReconnect()
+            } else if chardev == nil {
+                logger.error("\(message); it stays down: the connection came from a migration source (no chardev to reconnect through)")
             } else {
                 logger.error("\(message); it stays down: the chardev has no reconnect= (-chardev socket,...,reconnect=SECONDS)")
             }
@@ -269,34 +357,41 @@ public final class VhostUserNetdev: NetBackend, @unchecked Sendable {
     /// replies are read by whoever sent the request.
     private func watch(_ link: Link) {
         let fd = link.connection.socket.withRaw { $0 }
-        loop.watch(fd, interest: { Int16(0x2000) /* POLLRDHUP */ }) { [weak self] _ in
-            guard let self else { return }
-            session.withLock { self.linkLost(&$0, link, "the vhost-user backend closed the connection") }
+        loop.watch(fd, interest: { Int16(0x2000) /* POLLRDHUP */ }) { [weak self] _ in self?.hungUp(link.number) }
+    }
+
+    /// The backend closed its end of link `number` (nil: the current link), as the loop's
+    /// watch saw it.
+    func hungUp(_ number: Int? = nil) {
+        session.withLock { s in
+            guard let link = s.link, link.number == number ?? link.number else { return }
+            linkLost(&s, link, "the vhost-user backend closed the connection")
         }
     }
 
     /// Loop thread: one attempt `reconnect` seconds from now.
     private func scheduleReconnect() {
+        guard let reconnect = chardev?.reconnect, reconnect > 0 else { return }
         let due = session.withLock { s -> Bool in
-            guard !s.closed, s.link == nil, !s.reconnectScheduled else { return false }
+            guard !s.closed, s.link == nil, !s.handedOver, !s.reconnectScheduled else { return false }
             s.reconnectScheduled = true
             return true
         }
         guard due else { return }
-        loop.after(nanoseconds: Int64(chardev.reconnect) * 1_000_000_000) { [weak self] in self?.reconnect() }
+        loop.after(nanoseconds: Int64(reconnect) * 1_000_000_000) { [weak self] in self?.reconnect() }
     }
 
     /// Loop thread: connects and sends the running rings again (bases from the used
-    /// index), then the link is up; a failure waits for the next attempt. The wait for
-    /// each answer is bounded by `replyTimeout`.
+    /// index, with pre-copy's log if it runs), then the link is up; a failure waits for
+    /// the next attempt. The wait for each answer is bounded by `replyTimeout`.
     func reconnect() {
-        guard session.withLock({ s in s.reconnectScheduled = false; return !s.closed && s.link == nil }) else { return }
+        guard session.withLock({ s in s.reconnectScheduled = false; return !s.closed && s.link == nil && !s.handedOver }) else { return }
         let number = session.withLock { s in s.connections += 1; return s.connections }
         do {
             let link = try connect(number: number)
             let restored = try session.withLock { s -> Int? in
-                guard !s.closed else { return nil }
-                if let running = s.running, !running.refused { try sendRunning(running, on: link) }
+                guard !s.closed, !s.handedOver else { return nil }
+                if let running = s.running, !running.refused { try sendRunning(running, log: s.log, on: link) }
                 s.link = link
                 s.lastFailure = nil
                 up.store(true, ordering: .relaxed)
@@ -311,65 +406,137 @@ public final class VhostUserNetdev: NetBackend, @unchecked Sendable {
         } catch {
             let message = "\(error)"
             let first = session.withLock { s in defer { s.lastFailure = message }; return s.lastFailure != message }
-            if first { logger.warning("\(message); retrying every \(chardev.reconnect) s") }
+            if first { logger.warning("\(message); retrying every \(chardev?.reconnect ?? 0) s") }
             scheduleReconnect()
         }
     }
 
-    /// `netdev_del` and machine shutdown (loop thread): no more attempts, socket closed.
+    /// `netdev_del` and machine shutdown (loop thread): no more attempts, socket closed
+    /// (never shut down: a migration target may share it).
     public func shutdown() {
-        let link = session.withLock { s -> Link? in
+        let (link, adopted) = session.withLock { s -> (Link?, VhostUserConnection?) in
             s.closed = true
-            defer { s.link = nil }
-            return s.link
+            defer {
+                s.link = nil
+                s.adopted = nil
+            }
+            return (s.link, s.adopted)
         }
         up.store(false, ordering: .relaxed)
         if let link {
             loop.unwatch(link.connection.socket.withRaw { $0 })
             link.connection.socket.close()
         }
+        adopted?.socket.close()
+    }
+
+    // MARK: local migration (the connection travels as fd `netdev/<id>/vhost-user`)
+
+    /// The connection a local migration hands over, once `pause` stopped the rings; the
+    /// source keeps its reference, and with it the connection if the migration fails.
+    /// From here on the socket is shared (see `Session.handedOver`).
+    func handOverConnection() -> FileDescriptor? {
+        session.withLock { s in
+            guard let socket = s.link?.connection.socket ?? s.adopted?.socket else { return nil }
+            s.handedOver = true
+            return socket
+        }
+    }
+
+    public var awaitsIncomingQueues: Bool { session.withLock { $0.awaitsConnection } }
+
+    /// Takes the connection a local migration passed in. Nothing is sent now: the
+    /// source's migration may still fail and resume on it; the first start of the rings
+    /// (`cont`) runs the handshake (`startRings`).
+    public func adoptIncoming(_ fds: [FileDescriptor], vnetHeader: Bool) throws {
+        guard fds.count == 1 else {
+            throw StreamError("netdev '\(id)' (vhost-user) takes one connection from a migration, not \(fds.count) fds")
+        }
+        let connection = VhostUserConnection(socket: fds[0].take(label: "netdev \(id) vhost-user socket (handed over)"))
+        try session.withLock { s in
+            guard s.awaitsConnection else { throw StreamError("netdev '\(id)' (vhost-user) already has its connection") }
+            s.awaitsConnection = false
+            s.adopted = connection
+        }
+        up.store(true, ordering: .relaxed)
+    }
+
+    /// An adopted connection becomes the link at its first use: the handshake without
+    /// SET_OWNER (the source owned it). A failure takes the link down for good (no
+    /// chardev to reconnect through); a backend that does not fit is a refusal.
+    private func negotiateAdopted(_ s: inout Session) throws {
+        guard s.link == nil, let adopted = s.adopted else { return }
+        s.adopted = nil
+        s.connections += 1
+        do {
+            let link = try handshake(adopted, number: s.connections, owned: true)
+            s.link = link
+            watch(link)
+        } catch {
+            up.store(false, ordering: .relaxed)
+            adopted.socket.close()
+            if error is LinkFailure { logger.error("\(error); link down; it stays down: the connection came from a migration source (no chardev to reconnect through)") }
+            throw error
+        }
     }
 
     // MARK: the rings (for VhostUserDatapath)
 
     func startRings(_ running: Running) {
-        session.withLock { s in
+        let reconnect = session.withLock { s -> Bool in
             s.running = running
-            // Without a link the rings wait for the next connection.
-            guard let link = s.link else { return }
+            // Running here again: the connection is this netdev's alone once more.
+            let wasLent = s.handedOver
+            s.handedOver = false
             do {
-                try sendRunning(running, on: link)
+                try negotiateAdopted(&s)
+            } catch is LinkFailure {
+                return false
+            } catch {
+                s.running?.refused = true
+                running.context.ringFailed(running.rings.keys.min() ?? 0, "\(error)")
+                return false
+            }
+            // Without a link the rings wait for the next connection.
+            guard let link = s.link else { return wasLent }
+            do {
+                try sendRunning(running, log: s.log, on: link)
             } catch let failure as LinkFailure {
                 linkLost(&s, link, failure.description)
             } catch {
                 s.running?.refused = true
                 running.context.ringFailed(running.rings.keys.min() ?? 0, "\(error)")
             }
+            return false
         }
+        // A link lost while it was lent was not reconnected; now it may be.
+        if reconnect { loop.post { [weak self] in self?.scheduleReconnect() } }
     }
 
-    /// GET_VRING_BASE per ring with the used index from guest RAM; rings whose backend
-    /// is gone stop at the used index.
+    /// GET_VRING_BASE for all rings (pipelined) with the used index from guest RAM; rings
+    /// whose backend is gone stop at the used index.
     func stopRings() -> [Int: Virtqueue] {
         session.withLock { s in
             guard let running = s.running else { return [:] }
             s.running = nil
-            var returned: [Int: Virtqueue] = [:]
-            for (index, ring) in running.rings.sorted(by: { $0.key < $1.key }) {
-                var queue = ring.queue
-                if let link = s.link {
-                    do {
-                        queue.lastAvailable = try stopRing(index, on: link)
-                        if let used = try? running.memory.load(UInt16.self, at: queue.deviceArea + 2) { queue.usedIndex = used }
-                        returned[index] = queue
-                        continue
-                    } catch {
-                        linkLost(&s, link, "\(error)")
-                    }
+            var bases: [Int: UInt16] = [:]
+            if let link = s.link {
+                do {
+                    bases = try stopRings(running.rings.keys.sorted(), on: link)
+                } catch {
+                    linkLost(&s, link, "\(error)")
                 }
-                returned[index] = Self.stoppedAtUsedIndex(queue, memory: running.memory)
             }
-            return returned
+            return running.rings.reduce(into: [:]) { returned, ring in
+                guard let base = bases[ring.key] else {
+                    returned[ring.key] = Self.stoppedAtUsedIndex(ring.value.queue, memory: running.memory)
+                    return
+                }
+                var queue = ring.value.queue
+                queue.lastAvailable = base
+                if let used = try? running.memory.load(UInt16.self, at: queue.deviceArea + 2) { queue.usedIndex = used }
+                returned[ring.key] = queue
+            }
         }
     }
 
@@ -391,44 +558,95 @@ public final class VhostUserNetdev: NetBackend, @unchecked Sendable {
         }
     }
 
+    // MARK: dirty log (pre-copy)
+
+    /// As QEMU's vhost_migration_log: the log first (SET_LOG_BASE), then LOG_ALL and each
+    /// running ring's used-ring logging. Rings that start later, or again after a
+    /// reconnect, get them with `sendRunning`. A backend without logging fails it.
+    func startDirtyLog(covering memory: GuestMemory) throws {
+        try session.withLock { s in
+            guard s.log == nil else { return }
+            if let link = s.link { try checkLogs(link) }
+            let log = try VhostDirtyLog(covering: memory)
+            guard let running = s.running, !running.refused, let link = s.link else {
+                s.log = log
+                return
+            }
+            do {
+                try setLogBase(log, on: link)
+                try setFeatures(logging: true, on: link)
+                for (index, ring) in running.rings.sorted(by: { $0.key < $1.key }) {
+                    try setRingAddress(index, ring.queue, memory: running.memory, logging: true, on: link)
+                }
+                s.log = log
+            } catch let failure as LinkFailure {
+                // The backend is away and writes nothing; the reconnect sends the log first.
+                s.log = log
+                linkLost(&s, link, failure.description)
+            }
+        }
+    }
+
+    func collectDirty(into bitmap: inout [UInt64]) {
+        session.withLock { $0.log }?.collect(into: &bitmap)
+    }
+
+    /// LOG_ALL off and the rings' logging off; the backend keeps the mapping until the
+    /// next SET_LOG_BASE or reset, as with QEMU.
+    func stopDirtyLog() {
+        session.withLock { s in
+            guard s.log != nil else { return }
+            s.log = nil
+            guard let running = s.running, !running.refused, let link = s.link else { return }
+            do {
+                try setFeatures(logging: false, on: link)
+                for (index, ring) in running.rings.sorted(by: { $0.key < $1.key }) {
+                    try setRingAddress(index, ring.queue, memory: running.memory, logging: false, on: link)
+                }
+            } catch let failure as LinkFailure {
+                linkLost(&s, link, failure.description)
+            } catch {
+                logger.error("\(error)")
+            }
+        }
+    }
+
     public func makeDatapath(pairs: Int, memory: GuestMemory, memoryBackend: String?) throws -> NetDatapath {
         guard memory.shared else {
             throw VhostUserError("netdev \(id): vhost-user needs shared guest RAM, but memory backend '\(memoryBackend ?? "(default)")' has share=off (use memory-backend-memfd or share=on)")
         }
-        return VhostUserDatapath(netdev: self, pairs: pairs)
+        return VhostUserDatapath(netdev: self, pairs: pairs, memory: memory)
     }
 }
 
 /// The rings of a vhost-user netdev, run by the backend; the netdev keeps them (to send
-/// them again after a reconnect) and talks to the backend.
+/// them again after a reconnect), pre-copy's dirty log, and talks to the backend.
 public final class VhostUserDatapath: NetDatapath, @unchecked Sendable {
     let netdev: VhostUserNetdev
     public let queuePairs: Int
+    let memory: GuestMemory
 
-    init(netdev: VhostUserNetdev, pairs: Int) {
+    init(netdev: VhostUserNetdev, pairs: Int, memory: GuestMemory) {
         self.netdev = netdev
         queuePairs = pairs
+        self.memory = memory
     }
 
     public var netdevID: String { netdev.id }
     public var ifname: String { netdev.ifname }
     public var kind: DatapathKind { .vhostUser }
-    /// The backend writes guest RAM behind the VMM's back (no LOG_SHMFD dirty log yet) and
-    /// its connection is not handed to a target yet: a migration would lose RX frames.
-    public var migrationBlocker: String? {
-        "vhost-user netdev '\(netdev.id)' cannot migrate yet: the backend's writes to guest RAM are not logged and its connection is not handed over"
-    }
     public var notification: DatapathNotification { .eventFDs }
     public var vnetHeader: Bool { true }
-    public var awaitsIncomingFDs: Bool { false }
+    public var awaitsIncomingFDs: Bool { netdev.awaitsIncomingQueues }
     public var statistics: (rx: [UInt64], tx: [UInt64]) { (Array(repeating: 0, count: queuePairs), Array(repeating: 0, count: queuePairs)) }
     public func attach(to host: DeviceHost) {}
     public func detach() {}
     public func notified(_ index: Int) {}
-    public func handedOverFDs() -> [NamedFD] { [] }
-    public func adoptIncoming(_ fds: [FileDescriptor], vnetHeader: Bool) throws {
-        throw StreamError("netdev '\(netdev.id)' (vhost-user) cannot take fds from a migration")
+    /// Local migration: the backend connection, as `netdev/<id>/vhost-user`.
+    public func handedOverFDs() -> [NamedFD] {
+        netdev.handOverConnection().map { [NamedFD(name: NamedFD.vhostUserConnectionName(netdev: netdev.id), fd: $0)] } ?? []
     }
+    public func adoptIncoming(_ fds: [FileDescriptor], vnetHeader: Bool) throws { try netdev.adoptIncoming(fds, vnetHeader: vnetHeader) }
 
     public var linkUp: Bool { netdev.linkUp }
 
@@ -439,4 +657,8 @@ public final class VhostUserDatapath: NetDatapath, @unchecked Sendable {
     public func stop() -> [Int: Virtqueue] { netdev.stopRings() }
 
     public func setActivePairs(_ pairs: Int) { netdev.setActivePairs(pairs) }
+
+    public func startDirtyLog() throws { try netdev.startDirtyLog(covering: memory) }
+    public func collectDirty(into bitmap: inout [UInt64]) { netdev.collectDirty(into: &bitmap) }
+    public func stopDirtyLog() { netdev.stopDirtyLog() }
 }

@@ -59,8 +59,32 @@ public final class VhostUserMemoryTable: GuestRAM, @unchecked Sendable {
         throw GuestMemoryError(description: "guest range \(hex(address))+\(count) is outside the vhost-user memory table")
     }
 
-    /// No dirty log yet (LOG_SHMFD is not offered, so the front-end cannot migrate with us).
-    public func markDirty(_ bytes: UnsafeMutableRawBufferPointer) {}
+    /// Where writes are logged while LOG_ALL is on; nil otherwise. Set and read under the
+    /// back-end's state lock (every access to the table happens under it).
+    public var dirtyLog: VhostDirtyLog?
+
+    /// Logs a write by its host bytes (the mapping they lie in gives the guest address).
+    public func markDirty(_ bytes: UnsafeMutableRawBufferPointer) {
+        guard let log = dirtyLog, let base = bytes.baseAddress, !bytes.isEmpty else { return }
+        for m in mappings where base >= m.host && base - m.host < Int(m.region.size) {
+            log.mark(guestAddress: m.region.guestAddress + UInt64(base - m.host), count: UInt64(bytes.count))
+            return
+        }
+    }
+
+    /// Logs the first `bytes` bytes of a chain's writable segments (what an RX frame filled).
+    public func markWritten(_ segments: [Virtqueue.Segment], bytes: Int) {
+        guard let log = dirtyLog else { return }
+        var remaining = UInt64(max(bytes, 0))
+        for segment in segments where remaining > 0 {
+            let count = min(UInt64(segment.length), remaining)
+            log.mark(guestAddress: segment.address, count: count)
+            remaining -= count
+        }
+    }
+
+    /// The end of the highest guest-physical range in the table (a log must reach it).
+    public var guestEnd: UInt64 { mappings.map { $0.region.guestAddress + $0.region.size }.max() ?? 0 }
 
     /// The guest physical address of the front-end's `[user, user + count)`, which must lie
     /// inside one region.

@@ -11,9 +11,9 @@ public final class VhostUserNetBackend: @unchecked Sendable {
     public static let maxRingSize: UInt32 = 32768
     static let versionOne: UInt64 = 1 << 32
     static let netMultiQueue: UInt64 = 1 << 22
-    public static let features = versionOne | netMultiQueue | VhostUserFeature.protocolFeatures
+    public static let features = versionOne | netMultiQueue | VhostUserFeature.protocolFeatures | VhostUserFeature.logAll
     public static let protocolFeatures = VhostUserProtocolFeature.mq | VhostUserProtocolFeature.replyAck
-        | VhostUserProtocolFeature.resetDevice
+        | VhostUserProtocolFeature.resetDevice | VhostUserProtocolFeature.logSHMFD
 
     public let queuePairs: Int
     let tapFDs: [FileDescriptor]
@@ -41,6 +41,8 @@ public final class VhostUserNetBackend: @unchecked Sendable {
     struct State {
         var rings: [Ring]
         var table: VhostUserMemoryTable?
+        /// SET_LOG_BASE's log; written only while LOG_ALL is negotiated (`updateLogging`).
+        var log: VhostDirtyLog?
         var features: UInt64 = 0
         var protocolFeatures: UInt64 = 0
         var counters = (rx: UInt64(0), tx: UInt64(0))
@@ -149,6 +151,7 @@ public final class VhostUserNetBackend: @unchecked Sendable {
                     throw VhostUserError("vhost-user \(name): features \(hex(value)) include \(hex(value & ~Self.features)), which this backend did not offer")
                 }
                 s.features = value
+                try Self.updateLogging(&s, name)
                 return nil
             case .getProtocolFeatures:
                 return .reply(.getProtocolFeatures, Self.protocolFeatures)
@@ -168,6 +171,7 @@ public final class VhostUserNetBackend: @unchecked Sendable {
             case .setMemTable(let regions):
                 let table = try VhostUserMemoryTable(regions: regions, fds: fds)
                 s.table = table
+                try Self.updateLogging(&s, name)
                 // Running rings keep their progress and move to the new table.
                 for i in s.rings.indices where s.rings[i].queue != nil {
                     let progress = s.rings[i].queue!
@@ -175,8 +179,21 @@ public final class VhostUserNetBackend: @unchecked Sendable {
                     try startIfReady(&s, i, name, progress: progress)
                 }
                 return nil
-            case .setLogBase, .setLogFD:
-                throw VhostUserError("vhost-user \(name): dirty logging is not supported (LOG_SHMFD was not offered)")
+            case .setLogBase(let size, let offset):
+                guard s.protocolFeatures & VhostUserProtocolFeature.logSHMFD != 0 else {
+                    throw VhostUserError("vhost-user \(name): the log comes as an fd only with LOG_SHMFD, which was not negotiated")
+                }
+                defer { for fd in fds { fd.close() } }
+                do {
+                    s.log = try VhostDirtyLog(mapping: fds[0], size: size, offset: offset)
+                } catch {
+                    throw VhostUserError("vhost-user \(name): \(error)")
+                }
+                try Self.updateLogging(&s, name)
+                // The spec's one request that answers without NEED_REPLY (QEMU waits for it).
+                return .reply(.setLogBase, 0)
+            case .setLogFD:
+                throw VhostUserError("vhost-user \(name): not supported (this backend logs through the shared memory of SET_LOG_BASE)")
             case .setVringNum(let st):
                 let i = try ring(st.index)
                 guard st.num >= 1, st.num <= Self.maxRingSize, st.num & (st.num - 1) == 0 else {
@@ -243,8 +260,22 @@ public final class VhostUserNetBackend: @unchecked Sendable {
     static func reset(_ s: inout State) {
         for i in s.rings.indices { s.rings[i] = Ring() }
         s.table = nil
+        s.log = nil
         s.features = 0
         s.protocolFeatures = 0
+    }
+
+    /// Every write through the table (used rings, headers, RX buffers) is logged while
+    /// LOG_ALL is negotiated and a log was given. That includes each used ring whether or
+    /// not its SET_VRING_ADDR asked (VHOST_VRING_F_LOG): the ring's guest address comes
+    /// from the table, so the front-end's `log` address adds nothing.
+    /// A log too small for the table would silently lose pages: refused, naming both.
+    static func updateLogging(_ s: inout State, _ name: String) throws {
+        if let log = s.log, let table = s.table, log.pageCount * VhostDirtyLog.pageSize < table.guestEnd {
+            s.log = nil
+            throw VhostUserError("vhost-user \(name): the log of \(log.size) bytes covers guest memory up to \(hex(log.pageCount * VhostDirtyLog.pageSize)), but the memory table reaches \(hex(table.guestEnd))")
+        }
+        s.table?.dirtyLog = s.features & VhostUserFeature.logAll != 0 ? s.log : nil
     }
 
     /// Stops a ring; returns where it stopped (the next available index), which is also
@@ -428,7 +459,9 @@ public final class VhostUserNetBackend: @unchecked Sendable {
                 if let header = try? table.slice(at: chain.writable[0].address, count: 12), chain.writable[0].length >= 12 {
                     header.storeBytes(of: UInt16(1).littleEndian, toByteOffset: 10, as: UInt16.self)
                 }
-                try queue.pushUsed(head: chain.head, length: UInt32(n + (inline ? 0 : TapBackend.vnetHeaderSize)), to: table)
+                let written = n + (inline ? 0 : TapBackend.vnetHeaderSize)
+                table.markWritten(chain.writable, bytes: written)
+                try queue.pushUsed(head: chain.head, length: UInt32(written), to: table)
                 published = true
                 delivered += 1
             }

@@ -218,16 +218,25 @@ public final class VirtioNet: VirtioDeviceModel, @unchecked Sendable {
 
     // MARK: state
 
-    /// How the backend's queues travel with the state (local migration): TAP queues,
-    /// each as fd `netdev/<netdev>/tap.<i>`, named by the source's netdev id.
+    /// How the backend travels with the state (local migration), named by the source's
+    /// netdev id: TAP queues, each as fd `netdev/<netdev>/tap.<i>` (kind 1), or a
+    /// vhost-user backend's connection as fd `netdev/<netdev>/vhost-user` (kind 2, for
+    /// `queuePairs` pairs; its rings' progress is in the transport's queues).
     public struct DatapathDescriptor: Sendable, Equatable {
         public static let kindTapQueues: UInt8 = 1
+        public static let kindVhostUserConnection: UInt8 = 2
         public var kind: UInt8
         public var netdev: String
         public var queuePairs: UInt16
         public var vnetHeader: Bool
 
         public func fdName(queue: Int) -> String { NamedFD.tapQueueName(netdev: netdev, queue: queue) }
+        /// Every fd the descriptor's kind travels with, in order.
+        public var fdNames: [String] {
+            kind == Self.kindVhostUserConnection ? [NamedFD.vhostUserConnectionName(netdev: netdev)] : (0..<Int(queuePairs)).map(fdName(queue:))
+        }
+        /// For messages.
+        var what: String { kind == Self.kindVhostUserConnection ? "a vhost-user connection" : "TAP queues" }
     }
 
     /// The device state beyond the transport: how many queue pairs the guest enabled,
@@ -252,7 +261,9 @@ public final class VirtioNet: VirtioDeviceModel, @unchecked Sendable {
             activePairs = try r.u16("active queue pairs")
             guard try r.bool("datapath handed over") else { return }
             let kind = try r.u8("datapath kind")
-            guard kind == DatapathDescriptor.kindTapQueues else { throw StreamError("datapath kind \(kind) is not known to this build") }
+            guard [DatapathDescriptor.kindTapQueues, DatapathDescriptor.kindVhostUserConnection].contains(kind) else {
+                throw StreamError("datapath kind \(kind) is not known to this build")
+            }
             handover = DatapathDescriptor(kind: kind, netdev: try r.string("netdev"), queuePairs: try r.u16("queue count"),
                                           vnetHeader: try r.bool("vnet header"))
         }
@@ -271,11 +282,18 @@ public final class VirtioNet: VirtioDeviceModel, @unchecked Sendable {
     }
 
     public func modelState(_ context: HandoverContext) -> [UInt8] {
-        let handover = handsOverQueues(context)
-            ? DatapathDescriptor(kind: DatapathDescriptor.kindTapQueues, netdev: datapath.netdevID,
-                                 queuePairs: UInt16(datapath.handedOverFDs().count), vnetHeader: datapath.vnetHeader)
-            : nil
+        let handover = handsOverQueues(context) ? handoverDescriptor : nil
         return SavedState(activePairs: UInt16(activePairs.load(ordering: .relaxed)), handover: handover).encoded()
+    }
+
+    /// What a local migration hands over: a vhost-user datapath its connection, any other
+    /// the netdev's TAP queues.
+    var handoverDescriptor: DatapathDescriptor {
+        datapath.kind == .vhostUser
+            ? DatapathDescriptor(kind: DatapathDescriptor.kindVhostUserConnection, netdev: datapath.netdevID,
+                                 queuePairs: UInt16(datapath.queuePairs), vnetHeader: datapath.vnetHeader)
+            : DatapathDescriptor(kind: DatapathDescriptor.kindTapQueues, netdev: datapath.netdevID,
+                                 queuePairs: UInt16(datapath.handedOverFDs().count), vnetHeader: datapath.vnetHeader)
     }
 
     /// Restores saved state (the transport validated its own first); adopts the TAP
@@ -287,12 +305,21 @@ public final class VirtioNet: VirtioDeviceModel, @unchecked Sendable {
             throw StreamError("\(id): source had \(pairs) queue pairs active, this device has max_queue_pairs \(maxQueuePairs)")
         }
         if let handover = saved.handover {
+            let vhostUser = datapath.kind == .vhostUser
+            guard (handover.kind == DatapathDescriptor.kindVhostUserConnection) == vhostUser else {
+                throw StreamError("\(id): the source handed over \(handover.what), but netdev '\(datapath.netdevID)' is \(vhostUser ? "vhost-user" : "a TAP")")
+            }
             guard datapath.awaitsIncomingFDs else {
                 // The series' tap_pre_load wording, then what it means here.
-                throw StreamError("\(id): TAP is already initialized and cannot receive incoming fd: netdev '\(datapath.netdevID)' was not created with incoming-fds=on")
+                throw StreamError(vhostUser
+                    ? "\(id): netdev '\(datapath.netdevID)' (vhost-user) has its own backend connection and cannot take the source's: create it with incoming-fds=on and no chardev"
+                    : "\(id): TAP is already initialized and cannot receive incoming fd: netdev '\(datapath.netdevID)' was not created with incoming-fds=on")
             }
-            let queues = try (0..<Int(handover.queuePairs)).map { try fds.claim(handover.fdName(queue: $0), by: "netdev '\(datapath.netdevID)'") }
-            try datapath.adoptIncoming(queues, vnetHeader: handover.vnetHeader)
+            if vhostUser && Int(handover.queuePairs) != datapath.queuePairs {
+                throw StreamError("\(id): the source's vhost-user connection serves \(handover.queuePairs) queue pairs, netdev '\(datapath.netdevID)' has \(datapath.queuePairs)")
+            }
+            let handed = try handover.fdNames.map { try fds.claim($0, by: "netdev '\(datapath.netdevID)'") }
+            try datapath.adoptIncoming(handed, vnetHeader: handover.vnetHeader)
         }
         // The rings start with the device (`activate`), using this many pairs.
         activePairs.store(pairs, ordering: .relaxed)
@@ -300,7 +327,7 @@ public final class VirtioNet: VirtioDeviceModel, @unchecked Sendable {
 
     public func checkReadyToRun() throws {
         if datapath.awaitsIncomingFDs {
-            throw StreamError("netdev '\(datapath.netdevID)' (incoming-fds=on) received no TAP queues: is migration parameter 'local' on at the source, and local-migration on for \(id)?")
+            throw StreamError("netdev '\(datapath.netdevID)' (incoming-fds=on) received no \(datapath.kind == .vhostUser ? "vhost-user connection" : "TAP queues"): is migration parameter 'local' on at the source, and local-migration on for \(id)?")
         }
     }
 

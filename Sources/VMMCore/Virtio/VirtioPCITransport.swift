@@ -136,6 +136,12 @@ public final class VirtioPCITransport: PCIDevice, StatefulDevice {
     /// Given by the machine unless `ioeventfd=off`; the registration length (0 = any).
     let ioeventfds: (host: any IOEventFDHost, length: UInt32)?
     private let doorbells = Mutex<[Int: Doorbell]>([:])
+    /// KVM registrations of doorbells `detachDoorbells` took down, still assigned: each
+    /// deassign waits for an SRCU grace period (4 rings took 1-5 ms here, most of a
+    /// vhost-user NIC's migration downtime), so it waits until the queue gets its next
+    /// doorbell, BAR0 moves, or the device shuts down. A notify meanwhile signals a kick
+    /// nobody reads: the rings are stopped, and every start kicks each ring once.
+    private let retiredRegistrations = Mutex<[Int: IOEventFDRegistration]>([:])
     /// Per queue: guest notifies that reached the VMM (exits), relayed or handled.
     private let notifyExits: Mutex<[UInt64]>
     private let ioeventfdFailureLogged = Atomic<Bool>(false)
@@ -185,13 +191,22 @@ public final class VirtioPCITransport: PCIDevice, StatefulDevice {
 
     /// Guest notifies of `queue` signal `kick` from now on, instead of reaching the model.
     public func attachDoorbell(queue: Int, kick: EventFD) {
+        if let retired = retiredRegistrations.withLock({ $0.removeValue(forKey: queue) }) { ioeventfds?.host.detach(retired) }
         let registration = register(kick, queue: queue)
         doorbells.withLock { $0[queue] = Doorbell(kick: kick, registration: registration) }
     }
 
     public func detachDoorbells() {
         let removed = doorbells.withLock { d in defer { d = [:] }; return d }
-        for registration in removed.values.compactMap(\.registration) { ioeventfds?.host.detach(registration) }
+        retiredRegistrations.withLock { retired in
+            for (queue, bell) in removed { if let registration = bell.registration { retired[queue] = registration } }
+        }
+    }
+
+    /// Deassigns what `detachDoorbells` left registered.
+    private func detachRetiredRegistrations() {
+        let retired = retiredRegistrations.withLock { r in defer { r = [:] }; return r }
+        for registration in retired.values { ioeventfds?.host.detach(registration) }
     }
 
     /// Notifies of each queue that exited to the VMM so far.
@@ -212,6 +227,7 @@ public final class VirtioPCITransport: PCIDevice, StatefulDevice {
     }
 
     private func reregisterDoorbells() {
+        detachRetiredRegistrations()
         let current = doorbells.withLock { $0 }
         guard !current.isEmpty else { return }
         for registration in current.values.compactMap(\.registration) { ioeventfds?.host.detach(registration) }
@@ -388,7 +404,10 @@ public final class VirtioPCITransport: PCIDevice, StatefulDevice {
     public func startDirtyLog() throws { try model.startDirtyLog() }
     public func collectDirty(into bitmap: inout [UInt64]) { model.collectDirty(into: &bitmap) }
     public func stopDirtyLog() { model.stopDirtyLog() }
-    public func shutdown() { model.shutdown() }
+    public func shutdown() {
+        model.shutdown()
+        detachRetiredRegistrations()
+    }
 
     // MARK: BAR access
 
