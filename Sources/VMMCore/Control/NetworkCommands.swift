@@ -25,7 +25,13 @@ extension Machine {
             if let user = chardevUsers[chardevID] {
                 throw QMPCommandError("netdev \(spec.id): chardev '\(chardevID)' is already used by netdev '\(user)'")
             }
-            netdevs[spec.id] = try VhostUserNetdev(id: spec.id, chardev: chardev, queues: spec.queues, loop: loop, logger: logger)
+            if spec.cpr, let incoming = migration.incoming, incoming.cprState != nil {
+                netdevs[spec.id] = try cprVhostUser(spec, chardev: chardev, from: incoming)
+            } else {
+                let netdev = try VhostUserNetdev(id: spec.id, chardev: chardev, queues: spec.queues, loop: loop, logger: logger)
+                netdev.cpr = spec.cpr
+                netdevs[spec.id] = netdev
+            }
             chardevUsers[chardevID] = spec.id
             return
         }
@@ -43,6 +49,19 @@ extension Machine {
         backend.cpr = spec.cpr
         netdevs[spec.id] = backend
         logger.debug("netdev \(spec.id): TAP \(netdevs[spec.id]!.ifname), \(netdevs[spec.id]!.queueFDs.count) queue(s)")
+    }
+
+    /// A cpr-transfer target's `cpr=on` vhost-user netdev: the source's backend connection
+    /// from the cpr state by the netdev's id, adopted as a local migration's target adopts
+    /// it (silently; the handshake without SET_OWNER when the rings first run), so the
+    /// backend never sees a second front-end; `chardev` stays for reconnects.
+    private func cprVhostUser(_ spec: NetdevSpec, chardev: SocketChardev, from incoming: IncomingMigration) throws -> VhostUserNetdev {
+        let (pairs, fd) = try VhostUserNetdev.claimCPRConnection(id: spec.id, queues: spec.queues, from: incoming)
+        let netdev = VhostUserNetdev(id: spec.id, incomingQueues: pairs, chardev: chardev, loop: loop, logger: logger)
+        try netdev.adoptIncoming([fd], vnetHeader: true)
+        netdev.cpr = true
+        logger.info("netdev \(spec.id): took over the vhost-user connection (\(pairs) queue pair(s)) from the cpr state")
+        return netdev
     }
 
     /// A cpr-transfer target's `cpr=on` TAP: the source's queues, from the cpr state by the

@@ -14,8 +14,11 @@ public struct CPRState: VersionedState {
 
     /// A netdev whose host fds the cpr state carries (`cpr=on` at the source).
     public struct Netdev: Sendable, Equatable {
-        /// What the target's netdev of the same id is built from.
+        /// What the target's netdev of the same id is built from: TAP queues (vhost kind
+        /// none or kernel), or a vhost-user backend connection (vhost kind user; `queues`
+        /// counts queue pairs, no TAP fds).
         public static let kindTap: UInt8 = 1
+        public static let kindVhostUser: UInt8 = 2
         public var id: String
         public var kind: UInt8
         public var queues: UInt16
@@ -42,7 +45,12 @@ public struct CPRState: VersionedState {
         /// names (the datapath's `prepareForHandover` adds what else travels, e.g. the vhost
         /// fds); nil when the netdev does not take part.
         static func handover(of backend: any NetBackend) -> (Netdev, [NamedFD])? {
-            guard backend.cpr, !backend.queueFDs.isEmpty else { return nil }
+            guard backend.cpr else { return nil }
+            if backend.cprVhostKind == .user {
+                return (Netdev(id: backend.id, kind: kindVhostUser, queues: UInt16(backend.queueCount), vnetHeader: true,
+                               ifname: backend.ifname, vhostKind: .user), [])
+            }
+            guard !backend.queueFDs.isEmpty else { return nil }
             let entry = Netdev(id: backend.id, queues: UInt16(backend.queueFDs.count), vnetHeader: backend.vnetHeader,
                                ifname: backend.ifname, vhostKind: backend.cprVhostKind)
             return (entry, backend.queueFDs.enumerated().map { NamedFD(name: entry.tapFDName(queue: $0), fd: $1) })
@@ -56,6 +64,8 @@ public struct CPRState: VersionedState {
         case none = 0
         /// `vhost=on`: one `/dev/vhost-net` fd per queue pair, `netdev/<id>/vhost.<pair>`.
         case kernel = 1
+        /// `-netdev vhost-user` (netdev kind 2): the backend connection, `netdev/<id>/vhost-user`.
+        case user = 2
     }
 
     public var ramKind: RAMKind
@@ -95,7 +105,9 @@ public struct CPRState: VersionedState {
         for _ in 0..<count {
             let id = try r.string("netdev id")
             let kind = try r.u8("netdev '\(id)' kind")
-            guard kind == Netdev.kindTap else { throw StreamError("cpr state: netdev '\(id)' is of kind \(kind), unknown to this build") }
+            guard kind == Netdev.kindTap || kind == Netdev.kindVhostUser else {
+                throw StreamError("cpr state: netdev '\(id)' is of kind \(kind), unknown to this build")
+            }
             let queues = try r.u16("netdev '\(id)' queues")
             guard (1...256).contains(queues) else { throw StreamError("cpr state: netdev '\(id)' has \(queues) queues, outside 1...256") }
             guard !netdevs.contains(where: { $0.id == id }) else { throw StreamError("cpr state: netdev '\(id)' listed twice") }
@@ -104,6 +116,9 @@ public struct CPRState: VersionedState {
             let vhost = try r.u8("netdev '\(id)' vhost kind")
             guard let vhostKind = VhostKind(rawValue: vhost) else {
                 throw StreamError("cpr state: netdev '\(id)' has vhost kind \(vhost), unknown to this build")
+            }
+            guard (kind == Netdev.kindVhostUser) == (vhostKind == .user) else {
+                throw StreamError("cpr state: netdev '\(id)' of kind \(kind) cannot have vhost kind \(vhost)")
             }
             netdevs.append(Netdev(id: id, kind: kind, queues: queues, vnetHeader: vnetHeader, ifname: ifname, vhostKind: vhostKind))
         }
