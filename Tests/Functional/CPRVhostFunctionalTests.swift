@@ -98,5 +98,38 @@ extension SerializedNetworkSuites {
         @Test(.requiresVhostNet) func cancelAfterTheCPRStateWithKernelVhost() async throws {
             try await Self.cancelAfterTheCPRState(GuestNetwork(queues: 2, datapath: .vhostKernel)) { _ in }
         }
+
+        /// The backend served one front-end connection throughout (accepted once, never
+        /// gone, nothing refused): the connection moved, no second front-end appeared.
+        static func checkOneConnection(_ backend: VhostUserBackendProcess?, pid: pid_t?) throws {
+            let backend = try #require(backend)
+            #expect(backend.isRunning && backend.pid == pid)
+            let log = backend.log
+            #expect(log.components(separatedBy: "front-end connected").count == 2, "\(log)")
+            #expect(!log.contains("front-end gone") && !log.contains("closing the connection"), "\(log)")
+        }
+
+        /// vhost-user, 2 pairs: the backend's connection travels in the cpr state; the
+        /// same backend process serves the target on the one connection it accepted, and
+        /// the old VMM's exit afterwards does not end it.
+        @Test func liveUpdateWithVhostUser() async throws {
+            try await Self.liveUpdate(GuestNetwork(queues: 2, datapath: .vhostUser)) { pair in
+                let pid = pair.backend?.pid
+                let nic = try await NetworkDeviceFunctionalTests.nicInfo(pair.target.qmp, id: pair.network.deviceID)
+                #expect(nic["x-virtio-net"]?["max-queue-pairs"] == 2 && nic["x-virtio-net"]?["link"] == "up", "\(nic.serialized)")
+                #expect(await pair.source.shutdown() == .exited(0))
+                #expect(try await pair.target.guest.ping(pair.network.hostAddress, count: 3, waitSeconds: 2).received == 3,
+                        "after the old VMM exited; backend: \(pair.backend?.log ?? "")")
+                try Self.checkOneConnection(pair.backend, pid: pid)
+            }
+        }
+
+        /// Cancelled after the cpr state went out: the old front-end takes its connection
+        /// back (the target had a copy, never used) and its rings start again in the backend.
+        @Test func cancelAfterTheCPRStateWithVhostUser() async throws {
+            try await Self.cancelAfterTheCPRState(GuestNetwork(queues: 2, datapath: .vhostUser)) { backend in
+                try Self.checkOneConnection(backend, pid: backend?.pid)
+            }
+        }
     }
 }
