@@ -131,5 +131,65 @@ extension SerializedNetworkSuites {
                 try Self.checkOneConnection(backend, pid: backend?.pid)
             }
         }
+
+        /// The series author's flow with vhost-user: the target starts with only the cpr
+        /// channel and no NIC; once its monitor is up, `chardev-add`, `netdev_add {type:
+        /// vhost-user, cpr: true}` (the source's arguments), `device_add`, the mode and
+        /// `migrate-incoming`. The netdev took the connection, so it never connected
+        /// through the chardev: the backend still saw one front-end.
+        @Test func seriesAuthorsFlowWithVhostUser() async throws {
+            let network = GuestNetwork(queues: 2, datapath: .vhostUser)
+            try await NetworkNamespace.with { namespace in
+                try await network.createTap(in: namespace)
+                try await withArtifacts { artifacts in
+                    let backend = try #require(try await network.startBackendProcess(in: namespace, artifacts: artifacts))
+                    var options = MachineOptions.bundledGuest(arguments: network.arguments(vhostUserSocket: backend.socketPath, cpr: true), name: "source")
+                    options.namespace = namespace
+                    let source = try await Machine.launch(options, in: artifacts)
+                    try await source.console.waitForPrompt(timeout: .seconds(20))
+                    try await source.guest.configureNetwork(address: network.guestCIDR)
+                    let pinger = try Pinger(namespace: namespace, destination: network.guestAddress, interval: .milliseconds(2))
+                    try pinger.start()
+                    try await pinger.waitForReplies(20, timeout: .seconds(10))
+                    let main = try artifacts.socketPath("main.sock")
+                    let cpr = try artifacts.socketPath("cpr.sock")
+                    var targetOptions = MachineOptions.bundledGuest(
+                        arguments: ["-incoming", "defer", "-incoming", CPRTransferFunctionalTests.unix("cpr", cpr).serialized], name: "target")
+                    targetOptions.namespace = namespace
+                    let launch = Task { try await Machine.launch(targetOptions, in: artifacts) }
+                    try await CPRTransferFunctionalTests.waitForSocket(cpr)
+                    try await MigrationWaiter.enableEvents(on: source)
+                    try await source.qmp.execute("migrate-set-parameters", arguments: ["mode": "cpr-transfer"])
+                    try await source.qmp.execute("migrate", arguments: ["channels": [CPRTransferFunctionalTests.unix("main", main), CPRTransferFunctionalTests.unix("cpr", cpr)]])
+                    let target = try await launch.value
+                    try await MigrationWaiter.enableEvents(on: target)
+                    try await target.qmp.execute("chardev-add", arguments: ["id": .string(network.chardevID), "backend": [
+                        "type": "socket", "data": ["addr": ["type": "unix", "data": ["path": .string(backend.socketPath)]], "server": false],
+                    ]])
+                    try await target.qmp.execute("netdev_add", arguments: [
+                        "type": "vhost-user", "id": .string(network.netdevID), "chardev": .string(network.chardevID),
+                        "queues": .int(Int64(network.queues)), "cpr": true,
+                    ])
+                    try await target.qmp.execute("device_add", arguments: [
+                        "driver": "virtio-net-pci", "netdev": .string(network.netdevID), "id": .string(network.deviceID),
+                        "mac": .string(network.guestMAC), "mq": "on",
+                    ])
+                    try await target.qmp.execute("migrate-set-parameters", arguments: ["mode": "cpr-transfer"])
+                    try await target.qmp.execute("migrate-incoming", arguments: ["channels": [CPRTransferFunctionalTests.unix("main", main)]])
+                    try await MigrationWaiter.waitForFinish(source: source, target: target, timeout: .seconds(30))
+                    try await target.qmp.execute("cont")
+                    try await pinger.waitForReplies(pinger.report().received + 20, timeout: .seconds(10))
+                    pinger.stop()
+                    let report = await pinger.finish(timeout: .seconds(10))
+                    #expect(report.lost == 0, "\(report)")
+                    let nic = try await NetworkDeviceFunctionalTests.nicInfo(target.qmp, id: network.deviceID)
+                    #expect(nic["x-virtio-net"]?["datapath"] == "vhost-user", "\(nic.serialized)")
+                    _ = await source.shutdown()
+                    #expect(try await target.guest.ping(network.hostAddress, count: 3, waitSeconds: 2).received == 3)
+                    try Self.checkOneConnection(backend, pid: backend.pid)
+                    _ = await target.shutdown()
+                }
+            }
+        }
     }
 }
