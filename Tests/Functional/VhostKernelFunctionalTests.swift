@@ -3,56 +3,10 @@ import QMPWire
 import TestKit
 import Testing
 
-extension SerializedNetworkSuites {
-    /// `-netdev tap,...,vhost=on`: the kernel's vhost-net runs the rings. These need
-    /// /dev/vhost-net (`modprobe vhost_net`; GitHub's KVM runners have it), and skip with
-    /// the reason where it is missing (the project's own machines).
-    @Suite(.requiresKVM, .requiresGuestImage, .requiresVMM, .requiresNetworkNamespaces, .requiresVhostNet)
-    struct VhostKernelFunctionalTests {
-        /// Pings both ways through a 2-pair vhost NIC; query-pci names the kernel datapath
-        /// and no TX notify reached the VMM (ioeventfd kicks went to the vhost workers).
-        @Test func pingsFlowThroughKernelVhostWithoutTXNotifyExits() async throws {
-            let network = GuestNetwork(queues: 2)
-            try await NetworkNamespace.with { namespace in
-                    try await network.createTap(in: namespace)
-                    var options = MachineOptions.bundledGuest()
-                    options.namespace = namespace
-                    options.arguments = [
-                        "-netdev", "tap,id=\(network.netdevID),ifname=\(network.tap),queues=\(network.queues),vhost=on,script=no,downscript=no",
-                    ] + network.deviceArguments
-                    try await Machine.with(options) { vm in
-                        try await vm.console.waitForPrompt(timeout: .seconds(30))
-                        try await vm.guest.configureNetwork(address: network.guestCIDR)
-                        let fromGuest = try await vm.guest.ping(network.hostAddress, count: 3, waitSeconds: 2)
-                        #expect(fromGuest.received == 3, "guest -> host: \(fromGuest)")
-                        let pinger = try Pinger(namespace: namespace, destination: network.guestAddress, interval: .milliseconds(20), count: 50)
-                        try pinger.start()
-                        let report = await pinger.finish(timeout: .seconds(30))
-                        #expect(report.received == 50, "host -> guest: \(report)")
-                        let nic = try await NetworkDeviceFunctionalTests.nicInfo(vm.qmp, id: network.deviceID)
-                        #expect(nic["x-virtio-net"]?["datapath"] == "vhost-kernel", "\(nic.serialized)")
-                        let exits = nic["x-virtio-net"]?["notify-exits"]?.arrayValue ?? []
-                        #expect(exits.count >= 4, "\(nic.serialized)")
-                        for tx in [1, 3] where tx < exits.count {
-                            #expect(exits[tx] == 0, "TX ring \(tx) notify exits: \(exits)")
-                        }
-                    }
-            }
-        }
-
-        /// The seed's `test_tap_fd_migration_vhost`: the TAP queues travel, the target opens
-        /// its own vhost devices and starts them after the load; 0 pings lost.
-        @Test func tapFdMigrationVhost() async throws {
-            try await TapMigrationFunctionalTests.run(local: true, vhost: true)
-        }
-
-        /// The seed's `test_tap_new_tap_migration_vhost`: a new TAP on the target, vhost on
-        /// both sides (pre-copy with the kernel's dirty log on).
-        @Test func tapNewTapMigrationVhost() async throws {
-            try await TapMigrationFunctionalTests.run(local: false, vhost: true)
-        }
-    }
-}
+// Kernel vhost's pings and the seed's `test_tap_fd_migration_vhost` /
+// `test_tap_new_tap_migration_vhost` are the `.vhostKernel` cases of the Datapath-
+// parameterized DatapathFunctionalTests and TapMigrationFunctionalTests: they need
+// /dev/vhost-net and are cancelled with the reason where it is missing.
 
 /// Where /dev/vhost-net is missing (this project's machines), vhost=on is an error naming
 /// the netdev and the errno: exit 1 from the command line, an error reply from netdev_add
