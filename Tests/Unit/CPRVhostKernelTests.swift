@@ -220,6 +220,25 @@ import Testing
             _ = try VhostKernelNetdev.devices(id: "n1", queues: 1, cpr: nil, inherited: nil, path: "/dev/no-such-vhost-net")
         } throws: { "\($0)" == "cannot open /dev/no-such-vhost-net for netdev 'n1': No such file or directory" }
 
+        // The other way round: the source's netdev was vhost=on, this one is not.
+        let kernel = FakeKernel()
+        let source = try Self.runningSource(kernel, memory: try GuestMemory(size: 4 << 20, backing: .memfd, shared: true))
+        try source.transport.pause()
+        let extra = try source.transport.prepareForHandover(Self.cpr)
+        let (entry, queues) = try #require(CPRState.Netdev.handover(of: source.netdev))
+        let g = try IncomingMigrationTests.Fixture(expectsCPR: true)
+        try g.beginCPR()
+        let ram = try GuestMemory(size: IncomingMigrationTests.Fixture.ramSize, shared: true)
+        let sent = [NamedFD(name: CPRState.ramFDName, fd: ram.fd)] + queues + extra
+        g.cpr.append(try sent.map { try $0.fd.duplicate() })
+        try g.send(.init(kind: .cprState, payload: CPRState(ramKind: .memfd, ramSize: IncomingMigrationTests.Fixture.ramSize, netdevs: [entry]).encoded(),
+                         fdNames: sent.map(\.name)), on: .cpr)
+        #expect { _ = try g.incoming.claimCPRNetdev("n1") } throws: {
+            "\($0)" == "netdev 'n1': the cpr state hands over its TAP with vhost-net devices (the source's netdev was vhost=on); give this netdev vhost=on too"
+        }
+        _ = try VhostKernelNetdev.devices(id: "n1", queues: 1, cpr: g.incoming, inherited: nil) { kernel.device("target", pair: 0, fd: $0) }
+        #expect(try g.incoming.claimCPRNetdev("n1").1.count == 1, "after its vhost fds, the TAP")
+
         let state = CPRState(ramKind: .memfd, ramSize: 4096, netdevs: [.init(id: "n1", queues: 2, vnetHeader: true, ifname: "tap0", vhostKind: .kernel)])
         #expect(try CPRState.decode(state.encoded(), owner: "cpr").netdevs == state.netdevs)
         var bytes = state.encoded()
