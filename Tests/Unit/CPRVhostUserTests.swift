@@ -118,4 +118,38 @@ import Testing
             "\($0)" == "-netdev vhost-user,id=n0,queues=2,incoming-fds=on,cpr=on: cpr=on and incoming-fds=on exclude each other (cpr-transfer passes the connection on the cpr channel, local migration in the stream)"
         }
     }
+
+    /// The taken-over connection is dead by the time the target's rings first run (the
+    /// backend restarted meanwhile): a cpr target keeps its chardev, so with `reconnect=`
+    /// it connects afresh and its rings run, instead of staying down like a local
+    /// migration's target without a chardev.
+    @Test func aDeadTakenOverConnectionReconnectsThroughTheChardev() throws {
+        let served = try FrontEnd.Served(queuePairs: 1)
+        defer { served.finish() }
+        let loop = try FrontEnd.LoopThread()
+        let source = try FrontEnd.netdev(served.path, loop: loop.loop)
+        source.cpr = true
+        let target = VhostUserNetdev(id: "n0", incomingQueues: 1, chardev: try FrontEnd.chardev(served.path, reconnect: 1), loop: loop.loop,
+                                     logger: Logger(label: "test"))
+        try loop.run()
+        defer {
+            loop.sync { source.shutdown(); target.shutdown() }
+            loop.finish()
+        }
+        let ram = try GuestMemory(size: 1 << 20, backing: .memfd, shared: true)
+        let rings = FrontEnd.Rings(ram: ram)
+        let sourcePath = try source.makeDatapath(pairs: 1, memory: ram, memoryBackend: nil)
+        _ = try rings.start(sourcePath)
+        rings.queues = sourcePath.stop()
+        let sent = try sourcePath.prepareForHandover(Self.cpr)
+        try target.adoptIncoming([try sent[0].fd.duplicate()], vnetHeader: true)
+        served.dropFrontEnd()
+        #expect(FrontEnd.eventually { !source.linkUp })
+        let targetPath = try target.makeDatapath(pairs: 1, memory: ram, memoryBackend: nil)
+        let handed = try rings.start(targetPath)
+        #expect(FrontEnd.eventually { served.accepted.load(ordering: .relaxed) == 2 && target.linkUp })
+        // The reconnect sent the rings on the new connection.
+        #expect(try rings.receive(slot: 0, tapPeer: served.tapPeer, kick: handed[0]?.kick))
+        #expect(rings.failures.withLock { $0 } == [])
+    }
 }

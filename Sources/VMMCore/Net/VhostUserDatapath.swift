@@ -506,7 +506,14 @@ public final class VhostUserNetdev: NetBackend, @unchecked Sendable {
         } catch {
             up.store(false, ordering: .relaxed)
             adopted.socket.close()
-            if error is LinkFailure { logger.error("\(error); link down; it stays down: the connection came from a migration source (no chardev to reconnect through)") }
+            if error is LinkFailure {
+                // A cpr-transfer target keeps its chardev: reconnect through it as any netdev.
+                if let reconnect = chardev?.reconnect, reconnect > 0 {
+                    logger.warning("\(error); link down; reconnecting every \(reconnect) s (reconnect=\(reconnect))")
+                } else {
+                    logger.error("\(error); link down; it stays down: the connection came from a migration source (\(chardev == nil ? "no chardev to reconnect through" : "its chardev has no reconnect="))")
+                }
+            }
             throw error
         }
     }
@@ -522,7 +529,7 @@ public final class VhostUserNetdev: NetBackend, @unchecked Sendable {
             do {
                 try negotiateAdopted(&s)
             } catch is LinkFailure {
-                return false
+                return chardev != nil  // scheduleReconnect decides by its reconnect=
             } catch {
                 s.running?.refused = true
                 running.context.ringFailed(running.rings.keys.min() ?? 0, "\(error)")
