@@ -191,5 +191,48 @@ extension SerializedNetworkSuites {
                 }
             }
         }
+
+        /// Five live updates in a row on vhost-user (A→B→…): each VMM takes the connection
+        /// its predecessor had taken over and hands it on; every VMM holds the same number
+        /// of fds and threads, the backend serves the one connection it first accepted, and
+        /// the guest answers at the end.
+        @Test func liveUpdatesInARowWithVhostUser() async throws {
+            let network = GuestNetwork(queues: 2, datapath: .vhostUser)
+            try await NetworkNamespace.with { namespace in
+                try await network.createTap(in: namespace)
+                try await withArtifacts { artifacts in
+                    let backend = try #require(try await network.startBackendProcess(in: namespace, artifacts: artifacts))
+                    var options = MachineOptions.bundledGuest(arguments: network.arguments(vhostUserSocket: backend.socketPath, cpr: true), name: "u0")
+                    options.namespace = namespace
+                    var current = try await Machine.launch(options, in: artifacts)
+                    try await current.console.waitForPrompt(timeout: .seconds(20))
+                    try await current.guest.configureNetwork(address: network.guestCIDR)
+                    let pinger = try Pinger(namespace: namespace, destination: network.guestAddress, interval: .milliseconds(5), replyTimeout: .seconds(5))
+                    try pinger.start()
+                    try await pinger.waitForReplies(10, timeout: .seconds(10))
+                    var first: ProcessSnapshot?
+                    for update in 1...5 {
+                        var next = options
+                        next.name = "u\(update)"
+                        let updated = try await MigrationPair.liveUpdate(from: current, to: next, in: artifacts)
+                        #expect(await current.shutdown() == .exited(0), "update \(update)")
+                        current = updated
+                        let now = try #require(ProcessSnapshot(pid: current.pid))
+                        let reference = first ?? now
+                        first = reference
+                        #expect(now.fileDescriptors == reference.fileDescriptors,
+                                "update \(update): \(now) vs \(reference): \(ProcessSnapshot.describeFileDescriptors(of: current.pid))")
+                        #expect(now.threads == reference.threads, "update \(update): \(now) vs \(reference)")
+                    }
+                    try await pinger.waitForReplies(pinger.report().received + 20, timeout: .seconds(10))
+                    pinger.stop()
+                    let report = await pinger.finish(timeout: .seconds(10))
+                    #expect(report.lost == 0, "\(report)")
+                    #expect(try await current.guest.ping(network.hostAddress, count: 3, waitSeconds: 2).received == 3)
+                    try Self.checkOneConnection(backend, pid: backend.pid)
+                    _ = await current.shutdown()
+                }
+            }
+        }
     }
 }
