@@ -77,20 +77,22 @@ import Testing
     }
 
     /// A NIC on a vhost=on netdev `n1` (one pair) in `process`, running on `kernel`.
-    static func nic(_ process: String, kernel: FakeKernel, queues: FakeQueues, devices: [any VhostKernelIO], memory: GuestMemory) throws -> DeviceRig {
+    static func nic(_ process: String, kernel: FakeKernel, queues: FakeQueues, devices: [any VhostKernelIO], memory: GuestMemory,
+                    loop: EventLoop? = nil) throws -> DeviceRig {
         let netdev = try VhostKernelNetdev(id: "n1", tap: queues, devices: devices, logger: Logger(label: "test"))
         let nic = VirtioNet(id: "nic0", mac: [0x52, 0x54, 0, 1, 2, 3], datapath: try netdev.makeDatapath(pairs: 1, memory: memory, memoryBackend: nil),
                             multiQueue: false, logger: Logger(label: "test"))
-        nic.host = DeviceHost(loop: try EventLoop(), wakeGuest: {}, setHaltWakeSources: { _, _ in })
+        nic.host = DeviceHost(loop: try loop ?? EventLoop(), wakeGuest: {}, setHaltWakeSources: { _, _ in })
         return DeviceRig(memory: memory, transport: VirtioPCITransport(name: "nic0", model: nic, memory: memory, logger: Logger(label: "test")),
                          netdev: netdev)
     }
 
     /// A running source: its NIC started by the driver (DRIVER_OK), the kernel's progress 5/4.
-    static func runningSource(_ kernel: FakeKernel, memory: GuestMemory) throws -> DeviceRig {
+    static func runningSource(_ kernel: FakeKernel, memory: GuestMemory, loop: EventLoop? = nil) throws -> DeviceRig {
         let queues = FakeQueues(queues: 1)
         queues.cpr = true
-        let source = try nic("source", kernel: kernel, queues: queues, devices: [kernel.device("source", pair: 0, fd: kernel.open(pair: 0))], memory: memory)
+        let source = try nic("source", kernel: kernel, queues: queues, devices: [kernel.device("source", pair: 0, fd: kernel.open(pair: 0))],
+                             memory: memory, loop: loop)
         source.placeBAR()
         source.configure()
         try memory.store(UInt16(5), at: source.base(0) + 0x2002)
@@ -269,5 +271,33 @@ extension CPRVhostKernelTests {
         #expect(kernel.recorded.suffix(2) == ["source 0: VHOST_SET_OWNER", "source 0: VHOST_GET_FEATURES"])
         target.shutdown()
         #expect(kernel.recorded.count == 3, "once")
+    }
+
+    /// Cancelled while the target still owns the devices (it took them at start-up and ends
+    /// only once its migration failed): the source's SET_OWNER is refused with EBUSY, and
+    /// its rings wait for the devices instead of needing a reset; once the target's end
+    /// gave them up, the source owns them and its rings start at their progress.
+    @Test func aCancelWaitsForATargetThatStillOwnsTheDevices() throws {
+        let kernel = FakeKernel()
+        let loop = try VhostUserFrontEndTests.LoopThread()
+        let source = try Self.runningSource(kernel, memory: try GuestMemory(size: 4 << 20, backing: .memfd, shared: true), loop: loop.loop)
+        try loop.run()
+        defer { loop.finish() }
+        try source.transport.pause()
+        _ = try source.transport.prepareForHandover(Self.cpr)
+        let target = try VhostKernelNetdev(id: "n1", tap: FakeQueues(queues: 1),
+                                           devices: [kernel.device("target", pair: 0, fd: try source.netdev.devices[0].fd.duplicate())], logger: Logger(label: "test"))
+        kernel.clear()
+        source.transport.cancelHandover(Self.cpr)
+        try source.transport.resume()
+        usleep(50_000)
+        // The cancel's SET_OWNER, the resume's, then the loop's retries: nothing else.
+        #expect(kernel.recorded.count >= 3 && kernel.recorded.allSatisfy { $0 == "source 0: VHOST_SET_OWNER" }, "\(kernel.recorded)")
+        #expect(source.transport.status & VirtioPCITransport.Status.needsReset == 0)
+        target.shutdown()
+        #expect(VhostUserFrontEndTests.eventually { kernel.recorded.last == "source 0: VHOST_NET_SET_BACKEND 1 netdev n1 TAP queue 0" }, "\(kernel.recorded)")
+        let lines = kernel.recorded
+        #expect(lines.contains("source 0: VHOST_SET_VRING_BASE 0 5") && lines.contains("source 0: VHOST_SET_VRING_BASE 1 4"))
+        #expect(source.transport.status & VirtioPCITransport.Status.needsReset == 0)
     }
 }

@@ -181,12 +181,18 @@ public final class VhostKernelDatapath: NetDatapath, @unchecked Sendable {
         /// Pairs whose device got features, memory table and rings (the log follows them).
         var configured: [Int]
         var context: DatapathContext
+        /// As handed over (kick/call eventfds), to start them later while ownership waits.
+        var handoffs: [Int: RingHandoff]
     }
     /// The running rings and the dirty log, changed together: the ioctls that start, stop
     /// and toggle logging run under this lock, so none sees the others half done.
     struct State {
         var running: Running?
         var log: VhostDirtyLog?
+        /// The rings wait for the devices' ownership (SET_OWNER refused with EBUSY after
+        /// a cancelled cpr-transfer: the target still owns them until it ends); retried
+        /// on the loop until this deadline (monotonic ns).
+        var ownershipDeadline: Int64?
     }
     private let state = Mutex(State())
     private var host: DeviceHost?
@@ -239,31 +245,72 @@ public final class VhostKernelDatapath: NetDatapath, @unchecked Sendable {
 
     // MARK: rings
 
+    /// How long the rings wait for a device another process still owns (see `State`).
+    static let ownershipWait: Int64 = 5_000_000_000
+    static let ownershipRetry: Int64 = 10_000_000
+
     public func start(_ rings: [Int: RingHandoff], activePairs: Int, context: DatapathContext) {
-        let failure = state.withLock { s -> (ring: Int, message: String)? in
-            var running = Running(rings: rings.mapValues(\.queue), bound: [], configured: [], context: context)
+        let (failure, waiting) = state.withLock { s -> ((ring: Int, message: String)?, Bool) in
+            var running = Running(rings: rings.mapValues(\.queue), bound: [], configured: [], context: context, handoffs: rings)
             defer { s.running = running }
             netdev.attachQueues(count: activePairs)
             do {
                 // After RESET_OWNER (a handover that was taken back), own the devices again.
                 if !netdev.isSetUp { try netdev.setUp() }
-                for pair in 0..<queuePairs {
-                    let pairRings = [2 * pair, 2 * pair + 1].filter { rings[$0] != nil }
-                    guard !pairRings.isEmpty else { continue }
-                    do {
-                        try startPair(pair, rings: pairRings.map { ($0, rings[$0]!) }, log: s.log, running: &running)
-                    } catch {
-                        // Nothing runs on a device that needs a reset: unbind what was bound.
-                        stopRings(&running)
-                        return (pairRings[0], "\(error)")
-                    }
-                }
+            } catch let error as VhostKernelError where error.errno == EBUSY && host != nil {
+                // A cpr-transfer target that took the devices has not let go yet (it does
+                // when it ends): the rings wait for them instead of failing the device.
+                s.ownershipDeadline = monotonicNanoseconds() + Self.ownershipWait
+                netdev.logger.warning("\(error); another process (a cpr-transfer target) still owns the device: the rings wait for it up to \(Self.ownershipWait / 1_000_000_000) s")
+                return (nil, true)
             } catch {
-                return (rings.keys.min() ?? 0, "\(error)")
+                return ((rings.keys.min() ?? 0, "\(error)"), false)
             }
-            return nil
+            s.ownershipDeadline = nil
+            return (startPairs(&running, log: s.log), false)
         }
         if let failure { context.ringFailed(failure.ring, failure.message) }
+        if waiting, let loop = host?.loop { loop.post { [weak self] in self?.retryOwnership() } }
+    }
+
+    /// Each pair with rings: configured and bound, or on failure everything unbound again.
+    private func startPairs(_ running: inout Running, log: VhostDirtyLog?) -> (ring: Int, message: String)? {
+        for pair in 0..<queuePairs {
+            let pairRings = [2 * pair, 2 * pair + 1].filter { running.handoffs[$0] != nil }
+            guard !pairRings.isEmpty else { continue }
+            do {
+                try startPair(pair, rings: pairRings.map { ($0, running.handoffs[$0]!) }, log: log, running: &running)
+            } catch {
+                // Nothing runs on a device that needs a reset: unbind what was bound.
+                stopRings(&running)
+                return (pairRings[0], "\(error)")
+            }
+        }
+        return nil
+    }
+
+    /// Loop thread, while the rings wait for ownership: SET_OWNER again every 10 ms; once
+    /// it succeeds the rings start as `start` would have; past the deadline the device
+    /// needs a reset, naming why.
+    private func retryOwnership() {
+        let outcome = state.withLock { s -> (failure: (ring: Int, message: String)?, context: DatapathContext?, again: Bool) in
+            guard let deadline = s.ownershipDeadline, var running = s.running else { return (nil, nil, false) }
+            do {
+                try netdev.setUp()
+            } catch let error as VhostKernelError where error.errno == EBUSY && monotonicNanoseconds() < deadline {
+                return (nil, nil, true)
+            } catch {
+                s.ownershipDeadline = nil
+                return (((running.rings.keys.min() ?? 0), "\(error) (still owned by another process after \(Self.ownershipWait / 1_000_000_000) s)"), running.context, false)
+            }
+            s.ownershipDeadline = nil
+            netdev.logger.info("netdev '\(netdev.id)': vhost-net devices owned again; the rings start")
+            let failure = startPairs(&running, log: s.log)
+            s.running = running
+            return (failure, running.context, false)
+        }
+        if let failure = outcome.failure { outcome.context?.ringFailed(failure.ring, failure.message) }
+        if outcome.again, let loop = host?.loop { loop.after(nanoseconds: Self.ownershipRetry) { [weak self] in self?.retryOwnership() } }
     }
 
     /// QEMU's `vhost_dev_start` + `vhost_net_start_one` for one pair; `running` gains the
@@ -315,6 +362,7 @@ public final class VhostKernelDatapath: NetDatapath, @unchecked Sendable {
         state.withLock { s in
             guard var running = s.running else { return [:] }
             s.running = nil
+            s.ownershipDeadline = nil
             stopRings(&running)
             return running.rings
         }
@@ -421,8 +469,10 @@ public final class VhostKernelDatapath: NetDatapath, @unchecked Sendable {
 
     /// The handover failed or was cancelled: own the devices again (SET_OWNER, features)
     /// now, so the resume that follows starts the rings as before. A failure is logged; the
-    /// next start retries it and marks the device NEEDS_RESET if it fails again.
+    /// next start retries it: while a target still owns the devices (EBUSY) its rings wait
+    /// for them (`retryOwnership`), any other failure marks the device NEEDS_RESET.
     public func cancelHandover(_ context: HandoverContext, host: DeviceHost) {
+        attach(to: host)
         do { try netdev.setUp() } catch { netdev.logger.error("taking vhost-net back after a cancelled cpr-transfer: \(error)") }
     }
 
