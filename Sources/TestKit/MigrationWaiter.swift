@@ -136,13 +136,23 @@ public enum MigrationWaiter {
     }
 
     /// The side's end: a `MIGRATION` end event, or `query-migrate` showing an end status,
-    /// whichever comes first; checked every 100 ms until `deadline`.
+    /// whichever comes first; checked at once and then every 100 ms until `deadline`. (A
+    /// cpr-transfer target may have completed before its monitor even took a client, so
+    /// its event went to no one: waiting 100 ms first only kept its guest paused longer.)
     private static func polledEndStatus(of machine: Machine, until deadline: ContinuousClock.Instant, timeout: Duration) async throws -> String {
         let qmp = try machine.qmp
         let candidates = endStatuses.map { (name: "MIGRATION", matching: Optional(JSON.object(["status": .string($0)]))) }
         while true {
             try Task.checkCancellation()
             if let status = machine.exitStatus { return "VMM \(status)" }
+            if let info = try? await qmp.request("query-migrate", arguments: nil, timeout: queryTimeout, recordingFailure: false),
+               let status = info["return"]?["status"]?.stringValue, endStatuses.contains(status) {
+                // With events on, the event went out before this reply on the same socket:
+                // consume it, so that a later wait on this machine does not take it for its own.
+                _ = try? await qmp.awaitEvent(candidates, timeout: .zero)
+                return status
+            }
+            if ContinuousClock.now >= deadline { return "no MIGRATION end within \(seconds(timeout))" }
             let slice = min(.milliseconds(100), max(.zero, deadline - .now))
             do {
                 let event = try await qmp.awaitEvent(candidates, timeout: slice)
@@ -154,14 +164,6 @@ public enum MigrationWaiter {
                 if let status = machine.exitStatus { return "VMM \(status)" }
                 return "no MIGRATION end event: \(error)"
             }
-            if let info = try? await qmp.request("query-migrate", arguments: nil, timeout: queryTimeout, recordingFailure: false),
-               let status = info["return"]?["status"]?.stringValue, endStatuses.contains(status) {
-                // With events on, the event went out before this reply on the same socket:
-                // consume it, so that a later wait on this machine does not take it for its own.
-                _ = try? await qmp.awaitEvent(candidates, timeout: .zero)
-                return status
-            }
-            if ContinuousClock.now >= deadline { return "no MIGRATION end within \(seconds(timeout))" }
         }
     }
 

@@ -52,12 +52,13 @@ public enum UnixSocket {
     }
 }
 
-/// A listening unix socket at a path; owns the fd and unlinks the path when closed.
-final class UnixListener {
-    let path: String
-    private(set) var fd: Int32
+/// A listening unix socket at a path; owns the fd and unlinks the path when closed. A test
+/// can stand in for a migration peer with it.
+public final class UnixListener {
+    public let path: String
+    public private(set) var fd: Int32
 
-    init(path: String) throws(SystemError) {
+    public init(path: String) throws(SystemError) {
         guard path.utf8.count <= UnixSocket.maxPathLength else {
             throw SystemError("bind \(path)", code: ENAMETOOLONG)
         }
@@ -75,7 +76,7 @@ final class UnixListener {
     }
 
     /// The accepted connection, owned by the caller; nil when nobody connected yet.
-    func acceptNow() throws(SystemError) -> Int32? {
+    public func acceptNow() throws(SystemError) -> Int32? {
         while true {
             let client = cl_accept(fd)
             if client >= 0 { return client }
@@ -85,7 +86,7 @@ final class UnixListener {
         }
     }
 
-    func close() {
+    public func close() {
         guard fd >= 0 else { return }
         closeDescriptor(fd)
         fd = -1

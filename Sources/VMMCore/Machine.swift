@@ -172,9 +172,19 @@ public final class Machine: @unchecked Sendable {
 
     private func start() throws {
         installSignalHandling()
+        // The vCPU thread waits (paused) for the run state; it needs nothing the cpr state
+        // brings, so a cpr-transfer target starts it before its downtime.
+        try vcpuRunner.start()
         // cpr-transfer, as QEMU's cpr_state_load: the RAM and the `cpr=on` netdevs' fds
         // come before any netdev, device or monitor exists.
         if let cpr = config.incoming?.cpr {
+            if let main = config.incoming?.main {
+                do {
+                    try listenEarly(main)
+                } catch {
+                    throw VMMConfiguration.Error("-incoming \(main): \(error)")
+                }
+            }
             do {
                 try receiveCPRState(cpr)
             } catch let error as VMMConfiguration.Error {
@@ -185,6 +195,17 @@ public final class Machine: @unchecked Sendable {
                 throw VMMConfiguration.Error("-incoming cpr channel \(cpr): \(error)")
             }
             try addConfiguredNICs()
+            migration.mark("devices built")
+        }
+        // The cpr channel, if any, was read above; the main one may wait for migrate-incoming.
+        // Before the monitor opens: a cpr-transfer source's main stream waits already, and
+        // loads on its own thread while the rest starts up.
+        if let main = config.incoming?.main {
+            do {
+                try startIncoming(MigrationChannels(main: main))
+            } catch {
+                throw VMMConfiguration.Error("-incoming \(main): \(error)")
+            }
         }
         for backend in serialBackends { try backend.waitForFirstClient(signals) }
         try qmp.open(config.qmp, signals: signals)
@@ -198,16 +219,7 @@ public final class Machine: @unchecked Sendable {
         // A migration target's devices stay paused until `cont`: it must not take frames
         // from a TAP before it has the state they belong after.
         if runState != .inmigrate { resumeDevices() }
-        try vcpuRunner.start()
         if runState == .running { vcpuRunner.resume() }
-        // The cpr channel, if any, was read in `init`; the main one may wait for migrate-incoming.
-        if let main = config.incoming?.main {
-            do {
-                try startIncoming(MigrationChannels(main: main))
-            } catch {
-                throw VMMConfiguration.Error("-incoming \(main): \(error)")
-            }
-        }
     }
 
     private func cleanUp() {

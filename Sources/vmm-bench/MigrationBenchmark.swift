@@ -332,22 +332,27 @@ struct MigrationBenchmark: AsyncParsableCommand {
                     downtime = Double(us)
                 }
                 guard let total = info["total-time"]?.intValue else { throw BenchmarkError(description: "no total-time in \(info.serialized)") }
+                // Pings lost before the guest first answered are its warm-up (seen: the first
+                // ~750 of a round unanswered, a second before the migration began), not the
+                // migration's: the migration starts only after 50 replies.
+                let firstAnswered = report.samples.first { $0.received != nil }?.sent ?? .max
+                let lost = report.samples.filter { $0.received == nil && $0.sent > firstAnswered }
                 let round = Round(
                     downtimeMicroseconds: downtime,
                     pausedMilliseconds: Double((resume.timestamp.seconds - stop.timestamp.seconds) * 1_000_000
                         + resume.timestamp.microseconds - stop.timestamp.microseconds) / 1000,
-                    totalMilliseconds: Double(total), lost: report.lost,
+                    totalMilliseconds: Double(total), lost: lost.count,
                     longestGapMilliseconds: report.longestGap.map { microseconds($0.duration) / 1000 } ?? 0,
                     freezeMilliseconds: microseconds(freeze.duration) / 1000,
                     transferredBytes: info["ram"]?["transferred"]?.intValue ?? 0,
                     repliesAfter: report.samples.filter { $0.sent > freeze.end.monotonic && $0.received != nil }.count,
-                    lossDetail: report.samples.filter { $0.received == nil }.map { sample in
+                    lossDetail: lost.map { sample in
                         let at = Double(sample.sent - freeze.start.monotonic) / 1e6
                         return "seq \(sample.sequence) sent at \(at < 0 ? "" : "+")\(format(at, decimals: 1)) ms"
                             + (sample.sendError.map { " (send errno \($0))" } ?? "")
                     },
                     counters: counters)
-                if (mode == .local || mode == .cpr) && report.lost > 0 { artifacts.keep("\(mode.rawValue) migration lost \(report.lost) pings") }
+                if (mode == .local || mode == .cpr) && !lost.isEmpty { artifacts.keep("\(mode.rawValue) migration lost \(lost.count) pings") }
                 if round.repliesAfter == 0 {
                     let logs = [source, target].map { vm in "\(vm.name) stderr: " + vm.stderrTail(5).joined(separator: "\n  ") }
                     throw BenchmarkError(description: "no reply from the guest after the target's cont; query-migrate: \(info.serialized)\n"

@@ -142,6 +142,69 @@ struct CPRTransferFunctionalTests {
         }
     }
 
+    /// A target whose command line names both channels listens on the main one before the
+    /// cpr state arrives (so a source can send the main stream right behind it); a signal
+    /// while it waits removes both sockets.
+    @Test func targetListensOnTheMainChannelBeforeTheCPRState() async throws {
+        try await withArtifacts { artifacts in
+            let main = try artifacts.socketPath("main.sock")
+            let cpr = try artifacts.socketPath("cpr.sock")
+            let target = try await Machine.launch(
+                .bundledGuest(arguments: ["-incoming", Self.unix("main", main).serialized, "-incoming", Self.unix("cpr", cpr).serialized],
+                              connectQMP: false, name: "target"),
+                in: artifacts)
+            try await Self.waitForSocket(cpr)
+            #expect(access(main, F_OK) == 0, "the main channel listens while the target waits for the cpr state")
+            #expect(target.kill(SIGTERM))
+            #expect(try await target.wait(timeout: .seconds(10)) == .exited(0), "\(target.stderrTail())")
+            #expect(access(main, F_OK) != 0, "the main listener's socket is removed")
+            #expect(access(cpr, F_OK) != 0, "the cpr listener's socket is removed")
+        }
+    }
+
+    /// When the target listens on its main channel already, the source connects it and
+    /// sends the main stream right behind the cpr state, without waiting for the target to
+    /// close the cpr channel (which a target in the series author's flow does only once
+    /// `migrate-incoming` made it listen). The "target" here is two listening sockets that
+    /// keep the cpr channel open; `migrate_cancel` then gives the source its guest back.
+    @Test func sourceDoesNotWaitForTheCPRChannelToCloseWhenTheTargetListens() async throws {
+        try await withArtifacts { artifacts in
+            let source = try await Machine.launch(.bundledGuest(name: "source"), in: artifacts)
+            try await source.console.waitForPrompt(timeout: .seconds(20))
+            let main = try UnixListener(path: try artifacts.socketPath("main.sock"))
+            let cpr = try UnixListener(path: try artifacts.socketPath("cpr.sock"))
+            defer { main.close(); cpr.close() }
+            try await MigrationWaiter.enableEvents(on: source)
+            try await source.qmp.execute("migrate-set-parameters", arguments: ["mode": "cpr-transfer"])
+            try await source.qmp.execute("migrate", arguments: ["channels": [Self.unix("main", main.path), Self.unix("cpr", cpr.path)]])
+            let cprConnection = try await Self.accept(cpr, timeout: .seconds(10))
+            defer { if let cprConnection { close(cprConnection) } }
+            #expect(cprConnection != nil, "the source never connected the cpr channel")
+            let mainConnection = try await Self.accept(main, timeout: .seconds(10))
+            defer { if let mainConnection { close(mainConnection) } }
+            #expect(mainConnection != nil, "the source did not connect the main channel while the cpr channel was open")
+            if let mainConnection {
+                var header = [UInt8](repeating: 0, count: MigrationChannelFunctionalTests.streamHeader.count)
+                let n = header.withUnsafeMutableBytes { recv(mainConnection, $0.baseAddress, $0.count, Int32(MSG_WAITALL)) }
+                #expect(n == header.count && header == MigrationChannelFunctionalTests.streamHeader, "main channel began with \(header.prefix(max(n, 0)))")
+            }
+            try await source.qmp.execute("migrate_cancel")
+            _ = try await source.qmp.waitForEvent("MIGRATION", matching: ["status": "cancelled"], timeout: .seconds(10))
+            #expect(try await source.qmp.execute("query-status")["status"] == "running")
+            try await source.console.run("echo resumed", expect: "resumed")
+        }
+    }
+
+    /// The connection `listener` accepted within `timeout`, or nil.
+    static func accept(_ listener: UnixListener, timeout: Duration) async throws -> Int32? {
+        let deadline = ContinuousClock.now + timeout
+        while ContinuousClock.now < deadline {
+            if let fd = try listener.acceptNow() { return fd }
+            try await Task.sleep(for: .milliseconds(5))
+        }
+        return nil
+    }
+
     /// The VMM binds a unix channel's path at start-up; a connect just between its bind and
     /// listen is refused, so wait a moment more.
     static func waitForSocket(_ path: String) async throws {

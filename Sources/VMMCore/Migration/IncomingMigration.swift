@@ -204,6 +204,7 @@ final class IncomingMigration: @unchecked Sendable {
         }
         try fds[.cpr]!.bind(section.fdNames, for: section.label)
         let cpr = try CPRState.decode(section.payload, owner: "cpr")
+        target.progress.mark("cpr state arrived")
         try cpr.adoptRAM(into: target.memory, fds: fds[.cpr]!)
         cprState = cpr
         target.progress.mark("cpr state applied")

@@ -49,9 +49,22 @@ public final class MigrationChannel: @unchecked Sendable {
 
     /// `section` with `fds` (named in the frame, in this order).
     public func send(_ section: MigrationStream.Section, fds: [NamedFD] = []) throws {
-        var section = section
-        section.fdNames = fds.map(\.name)
-        try send(MigrationStream.encode(section), fds: fds.map(\.fd))
+        try send([(section, fds)])
+    }
+
+    /// `sections` (after `prefix`, e.g. the stream header) in one write, so the peer wakes
+    /// once for all of them, not once per section. Each frame names its own fds; they all
+    /// go with the first bytes, in order, which is the order the frames bind them in.
+    public func send(_ sections: [(MigrationStream.Section, [NamedFD])], after prefix: [UInt8] = []) throws {
+        var bytes = prefix
+        var fds: [FileDescriptor] = []
+        for (section, named) in sections {
+            var section = section
+            section.fdNames = named.map(\.name)
+            bytes += MigrationStream.encode(section)
+            fds += named.map(\.fd)
+        }
+        try send(bytes, fds: fds)
     }
 
     /// Exactly `count` bytes, read straight into the result (never past it, so no

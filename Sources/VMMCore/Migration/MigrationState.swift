@@ -50,6 +50,8 @@ public final class MigrationState: @unchecked Sendable {
     /// A cpr-transfer target's cpr channel, held open until the main channel listens:
     /// the source connects that one once this one closes (QEMU's HUP).
     var cprChannel: MigrationChannel?
+    /// The thread that read the cpr state, waiting to read the main channel too.
+    var incomingReader: IncomingReader?
 
     func reset(ramTotal: UInt64, now: Int64) {
         error = nil
@@ -65,7 +67,8 @@ public final class MigrationState: @unchecked Sendable {
         dirtySyncCount.store(0, ordering: .relaxed)
         expectedDowntime.store(0, ordering: .relaxed)
         cancelRequested.store(false, ordering: .relaxed)
-        _ = takeTimeline()
+        // The timeline is not cleared: the end of every migration takes it, and a
+        // cpr-transfer target's marks from before its main channel connected belong to it.
     }
 
     /// Named moments of the switch-over, from any thread, logged at debug level when the

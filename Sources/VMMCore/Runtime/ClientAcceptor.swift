@@ -58,6 +58,11 @@ final class ClientAcceptor {
         }
     }
 
+    /// Takes a client that connected before this acceptor existed now, not at the loop's
+    /// next poll (a cpr-transfer source connects the main channel before the target's
+    /// devices exist).
+    func acceptPending() { acceptOne() }
+
     /// Tries again at once: the owner just closed an fd.
     func resume() { resting = false }
 
