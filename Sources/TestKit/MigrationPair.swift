@@ -51,6 +51,8 @@ public struct MigrationPair: Sendable {
     public let targetTap: String
     /// `unix:PATH`, a short path inside the test's artifacts.
     public let uri: String
+    /// The vhost-user backend both sides use (`network.datapath == .vhostUser`).
+    public let backend: VhostUserBackendProcess?
     /// The target, once launched; and how to launch it in cprTransfer mode.
     let launchedTarget: LaunchedTarget
     let targetOptions: MachineOptions
@@ -242,7 +244,9 @@ public struct MigrationResult: Sendable {
 
 extension MigrationPair {
     /// Creates a namespace with the source's TAP (`network.tap`, host address and MAC)
-    /// and, in normal mode, the target's (`targetTap`); launches the source with the
+    /// and, in normal mode, the target's (`targetTap`); starts what `network.datapath`
+    /// needs (`GuestNetwork.startBackend`: the vhost-user backend both sides use, or the
+    /// test is cancelled where the datapath cannot run); launches the source with the
     /// bundled guest and waits for its prompt, configures its network (unless
     /// `configureGuest` is false), launches the target with `-incoming defer` and the NIC
     /// its mode needs (in cpr-transfer mode `migrate()` launches it), sets the migration
@@ -267,17 +271,20 @@ extension MigrationPair {
             let cpr = mode == .cprTransfer
             if mode == .normal { try await network.createTap(in: namespace, name: targetTap, address: false) }
             return try await withArtifacts(sourceLocation: sourceLocation) { artifacts in
+                // A vhost-user NIC's backend serves both sides (one connection, handed over).
+                let backend = try await network.startBackendProcess(in: namespace, artifacts: artifacts)
+                let socket = backend?.socketPath
                 var sourceOptions = options
                 sourceOptions.name = "source"
                 sourceOptions.namespace = namespace
-                sourceOptions.arguments = network.arguments(cpr: cpr) + options.arguments
+                sourceOptions.arguments = network.arguments(vhostUserSocket: socket, cpr: cpr) + options.arguments
                 var targetOptions = options
                 targetOptions.name = "target"
                 targetOptions.namespace = namespace
                 switch mode {
                 case .normal: targetOptions.arguments = network.arguments(ifname: targetTap) + options.arguments + ["-incoming", "defer"]
                 case .local: targetOptions.arguments = network.incomingArguments + options.arguments + ["-incoming", "defer"]
-                case .cprTransfer: targetOptions.arguments = network.arguments(cpr: true) + options.arguments
+                case .cprTransfer: targetOptions.arguments = network.arguments(vhostUserSocket: socket, cpr: true) + options.arguments
                 }
 
                 let source = try await Machine.launch(sourceOptions, in: artifacts)
@@ -289,7 +296,7 @@ extension MigrationPair {
                 let pair = MigrationPair(
                     mode: mode, namespace: namespace, network: network, source: source,
                     targetTap: mode == .normal ? targetTap : network.tap,
-                    uri: "unix:" + (try artifacts.socketPath("migration.sock")),
+                    uri: "unix:" + (try artifacts.socketPath("migration.sock")), backend: backend,
                     launchedTarget: LaunchedTarget(target), targetOptions: targetOptions, artifacts: artifacts)
                 return try await body(pair)
             }

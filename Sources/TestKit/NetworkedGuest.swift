@@ -82,11 +82,17 @@ public struct GuestNetwork: Sendable, Equatable {
     /// the machines launched later), returning its socket for `arguments(vhostUserSocket:)`.
     /// nil for the others. Cancels the test case when this host cannot run the datapath.
     public func startBackend(in namespace: NetworkNamespace, artifacts: ArtifactDirectory) async throws -> String? {
+        try await startBackendProcess(in: namespace, artifacts: artifacts)?.socketPath
+    }
+
+    /// `startBackend`, returning the backend itself (its pid and log, for tests that
+    /// check who talked to it).
+    public func startBackendProcess(in namespace: NetworkNamespace, artifacts: ArtifactDirectory) async throws -> VhostUserBackendProcess? {
         try datapath.requireAvailable()
         guard datapath == .vhostUser else { return nil }
         let backend = try await VhostUserBackendProcess.start(tap: tap, queues: queues, in: namespace, logDirectory: artifacts.path)
         artifacts.addCleanup { backend.stop() }
-        return backend.socketPath
+        return backend
     }
 
     public var deviceArguments: [String] {

@@ -97,13 +97,15 @@ import Testing
     }
 
     final class RecordingVhost: VhostKernelIO, @unchecked Sendable {
-        let label: String
         let pair: Int
         let recorder: Recorder
-        init(pair: Int, recorder: Recorder) {
+        /// What a cpr-transfer hands over: /dev/null stands in, or the fd it received.
+        let fd: FileDescriptor
+        var label: String { fd.label }
+        init(pair: Int, recorder: Recorder, fd: FileDescriptor? = nil) {
             self.pair = pair
-            label = "vhost \(pair)"
             self.recorder = recorder
+            self.fd = fd ?? FileDescriptor(adopting: open("/dev/null", O_RDWR | O_CLOEXEC), label: "vhost \(pair)")
         }
         func perform(_ request: VhostKernelRequest) throws -> UInt64 {
             let line = "\(pair): \(request.summary)"
@@ -131,6 +133,7 @@ import Testing
         var queueFDs: [FileDescriptor] { fds.withLock { $0 } }
         var awaitsIncomingQueues: Bool { queueFDs.isEmpty }
         let attached = Mutex<[Int]>([])
+        var cpr = false
         init(queues: Int, vnetHeader: Bool = true, incoming: Bool = false) {
             queueCount = queues
             self.vnetHeader = vnetHeader

@@ -20,7 +20,7 @@ public struct NetdevSpec: Sendable, Equatable {
     /// and on a cpr-transfer target the netdev takes them from the cpr state by its id.
     public var cpr = false
 
-    static let vhostUserKeys: Set<String> = ["type", "id", "chardev", "queues", "incoming-fds"]
+    static let vhostUserKeys: Set<String> = ["type", "id", "chardev", "queues", "incoming-fds", "cpr"]
 
     static let keys: Set<String> = ["type", "id", "ifname", "queues", "script", "downscript", "vnet_hdr", "fd", "fds", "vhost", "vhostforce",
                                      "vhostfd", "vhostfds", "sndbuf", "incoming-fds", "helper", "br", "cpr"]
@@ -51,6 +51,12 @@ public struct NetdevSpec: Sendable, Equatable {
             if let queues = list["queues"] {
                 guard let n = Int(queues), n >= 1, n <= 128 else { throw VMMConfiguration.Error("\(option) \(value): queues=\(queues) must be 1..128") }
                 spec.queues = n
+            }
+            // cpr=on keeps chardev=: the same options as the source's, and the socket to
+            // reconnect through after the update.
+            spec.cpr = try list.bool("cpr", default: false)
+            if spec.cpr && spec.incomingFDs {
+                throw VMMConfiguration.Error("\(option) \(value): cpr=on and incoming-fds=on exclude each other (cpr-transfer passes the connection on the cpr channel, local migration in the stream)")
             }
             return spec
         }

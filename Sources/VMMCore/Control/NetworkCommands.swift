@@ -25,7 +25,13 @@ extension Machine {
             if let user = chardevUsers[chardevID] {
                 throw QMPCommandError("netdev \(spec.id): chardev '\(chardevID)' is already used by netdev '\(user)'")
             }
-            netdevs[spec.id] = try VhostUserNetdev(id: spec.id, chardev: chardev, queues: spec.queues, loop: loop, logger: logger)
+            if spec.cpr, let incoming = migration.incoming, incoming.cprState != nil {
+                netdevs[spec.id] = try cprVhostUser(spec, chardev: chardev, from: incoming)
+            } else {
+                let netdev = try VhostUserNetdev(id: spec.id, chardev: chardev, queues: spec.queues, loop: loop, logger: logger)
+                netdev.cpr = spec.cpr
+                netdevs[spec.id] = netdev
+            }
             chardevUsers[chardevID] = spec.id
             return
         }
@@ -43,6 +49,19 @@ extension Machine {
         backend.cpr = spec.cpr
         netdevs[spec.id] = backend
         logger.debug("netdev \(spec.id): TAP \(netdevs[spec.id]!.ifname), \(netdevs[spec.id]!.queueFDs.count) queue(s)")
+    }
+
+    /// A cpr-transfer target's `cpr=on` vhost-user netdev: the source's backend connection
+    /// from the cpr state by the netdev's id, adopted as a local migration's target adopts
+    /// it (silently; the handshake without SET_OWNER when the rings first run), so the
+    /// backend never sees a second front-end; `chardev` stays for reconnects.
+    private func cprVhostUser(_ spec: NetdevSpec, chardev: SocketChardev, from incoming: IncomingMigration) throws -> VhostUserNetdev {
+        let (pairs, fd) = try VhostUserNetdev.claimCPRConnection(id: spec.id, queues: spec.queues, from: incoming)
+        let netdev = VhostUserNetdev(id: spec.id, incomingQueues: pairs, chardev: chardev, loop: loop, logger: logger)
+        try netdev.adoptIncoming([fd], vnetHeader: true)
+        netdev.cpr = true
+        logger.info("netdev \(spec.id): took over the vhost-user connection (\(pairs) queue pair(s)) from the cpr state")
+        return netdev
     }
 
     /// A cpr-transfer target's `cpr=on` TAP: the source's queues, from the cpr state by the
@@ -90,17 +109,15 @@ extension Machine {
         for note in spec.notes(msixVectors: transport.msixVectors) { logger.debug("\(id): \(note)") }
     }
 
-    /// `-netdev tap,...,vhost=on`: the TAP exactly as without vhost (opened, passed in, or
-    /// awaiting a migration's queues), wrapped with its vhost devices. The devices are
+    /// `-netdev tap,...,vhost=on`: the TAP exactly as without vhost (opened, passed in,
+    /// awaiting a migration's queues, or taken from a cpr state), wrapped with its vhost
+    /// devices (`VhostKernelNetdev.devices`: a `cpr=on` netdev's come from the cpr state too). The devices are
     /// opened first, so failing there creates no TAP; every error names the option. Never
     /// a fallback to the userspace datapath.
     private func addVhostKernelNetdev(_ spec: NetdevSpec, _ vhost: VhostKernelOptions) throws {
         do {
-            let devices: [any VhostKernelIO] = try vhost.fds.map { fds in
-                try fds.enumerated().map { pair, fd in
-                    VhostNetDevice(fd: try FileDescriptor.duplicating(inherited: fd, label: VhostKernelNetdev.deviceLabel(spec.id, pair)))
-                }
-            } ?? VhostKernelNetdev.openDevices(id: spec.id, count: spec.queues)
+            let cpr = spec.cpr ? migration.incoming.flatMap { $0.cprState != nil ? $0 : nil } : nil
+            let devices = try VhostKernelNetdev.devices(id: spec.id, queues: spec.queues, cpr: cpr, inherited: vhost.fds)
             var tapOnly = spec
             tapOnly.vhost = nil
             try addNetdev(tapOnly)

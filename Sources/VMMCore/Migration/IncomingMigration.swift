@@ -103,6 +103,11 @@ final class IncomingMigration: @unchecked Sendable {
             let carried = cprState.netdevs.map(\.id)
             throw StreamError("netdev '\(id)': cpr=on, but the cpr state carries no netdev '\(id)' (it carries \(carried.isEmpty ? "none" : carried.joined(separator: ", "))): is cpr=on set for it on the source?")
         }
+        // A vhost=on netdev claims its vhost fds (`VhostKernelNetdev.devices`) before its
+        // TAP: ones still here mean this netdev is not vhost=on, but the source's was.
+        if entry.vhostKind == .kernel, holdsCPRFD(entry.vhostFDName(pair: 0)) {
+            throw StreamError("netdev '\(id)': the cpr state hands over its TAP with vhost-net devices (the source's netdev was vhost=on); give this netdev vhost=on too")
+        }
         let queues = try (0..<Int(entry.queues)).map { try claimCPRFD(entry.tapFDName(queue: $0), by: "netdev '\(id)'") }
         return (entry, queues)
     }
@@ -113,6 +118,9 @@ final class IncomingMigration: @unchecked Sendable {
         guard cprState != nil, let fds = fds[.cpr] else { throw StreamError("\(claimant) expects \(name), but no cpr state arrived") }
         return try fds.claim(name, by: claimant)
     }
+
+    /// Whether the cpr state's fd `name` is still waiting for its claimant.
+    func holdsCPRFD(_ name: String) -> Bool { fds[.cpr]?.holds(name) ?? false }
 
     /// The version of the stream `channel` carries (its header was checked).
     func version(of channel: MigrationChannelType) -> UInt32 { versions[channel] ?? MigrationStream.version }

@@ -218,10 +218,9 @@ extension Machine {
         var fds = [NamedFD(name: CPRState.ramFDName, fd: memory.fd)]
         var entries: [CPRState.Netdev] = []
         for id in netdevs.keys.sorted() {
-            let backend = netdevs[id]!
-            guard backend.cpr, !backend.queueFDs.isEmpty else { continue }
-            entries.append(CPRState.Netdev(id: id, queues: UInt16(backend.queueFDs.count), vnetHeader: backend.vnetHeader, ifname: backend.ifname))
-            fds += backend.queueFDs.enumerated().map { NamedFD(name: NamedFD.tapQueueName(netdev: id, queue: $0), fd: $1) }
+            guard let (entry, queues) = CPRState.Netdev.handover(of: netdevs[id]!) else { continue }
+            entries.append(entry)
+            fds += queues
         }
         let ramKind: CPRState.RAMKind = memory.backing == .memfd ? .memfd : .file
         let state = CPRState(ramKind: ramKind, ramSize: memory.size, netdevs: entries)

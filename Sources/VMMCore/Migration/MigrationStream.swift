@@ -187,6 +187,9 @@ public final class ReceivedFDs {
         return bound.remove(at: index).fd
     }
 
+    /// Whether the fd named `name` arrived and is still unclaimed.
+    public func holds(_ name: String) -> Bool { bound.contains { $0.name == name } }
+
     /// Closes what no device claimed; returns the names (an fd no section named counts
     /// as "unnamed").
     @discardableResult

@@ -18,6 +18,8 @@ public protocol NetBackend: AnyObject, Sendable {
     func adoptIncoming(_ fds: [FileDescriptor], vnetHeader: Bool) throws
     /// `cpr=on`: a cpr-transfer hands this netdev's fds to the next process.
     var cpr: Bool { get }
+    /// The vhost devices a cpr-transfer hands over beside the queues (the cpr state's entry).
+    var cprVhostKind: CPRState.VhostKind { get }
     /// The datapath a NIC with `pairs` queue pairs runs on this netdev. `memoryBackend`:
     /// the guest RAM's `-object` id, for messages.
     func makeDatapath(pairs: Int, memory: GuestMemory, memoryBackend: String?) throws -> NetDatapath
@@ -37,6 +39,7 @@ extension NetBackend {
     public var linkUp: Bool { true }
     public func shutdown() {}
     public var cpr: Bool { false }
+    public var cprVhostKind: CPRState.VhostKind { .none }
     public func adoptIncoming(_ fds: [FileDescriptor], vnetHeader: Bool) throws {
         throw StreamError("netdev '\(id)' cannot take queues from a migration")
     }

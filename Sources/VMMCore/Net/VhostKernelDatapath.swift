@@ -43,6 +43,30 @@ public final class VhostKernelNetdev: NetBackend, @unchecked Sendable {
 
     static func deviceLabel(_ id: String, _ pair: Int) -> String { "netdev \(id) vhost-net \(pair)" }
 
+    /// Where a `vhost=on` netdev's devices come from: on a cpr-transfer target, for a
+    /// `cpr=on` netdev (`cpr`: the migration whose cpr state arrived), the source's fds by
+    /// name, `netdev/<id>/vhost.<pair>`, which the source gave up (RESET_OWNER) before it
+    /// sent them, so this process's SET_OWNER succeeds, and nothing is opened; else the
+    /// inherited `vhostfds=` (copies; the originals stay with whoever passed them); else
+    /// `/dev/vhost-net` at `path`, once per queue. `device` wraps each fd (tests record).
+    static func devices(id: String, queues: Int, cpr: IncomingMigration?, inherited: [Int32]?, path: String = VhostKernel.devicePath,
+                        device: (FileDescriptor) -> any VhostKernelIO = { VhostNetDevice(fd: $0) }) throws -> [any VhostKernelIO] {
+        if let cpr {
+            guard let entry = cpr.cprState?.netdev(id), entry.vhostKind == .kernel else {
+                throw VhostKernelError("netdev '\(id)' is cpr=on, but the cpr state hands over no vhost-net devices for it (was the source's netdev vhost=on and cpr=on?)")
+            }
+            return try (0..<Int(entry.queues)).map { pair in
+                device(try cpr.claimCPRFD(entry.vhostFDName(pair: pair), by: "netdev '\(id)' (vhost=on)"))
+            }
+        }
+        if let inherited {
+            return try inherited.enumerated().map { pair, fd in
+                device(try FileDescriptor.duplicating(inherited: fd, label: deviceLabel(id, pair)))
+            }
+        }
+        return try openDevices(id: id, count: queues, path: path)
+    }
+
     /// Runs `request` on pair `pair`'s device; errors name the netdev, the pair and the ioctl.
     @discardableResult
     func perform(_ request: VhostKernelRequest, pair: Int) throws -> UInt64 {
@@ -101,6 +125,8 @@ public final class VhostKernelNetdev: NetBackend, @unchecked Sendable {
     // MARK: NetBackend
 
     public var ifname: String { tap.ifname }
+    public var cpr: Bool { tap.cpr }
+    public var cprVhostKind: CPRState.VhostKind { .kernel }
     public var queueFDs: [FileDescriptor] { tap.queueFDs }
     public var queueCount: Int { tap.queueCount }
     public var vnetHeader: Bool { tap.vnetHeader }
@@ -116,6 +142,21 @@ public final class VhostKernelNetdev: NetBackend, @unchecked Sendable {
 
     public func makeDatapath(pairs: Int, memory: GuestMemory, memoryBackend: String?) throws -> NetDatapath {
         try VhostKernelDatapath(netdev: self, pairs: pairs, memory: memory)
+    }
+
+    /// The netdev ends (after its NIC stopped the rings): the pairs this process owns are
+    /// given up. Closing is not enough for a device another process holds too (a
+    /// cpr-transfer target that failed, whose source still has the same device): the
+    /// kernel keeps it owned by this process's memory until RESET_OWNER or the last
+    /// close, and the source's SET_OWNER would fail with EBUSY for good. A source whose
+    /// handover completed owns nothing any more, so it sends nothing.
+    public func shutdown() {
+        let owned = offered.withLock { owned in
+            defer { owned = [] }
+            return owned.count
+        }
+        for pair in 0..<owned { _ = try? perform(.resetOwner, pair: pair) }
+        tap.shutdown()
     }
 }
 
@@ -140,12 +181,18 @@ public final class VhostKernelDatapath: NetDatapath, @unchecked Sendable {
         /// Pairs whose device got features, memory table and rings (the log follows them).
         var configured: [Int]
         var context: DatapathContext
+        /// As handed over (kick/call eventfds), to start them later while ownership waits.
+        var handoffs: [Int: RingHandoff]
     }
     /// The running rings and the dirty log, changed together: the ioctls that start, stop
     /// and toggle logging run under this lock, so none sees the others half done.
     struct State {
         var running: Running?
         var log: VhostDirtyLog?
+        /// The rings wait for the devices' ownership (SET_OWNER refused with EBUSY after
+        /// a cancelled cpr-transfer: the target still owns them until it ends); retried
+        /// on the loop until this deadline (monotonic ns).
+        var ownershipDeadline: Int64?
     }
     private let state = Mutex(State())
     private var host: DeviceHost?
@@ -198,31 +245,72 @@ public final class VhostKernelDatapath: NetDatapath, @unchecked Sendable {
 
     // MARK: rings
 
+    /// How long the rings wait for a device another process still owns (see `State`).
+    static let ownershipWait: Int64 = 5_000_000_000
+    static let ownershipRetry: Int64 = 10_000_000
+
     public func start(_ rings: [Int: RingHandoff], activePairs: Int, context: DatapathContext) {
-        let failure = state.withLock { s -> (ring: Int, message: String)? in
-            var running = Running(rings: rings.mapValues(\.queue), bound: [], configured: [], context: context)
+        let (failure, waiting) = state.withLock { s -> ((ring: Int, message: String)?, Bool) in
+            var running = Running(rings: rings.mapValues(\.queue), bound: [], configured: [], context: context, handoffs: rings)
             defer { s.running = running }
             netdev.attachQueues(count: activePairs)
             do {
                 // After RESET_OWNER (a handover that was taken back), own the devices again.
                 if !netdev.isSetUp { try netdev.setUp() }
-                for pair in 0..<queuePairs {
-                    let pairRings = [2 * pair, 2 * pair + 1].filter { rings[$0] != nil }
-                    guard !pairRings.isEmpty else { continue }
-                    do {
-                        try startPair(pair, rings: pairRings.map { ($0, rings[$0]!) }, log: s.log, running: &running)
-                    } catch {
-                        // Nothing runs on a device that needs a reset: unbind what was bound.
-                        stopRings(&running)
-                        return (pairRings[0], "\(error)")
-                    }
-                }
+            } catch let error as VhostKernelError where error.errno == EBUSY && host != nil {
+                // A cpr-transfer target that took the devices has not let go yet (it does
+                // when it ends): the rings wait for them instead of failing the device.
+                s.ownershipDeadline = monotonicNanoseconds() + Self.ownershipWait
+                netdev.logger.warning("\(error); another process (a cpr-transfer target) still owns the device: the rings wait for it up to \(Self.ownershipWait / 1_000_000_000) s")
+                return (nil, true)
             } catch {
-                return (rings.keys.min() ?? 0, "\(error)")
+                return ((rings.keys.min() ?? 0, "\(error)"), false)
             }
-            return nil
+            s.ownershipDeadline = nil
+            return (startPairs(&running, log: s.log), false)
         }
         if let failure { context.ringFailed(failure.ring, failure.message) }
+        if waiting, let loop = host?.loop { loop.post { [weak self] in self?.retryOwnership() } }
+    }
+
+    /// Each pair with rings: configured and bound, or on failure everything unbound again.
+    private func startPairs(_ running: inout Running, log: VhostDirtyLog?) -> (ring: Int, message: String)? {
+        for pair in 0..<queuePairs {
+            let pairRings = [2 * pair, 2 * pair + 1].filter { running.handoffs[$0] != nil }
+            guard !pairRings.isEmpty else { continue }
+            do {
+                try startPair(pair, rings: pairRings.map { ($0, running.handoffs[$0]!) }, log: log, running: &running)
+            } catch {
+                // Nothing runs on a device that needs a reset: unbind what was bound.
+                stopRings(&running)
+                return (pairRings[0], "\(error)")
+            }
+        }
+        return nil
+    }
+
+    /// Loop thread, while the rings wait for ownership: SET_OWNER again every 10 ms; once
+    /// it succeeds the rings start as `start` would have; past the deadline the device
+    /// needs a reset, naming why.
+    private func retryOwnership() {
+        let outcome = state.withLock { s -> (failure: (ring: Int, message: String)?, context: DatapathContext?, again: Bool) in
+            guard let deadline = s.ownershipDeadline, var running = s.running else { return (nil, nil, false) }
+            do {
+                try netdev.setUp()
+            } catch let error as VhostKernelError where error.errno == EBUSY && monotonicNanoseconds() < deadline {
+                return (nil, nil, true)
+            } catch {
+                s.ownershipDeadline = nil
+                return (((running.rings.keys.min() ?? 0), "\(error) (still owned by another process after \(Self.ownershipWait / 1_000_000_000) s)"), running.context, false)
+            }
+            s.ownershipDeadline = nil
+            netdev.logger.info("netdev '\(netdev.id)': vhost-net devices owned again; the rings start")
+            let failure = startPairs(&running, log: s.log)
+            s.running = running
+            return (failure, running.context, false)
+        }
+        if let failure = outcome.failure { outcome.context?.ringFailed(failure.ring, failure.message) }
+        if outcome.again, let loop = host?.loop { loop.after(nanoseconds: Self.ownershipRetry) { [weak self] in self?.retryOwnership() } }
     }
 
     /// QEMU's `vhost_dev_start` + `vhost_net_start_one` for one pair; `running` gains the
@@ -274,6 +362,7 @@ public final class VhostKernelDatapath: NetDatapath, @unchecked Sendable {
         state.withLock { s in
             guard var running = s.running else { return [:] }
             s.running = nil
+            s.ownershipDeadline = nil
             stopRings(&running)
             return running.rings
         }
@@ -364,6 +453,28 @@ public final class VhostKernelDatapath: NetDatapath, @unchecked Sendable {
     }
 
     // MARK: ownership
+
+    public var handsOverForCPR: Bool { netdev.cpr }
+
+    /// cpr-transfer's setup notifier (003's `vhost_reset_owner`), the device paused: the
+    /// rings stop (already, by the pause) and every pair's device is given up
+    /// (RESET_OWNER) before the cpr state is sent, so the next process's SET_OWNER cannot
+    /// fail with EBUSY; the devices' fds travel beside the TAP queues as
+    /// `netdev/<id>/vhost.<pair>`. From here this process issues no ioctl on them unless
+    /// the handover is cancelled.
+    public func prepareForHandover(_ context: HandoverContext) throws -> [NamedFD] {
+        _ = try releaseOwnership()
+        return netdev.devices.enumerated().map { pair, device in NamedFD(name: NamedFD.vhostDeviceName(netdev: netdev.id, pair: pair), fd: device.fd) }
+    }
+
+    /// The handover failed or was cancelled: own the devices again (SET_OWNER, features)
+    /// now, so the resume that follows starts the rings as before. A failure is logged; the
+    /// next start retries it: while a target still owns the devices (EBUSY) its rings wait
+    /// for them (`retryOwnership`), any other failure marks the device NEEDS_RESET.
+    public func cancelHandover(_ context: HandoverContext, host: DeviceHost) {
+        attach(to: host)
+        do { try netdev.setUp() } catch { netdev.logger.error("taking vhost-net back after a cancelled cpr-transfer: \(error)") }
+    }
 
     /// Gives the devices up (VHOST_RESET_OWNER), stopping the rings first, so another
     /// process can own them (cpr-transfer passes vhost fds); the returned rings are the

@@ -310,6 +310,8 @@ public struct VhostKernelError: Error, CustomStringConvertible, Sendable {
 public protocol VhostKernelIO: AnyObject, Sendable {
     /// For messages: "netdev n1 vhost-net 0".
     var label: String { get }
+    /// The device's fd, which a cpr-transfer hands to the next process (after RESET_OWNER).
+    var fd: FileDescriptor { get }
     /// Issues `request`; GET_FEATURES returns the features, GET_VRING_BASE the index, others 0.
     @discardableResult
     func perform(_ request: VhostKernelRequest) throws -> UInt64

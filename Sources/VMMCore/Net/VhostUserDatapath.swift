@@ -115,10 +115,13 @@ public final class VhostUserNetdev: NetBackend, @unchecked Sendable {
     }
 
     /// `-netdev vhost-user,id=ID,queues=N,incoming-fds=on`: no connection of its own; a
-    /// local migration hands the source's over (`adoptIncoming`).
-    public init(id: String, incomingQueues queues: Int, loop: EventLoop, logger: Logger, replyTimeout: Duration = .seconds(5)) {
+    /// local migration hands the source's over (`adoptIncoming`). A cpr-transfer target's
+    /// `cpr=on` netdev is made the same way and adopts the connection from the cpr state at
+    /// once; it keeps its `chardev` to reconnect through later.
+    public init(id: String, incomingQueues queues: Int, chardev: SocketChardev? = nil, loop: EventLoop, logger: Logger,
+                replyTimeout: Duration = .seconds(5)) {
         self.id = id
-        chardev = nil
+        self.chardev = chardev
         queueCount = queues
         self.loop = loop
         self.logger = logger
@@ -505,6 +508,34 @@ public final class VhostUserNetdev: NetBackend, @unchecked Sendable {
 
     public var awaitsIncomingQueues: Bool { session.withLock { $0.awaitsConnection } }
 
+    /// `cpr=on`: a cpr-transfer hands the connection (`handOverConnection`) to the next VMM.
+    public var cpr = false
+    public var cprVhostKind: CPRState.VhostKind { .user }
+
+    /// A cpr-transfer that handed the connection over failed or was cancelled before the
+    /// rings ran again: the connection is this netdev's alone once more (a shutdown may end
+    /// it, a lost link reconnects). The resume's start does the same when the rings run.
+    func takeBackConnection() {
+        let reconnect = session.withLock { s -> Bool in
+            defer { s.handedOver = false }
+            return s.handedOver && s.link == nil && !s.closed
+        }
+        if reconnect { loop.post { [weak self] in self?.scheduleReconnect() } }
+    }
+
+    /// A cpr-transfer target's `cpr=on` netdev `id`: the source's connection from the cpr
+    /// state (`netdev/<id>/vhost-user`), for the same number of queue pairs (`queues` 1,
+    /// the default, takes the source's). Returns the pairs and the fd, now the caller's.
+    static func claimCPRConnection(id: String, queues: Int, from incoming: IncomingMigration) throws -> (pairs: Int, fd: FileDescriptor) {
+        guard let entry = incoming.cprState?.netdev(id), entry.vhostKind == .user else {
+            throw VhostUserError("netdev \(id) is cpr=on, but the cpr state hands over no vhost-user connection for it (was the source's netdev vhost-user with cpr=on?)")
+        }
+        guard queues == 1 || queues == Int(entry.queues) else {
+            throw VhostUserError("netdev \(id): queues=\(queues), but the vhost-user connection the cpr state hands over serves \(entry.queues) queue pair(s)")
+        }
+        return (Int(entry.queues), try incoming.claimCPRFD(NamedFD.vhostUserConnectionName(netdev: id), by: "netdev '\(id)' (vhost-user)"))
+    }
+
     /// Takes the connection a local migration passed in. Nothing is sent now: the
     /// source's migration may still fail and resume on it; the first start of the rings
     /// (`cont`) runs the handshake (`startRings`).
@@ -536,7 +567,14 @@ public final class VhostUserNetdev: NetBackend, @unchecked Sendable {
         } catch {
             up.store(false, ordering: .relaxed)
             adopted.socket.close()
-            if error is LinkFailure { logger.error("\(error); link down; it stays down: the connection came from a migration source (no chardev to reconnect through)") }
+            if error is LinkFailure {
+                // A cpr-transfer target keeps its chardev: reconnect through it as any netdev.
+                if let reconnect = chardev?.reconnect, reconnect > 0 {
+                    logger.warning("\(error); link down; reconnecting every \(reconnect) s (reconnect=\(reconnect))")
+                } else {
+                    logger.error("\(error); link down; it stays down: the connection came from a migration source (\(chardev == nil ? "no chardev to reconnect through" : "its chardev has no reconnect="))")
+                }
+            }
             throw error
         }
     }
@@ -560,7 +598,7 @@ public final class VhostUserNetdev: NetBackend, @unchecked Sendable {
             do {
                 try negotiateAdopted(&s)
             } catch is LinkFailure {
-                return (false, false)
+                return (chardev != nil, false)  // scheduleReconnect decides by its reconnect=
             } catch {
                 s.running?.refused = true
                 running.context.ringFailed(ring, "\(error)")
@@ -737,6 +775,17 @@ public final class VhostUserDatapath: NetDatapath, @unchecked Sendable {
         netdev.handOverConnection().map { [NamedFD(name: NamedFD.vhostUserConnectionName(netdev: netdev.id), fd: $0)] } ?? []
     }
     public func adoptIncoming(_ fds: [FileDescriptor], vnetHeader: Bool) throws { try netdev.adoptIncoming(fds, vnetHeader: vnetHeader) }
+
+    public var handsOverForCPR: Bool { netdev.cpr }
+
+    /// cpr-transfer, the device paused (the rings stopped: GET_VRING_BASE): the connection
+    /// goes to the next VMM as in a local migration, `netdev/<id>/vhost-user`. This end lets
+    /// go, vhost-user's side of the reset: it sends nothing more, does not reconnect and
+    /// only closes its copy, unless the handover is cancelled. The next VMM speaks to the
+    /// backend (no SET_OWNER: it is owned) only when its rings run.
+    public func prepareForHandover(_ context: HandoverContext) throws -> [NamedFD] { handedOverFDs() }
+
+    public func cancelHandover(_ context: HandoverContext, host: DeviceHost) { netdev.takeBackConnection() }
 
     public var linkUp: Bool { netdev.linkUp }
 
