@@ -190,15 +190,22 @@ extension MigrationPair {
             channelJSON("main", ["transport": "socket", "type": "unix", "path": .string(mainPath)]),
             channelJSON("cpr", ["transport": "socket", "type": "unix", "path": .string(cprPath)]),
         ]
-        while true {
-            do {
-                try await source.qmp.execute("migrate", arguments: ["channels": channels])
-                break
-            } catch let error as QMPError where targetBindsCPRChannel && "\(error)".contains("Connection refused") && ContinuousClock.now < deadline {
-                // The target's socket file exists between its bind and its listen. QEMU's source
-                // fails such a migrate before it stops the guest, so trying again is harmless.
-                try await Task.sleep(for: .milliseconds(2))
+        do {
+            while true {
+                do {
+                    try await source.qmp.execute("migrate", arguments: ["channels": channels])
+                    break
+                } catch let error as QMPError where targetBindsCPRChannel && "\(error)".contains("Connection refused") && ContinuousClock.now < deadline {
+                    // The target's socket file exists between its bind and its listen. QEMU's source
+                    // fails such a migrate before it stops the guest, so trying again is harmless.
+                    try await Task.sleep(for: .milliseconds(2))
+                }
             }
+        } catch {
+            // The target waits for a cpr state that will not come: its launch ends at its start-up
+            // deadline, which kills it. Wait for that, or the process would outlive the test.
+            _ = try? await launch.value
+            throw error
         }
         let target: Machine
         do {

@@ -45,6 +45,32 @@ struct CPRTransferFunctionalTests {
         }
     }
 
+    /// TestKit's `MigrationPair.cprTransfer` when the source refuses `migrate`: the error
+    /// reaches the test and the target, which waited for a cpr state that never came, is
+    /// gone when it returns (before, it outlived the call, and a process that ended right
+    /// after, such as vmm-bench, left it running).
+    @Test func cprTransferHelperLeavesNoTargetWhenMigrateIsRefused() async throws {
+        try await withArtifacts { artifacts in
+            let source = try await Machine.launch(.bundledGuest(
+                arguments: ["-object", "memory-backend-ram,id=m0,size=64M", "-machine", "memory-backend=m0"], name: "source"), in: artifacts)
+            try await source.console.waitForPrompt(timeout: .seconds(20))
+            var options = MachineOptions.bundledGuest(name: "target")
+            options.startupTimeout = .seconds(3)
+            await #expect(throws: QMPError.self) {
+                _ = try await MigrationPair.cprTransfer(from: source, launching: options, in: artifacts)
+            }
+            // Within the target's 3 s start-up deadline: a launch still under way has spawned it by now.
+            try await Task.sleep(for: .seconds(1))
+            let marker = try artifacts.socketPath("target-main.sock")
+            let targets = try FileManager.default.contentsOfDirectory(atPath: "/proc").filter { entry in
+                guard Int(entry) != nil, let cmdline = FileManager.default.contents(atPath: "/proc/\(entry)/cmdline") else { return false }
+                return String(decoding: cmdline, as: UTF8.self).contains(marker)
+            }
+            #expect(targets.isEmpty, "target processes still running: \(targets)")
+            #expect(try await source.qmp.execute("query-status")["status"] == "running")
+        }
+    }
+
     /// The channels cpr-transfer needs, each missing one named; a cpr channel in another
     /// mode is refused too. The guest is never touched.
     @Test func channelsAreCheckedUpFront() async throws {
