@@ -231,6 +231,25 @@ struct CPRTransferFunctionalTests {
         return nil
     }
 
+    /// The series author's flow up to its `netdev_add`s: a target started with `-incoming
+    /// defer` and only a cpr channel (no NIC), and the source's `migrate` in cpr-transfer
+    /// mode. Returns once the target's monitor is up, that is once it holds the cpr state's
+    /// fds, with the main channel's path for its `migrate-incoming`.
+    static func startDeferredTarget(
+        from source: Machine, namespace: NetworkNamespace?, in artifacts: ArtifactDirectory
+    ) async throws -> (target: Machine, main: String) {
+        let main = try artifacts.socketPath("main.sock")
+        let cpr = try artifacts.socketPath("cpr.sock")
+        var targetOptions = MachineOptions.bundledGuest(arguments: ["-incoming", "defer", "-incoming", unix("cpr", cpr).serialized], name: "target")
+        targetOptions.namespace = namespace
+        let launch = Task { try await Machine.launch(targetOptions, in: artifacts) }
+        try await waitForSocket(cpr)
+        try await MigrationWaiter.enableEvents(on: source)
+        try await source.qmp.execute("migrate-set-parameters", arguments: ["mode": "cpr-transfer"])
+        try await source.qmp.execute("migrate", arguments: ["channels": [unix("main", main), unix("cpr", cpr)]])
+        return (try await launch.value, main)
+    }
+
     /// The VMM binds a unix channel's path at start-up; a connect just between its bind and
     /// listen is refused, so wait a moment more.
     static func waitForSocket(_ path: String) async throws {
@@ -413,18 +432,8 @@ extension SerializedNetworkSuites {
                                                            interval: .milliseconds(5), replyTimeout: .seconds(10))
                     try across?.start()
                     try await across?.waitForReplies(10, timeout: .seconds(10))
-                    let main = try artifacts.socketPath("main.sock")
-                    let cpr = try artifacts.socketPath("cpr.sock")
-                    var targetOptions = MachineOptions.bundledGuest(
-                        arguments: ["-incoming", "defer", "-incoming", CPRTransferFunctionalTests.unix("cpr", cpr).serialized], name: "target")
-                    targetOptions.namespace = namespace
-                    let launch = Task { try await Machine.launch(targetOptions, in: artifacts) }
-                    try await CPRTransferFunctionalTests.waitForSocket(cpr)
-                    try await MigrationWaiter.enableEvents(on: source)
-                    try await source.qmp.execute("migrate-set-parameters", arguments: ["mode": "cpr-transfer"])
-                    try await source.qmp.execute("migrate", arguments: ["channels": [CPRTransferFunctionalTests.unix("main", main), CPRTransferFunctionalTests.unix("cpr", cpr)]])
                     // The target's monitor is up: it holds the RAM and the TAP queues now.
-                    let target = try await launch.value
+                    let (target, main) = try await CPRTransferFunctionalTests.startDeferredTarget(from: source, namespace: namespace, in: artifacts)
                     #expect(try await source.qmp.execute("query-status")["status"] == "finish-migrate")
                     if how != "kill" {
                         try await source.qmp.execute("migrate_cancel")
@@ -470,17 +479,7 @@ extension SerializedNetworkSuites {
                     let source = try await Machine.launch(options, in: artifacts)
                     try await source.console.waitForPrompt(timeout: .seconds(20))
                     try await source.guest.configureNetwork(address: network.guestCIDR)
-                    let main = try artifacts.socketPath("main.sock")
-                    let cpr = try artifacts.socketPath("cpr.sock")
-                    var targetOptions = MachineOptions.bundledGuest(
-                        arguments: ["-incoming", "defer", "-incoming", CPRTransferFunctionalTests.unix("cpr", cpr).serialized], name: "target")
-                    targetOptions.namespace = namespace
-                    let launch = Task { try await Machine.launch(targetOptions, in: artifacts) }
-                    try await CPRTransferFunctionalTests.waitForSocket(cpr)
-                    try await MigrationWaiter.enableEvents(on: source)
-                    try await source.qmp.execute("migrate-set-parameters", arguments: ["mode": "cpr-transfer"])
-                    try await source.qmp.execute("migrate", arguments: ["channels": [CPRTransferFunctionalTests.unix("main", main), CPRTransferFunctionalTests.unix("cpr", cpr)]])
-                    let target = try await launch.value
+                    let (target, main) = try await CPRTransferFunctionalTests.startDeferredTarget(from: source, namespace: namespace, in: artifacts)
                     try await MigrationWaiter.enableEvents(on: target)
                     // The same TAP, opened by the target itself: it adds queues of its own.
                     try await target.qmp.execute("netdev_add", arguments: [

@@ -60,18 +60,8 @@ extension SerializedNetworkSuites {
                     let across = try Pinger(namespace: namespace, destination: network.guestAddress, interval: .milliseconds(5), replyTimeout: .seconds(10))
                     try across.start()
                     try await across.waitForReplies(10, timeout: .seconds(10))
-                    let main = try artifacts.socketPath("main.sock")
-                    let cpr = try artifacts.socketPath("cpr.sock")
-                    var targetOptions = MachineOptions.bundledGuest(
-                        arguments: ["-incoming", "defer", "-incoming", CPRTransferFunctionalTests.unix("cpr", cpr).serialized], name: "target")
-                    targetOptions.namespace = namespace
-                    let launch = Task { try await Machine.launch(targetOptions, in: artifacts) }
-                    try await CPRTransferFunctionalTests.waitForSocket(cpr)
-                    try await MigrationWaiter.enableEvents(on: source)
-                    try await source.qmp.execute("migrate-set-parameters", arguments: ["mode": "cpr-transfer"])
-                    try await source.qmp.execute("migrate", arguments: ["channels": [CPRTransferFunctionalTests.unix("main", main), CPRTransferFunctionalTests.unix("cpr", cpr)]])
                     // The target's monitor is up: it holds the cpr state's fds now.
-                    let target = try await launch.value
+                    let (target, _) = try await CPRTransferFunctionalTests.startDeferredTarget(from: source, namespace: namespace, in: artifacts)
                     #expect(try await source.qmp.execute("query-status")["status"] == "finish-migrate")
                     try await source.qmp.execute("migrate_cancel")
                     _ = try await source.qmp.waitForEvent("MIGRATION", matching: ["status": "cancelled"], timeout: .seconds(10))
@@ -151,17 +141,7 @@ extension SerializedNetworkSuites {
                     let pinger = try Pinger(namespace: namespace, destination: network.guestAddress, interval: .milliseconds(2))
                     try pinger.start()
                     try await pinger.waitForReplies(20, timeout: .seconds(10))
-                    let main = try artifacts.socketPath("main.sock")
-                    let cpr = try artifacts.socketPath("cpr.sock")
-                    var targetOptions = MachineOptions.bundledGuest(
-                        arguments: ["-incoming", "defer", "-incoming", CPRTransferFunctionalTests.unix("cpr", cpr).serialized], name: "target")
-                    targetOptions.namespace = namespace
-                    let launch = Task { try await Machine.launch(targetOptions, in: artifacts) }
-                    try await CPRTransferFunctionalTests.waitForSocket(cpr)
-                    try await MigrationWaiter.enableEvents(on: source)
-                    try await source.qmp.execute("migrate-set-parameters", arguments: ["mode": "cpr-transfer"])
-                    try await source.qmp.execute("migrate", arguments: ["channels": [CPRTransferFunctionalTests.unix("main", main), CPRTransferFunctionalTests.unix("cpr", cpr)]])
-                    let target = try await launch.value
+                    let (target, main) = try await CPRTransferFunctionalTests.startDeferredTarget(from: source, namespace: namespace, in: artifacts)
                     try await MigrationWaiter.enableEvents(on: target)
                     try await target.qmp.execute("chardev-add", arguments: ["id": .string(network.chardevID), "backend": [
                         "type": "socket", "data": ["addr": ["type": "unix", "data": ["path": .string(backend.socketPath)]], "server": false],
