@@ -158,6 +158,33 @@ import Testing
         #expect(try GuestMemory(size: 1 << 20, shared: false).dataExtents(in: 0..<(1 << 20)) == nil)
     }
 
+    /// A cpr-transfer target's control thread reads the queued main stream only as far as
+    /// whole sections arrived: a section cut short must read as not queued (else that
+    /// thread would block in the read, away from its signalfd).
+    @Test func aSectionCountsAsQueuedOnlyWhenItsLastByteArrived() throws {
+        var pair: [Int32] = [-1, -1]
+        #expect(socketpair(AF_UNIX, Int32(SOCK_STREAM.rawValue), 0, &pair) == 0)
+        let sending = MigrationChannel(socket: FileDescriptor(adopting: pair[0], label: "sending end"))
+        let receiving = MigrationChannel(socket: FileDescriptor(adopting: pair[1], label: "receiving end"))
+        #expect(!receiving.hasQueued(MigrationStream.headerSize))
+        try sending.send(MigrationStream.header())
+        #expect(receiving.hasQueued(MigrationStream.headerSize))
+        _ = try receiving.receive(MigrationStream.headerSize, what: "header")
+        let frame = MigrationStream.encode(.init(kind: .device, name: "net0", payload: [UInt8](repeating: 7, count: 100)))
+        for cut in [2, 4, frame.count - 1] {
+            try sending.send(Array(frame[..<cut]))
+            #expect(!receiving.nextSectionQueued(), "\(cut) of \(frame.count) bytes")
+            try sending.send(Array(frame[cut...]))
+            #expect(receiving.nextSectionQueued())
+            #expect(try receiving.receiveSection().name == "net0")
+        }
+        #expect(!receiving.nextSectionQueued())
+        // A corrupt length is "queued": reading it fails at once, without waiting.
+        try sending.send([0xFF, 0xFF, 0xFF, 0xFF])
+        #expect(receiving.nextSectionQueued())
+        #expect(throws: StreamError.self) { try receiving.receiveSection() }
+    }
+
     @Test func crc32cMatchesTheKnownCheckValue() {
         #expect(CRC32C.checksum(Array("123456789".utf8)) == 0xE306_9283)
         #expect(CRC32C.checksum([UInt8]()) == 0)

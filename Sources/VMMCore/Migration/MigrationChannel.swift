@@ -132,6 +132,24 @@ public final class MigrationChannel: @unchecked Sendable {
         }
     }
 
+    /// Whether `count` bytes wait in the socket, so that reading them cannot block.
+    func hasQueued(_ count: Int) -> Bool {
+        var queued: Int32 = 0
+        return socket.withRaw { ioctl($0, UInt(FIONREAD), &queued) } == 0 && Int(queued) >= count
+    }
+
+    /// Whether the next section's whole frame waits in the socket (its length is peeked,
+    /// not taken), so that `receiveSection` cannot block. A length that does not parse
+    /// counts as queued: reading it fails at once.
+    func nextSectionQueued() -> Bool {
+        guard hasQueued(4) else { return false }
+        var prefix = [UInt8](repeating: 0, count: 4)
+        let n = socket.withRaw { fd in prefix.withUnsafeMutableBytes { recv(fd, $0.baseAddress, 4, Int32(MSG_PEEK | MSG_DONTWAIT)) } }
+        guard n == 4 else { return false }
+        guard let length = try? MigrationStream.frameLength(prefix) else { return true }
+        return hasQueued(4 + length)
+    }
+
     public func receiveSection(version: UInt32 = MigrationStream.version, pollFirst: Bool = false) throws -> MigrationStream.Section {
         let length = try MigrationStream.frameLength(try receive(4, what: "a section length", pollFirst: pollFirst))
         return try MigrationStream.decode(frame: try receive(length, what: "a \(length)-byte section"), version: version)

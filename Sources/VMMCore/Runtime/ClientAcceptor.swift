@@ -33,14 +33,14 @@ final class ClientAcceptor {
         }
     }
 
-    private func acceptOne() {
+    private func acceptOne(_ handle: ((Int32) -> Void)? = nil) {
         let client = cl_accept(fd)
         if client >= 0 {
             if starved {
                 starved = false
                 logger.info("\(what): accepting clients again")
             }
-            onClient(client)
+            (handle ?? onClient)(client)
             return
         }
         let error = errno
@@ -60,8 +60,9 @@ final class ClientAcceptor {
 
     /// Takes a client that connected before this acceptor existed now, not at the loop's
     /// next poll (a cpr-transfer source connects the main channel before the target's
-    /// devices exist).
-    func acceptPending() { acceptOne() }
+    /// devices exist). `handle` takes it instead of `onClient`: the owner may treat a
+    /// client that was already waiting differently.
+    func acceptPending(_ handle: @escaping (Int32) -> Void) { acceptOne(handle) }
 
     /// Tries again at once: the owner just closed an fd.
     func resume() { resting = false }
